@@ -1,0 +1,97 @@
+"""``sled-edge``: draft on this device, verify on the shared SLED verifier.
+
+Exit status: 0 done, 65 the verifier refused our data, 69 no verifier available, 70 crash, 78 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import structlog
+
+from sled_edge.config import EdgeConfig
+from sled_protocol.config import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, add_config_arguments, config_from_args
+from sled_protocol.logs import configure_logging
+from sled_protocol.run import run_until_signal
+
+log = structlog.get_logger("sled_edge")
+EX_DATAERR = 65
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sled-edge",
+        description="SLED edge device: drafts tokens with a local ONNX model and has a shared verifier "
+                    "check them, so the output is exactly the target model's.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate = commands.add_parser(
+        "generate", help="generate a completion for one prompt",
+        description="Generate a completion for one prompt, printing text as it is committed.",
+        epilog="Example: sled-edge generate --draft models/tiny/draft-gpt2-onnx --prompt 'def main(' "
+               "--max-new-tokens 64",
+    )
+    generate.add_argument("--prompt", required=True, help="prompt text")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate [default 128]")
+    generate.add_argument("--json", action="store_true",
+                          help="print one JSON object (token_ids, text, rounds, accepted_tokens, ...) at the end")
+    add_config_arguments(generate, EdgeConfig)
+    return parser
+
+
+async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_json: bool) -> dict:
+    from sled_edge.client import EdgeDevice
+
+    async with EdgeDevice(config) as device:
+        prompt_ids = device.encode_prompt(prompt)
+        committed: list[int] = []
+        printed = 0
+
+        def stream(new_tokens: list[int]) -> None:
+            nonlocal printed
+            committed.extend(new_tokens)
+            text = device.decode(committed)
+            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+
+        result = await device.generate(prompt_ids, max_new_tokens, on_tokens=None if as_json else stream)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    else:
+        sys.stdout.write(result.text[printed:] + "\n")
+        print(f"[{len(result.token_ids)} tokens, {result.rounds} rounds, mean accepted length "
+              f"{result.mean_accepted_length:.2f}, acceptance {result.acceptance_rate:.0%}, "
+              f"{result.as_dict()['tokens_per_s']} tokens/s, verifier {result.verifier}]", file=sys.stderr)
+    return result.as_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(EdgeConfig, args)
+        if args.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be >= 1")
+    except ConfigError as exc:
+        configure_logging()
+        log.error("bad_configuration", error=str(exc))
+        return EX_CONFIG
+    configure_logging(config.log_level)
+    from sled_edge.client import EdgeError
+
+    try:
+        run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json))
+    except EdgeError as exc:
+        log.error("generation_failed", code=exc.code, error=str(exc))
+        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout") else EX_DATAERR
+    except Exception:
+        log.exception("edge_crashed")
+        return EX_SOFTWARE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

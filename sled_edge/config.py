@@ -1,0 +1,47 @@
+"""The edge's configuration: one frozen dataclass; flags and SLED_* variables derive from it."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sled_protocol.config import require
+from sled_protocol.mqtt import parse_mqtt_url
+from sled_protocol.topics import check_name
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    draft: str = field(metadata=_help("directory of an ONNX draft (optimum export with past key values, tokenizer.json)"))
+    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help("broker URL, mqtt:// or mqtts://"))
+    device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
+    verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
+    draft_tokens: int = field(default=4, metadata=_help("draft tokens k proposed per round"))
+    timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verdict before resending"))
+    retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
+    discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
+    threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
+    log_level: str = field(default="warning", metadata=_help("debug, info, warning or error"))
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            object.__setattr__(self, "device_id", socket.gethostname().split(".")[0] or "edge")
+        require(Path(self.draft, "model.onnx").is_file(), f"draft {self.draft!r} has no model.onnx")
+        require(Path(self.draft, "tokenizer.json").is_file(), f"draft {self.draft!r} has no tokenizer.json")
+        try:
+            parse_mqtt_url(self.mqtt_url)
+            check_name(self.device_id, "device id")
+            if self.verifier:
+                check_name(self.verifier, "verifier id")
+        except ValueError as exc:
+            require(False, str(exc))
+        require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
+        require(self.timeout_s > 0 and self.discovery_timeout_s > 0, "timeouts must be > 0")
+        require(self.retries >= 0, "retries must be >= 0")
+        require(self.threads >= 1, "threads must be >= 1")
+        require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")

@@ -1,0 +1,77 @@
+"""One generation on the edge: committed tokens, round numbers, applying verdicts, statistics. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sled_protocol import Draft, FinishReason, Verdict, VerdictKind
+
+
+class VerdictMismatch(ValueError):
+    """A verdict that does not fit the draft it answers (a verifier bug or a crossed session)."""
+
+
+@dataclass
+class SessionStats:
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    resyncs: int = 0
+    retries: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per verification round: 1 + accepted / rounds (as vLLM defines it)."""
+        return 1.0 + self.accepted_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+@dataclass
+class EdgeSession:
+    session_id: str
+    device: str
+    vocab: str
+    committed: list[int]
+    max_len: int
+    seq: int = 0
+    send_context: bool = True  # the verifier has not seen this session yet
+    finish: FinishReason | None = None
+    stats: SessionStats = field(default_factory=SessionStats)
+
+    def __post_init__(self) -> None:
+        if not self.committed:
+            raise ValueError("a session needs at least one prompt token")
+        if self.max_len <= len(self.committed):
+            raise ValueError("max_len leaves no room for new tokens")
+
+    @property
+    def budget(self) -> int:
+        return self.max_len - len(self.committed)
+
+    def draft(self, tokens: list[int]) -> Draft:
+        return Draft(
+            device=self.device, session=self.session_id, seq=self.seq, base_len=len(self.committed),
+            tokens=tuple(tokens), max_len=self.max_len, vocab=self.vocab,
+            context=tuple(self.committed) if self.send_context else None,
+        )
+
+    def apply(self, draft: Draft, verdict: Verdict) -> list[int]:
+        """Commit a VERIFIED verdict for ``draft``; returns the newly committed tokens."""
+        assert verdict.kind is VerdictKind.VERIFIED and verdict.seq == draft.seq
+        new_tokens = list(draft.tokens[: verdict.accepted])
+        if verdict.next_token is not None:
+            new_tokens.append(verdict.next_token)
+        if verdict.accepted > len(draft.tokens) or verdict.committed_len != draft.base_len + len(new_tokens):
+            raise VerdictMismatch(f"verdict for seq {draft.seq} commits {verdict.committed_len} tokens, "
+                                  f"inconsistent with base {draft.base_len} + {len(new_tokens)}")
+        self.committed.extend(new_tokens)
+        self.seq += 1
+        self.send_context = False
+        self.finish = verdict.finish
+        self.stats.rounds += 1
+        self.stats.draft_tokens += len(draft.tokens)
+        self.stats.accepted_tokens += verdict.accepted
+        return new_tokens

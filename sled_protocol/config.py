@@ -1,0 +1,89 @@
+"""Frozen config dataclasses become CLI flags and ``SLED_*`` environment variables, in one place.
+
+A field ``window_ms`` becomes ``--window-ms`` and ``SLED_WINDOW_MS``; the dataclass default is the only
+default; a flag beats the environment, which beats the default. Each field's ``metadata["help"]`` is its
+help text. Invalid values raise ``ConfigError``, which entry points turn into exit status 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any
+
+EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and why."""
+
+
+def env_name(field_name: str) -> str:
+    return "SLED_" + field_name.upper()
+
+
+def _base_type(annotation: Any) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        kind = _base_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        default = None if field.default is dataclasses.MISSING else field.default
+        help_text = f"{field.metadata.get('help', '')} [env {env_name(field.name)}; default {default!r}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(), help=help_text)
+
+
+def _convert(raw: Any, kind: type, name: str) -> Any:
+    if not isinstance(raw, str) or kind is str:
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, environ: dict[str, str] | None = None):
+    """Build ``config_cls`` from parsed flags, then ``SLED_*`` variables, then the dataclass defaults."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config_cls):
+        raw = getattr(args, field.name, None)
+        if raw is None:
+            raw = environ.get(env_name(field.name))
+        if raw is None:
+            if field.default is dataclasses.MISSING:
+                raise ConfigError(f"--{field.name.replace('_', '-')} (or {env_name(field.name)}) is required")
+            continue
+        values[field.name] = _convert(raw, _base_type(hints[field.name]), field.name)
+    try:
+        return config_cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def require(condition: bool, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise ConfigError(message) unless ``condition``."""
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,270 @@
+"""Every SLED wire message, its msgpack encoding and its strict validation.
+
+Messages are msgpack maps with short string keys, a type tag ``t`` and the schema version ``v``.
+Decoders reject a missing or mistyped required field with one ``ProtocolError`` (carrying an
+``ErrorCode`` the verifier sends back to the sender) and ignore unknown fields, so a newer peer
+may add optional fields without breaking an older one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+
+class ErrorCode(StrEnum):
+    MALFORMED = "malformed"            # not msgpack, wrong types, missing fields
+    TOO_LARGE = "too_large"            # message bytes, draft length or context over a limit
+    BAD_TOKEN = "bad_token"            # token id outside the target's vocabulary
+    VOCAB_MISMATCH = "vocab_mismatch"  # the draft's tokenizer is not the target's
+    WRONG_DEVICE = "wrong_device"      # message device differs from its topic's device level
+    SESSION_FINISHED = "session_finished"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the wire agreement; ``code`` says which rule, ``str()`` says how."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        # Best-effort identity of the offending message, so the refusal can reach the right session.
+        self.session: str | None = None
+        self.seq: int | None = None
+
+
+class VerdictKind(StrEnum):
+    VERIFIED = "verified"  # the draft was verified; accepted/next_token say how it went
+    RESYNC = "resync"      # the verifier lacks this session's state: resend with full context
+    ERROR = "error"        # the message was refused; error/reason say why
+
+
+class NextKind(StrEnum):
+    RECOVERED = "recovered"  # the target's token at the first rejected position
+    BONUS = "bonus"          # the target's token after the last (accepted) draft token
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts; the verifier's limits are published in its Status."""
+
+    max_message_bytes: int = 1 << 20
+    max_draft_tokens: int = 32
+    max_context_tokens: int = 8192
+    vocab_size: int | None = None  # when known, every token id must be below it
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One round of one session: k draft tokens proposed after the committed prefix of length base_len.
+
+    ``context`` is the full committed history x[0:base_len]; an edge sends it when it opens a session
+    or answers a resync, and omits it otherwise.
+    """
+
+    device: str
+    session: str
+    seq: int
+    base_len: int
+    tokens: tuple[int, ...]
+    max_len: int
+    vocab: str
+    context: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verifier's answer to one Draft (or to an undecodable message, with session None)."""
+
+    kind: VerdictKind
+    verifier: str
+    session: str | None
+    seq: int | None
+    accepted: int = 0
+    next_token: int | None = None
+    next_kind: NextKind | None = None
+    committed_len: int = 0
+    finish: FinishReason | None = None
+    error: ErrorCode | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """A verifier's retained status; its MQTT last will is the same with online False."""
+
+    verifier: str
+    online: bool
+    model: str = ""
+    vocab: str = ""
+    vocab_size: int = 0
+    load: int = 0
+    capacity: int = 0
+    max_draft_tokens: int = 0
+
+
+_TAGS = {Draft: "draft", Verdict: "verdict", Status: "status"}
+
+
+def encode(message: Draft | Verdict | Status) -> bytes:
+    """msgpack bytes of ``message``; None-valued optional fields are left out."""
+    body: dict[str, Any] = {"t": _TAGS[type(message)], "v": SCHEMA_VERSION}
+    for name, value in message.__dict__.items():
+        if value is None:
+            continue
+        body[name] = list(value) if isinstance(value, tuple) else (str(value) if isinstance(value, StrEnum) else value)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, Any]:
+    if len(data) > limits.max_message_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, f"expected a msgpack map, got {type(body).__name__}")
+    version = body.get("v")
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(ErrorCode.MALFORMED, f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    if expected_tag is not None and body.get("t") != expected_tag:
+        raise ProtocolError(ErrorCode.MALFORMED, f"expected a {expected_tag} message, got {body.get('t')!r}")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(ErrorCode.MALFORMED, f"missing required field {name!r}")
+        return None
+    # bool is an int subclass; a True where a count belongs is a malformed message.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _name(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = _field(body, name, str, required=required)
+    if value is not None and not (0 < len(value) <= 128):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} must be 1..128 characters")
+    return value
+
+
+def _count(body: dict[str, Any], name: str, minimum: int, *, required: bool = True) -> int | None:
+    value = _field(body, name, int, required=required)
+    if value is not None and not (minimum <= value < 2**53):
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} = {value} is out of range")
+    return value
+
+
+def _tokens(body: dict[str, Any], name: str, max_len: int, limits: Limits, *, required: bool = True):
+    value = _field(body, name, list, required=required)
+    if value is None:
+        return None
+    if len(value) > max_len:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"field {name!r} holds {len(value)} tokens, more than {max_len}")
+    upper = limits.vocab_size if limits.vocab_size is not None else 2**31
+    for token in value:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} must hold integer token ids")
+        if not 0 <= token < upper:
+            raise ProtocolError(ErrorCode.BAD_TOKEN, f"token id {token} in {name!r} is outside the vocabulary [0, {upper})")
+    return tuple(value)
+
+
+def decode_draft(data: bytes, limits: Limits = Limits()) -> Draft:
+    body = _unpack(data, limits, "draft")
+    try:
+        return _draft_from(body, limits)
+    except ProtocolError as exc:
+        session, seq = body.get("session"), body.get("seq")
+        exc.session = session if isinstance(session, str) and 0 < len(session) <= 128 else None
+        exc.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**53 else None
+        raise
+
+
+def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
+    base_len = _count(body, "base_len", 1)
+    if base_len > limits.max_context_tokens:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"context of {base_len} tokens exceeds {limits.max_context_tokens}")
+    draft = Draft(
+        device=_name(body, "device"),
+        session=_name(body, "session"),
+        seq=_count(body, "seq", 0),
+        base_len=base_len,
+        tokens=_tokens(body, "tokens", limits.max_draft_tokens, limits),
+        max_len=_count(body, "max_len", 1),
+        vocab=_name(body, "vocab"),
+        context=_tokens(body, "context", limits.max_context_tokens, limits, required=False),
+    )
+    if draft.max_len <= draft.base_len:
+        raise ProtocolError(ErrorCode.MALFORMED, f"max_len {draft.max_len} leaves no room after base_len {draft.base_len}")
+    if draft.context is not None and len(draft.context) != draft.base_len:
+        raise ProtocolError(ErrorCode.MALFORMED, f"context holds {len(draft.context)} tokens but base_len is {draft.base_len}")
+    return draft
+
+
+def _enum(body: dict[str, Any], name: str, enum: type[StrEnum], *, required: bool = False):
+    value = _field(body, name, str, required=required)
+    if value is None:
+        return None
+    try:
+        return enum(value)
+    except ValueError:
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} has unknown value {value!r}") from None
+
+
+def decode_verdict(data: bytes, limits: Limits = Limits()) -> Verdict:
+    body = _unpack(data, limits, "verdict")
+    return Verdict(
+        kind=_enum(body, "kind", VerdictKind, required=True),
+        verifier=_name(body, "verifier"),
+        session=_name(body, "session", required=False),
+        seq=_count(body, "seq", 0, required=False),
+        accepted=_count(body, "accepted", 0, required=False) or 0,
+        next_token=_count(body, "next_token", 0, required=False),
+        next_kind=_enum(body, "next_kind", NextKind),
+        committed_len=_count(body, "committed_len", 0, required=False) or 0,
+        finish=_enum(body, "finish", FinishReason),
+        error=_enum(body, "error", ErrorCode),
+        reason=_field(body, "reason", str, required=False),
+    )
+
+
+def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
+    body = _unpack(data, limits, "status")
+    online = _field(body, "online", bool)
+    return Status(
+        verifier=_name(body, "verifier"),
+        online=online,
+        model=_field(body, "model", str, required=False) or "",
+        vocab=_field(body, "vocab", str, required=False) or "",
+        vocab_size=_count(body, "vocab_size", 0, required=False) or 0,
+        load=_count(body, "load", 0, required=False) or 0,
+        capacity=_count(body, "capacity", 0, required=False) or 0,
+        max_draft_tokens=_count(body, "max_draft_tokens", 0, required=False) or 0,
+    )
+
+
+_DECODERS = {"draft": decode_draft, "verdict": decode_verdict, "status": decode_status}
+
+
+def decode(data: bytes, limits: Limits = Limits()) -> Draft | Verdict | Status:
+    """Decode any SLED message by its type tag (used by sled-inspect)."""
+    tag = _unpack(data, limits, None).get("t")
+    if tag not in _DECODERS:
+        raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {tag!r}")
+    return _DECODERS[tag](data, limits)

@@ -1,0 +1,71 @@
+"""``sled-verifier``: serve one target model to every edge device on the broker.
+
+Exit status: 0 on a signal, 78 for a bad configuration (systemd must not restart it), 70 on a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from sled_protocol.config import EX_CONFIG, EX_SOFTWARE, ConfigError, add_config_arguments, config_from_args
+from sled_protocol.logs import configure_logging
+from sled_protocol.run import run_until_signal
+from sled_verifier.config import VerifierConfig
+
+log = structlog.get_logger("sled_verifier")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sled-verifier",
+        description="SLED verifier: batches draft tokens from many edge devices and verifies them with one "
+                    "target model (greedy speculative decoding), answering each device on MQTT.",
+        epilog="Example: sled-verifier --mqtt-url mqtt://127.0.0.1:1883 --target models/tiny/target",
+    )
+    add_config_arguments(parser, VerifierConfig)
+    return parser
+
+
+async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> None:
+    """Load the target (off the event loop) and serve until cancelled."""
+    import torch
+
+    from sled_protocol.vocab import vocab_hash
+    from sled_verifier.engine import VerifierEngine
+    from sled_verifier.service import VerifierService
+    from sled_verifier.stats import VerifierStats
+    from sled_verifier.target import TargetModel
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    target = await asyncio.to_thread(TargetModel, config.target, config.device, config.dtype)
+    vocab = vocab_hash(config.target)
+    log.info("target_loaded", model=target.model_id, device=str(target.device), vocab=vocab,
+             vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
+    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats())
+    await VerifierService(config, engine, vocab).run(ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(VerifierConfig, args)
+    except ConfigError as exc:
+        configure_logging()
+        log.error("bad_configuration", error=str(exc))
+        return EX_CONFIG
+    configure_logging(config.log_level)
+    try:
+        run_until_signal(serve(config))
+    except Exception:
+        log.exception("verifier_crashed")
+        return EX_SOFTWARE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

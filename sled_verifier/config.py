@@ -1,0 +1,53 @@
+"""The verifier's configuration: one frozen dataclass; flags and SLED_* variables derive from it."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sled_protocol.config import require
+from sled_protocol.mqtt import parse_mqtt_url
+from sled_protocol.topics import check_name
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    target: str = field(metadata=_help("directory of a Hugging Face causal LM (config, weights, tokenizer.json)"))
+    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help("broker URL, mqtt:// or mqtts://"))
+    verifier_id: str = field(default="", metadata=_help("this verifier's topic level; empty: the host name"))
+    device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
+    dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights"))
+    threads: int = field(default=0, metadata=_help("torch CPU threads; 0: all cores"))
+    window_ms: float = field(default=4.0, metadata=_help("longest wait for more drafts while the model is idle"))
+    max_batch_drafts: int = field(default=32, metadata=_help("most drafts verified in one forward pass"))
+    max_batch_tokens: int = field(default=512, metadata=_help("most tokens scored in one forward pass"))
+    max_sessions: int = field(default=256, metadata=_help("sessions kept; the least recently used is evicted"))
+    max_draft_tokens: int = field(default=16, metadata=_help("longest draft accepted from an edge"))
+    max_context_tokens: int = field(default=4096, metadata=_help("longest committed context accepted"))
+    max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
+    stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines and status updates"))
+    log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
+
+    def __post_init__(self) -> None:
+        if not self.verifier_id:
+            object.__setattr__(self, "verifier_id", socket.gethostname().split(".")[0] or "verifier")
+        require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
+        require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
+        try:
+            parse_mqtt_url(self.mqtt_url)
+            check_name(self.verifier_id, "verifier id")
+        except ValueError as exc:
+            require(False, str(exc))
+        require(self.window_ms >= 0, "window_ms must be >= 0")
+        for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
+                     "max_context_tokens", "max_message_bytes"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
+        require(self.threads >= 0, "threads must be >= 0")
+        require(self.stats_interval_s > 0, "stats_interval_s must be > 0")
+        require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")

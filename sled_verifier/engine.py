@@ -1,0 +1,139 @@
+"""One verification step: admit drafts, prefill new sessions, score all in ONE pass, decide, commit.
+
+Synchronous and single-threaded by design: the service runs ``step`` in its one model thread, so
+session state and KV caches are never shared between threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, VerdictKind
+from sled_verifier.sessions import Admission, SessionState, SessionTable
+from sled_verifier.stats import VerifierStats
+from sled_verifier.target import TargetModel, session_cache
+from sled_verifier.verify import greedy_verify
+
+
+@dataclass(frozen=True)
+class Outcome:
+    device: str
+    verdict: Verdict | None  # None: nothing to send (a stale round)
+    admission: Admission
+
+
+class VerifierEngine:
+    def __init__(self, target: TargetModel, verifier_id: str, max_sessions: int, stats: VerifierStats) -> None:
+        self.target = target
+        self.verifier_id = verifier_id
+        self.sessions = SessionTable(max_sessions=max_sessions)
+        self.stats = stats
+
+    def step(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        runnable: list[tuple[Draft, SessionState]] = []
+        # 1. Answer what needs no model: retries, stale rounds, unknown or diverged sessions.
+        for draft in drafts:
+            admission = self.sessions.admit(draft)
+            state = self.sessions.get(draft.device, draft.session)
+            if admission is Admission.RESEND:
+                outcomes.append(Outcome(draft.device, state.last_verdict, admission))
+            elif admission is Admission.STALE:
+                outcomes.append(Outcome(draft.device, None, admission))
+            elif admission is Admission.RESYNC:
+                self.stats.resyncs += 1
+                outcomes.append(Outcome(draft.device, self._resync(draft), admission))
+            elif admission is Admission.FINISHED:
+                verdict = error_verdict(self.verifier_id, draft, ErrorCode.SESSION_FINISHED,
+                                        "session already finished; open a new one")
+                outcomes.append(Outcome(draft.device, verdict, admission))
+            else:
+                if admission is Admission.REBUILD:
+                    state, _evicted = self.sessions.open(draft)
+                self.sessions.touch(state)
+                runnable.append((draft, state))
+        if not runnable:
+            return outcomes
+        # 2. Prefill sessions that were just opened or rebuilt (their cache covers x[0:n-1]).
+        for _draft, state in runnable:
+            if state.cache is None:
+                state.cache = self.target.prefill(state.committed[:-1])
+                self.stats.prefill_tokens += len(state.committed) - 1
+        # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session.
+        started = time.perf_counter()
+        inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
+        scored = self.target.score([state.cache for _, state in runnable], inputs)
+        # 4. Greedy verification, vectorised over the batch.
+        result = greedy_verify(*self._padded(runnable), scored.target_ids, self._budgets(runnable), self.target.eos_ids)
+        self.stats.record_batch(len(runnable), time.perf_counter() - started)
+        # 5. Commit, trim each cache to the committed prefix, and answer.
+        accepted = result.accepted.tolist()
+        next_tokens = result.next_token.tolist()
+        for row, (draft, state) in enumerate(runnable):
+            verdict = self._commit(draft, state, scored, row, accepted[row], next_tokens[row],
+                                   bool(result.is_bonus[row]), bool(result.hit_eos[row]))
+            outcomes.append(Outcome(draft.device, verdict, Admission.RUN))
+        return outcomes
+
+    def fail(self, drafts: Sequence[Draft], reason: str) -> list[Outcome]:
+        """After a failed step: forget the sessions involved (their state may be half-updated)."""
+        outcomes = []
+        for draft in drafts:
+            self.sessions.forget(draft.device, draft.session)
+            verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
+            outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC))
+        return outcomes
+
+    def _commit(self, draft: Draft, state: SessionState, scored, row: int, accepted: int, next_token: int,
+                is_bonus: bool, hit_eos: bool) -> Verdict:
+        n = len(state.committed)
+        state.committed.extend(draft.tokens[:accepted])
+        if next_token >= 0:
+            state.committed.append(next_token)
+        # The cache must cover committed[:-1]: old n-1 entries plus x[n-1] and the accepted drafts,
+        # except when no next token was added (then the last accepted draft is the new x[n'-1]).
+        keep_inputs = 1 + accepted if next_token >= 0 else accepted
+        state.cache = session_cache(scored, row, n - 1, keep_inputs)
+        finish = FinishReason.EOS if hit_eos else (FinishReason.LENGTH if len(state.committed) >= state.max_len else None)
+        state.finished = finish is not None
+        state.rounds += 1
+        state.last_seq = draft.seq
+        self.stats.record_draft(len(draft.tokens), accepted)
+        state.last_verdict = Verdict(
+            kind=VerdictKind.VERIFIED, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
+            accepted=accepted, next_token=next_token if next_token >= 0 else None,
+            next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if next_token >= 0 else None,
+            committed_len=len(state.committed), finish=finish,
+        )
+        if state.finished:
+            state.cache = None  # keep the bookkeeping for retries of the last round, not the memory
+        return state.last_verdict
+
+    def _padded(self, runnable) -> tuple[torch.Tensor, torch.Tensor]:
+        k_max = max(len(draft.tokens) for draft, _ in runnable)
+        draft_ids = torch.full((len(runnable), k_max), -1, dtype=torch.int64, device=self.target.device)
+        for row, (draft, _) in enumerate(runnable):
+            if draft.tokens:
+                draft_ids[row, : len(draft.tokens)] = torch.tensor(draft.tokens, dtype=torch.int64)
+        lens = torch.tensor([len(draft.tokens) for draft, _ in runnable], dtype=torch.int64, device=self.target.device)
+        return draft_ids, lens
+
+    def _budgets(self, runnable) -> torch.Tensor:
+        budgets = [min(draft.max_len, state.max_len) - len(state.committed) for draft, state in runnable]
+        return torch.tensor(budgets, dtype=torch.int64, device=self.target.device)
+
+    def _resync(self, draft: Draft) -> Verdict:
+        return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
+                       reason="verifier holds no matching state for this session; resend with context")
+
+
+def error_verdict(verifier_id: str, draft: Draft | None, code: ErrorCode, reason: str, *,
+                  session: str | None = None, seq: int | None = None) -> Verdict:
+    """The answer to a refused message; without a decoded ``draft``, whatever ids could be read from it."""
+    return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id,
+                   session=draft.session if draft else session, seq=draft.seq if draft else seq,
+                   error=code, reason=reason)

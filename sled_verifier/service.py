@@ -1,0 +1,190 @@
+"""The verifier's asyncio/MQTT shell: receive drafts, batch them, run the engine off the loop, answer.
+
+Tasks (one TaskGroup per broker connection; the outer loop reconnects with backoff):
+  receive  - decode and validate each draft; refuse bad ones with an error verdict at once
+  schedule - ask the batching policy when to flush; run ``VerifierEngine.step`` in the model thread
+  report   - log aggregated stats and refresh the retained Status every ``stats_interval_s``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import aiomqtt
+import structlog
+
+from sled_protocol import Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, decode_draft, encode
+from sled_protocol import topics
+from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
+from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
+from sled_verifier.config import VerifierConfig
+from sled_verifier.engine import VerifierEngine, error_verdict
+from sled_verifier.stats import VerifierStats
+
+log = structlog.get_logger("sled_verifier")
+
+EXPECT_FORGET_S = 60.0  # a session silent this long is no longer waited for
+
+
+class VerifierService:
+    def __init__(self, config: VerifierConfig, engine: VerifierEngine, vocab: str) -> None:
+        self.config = config
+        self.engine = engine
+        self.vocab = vocab
+        self.stats = engine.stats
+        self.policy = BatchPolicy(config.window_ms, config.max_batch_drafts, config.max_batch_tokens)
+        self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, config.max_context_tokens,
+                             engine.target.vocab_size)
+        # Bounded: one queued draft per session (a newer round replaces an older one).
+        self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
+        self.expected: dict[tuple[str, str], float] = {}
+        self.arrived = asyncio.Event()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
+
+    def status(self, online: bool) -> Status:
+        return Status(
+            verifier=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
+            vocab_size=self.engine.target.vocab_size, load=self.engine.sessions.active(),
+            capacity=self.config.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
+        )
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled, reconnecting to the broker with backoff."""
+        address = parse_mqtt_url(self.config.mqtt_url)
+        will = aiomqtt.Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),
+                            qos=topics.QOS_STATUS, retain=topics.RETAIN_STATUS)
+        attempt = 0
+        while True:
+            failure: Exception | None = None
+            try:
+                async with make_client(address, f"sled-verifier-{self.config.verifier_id}", will=will) as client:
+                    attempt = 0
+                    await self._serve_connection(client, ready)
+            except* aiomqtt.MqttError as group:
+                failure = group.exceptions[0]
+            delay = backoff_s(attempt)
+            attempt += 1
+            log.warning("broker_connection_lost", broker=str(address), error=str(failure), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    async def _serve_connection(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
+        status_topic = topics.status_topic(self.config.verifier_id)
+        await client.subscribe(topics.drafts_filter(self.config.verifier_id), qos=topics.QOS_DRAFT)
+        await client.publish(status_topic, encode(self.status(True)), qos=topics.QOS_STATUS, retain=True)
+        log.info("verifier_online", verifier=self.config.verifier_id, model=self.engine.target.model_id,
+                 vocab=self.vocab, drafts=topics.drafts_filter(self.config.verifier_id))
+        if ready is not None:
+            ready.set()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._receive(client), name="receive")
+                group.create_task(self._schedule(client), name="schedule")
+                group.create_task(self._report(client), name="report")
+        finally:
+            if asyncio.current_task().cancelling():
+                # Shutting down: say so now rather than leave edges to wait for the will.
+                try:
+                    async with asyncio.timeout(1.0):
+                        await client.publish(status_topic, encode(self.status(False)), qos=topics.QOS_STATUS, retain=True)
+                except (aiomqtt.MqttError, TimeoutError):
+                    pass
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            device = topics.device_of_draft_topic(str(message.topic))
+            if device is not None:
+                await self._accept(client, device, bytes(message.payload), time.monotonic())
+
+    async def _accept(self, client: aiomqtt.Client, device: str, payload: bytes, now_s: float) -> None:
+        try:
+            draft = decode_draft(payload, self.limits)
+        except ProtocolError as exc:
+            await self._refuse(client, device, None, exc.code, str(exc), session=exc.session, seq=exc.seq)
+            return
+        if draft.device != device:
+            await self._refuse(client, device, draft, ErrorCode.WRONG_DEVICE,
+                               f"draft names device {draft.device!r} but was published on {device!r}'s topic")
+            return
+        if draft.vocab != self.vocab:
+            await self._refuse(client, device, draft, ErrorCode.VOCAB_MISMATCH,
+                               f"draft vocabulary {draft.vocab} differs from the target's {self.vocab}")
+            return
+        key = (device, draft.session)
+        queued = self.queue.get(key)
+        if queued is not None and queued[0].seq > draft.seq:
+            return  # an older round arrived late; the newer one is already queued
+        if queued is None and len(self.queue) >= self.config.max_sessions:
+            await self._refuse(client, device, draft, ErrorCode.OVERLOADED, "verification queue is full; retry later")
+            return
+        self.queue[key] = (draft, queued[1] if queued else now_s)
+        self.expected.pop(key, None)
+        self.arrived.set()
+
+    async def _refuse(self, client, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
+                      session: str | None = None, seq: int | None = None) -> None:
+        verdict = error_verdict(self.config.verifier_id, draft, code, reason, session=session, seq=seq)
+        self.stats.errors[str(code)] += 1
+        log.warning("draft_refused", device_id=device, session_id=verdict.session, seq=verdict.seq,
+                    error=str(code), reason=reason)
+        await self._publish_verdict(client, device, verdict)
+
+    async def _publish_verdict(self, client: aiomqtt.Client, device: str, verdict: Verdict) -> None:
+        try:
+            topic = topics.verdict_topic(device)
+        except ValueError:
+            log.warning("verdict_undeliverable", device_id=device[:80], reason="device id is not a valid topic level")
+            return
+        await client.publish(topic, encode(verdict), qos=topics.QOS_VERDICT)
+
+    def _queue_view(self, now_s: float) -> QueueView:
+        for key, since in list(self.expected.items()):
+            if now_s - since > EXPECT_FORGET_S:
+                del self.expected[key]
+        oldest = next(iter(self.queue.values()))[1] if self.queue else None
+        tokens = sum(len(draft.tokens) + 1 for draft, _ in self.queue.values())
+        return QueueView(len(self.queue), tokens, oldest, len(self.expected))
+
+    async def _schedule(self, client: aiomqtt.Client) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now_s = time.monotonic()
+            delay_s = flush_delay_s(self.policy, self._queue_view(now_s), now_s, model_idle=True)
+            if delay_s is None or delay_s > 0:
+                self.arrived.clear()
+                try:
+                    async with asyncio.timeout(delay_s):
+                        await self.arrived.wait()
+                except TimeoutError:
+                    pass
+                continue
+            # Oldest first; the model thread owns session state while it runs.
+            count = take_batch(self.policy, [len(d.tokens) + 1 for d, _ in self.queue.values()])
+            batch = [self.queue.popitem(last=False)[1] for _ in range(count)]
+            for _, arrival_s in batch:
+                self.stats.queue_delay_s += now_s - arrival_s
+            drafts = [draft for draft, _ in batch]
+            try:
+                outcomes = await loop.run_in_executor(self.model_thread, self.engine.step, drafts)
+            except Exception as exc:  # a bug or a device error must cost this batch, not the service
+                log.exception("batch_failed", drafts=len(drafts))
+                outcomes = self.engine.fail(drafts, f"verification failed: {exc.__class__.__name__}: {exc}")
+            for outcome in outcomes:
+                if outcome.verdict is None:
+                    continue
+                verdict = outcome.verdict
+                if verdict.kind is VerdictKind.ERROR:
+                    self.stats.errors[str(verdict.error)] += 1
+                elif verdict.kind is VerdictKind.VERIFIED and verdict.finish is None:
+                    self.expected[(outcome.device, verdict.session)] = time.monotonic()
+                await self._publish_verdict(client, outcome.device, verdict)
+            log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue))
+
+    async def _report(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            log.info("verifier_stats", sessions=len(self.engine.sessions), **self.stats.summary())
+            await client.publish(topics.status_topic(self.config.verifier_id), encode(self.status(True)),
+                                 qos=topics.QOS_STATUS, retain=True)

@@ -1,0 +1,88 @@
+"""Per-session bookkeeping on the verifier: committed tokens, round numbers, LRU eviction. Pure.
+
+A session's committed tokens x[0:n] are all verified; the target's KV cache (owned by the engine,
+opaque here) always covers x[0:n-1], so each round scores ``[x[n-1], d_1..d_k]``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from sled_protocol import Draft, Verdict
+
+
+@dataclass
+class SessionState:
+    session_id: str
+    device: str
+    committed: list[int]
+    max_len: int
+    cache: Any = None                 # engine-owned KV cache over committed[:-1]; None until prefilled
+    last_seq: int = -1
+    last_verdict: Verdict | None = None
+    finished: bool = False
+    rounds: int = 0
+
+
+class Admission(Enum):
+    RUN = "run"            # verify this draft
+    REBUILD = "rebuild"    # (re)open the session from the draft's context, then verify
+    RESEND = "resend"      # a retry of the round already verified: send the same verdict again
+    STALE = "stale"        # an older round than the last verified one: drop
+    RESYNC = "resync"      # state missing or diverged: ask the edge for its full context
+    FINISHED = "finished"  # the session already ended
+
+
+@dataclass
+class SessionTable:
+    max_sessions: int
+    # Keyed by (device, session): one device cannot reach another's session by guessing its id.
+    _sessions: OrderedDict[tuple[str, str], SessionState] = field(default_factory=OrderedDict)
+    evictions: int = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, device: str, session_id: str) -> SessionState | None:
+        return self._sessions.get((device, session_id))
+
+    def admit(self, draft: Draft) -> Admission:
+        """Decide what to do with ``draft``; the order of the checks matters (retries before context)."""
+        state = self._sessions.get((draft.device, draft.session))
+        if state is not None:
+            if draft.seq == state.last_seq and state.last_verdict is not None:
+                return Admission.RESEND
+            if draft.seq < state.last_seq:
+                return Admission.STALE
+            if state.finished:
+                return Admission.FINISHED
+        if draft.context is not None:
+            return Admission.REBUILD
+        if state is None or draft.base_len != len(state.committed):
+            return Admission.RESYNC
+        return Admission.RUN
+
+    def open(self, draft: Draft) -> tuple[SessionState, list[SessionState]]:
+        """(Re)create the session from the draft's context; returns it and any sessions evicted (LRU)."""
+        assert draft.context is not None
+        self._sessions.pop((draft.device, draft.session), None)
+        evicted = []
+        while len(self._sessions) >= self.max_sessions:
+            _, old = self._sessions.popitem(last=False)
+            evicted.append(old)
+            self.evictions += 1
+        state = SessionState(draft.session, draft.device, list(draft.context), draft.max_len)
+        self._sessions[(draft.device, draft.session)] = state
+        return state, evicted
+
+    def forget(self, device: str, session_id: str) -> None:
+        self._sessions.pop((device, session_id), None)
+
+    def touch(self, state: SessionState) -> None:
+        self._sessions.move_to_end((state.device, state.session_id))
+
+    def active(self) -> int:
+        return sum(1 for s in self._sessions.values() if not s.finished)

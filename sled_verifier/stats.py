@@ -1,0 +1,62 @@
+"""Verification counters, kept as a pure object; logging and export live elsewhere.
+
+Mean acceptance length follows vLLM's definition: 1 + accepted / drafts, the tokens one verification
+pass commits per session on average (accepted draft tokens plus the recovered or bonus token).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VerifierStats:
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    batches: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    forward_s: float = 0.0
+    prefill_tokens: int = 0
+    queue_delay_s: float = 0.0
+    resyncs: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def record_batch(self, size: int, forward_s: float) -> None:
+        self.batches += 1
+        self.batch_sizes[size] += 1
+        self.forward_s += forward_s
+
+    def record_draft(self, draft_len: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += draft_len
+        self.accepted_tokens += accepted
+        if len(self.accepted_per_position) < draft_len:
+            self.accepted_per_position.extend([0] * (draft_len - len(self.accepted_per_position)))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "drafts": self.drafts,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "mean_acceptance_length": round(self.mean_acceptance_length, 3),
+            "acceptance_rate": round(self.acceptance_rate, 3),
+            "batches": self.batches,
+            "mean_batch_size": round(self.drafts / self.batches, 2) if self.batches else 0.0,
+            "forward_s": round(self.forward_s, 3),
+            "prefill_tokens": self.prefill_tokens,
+            "resyncs": self.resyncs,
+            "errors": dict(self.errors),
+        }

@@ -1,0 +1,120 @@
+"""Fixtures: a real Mosquitto on a free loopback port with the project's config, tiny real models, a verifier."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_CONF = ROOT / "broker" / "mosquitto-dev.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@dataclass
+class Broker:
+    url: str
+    port: int
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Broker:
+    """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp_path_factory.mktemp("broker") / "mosquitto.conf"
+    conf.write_text(re.sub(r"(?m)^listener \d+ ", f"listener {port} ", BROKER_CONF.read_text()))
+    process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        process.kill()
+        raise RuntimeError(f"mosquitto did not start: {process.stderr.read().decode()}") from None
+    yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    target: Path        # Llama, torch
+    target_onnx: Path   # the target's own ONNX export: every greedy draft is accepted
+    gpt2: Path          # a different, smaller GPT-2
+    gpt2_onnx: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    from sled_models.tiny import DRAFT_GPT2, TARGET_LLAMA, build_model, build_tokenizer, export_onnx
+
+    root = tmp_path_factory.mktemp("models")
+    build_tokenizer(root / "tokenizer")
+    target = build_model(TARGET_LLAMA, root / "tokenizer", root / "target")
+    gpt2 = build_model(DRAFT_GPT2, root / "tokenizer", root / "gpt2")
+    return TinyModels(target, export_onnx(target, root / "target-onnx"), gpt2, export_onnx(gpt2, root / "gpt2-onnx"))
+
+
+@dataclass
+class RunningVerifier:
+    verifier_id: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str) -> RunningVerifier:
+    log_path = log_dir / f"{verifier_id}.log"
+    env = {**os.environ, "SLED_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sled_verifier", "--mqtt-url", broker.url, "--target", str(target),
+         "--verifier-id", verifier_id, "--threads", "1", *extra],
+        stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), env=env, cwd=ROOT,
+    )
+    deadline = time.monotonic() + 60
+    while "verifier_online" not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"verifier did not come online:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return RunningVerifier(verifier_id, broker.url, process, log_path)
+
+
+@pytest.fixture(scope="session")
+def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
+    """A real ``sled-verifier`` process serving the tiny Llama target."""
+    running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("logs"), f"v-{uuid.uuid4().hex[:6]}")
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=15)
+
+
+@pytest.fixture
+def device_id(request) -> str:
+    """A device id unique to the test, so tests never read each other's verdicts."""
+    return f"dev-{re.sub(r'[^a-z0-9]', '', request.node.name.lower())[:20]}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,116 @@
+"""Wire format: golden bytes, round trips, and one ProtocolError for every kind of bad input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from sled_protocol import (
+    Draft, ErrorCode, Limits, NextKind, ProtocolError, Status, Verdict, VerdictKind, FinishReason,
+    decode, decode_draft, decode_status, decode_verdict, encode,
+)
+from sled_protocol import topics
+
+DRAFT = Draft(device="jetson-1", session="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40, vocab="0123456789abcdef")
+VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session="s1", seq=3, accepted=2, next_token=7,
+                  next_kind=NextKind.RECOVERED, committed_len=8)
+STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
+                capacity=256, max_draft_tokens=16)
+
+# Golden bytes: a change here is a wire-format change and needs a new SCHEMA_VERSION.
+GOLDEN = {
+    "draft": (DRAFT, "89a174a56472616674a17601a6646576696365a86a6574736f6e2d31a773657373696f6ea27331a373657103a862"
+                     "6173655f6c656e05a6746f6b656e73930a0b0ca76d61785f6c656e28a5766f636162b03031323334353637383961"
+                     "6263646566"),
+    "verdict": (VERDICT, "8aa174a776657264696374a17601a46b696e64a87665726966696564a87665726966696572a27631a7736573"
+                         "73696f6ea27331a373657103a8616363657074656402aa6e6578745f746f6b656e07a96e6578745f6b696e64"
+                         "a97265636f7665726564ad636f6d6d69747465645f6c656e08"),
+    "status": (STATUS, "8aa174a6737461747573a17601a87665726966696572a27631a66f6e6c696e65c3a56d6f64656ca6746172676574"
+                       "a5766f636162b030313233343536373839616263646566aa766f6361625f73697a65cd0200a46c6f616402a8"
+                       "6361706163697479cd0100b06d61785f64726166745f746f6b656e7310"),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_bytes(name):
+    message, golden = GOLDEN[name]
+    assert encode(message).hex() == golden
+    assert decode(bytes.fromhex(golden)) == message
+
+
+def test_round_trips_with_optional_fields():
+    draft = Draft(device="pi5", session="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v", context=(1, 2, 3))
+    assert decode_draft(encode(draft)) == draft
+    for verdict in (
+        Verdict(kind=VerdictKind.RESYNC, verifier="v", session="a", seq=0, reason="no state"),
+        Verdict(kind=VerdictKind.ERROR, verifier="v", session=None, seq=None, error=ErrorCode.MALFORMED, reason="x"),
+        Verdict(kind=VerdictKind.VERIFIED, verifier="v", session="a", seq=9, accepted=4, next_token=None,
+                committed_len=20, finish=FinishReason.EOS),
+    ):
+        assert decode_verdict(encode(verdict)) == verdict
+    assert decode_status(encode(Status(verifier="v", online=False))) == Status(verifier="v", online=False)
+
+
+def test_unknown_fields_are_ignored():
+    body = msgpack.unpackb(encode(DRAFT))
+    body["future_field"] = {"anything": [1, 2]}
+    assert decode_draft(msgpack.packb(body)) == DRAFT
+
+
+def _mutated(**changes) -> bytes:
+    body = msgpack.unpackb(encode(DRAFT))
+    for key, value in changes.items():
+        if value is ...:
+            del body[key]
+        else:
+            body[key] = value
+    return msgpack.packb(body)
+
+
+BAD_DRAFTS = [
+    ("not msgpack", b"\xc1\xc1\xc1", ErrorCode.MALFORMED),
+    ("truncated", encode(DRAFT)[:-5], ErrorCode.MALFORMED),
+    ("a list, not a map", msgpack.packb([1, 2, 3]), ErrorCode.MALFORMED),
+    ("missing version", _mutated(v=...), ErrorCode.MALFORMED),
+    ("future version", _mutated(v=99), ErrorCode.MALFORMED),
+    ("a verdict on the drafts topic", encode(VERDICT), ErrorCode.MALFORMED),
+    ("missing session", _mutated(session=...), ErrorCode.MALFORMED),
+    ("missing tokens", _mutated(tokens=...), ErrorCode.MALFORMED),
+    ("seq as string", _mutated(seq="3"), ErrorCode.MALFORMED),
+    ("seq as bool", _mutated(seq=True), ErrorCode.MALFORMED),
+    ("negative seq", _mutated(seq=-1), ErrorCode.MALFORMED),
+    ("base_len 0", _mutated(base_len=0), ErrorCode.MALFORMED),
+    ("float token", _mutated(tokens=[1.5]), ErrorCode.MALFORMED),
+    ("token beyond vocabulary", _mutated(tokens=[1, 512]), ErrorCode.BAD_TOKEN),
+    ("negative token", _mutated(tokens=[-3]), ErrorCode.BAD_TOKEN),
+    ("draft too long", _mutated(tokens=list(range(17))), ErrorCode.TOO_LARGE),
+    ("context too long", _mutated(base_len=5000), ErrorCode.TOO_LARGE),
+    ("max_len before base_len", _mutated(max_len=5), ErrorCode.MALFORMED),
+    ("context length differs", _mutated(context=[1, 2]), ErrorCode.MALFORMED),
+    ("empty device", _mutated(device=""), ErrorCode.MALFORMED),
+    ("oversized message", msgpack.packb({"t": "draft", "v": 1, "pad": "x" * 70_000}), ErrorCode.TOO_LARGE),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "code"), BAD_DRAFTS, ids=[case for case, _, _ in BAD_DRAFTS])
+def test_bad_drafts_raise_one_error_type(case, data, code):
+    limits = Limits(max_message_bytes=65_536, max_draft_tokens=16, max_context_tokens=4096, vocab_size=512)
+    with pytest.raises(ProtocolError) as raised:
+        decode_draft(data, limits)
+    assert raised.value.code is code, str(raised.value)
+
+
+def test_refusal_names_the_session_when_it_can():
+    with pytest.raises(ProtocolError) as raised:
+        decode_draft(_mutated(tokens=[1, 99999]), Limits(vocab_size=512))
+    assert (raised.value.session, raised.value.seq) == ("s1", 3)
+
+
+def test_topics():
+    assert topics.draft_topic("v1", "pi-5") == "sled/v1/drafts/v1/pi-5"
+    assert topics.device_of_draft_topic("sled/v1/drafts/v1/pi-5") == "pi-5"
+    assert topics.device_of_draft_topic("sled/v1/verdicts/pi-5") is None
+    assert topics.verdict_topic("pi-5") == "sled/v1/verdicts/pi-5"
+    for bad in ("", "a/b", "+", "#", " x", "x" * 65):
+        with pytest.raises(ValueError):
+            topics.verdict_topic(bad)
