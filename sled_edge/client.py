@@ -137,7 +137,8 @@ class EdgeDevice:
             if matching:
                 return min(matching, key=lambda s: (s.load / max(s.capacity, 1), s.verifier))
             if loop.time() >= deadline:
-                others = ", ".join(f"{s.verifier} (vocab {s.vocab})" for s in online) or "none online"
+                seen = [s for s in self.verifiers.values() if s.online]
+                others = ", ".join(f"{s.verifier} (vocab {s.vocab})" for s in seen) or "none online"
                 wanted = f"verifier {self.config.verifier!r}" if self.config.verifier else "a verifier"
                 raise EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
                                 f"{self.config.discovery_timeout_s} s; seen: {others}")

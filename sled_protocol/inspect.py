@@ -20,15 +20,15 @@ from sled_protocol.run import run_until_signal
 
 
 def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]:
-    """One message as a flat dict: time, topic, kind and every field that is set."""
+    """One message as a flat dict: time, topic, message type and every field that is set."""
     record: dict[str, object] = {"time": datetime.fromtimestamp(received_s).isoformat(timespec="milliseconds"),
                                  "topic": topic, "bytes": len(payload)}
     try:
         message = decode(payload)
     except ProtocolError as exc:
-        record.update(kind="undecodable", error=str(exc.code), reason=str(exc))
+        record.update(type="undecodable", error=str(exc.code), reason=str(exc))
         return record
-    record["kind"] = type(message).__name__.lower()
+    record["type"] = type(message).__name__.lower()
     for name, value in message.__dict__.items():
         if value is not None:
             record[name] = list(value) if isinstance(value, tuple) else (str(value) if hasattr(value, "value") else value)
@@ -36,8 +36,8 @@ def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]
 
 
 def render(record: dict[str, object]) -> str:
-    head = f"{record['time'][11:]} {record['topic']} {record['kind']}"
-    rest = " ".join(f"{key}={value}" for key, value in record.items() if key not in ("time", "topic", "kind"))
+    head = f"{record['time'][11:]} {record['topic']} {record['type']}"
+    rest = " ".join(f"{key}={value}" for key, value in record.items() if key not in ("time", "topic", "type"))
     return f"{head} {rest}"
 
 

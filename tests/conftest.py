@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,16 @@ def broker(tmp_path_factory) -> Broker:
     """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
-    conf = tmp_path_factory.mktemp("broker") / "mosquitto.conf"
+    workdir = tmp_path_factory.mktemp("broker")
+    conf, log_path = workdir / "mosquitto.conf", workdir / "mosquitto.log"
     conf.write_text(re.sub(r"(?m)^listener \d+ ", f"listener {port} ", BROKER_CONF.read_text()))
-    process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         wait_for_port(port)
     except TimeoutError:
         process.kill()
-        raise RuntimeError(f"mosquitto did not start: {process.stderr.read().decode()}") from None
+        raise RuntimeError(f"mosquitto did not start: {log_path.read_text(errors='replace')}") from None
     yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
     process.terminate()
     process.wait(timeout=10)
@@ -74,10 +77,13 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     from sled_models.tiny import DRAFT_GPT2, TARGET_LLAMA, build_model, build_tokenizer, export_onnx
 
     root = tmp_path_factory.mktemp("models")
-    build_tokenizer(root / "tokenizer")
-    target = build_model(TARGET_LLAMA, root / "tokenizer", root / "target")
-    gpt2 = build_model(DRAFT_GPT2, root / "tokenizer", root / "gpt2")
-    return TinyModels(target, export_onnx(target, root / "target-onnx"), gpt2, export_onnx(gpt2, root / "gpt2-onnx"))
+    # The exporter (torch.onnx, optimum) warns about its own internals; none of it is ours to fix.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_tokenizer(root / "tokenizer")
+        target = build_model(TARGET_LLAMA, root / "tokenizer", root / "target")
+        gpt2 = build_model(DRAFT_GPT2, root / "tokenizer", root / "gpt2")
+        return TinyModels(target, export_onnx(target, root / "target-onnx"), gpt2, export_onnx(gpt2, root / "gpt2-onnx"))
 
 
 @dataclass
@@ -90,12 +96,14 @@ class RunningVerifier:
 
 def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str) -> RunningVerifier:
     log_path = log_dir / f"{verifier_id}.log"
+    log_file = log_path.open("wb")
     env = {**os.environ, "SLED_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "sled_verifier", "--mqtt-url", broker.url, "--target", str(target),
          "--verifier-id", verifier_id, "--threads", "1", *extra],
-        stdout=subprocess.DEVNULL, stderr=log_path.open("wb"), env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=log_file, env=env, cwd=ROOT,
     )
+    log_file.close()  # the child holds its own descriptor
     deadline = time.monotonic() + 60
     while "verifier_online" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -118,3 +126,25 @@ def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
 def device_id(request) -> str:
     """A device id unique to the test, so tests never read each other's verdicts."""
     return f"dev-{re.sub(r'[^a-z0-9]', '', request.node.name.lower())[:20]}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_models):
+    """The target decoding alone: transformers ``generate`` with ``do_sample=False``, the lossless yardstick."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.target).eval()
+
+    def greedy(prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos_token_id if eos_token_id is not None else model.config.eos_token_id,
+                                 pad_token_id=model.config.pad_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    return greedy
+
+
+PROMPTS = ["import os", "def main(argv):\n    parser = argparse.", "class", "    return self._loop.run_until_complete(fut)"]

@@ -1,0 +1,65 @@
+"""The ONNX drafter: it drafts what its torch original would, and KV rollback equals a fresh prefill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sled_edge.draft_model import OnnxDraftModel
+from sled_edge.drafter import Drafter
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(tiny_models):
+    return OnnxDraftModel(tiny_models.gpt2_onnx)
+
+
+def test_onnx_draft_matches_torch_greedy(tiny_models, gpt2_onnx):
+    torch_model = AutoModelForCausalLM.from_pretrained(tiny_models.gpt2).eval()
+    prompt = [5, 17, 99, 3]
+    with torch.inference_mode():
+        expected = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                        max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert Drafter(gpt2_onnx).propose(prompt, 6) == expected[0, 4:].tolist()
+
+
+@pytest.mark.parametrize("accepted", [0, 2, 5])
+def test_rollback_equals_fresh_prefill(gpt2_onnx, accepted):
+    """After a verdict the truncated cache drafts exactly what a drafter with no history would."""
+    committed = [5, 17, 99, 3, 42]
+    drafter = Drafter(gpt2_onnx)
+    draft = drafter.propose(committed, 5)
+    base_len = len(committed)
+    committed = committed + draft[:accepted] + [7]  # verifier: accept a, then its own next token
+    drafter.learn(len(committed), base_len, accepted)
+    assert drafter.cache.length <= len(committed) - 1
+    assert drafter.propose(committed, 4) == Drafter(gpt2_onnx).propose(committed, 4)
+
+
+def test_cache_is_kept_between_rounds(gpt2_onnx):
+    """No re-prefill per round: the second round feeds only the tokens the cache has not seen."""
+    drafter = Drafter(gpt2_onnx)
+    committed = list(range(10, 40))
+    draft = drafter.propose(committed, 3)
+    assert drafter.cache.length == len(committed) + 2            # prefix + d1, d2 (d3 not yet fed)
+    drafter.learn(len(committed) + 4, len(committed), 3)        # all accepted + bonus
+    fed: list[int] = []
+    original_feed = gpt2_onnx.feed
+
+    def spy(cache, tokens):
+        fed.append(len(tokens))
+        return original_feed(cache, tokens)
+
+    gpt2_onnx.feed = spy
+    try:
+        drafter.propose(committed + draft + [1], 2)
+    finally:
+        del gpt2_onnx.feed
+    assert fed == [2, 1]  # d3 and the bonus token, then one token per further draft step
+
+
+def test_empty_cache_logits_shape(gpt2_onnx):
+    logits = gpt2_onnx.feed(gpt2_onnx.new_cache(), [1, 2, 3])
+    assert logits.shape == (gpt2_onnx.vocab_size,) and np.isfinite(logits).all()

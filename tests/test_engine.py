@@ -1,0 +1,146 @@
+"""The verifier engine with a real tiny torch target and real ONNX drafters, no broker in between."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from tokenizers import Tokenizer
+
+from conftest import PROMPTS
+from sled_edge.draft_model import OnnxDraftModel
+from sled_edge.drafter import Drafter
+from sled_edge.session import EdgeSession
+from sled_protocol import ErrorCode, FinishReason, VerdictKind
+from sled_protocol.vocab import vocab_hash
+from sled_verifier.engine import VerifierEngine
+from sled_verifier.sessions import Admission
+from sled_verifier.stats import VerifierStats
+from sled_verifier.target import TargetModel
+
+
+@pytest.fixture(scope="module")
+def target(tiny_models):
+    return TargetModel(tiny_models.target, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny_models):
+    return {"self": OnnxDraftModel(tiny_models.target_onnx), "gpt2": OnnxDraftModel(tiny_models.gpt2_onnx)}
+
+
+def encode(tiny_models, text: str) -> list[int]:
+    return Tokenizer.from_file(str(tiny_models.target / "tokenizer.json")).encode(text).ids
+
+
+def run_lockstep(engine, sessions, drafters, ks):
+    """Drive every unfinished session one round per step, all drafts in ONE engine step (one forward)."""
+    steps = 0
+    while any(s.finish is None for s in sessions):
+        live = [i for i, s in enumerate(sessions) if s.finish is None]
+        drafts = [sessions[i].draft(drafters[i].propose(sessions[i].committed, min(ks[i], sessions[i].budget - 1)))
+                  for i in live]
+        outcomes = engine.step(drafts)
+        assert [o.admission for o in outcomes] == [Admission.RUN] * len(live)
+        for i, draft, outcome in zip(live, drafts, outcomes):
+            sessions[i].apply(draft, outcome.verdict)
+            drafters[i].learn(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
+        steps += 1
+    return steps
+
+
+def test_ragged_batches_are_lossless(tiny_models, target, drafts, reference):
+    """Sessions of different context length, draft model and k share each forward and match the target alone."""
+    engine = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats())
+    vocab = vocab_hash(tiny_models.target)
+    plan = [("self", 4, 30), ("gpt2", 3, 25), ("self", 1, 12), ("gpt2", 6, 40)]
+    sessions, drafters, ks = [], [], []
+    for index, ((draft_name, k, max_new), prompt) in enumerate(zip(plan, PROMPTS)):
+        ids = encode(tiny_models, prompt)
+        sessions.append(EdgeSession(f"s{index}", "dev", vocab, list(ids), len(ids) + max_new))
+        drafters.append(Drafter(drafts[draft_name]))
+        ks.append(k)
+    prompt_lens = [len(s.committed) for s in sessions]
+    assert len(set(prompt_lens)) == len(prompt_lens), "prompts must differ in length to make the batch ragged"
+    run_lockstep(engine, sessions, drafters, ks)
+    for session, prompt_len, (_, _, max_new) in zip(sessions, prompt_lens, plan):
+        assert session.committed[prompt_len:] == reference(session.committed[:prompt_len], max_new)
+        assert session.finish is FinishReason.LENGTH
+    by_draft = {name: [s.stats for s, (n, _, _) in zip(sessions, plan) if n == name] for name in drafts}
+    assert all(st.acceptance_rate == 1.0 for st in by_draft["self"])   # the target's own export always agrees
+    assert all(st.acceptance_rate < 0.5 for st in by_draft["gpt2"])    # a random small model mostly does not
+    assert engine.stats.batches < sum(s.stats.rounds for s in sessions)  # rounds really shared forwards
+
+
+def test_eos_ends_the_session_like_generate(tiny_models, target, drafts, reference):
+    ids = encode(tiny_models, PROMPTS[0])
+    free_run = reference(ids, 20)
+    eos = free_run[7]  # pretend the 8th greedy token is end-of-sequence
+    expected = reference(ids, 20, eos_token_id=eos)
+    assert expected[-1] == eos and len(expected) < 20
+    engine = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats())
+    original_eos = target.eos_ids
+    target.eos_ids = original_eos.new_tensor([eos])
+    try:
+        for name in ("self", "gpt2"):
+            session = EdgeSession(f"eos-{name}", "dev", vocab_hash(tiny_models.target), list(ids), len(ids) + 20)
+            run_lockstep(engine, [session], [Drafter(drafts[name])], [5])
+            assert session.committed[len(ids):] == expected
+            assert session.finish is FinishReason.EOS
+    finally:
+        target.eos_ids = original_eos
+
+
+def test_admission_resync_resend_stale_finished_and_eviction(tiny_models, target, drafts):
+    engine = VerifierEngine(target, "v", max_sessions=2, stats=VerifierStats())
+    vocab = vocab_hash(tiny_models.target)
+    ids = encode(tiny_models, PROMPTS[1])
+    session = EdgeSession("a", "dev", vocab, list(ids), len(ids) + 5)
+    drafter = Drafter(drafts["self"])
+
+    session.send_context = False  # as if the verifier had lost this session
+    [outcome] = engine.step([session.draft([])])
+    assert outcome.verdict.kind is VerdictKind.RESYNC
+
+    session.send_context = True
+    rounds = []
+    for _ in range(2):
+        draft = session.draft(drafter.propose(session.committed, 1))
+        [result] = engine.step([draft])
+        assert result.verdict.kind is VerdictKind.VERIFIED and result.verdict.accepted == 1
+        [again] = engine.step([draft])  # a retry of the same round: the same answer, applied once
+        assert again.admission is Admission.RESEND and again.verdict == result.verdict
+        session.apply(draft, result.verdict)
+        drafter.learn(result.verdict.committed_len, draft.base_len, result.verdict.accepted)
+        rounds.append(draft)
+    assert engine.step([rounds[0]])[0].admission is Admission.STALE  # an older round, late: dropped
+    assert engine.step([rounds[0]])[0].verdict is None
+
+    behind = replace(session.draft([]), base_len=len(session.committed) - 1)  # diverged history
+    assert engine.step([behind])[0].verdict.kind is VerdictKind.RESYNC
+    assert engine.sessions.get("dev", "a").committed == session.committed   # and nothing was applied
+
+    assert session.budget == 1
+    last = session.draft([])
+    [final] = engine.step([last])
+    assert final.verdict.finish is FinishReason.LENGTH and final.verdict.next_kind is not None
+    session.apply(last, final.verdict)
+    [after] = engine.step([replace(last, seq=last.seq + 1, base_len=last.base_len + 1, max_len=last.max_len + 1)])
+    assert after.verdict.kind is VerdictKind.ERROR and after.verdict.error is ErrorCode.SESSION_FINISHED
+
+    # Two more sessions evict "a" (max_sessions=2, least recently used first): "a" must resync.
+    for name in ("b", "c"):
+        other = EdgeSession(name, "dev", vocab, list(ids), len(ids) + 5)
+        assert engine.step([other.draft([])])[0].verdict.kind is VerdictKind.VERIFIED
+    assert engine.sessions.get("dev", "a") is None and engine.sessions.evictions == 1
+
+
+def test_sessions_are_per_device(tiny_models, target):
+    """Another device using the same session id gets its own session, never this one's state."""
+    engine = VerifierEngine(target, "v", max_sessions=4, stats=VerifierStats())
+    ids = encode(tiny_models, PROMPTS[0])
+    mine = EdgeSession("same", "dev-a", vocab_hash(tiny_models.target), list(ids), len(ids) + 5)
+    assert engine.step([mine.draft([])])[0].verdict.kind is VerdictKind.VERIFIED
+    theirs = EdgeSession("same", "dev-b", mine.vocab, list(ids), len(ids) + 5)
+    theirs.send_context = False
+    assert engine.step([theirs.draft([])])[0].verdict.kind is VerdictKind.RESYNC

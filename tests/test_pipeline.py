@@ -1,0 +1,156 @@
+"""End to end through a real Mosquitto and a real verifier process: exact output, bad input refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import aiomqtt
+import pytest
+
+from conftest import PROMPTS, ROOT
+from sled_edge.client import EdgeDevice
+from sled_edge.config import EdgeConfig
+from sled_protocol import Draft, ErrorCode, VerdictKind, decode_verdict, encode
+from sled_protocol import topics
+from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.vocab import vocab_hash
+
+pytestmark = pytest.mark.integration
+
+
+def edge_config(verifier, draft_dir, device_id: str, **overrides) -> EdgeConfig:
+    return EdgeConfig(draft=str(draft_dir), mqtt_url=verifier.url, device_id=device_id,
+                      verifier=verifier.verifier_id, **overrides)
+
+
+async def misbehave(verifier, vocab: str) -> dict[str, object]:
+    """Publish bad messages as a device and collect the verifier's answer to each."""
+    device = f"bad-{uuid.uuid4().hex[:6]}"
+    good = Draft(device=device, session="unknown_session", seq=0, base_len=2, tokens=(1, 2), max_len=10, vocab=vocab)
+    cases = {
+        "garbage": b"\x00\xffnot msgpack",
+        "unknown_session": encode(good),
+        "vocab": encode(Draft(**{**good.__dict__, "session": "vocab", "vocab": "feedfacefeedface"})),
+        "bad_token": encode(Draft(**{**good.__dict__, "session": "bad_token", "tokens": (1, 10**6)})),
+        "oversized": encode(Draft(**{**good.__dict__, "session": "oversized", "tokens": tuple(range(200))})),
+        "spoofed": encode(Draft(**{**good.__dict__, "session": "spoofed", "device": "someone-else"})),
+    }
+    answers: dict[str, object] = {}
+    async with make_client(parse_mqtt_url(verifier.url), f"bad-{device}") as client:
+        await client.subscribe(topics.verdict_topic(device))
+        for payload in cases.values():
+            await client.publish(topics.draft_topic(verifier.verifier_id, device), payload)
+        async with asyncio.timeout(20):
+            async for message in client.messages:
+                verdict = decode_verdict(bytes(message.payload))
+                answers[verdict.session or "garbage"] = verdict
+                if len(answers) == len(cases):
+                    return answers
+    return answers
+
+
+@pytest.mark.asyncio
+async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_models, verifier, reference, device_id):
+    jetson = EdgeDevice(edge_config(verifier, tiny_models.target_onnx, f"{device_id}-a"))
+    pi = EdgeDevice(edge_config(verifier, tiny_models.gpt2_onnx, f"{device_id}-b", draft_tokens=3))
+    max_new = [40, 32, 24]
+    async with jetson, pi:
+        prompts = [jetson.encode_prompt(PROMPTS[0]), jetson.encode_prompt(PROMPTS[1]), pi.encode_prompt(PROMPTS[3])]
+        async with asyncio.TaskGroup() as group:
+            runs = [
+                group.create_task(jetson.generate(prompts[0], max_new[0])),
+                group.create_task(jetson.generate(prompts[1], max_new[1])),
+                group.create_task(pi.generate(prompts[2], max_new[2])),
+            ]
+            refusals = group.create_task(misbehave(verifier, jetson.vocab))
+    results = [run.result() for run in runs]
+    for result, prompt, n in zip(results, prompts, max_new):
+        assert result.token_ids == reference(prompt, n)
+        assert result.finish_reason == "length" and len(result.token_ids) == n
+    assert results[0].acceptance_rate == 1.0 and results[1].acceptance_rate == 1.0
+    assert results[2].acceptance_rate < 0.5 and results[2].rounds > results[0].rounds
+
+    answers = refusals.result()
+    assert answers["unknown_session"].kind is VerdictKind.RESYNC
+    expected_errors = {"garbage": ErrorCode.MALFORMED, "vocab": ErrorCode.VOCAB_MISMATCH,
+                       "bad_token": ErrorCode.BAD_TOKEN, "oversized": ErrorCode.TOO_LARGE,
+                       "spoofed": ErrorCode.WRONG_DEVICE}
+    for name, code in expected_errors.items():
+        assert answers[name].kind is VerdictKind.ERROR and answers[name].error is code, name
+        assert answers[name].reason
+    assert verifier.process.poll() is None
+    log = verifier.log_path.read_text()
+    assert "draft_refused" in log and "vocab_mismatch" in log
+
+
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
+
+
+def test_cli_generate_json_and_inspect(tiny_models, verifier, reference, device_id):
+    inspect = subprocess.Popen(
+        [sys.executable, "-m", "sled_protocol.inspect", "--mqtt-url", verifier.url, "--json", "--count", "4",
+         "--filter", f"sled/v1/+/{verifier.verifier_id}/{device_id}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    inspect_verdicts = subprocess.Popen(
+        [sys.executable, "-m", "sled_protocol.inspect", "--mqtt-url", verifier.url, "--count", "2",
+         "--filter", topics.verdict_topic(device_id)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    time.sleep(1.5)  # let the inspectors subscribe
+    done = run_cli("-m", "sled_edge", "generate", "--mqtt-url", verifier.url, "--draft", str(tiny_models.gpt2_onnx),
+                   "--prompt", PROMPTS[2], "--max-new-tokens", "16", "--device-id", device_id, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    from tokenizers import Tokenizer
+
+    prompt_ids = Tokenizer.from_file(str(tiny_models.gpt2_onnx / "tokenizer.json")).encode(PROMPTS[2]).ids
+    assert result["token_ids"] == reference(prompt_ids, 16)
+    for key in ("text", "rounds", "accepted_tokens", "mean_accepted_length"):
+        assert key in result
+    assert result["mean_accepted_length"] == pytest.approx(1 + result["accepted_tokens"] / result["rounds"], abs=1e-3)
+
+    lines = [json.loads(line) for line in inspect.communicate(timeout=30)[0].splitlines()]
+    assert [line["type"] for line in lines] == ["draft"] * 4
+    assert lines[0]["context"] == prompt_ids and lines[0]["device"] == device_id
+    plain = inspect_verdicts.communicate(timeout=30)[0].splitlines()
+    assert len(plain) == 2 and all(f"verdicts/{device_id} verdict" in line and "kind=verified" in line for line in plain)
+
+
+def test_cli_without_matching_verifier_exits_unavailable(tiny_models, verifier):
+    done = run_cli("-m", "sled_edge", "generate", "--mqtt-url", verifier.url, "--draft", str(tiny_models.gpt2_onnx),
+                   "--prompt", "x", "--verifier", "no-such-verifier", "--discovery-timeout-s", "0.5")
+    assert done.returncode == 69
+    assert "no_verifier" in done.stderr and verifier.verifier_id in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["-m", "sled_verifier", "--target", "/nonexistent"], "is not a directory"),
+        (["-m", "sled_verifier", "--target", ".", "--window-ms", "soon"], "not a valid float"),
+        (["-m", "sled_edge", "generate", "--draft", "/nonexistent", "--prompt", "x"], "has no model.onnx"),
+    ],
+)
+def test_bad_configuration_exits_78(args, complaint):
+    done = run_cli(*args, timeout_s=60)
+    assert done.returncode == 78 and complaint in done.stderr
+
+
+def test_environment_variables_configure_the_edge(tiny_models, monkeypatch):
+    from sled_edge.__main__ import build_parser
+    from sled_protocol.config import config_from_args
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--draft-tokens", "7"])
+    env = {"SLED_DRAFT": str(tiny_models.gpt2_onnx), "SLED_DRAFT_TOKENS": "2", "SLED_TIMEOUT_S": "1.5"}
+    config = config_from_args(EdgeConfig, args, env)
+    assert (config.draft_tokens, config.timeout_s, config.draft) == (7, 1.5, str(tiny_models.gpt2_onnx))
+    assert vocab_hash(config.draft) == vocab_hash(tiny_models.target)
