@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TinySpec", "build_tokenizer", "build_model", "export_onnx", "TARGET_LLAMA", "DRAFT_GPT2"]
+__all__ = ["TinySpec", "build_tokenizer", "build_model", "build_perturbed", "export_onnx", "TARGET_LLAMA", "DRAFT_GPT2"]
 
 SPECIAL_TOKENS = ["<|endoftext|>"]
 
@@ -120,3 +120,86 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> Path:
         local_files_only=True, do_validation=False,
     )
     return out_dir
+
+
+def build_perturbed(source_dir: Path, out_dir: Path, noise: float, seed: int) -> Path:
+    """A copy of ``source_dir`` with every weight jittered by ``noise`` x its tensor's std (a partial-agreement draft)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source_dir, local_files_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            scale = parameter.std() if parameter.numel() > 1 else parameter.abs().mean()
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale * noise)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+# The demo family until the trained family exists: one target, three drafts of different size/agreement.
+# name: (how it is made, draft tokens per round the demo uses)
+TINY_DRAFTS = {
+    "jetson-orin": ("perturbed", 0.01, 5),  # close copy of the target: ~85% greedy agreement
+    "rpi5": ("perturbed", 0.03, 3),         # looser copy: ~65%
+    "rpi4": ("gpt2", None, 2),              # a different, 8x smaller architecture: almost never agrees
+}
+TINY_RECIPE_VERSION = 1
+
+
+def build_tiny_family(out: Path, log=print) -> dict:
+    """Build tokenizer, Llama target and the ``TINY_DRAFTS`` with ONNX exports; reuse a finished build."""
+    import hashlib
+    import time
+    import warnings
+
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("recipe_version") == TINY_RECIPE_VERSION:
+            log(f"models: reusing {out} (recipe v{TINY_RECIPE_VERSION})")
+            return manifest
+    started = time.monotonic()
+    steps = 3 + len(TINY_DRAFTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+        log(f"models [1/{steps}] tokenizer (byte-level BPE on the standard library)")
+        build_tokenizer(out / "tokenizer")
+        log(f"models [2/{steps}] target {TARGET_LLAMA}")
+        build_model(TARGET_LLAMA, out / "tokenizer", out / "target")
+        drafts = {}
+        for index, (name, (kind, noise, k)) in enumerate(TINY_DRAFTS.items(), start=3):
+            log(f"models [{index}/{steps}] draft {name} ({kind}{f', noise {noise}' if noise else ''}) + ONNX export")
+            hf_dir = out / "hf" / name
+            if kind == "perturbed":
+                build_perturbed(out / "target", hf_dir, noise, seed=index)
+            else:
+                build_model(DRAFT_GPT2, out / "tokenizer", hf_dir)
+            export_onnx(hf_dir, out / "drafts" / name)
+            drafts[name] = {"path": f"drafts/{name}", "kind": kind, "noise": noise, "draft_tokens": k}
+    manifest = {
+        "recipe_version": TINY_RECIPE_VERSION,
+        "target": "target",
+        "drafts": drafts,
+        "files": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                  for p in sorted(out.rglob("*")) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json")},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    log(f"models [{steps}/{steps}] done in {time.monotonic() - started:.1f} s: {out}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sled_models.tiny",
+                                     description="Build the tiny random-weight demo family (target + 3 ONNX drafts).")
+    parser.add_argument("--out", type=Path, default=Path("models/build/tiny"), help="output directory")
+    build_tiny_family(parser.parse_args(argv).out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

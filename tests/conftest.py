@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,25 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from sled_protocol.devbroker import start_dev_broker
+
 ROOT = Path(__file__).resolve().parent.parent
-BROKER_CONF = ROOT / "broker" / "mosquitto-dev.conf"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
 
 
 @dataclass
@@ -47,18 +29,7 @@ class Broker:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Broker:
     """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("broker")
-    conf, log_path = workdir / "mosquitto.conf", workdir / "mosquitto.log"
-    conf.write_text(re.sub(r"(?m)^listener \d+ ", f"listener {port} ", BROKER_CONF.read_text()))
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log_file)
-    try:
-        wait_for_port(port)
-    except TimeoutError:
-        process.kill()
-        raise RuntimeError(f"mosquitto did not start: {log_path.read_text(errors='replace')}") from None
+    process, port = start_dev_broker(tmp_path_factory.mktemp("broker"))
     yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
     process.terminate()
     process.wait(timeout=10)
