@@ -22,7 +22,6 @@ from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
 from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
 from sled_verifier.config import VerifierConfig
 from sled_verifier.engine import VerifierEngine, error_verdict
-from sled_verifier.stats import VerifierStats
 
 log = structlog.get_logger("sled_verifier")
 

@@ -10,7 +10,6 @@ import sys
 import time
 import uuid
 
-import aiomqtt
 import pytest
 
 from conftest import PROMPTS, ROOT
