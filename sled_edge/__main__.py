@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 
 import structlog
 
 from sled_edge.config import EdgeConfig
+from sled_protocol import SamplingParams
 from sled_protocol.config import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, add_config_arguments, config_from_args
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
@@ -35,13 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--prompt", required=True, help="prompt text")
     generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate [default 128]")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="0: greedy, the target's argmax output [default]; > 0: sample exactly from the target")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    generate.add_argument("--seed", type=int, default=None,
+                          help="sampling seed; the same seed reproduces the output [default: random, reported]")
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object (token_ids, text, rounds, accepted_tokens, ...) at the end")
     add_config_arguments(generate, EdgeConfig)
     return parser
 
 
-async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_json: bool) -> dict:
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams | None:
+    if not (0.0 <= args.temperature <= 100.0):
+        raise ConfigError("--temperature must be in [0, 100]")
+    if not (0.0 < args.top_p <= 1.0):
+        raise ConfigError("--top-p must be in (0, 1]")
+    if args.top_k < 0:
+        raise ConfigError("--top-k must be >= 0")
+    if args.temperature == 0:
+        return None
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    if not 0 <= seed < 2**63:
+        raise ConfigError("--seed must be in [0, 2**63)")
+    return SamplingParams(args.temperature, args.top_k, args.top_p, seed)
+
+
+async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_json: bool,
+                       sampling: SamplingParams | None = None) -> dict:
     from sled_edge.client import EdgeDevice
 
     async with EdgeDevice(config) as device:
@@ -58,14 +82,16 @@ async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_
                 sys.stdout.flush()
                 printed = len(text)
 
-        result = await device.generate(prompt_ids, max_new_tokens, on_tokens=None if as_json else stream)
+        result = await device.generate(prompt_ids, max_new_tokens, on_tokens=None if as_json else stream,
+                                       sampling=sampling)
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
         sys.stdout.write(result.text[printed:] + "\n")
         print(f"[{len(result.token_ids)} tokens, {result.rounds} rounds, mean accepted length "
               f"{result.mean_accepted_length:.2f}, acceptance {result.acceptance_rate:.0%}, "
-              f"{result.as_dict()['tokens_per_s']} tokens/s, verifier {result.verifier}]", file=sys.stderr)
+              f"{result.as_dict()['tokens_per_s']} tokens/s, verifier {result.verifier}"
+              f"{'' if result.seed is None else f', seed {result.seed}'}]", file=sys.stderr)
     return result.as_dict()
 
 
@@ -75,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(EdgeConfig, args)
         if args.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be >= 1")
+        sampling = sampling_from_args(args)
     except ConfigError as exc:
         configure_logging()
         log.error("bad_configuration", error=str(exc))
@@ -83,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     from sled_edge.client import EdgeError
 
     try:
-        run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json))
+        run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
     except EdgeError as exc:
         log.error("generation_failed", code=exc.code, error=str(exc))
-        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout") else EX_DATAERR
+        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout", "broker_lost") else EX_DATAERR
     except Exception:
         log.exception("edge_crashed")
         return EX_SOFTWARE

@@ -21,9 +21,9 @@ import structlog
 
 from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import Drafter
+from sled_edge.drafter import Drafter, Proposal
 from sled_edge.session import EdgeSession
-from sled_protocol import Draft, ProtocolError, Status, Verdict, VerdictKind, decode_status, decode_verdict, encode
+from sled_protocol import Draft, ProtocolError, SamplingParams, Status, Verdict, VerdictKind, decode_status, decode_verdict, encode
 from sled_protocol import topics
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
@@ -31,6 +31,7 @@ from sled_protocol.vocab import vocab_hash
 log = structlog.get_logger("sled_edge")
 
 MAX_RESYNCS_PER_ROUND = 3
+_LOST = object()  # put in every session's queue when the broker connection is lost
 
 
 class EdgeError(RuntimeError):
@@ -46,6 +47,7 @@ class GenerationResult:
     token_ids: list[int]      # the committed new tokens (prompt excluded)
     text: str
     finish_reason: str | None
+    seed: int | None
     rounds: int
     draft_tokens: int
     accepted_tokens: int
@@ -78,6 +80,7 @@ class EdgeDevice:
         self._waiters: dict[str, asyncio.Queue[Verdict]] = {}
         self._stack = AsyncExitStack()
         self._client: aiomqtt.Client | None = None
+        self._lost: BaseException | None = None
 
     async def __aenter__(self) -> EdgeDevice:
         address = parse_mqtt_url(self.config.mqtt_url)
@@ -86,6 +89,7 @@ class EdgeDevice:
         await self._client.subscribe(topics.verdict_topic(self.config.device_id), qos=topics.QOS_VERDICT)
         await self._client.subscribe(topics.STATUS_FILTER, qos=topics.QOS_STATUS)
         dispatcher = asyncio.create_task(self._dispatch(), name="dispatch")
+        dispatcher.add_done_callback(self._dispatcher_done)
 
         async def stop_dispatcher() -> None:
             dispatcher.cancel()
@@ -96,6 +100,15 @@ class EdgeDevice:
 
     async def __aexit__(self, *exc_info) -> None:
         await self._stack.aclose()
+
+    def _dispatcher_done(self, task: asyncio.Task) -> None:
+        """The broker connection is gone: wake every waiting session so it fails now, not after its timeouts."""
+        if task.cancelled():
+            return
+        self._lost = task.exception() or EdgeError("broker_lost", "the broker closed the connection")
+        log.error("broker_connection_lost", error=str(self._lost))
+        for queue in self._waiters.values():
+            queue.put_nowait(_LOST)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt).ids
@@ -150,12 +163,22 @@ class EdgeDevice:
                 pass
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                       on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, exactly as the target would."""
+                       on_tokens: Callable[[list[int]], None] | None = None,
+                       sampling: SamplingParams | None = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, exactly as the target would:
+        its greedy output when ``sampling`` is None (or at temperature 0), else a sample from its
+        distribution (the same seed gives the same output)."""
         started = time.perf_counter()
         verifier = await self.choose_verifier()
+        max_len = len(prompt_ids) + max_new_tokens
+        if verifier.max_context_tokens and max_len > verifier.max_context_tokens:
+            if len(prompt_ids) >= verifier.max_context_tokens:
+                raise EdgeError("too_large", f"prompt of {len(prompt_ids)} tokens fills verifier {verifier.verifier}'s "
+                                f"context limit of {verifier.max_context_tokens}")
+            log.warning("max_new_tokens_capped", verifier=verifier.verifier, max_context_tokens=verifier.max_context_tokens)
+            max_len = verifier.max_context_tokens
         session = EdgeSession(uuid.uuid4().hex[:12], self.config.device_id, self.vocab, list(prompt_ids),
-                              len(prompt_ids) + max_new_tokens)
+                              max_len, sampling=sampling)
         slog = log.bind(device_id=session.device, session_id=session.session_id, verifier=verifier.verifier)
         drafter = Drafter(self.model)
         queue: asyncio.Queue[Verdict] = asyncio.Queue()
@@ -164,11 +187,12 @@ class EdgeDevice:
         try:
             while session.finish is None:
                 k = max(0, min(self.config.draft_tokens, k_limit, session.budget - 1))
-                tokens = await asyncio.to_thread(drafter.propose, session.committed, k)
-                draft, verdict = await self._verify_round(session, tokens, queue, verifier.verifier, slog)
+                proposal = await asyncio.to_thread(drafter.propose_sampled, session.committed, k, sampling,
+                                                   self.config.proposal_tokens)
+                draft, verdict = await self._verify_round(session, proposal, queue, verifier.verifier, slog)
                 new_tokens = session.apply(draft, verdict)
                 drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
-                slog.debug("round_verified", seq=draft.seq, k=len(tokens), accepted=verdict.accepted,
+                slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
                            next_kind=str(verdict.next_kind))
                 if on_tokens is not None:
                     on_tokens(new_tokens)
@@ -180,19 +204,23 @@ class EdgeDevice:
                   mean_accepted_length=round(stats.mean_accepted_length, 3))
         return GenerationResult(
             token_ids=new_ids, text=self.decode(new_ids), finish_reason=str(session.finish),
+            seed=sampling.seed if sampling is not None and sampling.temperature > 0 else None,
             rounds=stats.rounds, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
             mean_accepted_length=round(stats.mean_accepted_length, 4), acceptance_rate=round(stats.acceptance_rate, 4),
             resyncs=stats.resyncs, retries=stats.retries, verifier=verifier.verifier,
             session_id=session.session_id, elapsed_s=round(time.perf_counter() - started, 4),
         )
 
-    async def _verify_round(self, session: EdgeSession, tokens: list[int], queue: asyncio.Queue[Verdict],
+    async def _verify_round(self, session: EdgeSession, proposal: Proposal, queue: asyncio.Queue[Verdict],
                             verifier: str, slog) -> tuple[Draft, Verdict]:
         topic = topics.draft_topic(verifier, session.device)
-        draft = session.draft(tokens)
+        draft = session.draft(proposal.tokens, proposal.sparse)
         resends = resyncs = 0
         while True:
-            await self._client.publish(topic, encode(draft), qos=topics.QOS_DRAFT)
+            try:
+                await self._client.publish(topic, encode(draft), qos=topics.QOS_DRAFT)
+            except aiomqtt.MqttError as exc:
+                raise EdgeError("broker_lost", f"cannot publish to the broker: {exc}") from None
             try:
                 verdict = await self._await_verdict(queue, draft.seq)
             except TimeoutError:
@@ -213,11 +241,15 @@ class EdgeDevice:
                 raise EdgeError("resync_loop", f"verifier {verifier} asked for resync {resyncs} times in one round")
             slog.info("session_resync", seq=draft.seq, reason=verdict.reason)
             session.send_context = True
-            draft = session.draft(tokens)
+            draft = session.draft(proposal.tokens, proposal.sparse)
 
     async def _await_verdict(self, queue: asyncio.Queue[Verdict], seq: int) -> Verdict:
         async with asyncio.timeout(self.config.timeout_s):
             while True:
+                if self._lost is not None:
+                    raise EdgeError("broker_lost", f"lost the broker connection: {self._lost}")
                 verdict = await queue.get()
+                if verdict is _LOST:
+                    continue
                 if verdict.seq == seq:
                     return verdict  # anything else is a duplicate or a stale round's answer

@@ -22,6 +22,7 @@ class EdgeConfig:
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
     draft_tokens: int = field(default=4, metadata=_help("draft tokens k proposed per round"))
+    proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
     timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verdict before resending"))
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
     discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
@@ -41,6 +42,7 @@ class EdgeConfig:
         except ValueError as exc:
             require(False, str(exc))
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
+        require(1 <= self.proposal_tokens <= 64, "proposal_tokens must be 1..64")
         require(self.timeout_s > 0 and self.discovery_timeout_s > 0, "timeouts must be > 0")
         require(self.retries >= 0, "retries must be >= 0")
         require(self.threads >= 1, "threads must be >= 1")

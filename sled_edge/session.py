@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sled_protocol import Draft, FinishReason, Verdict, VerdictKind
+from sled_protocol import Draft, FinishReason, SamplingParams, Verdict, VerdictKind
 
 
 class VerdictMismatch(ValueError):
@@ -37,6 +37,7 @@ class EdgeSession:
     committed: list[int]
     max_len: int
     seq: int = 0
+    sampling: SamplingParams | None = None  # None: greedy
     send_context: bool = True  # the verifier has not seen this session yet
     finish: FinishReason | None = None
     stats: SessionStats = field(default_factory=SessionStats)
@@ -51,11 +52,16 @@ class EdgeSession:
     def budget(self) -> int:
         return self.max_len - len(self.committed)
 
-    def draft(self, tokens: list[int]) -> Draft:
+    def draft(self, tokens: list[int], proposals=None) -> Draft:
+        """This round's Draft; ``proposals`` are the SparseProposals the tokens were sampled from."""
+        sampled = self.sampling is not None and self.sampling.temperature > 0
         return Draft(
             device=self.device, session=self.session_id, seq=self.seq, base_len=len(self.committed),
             tokens=tuple(tokens), max_len=self.max_len, vocab=self.vocab,
             context=tuple(self.committed) if self.send_context else None,
+            sampling=self.sampling if sampled else None,
+            q_ids=tuple(p.ids for p in proposals) if sampled and proposals is not None else None,
+            q_probs=tuple(p.probs for p in proposals) if sampled and proposals is not None else None,
         )
 
     def apply(self, draft: Draft, verdict: Verdict) -> list[int]:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import math
+import struct
+
 import msgpack
 
 SCHEMA_VERSION = 1
@@ -24,6 +27,8 @@ class ErrorCode(StrEnum):
     VOCAB_MISMATCH = "vocab_mismatch"  # the draft's tokenizer is not the target's
     WRONG_DEVICE = "wrong_device"      # message device differs from its topic's device level
     SESSION_FINISHED = "session_finished"
+    BAD_PROPOSAL = "bad_proposal"      # draft probabilities negative, NaN, not summing to 1, duplicated ids
+    BAD_SAMPLING = "bad_sampling"      # temperature, top_k, top_p or seed out of range
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
 
@@ -63,6 +68,34 @@ class Limits:
     max_draft_tokens: int = 32
     max_context_tokens: int = 8192
     vocab_size: int | None = None  # when known, every token id must be below it
+    max_proposal_tokens: int = 64  # m: entries of the sparse proposal per draft position
+
+
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to float32, the precision every float travels with on the wire."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a session samples; applied identically to the target's and the draft's logits.
+
+    Warping follows transformers' order and semantics: temperature, then top-k (ties with the k-th
+    logit kept), then top-p (the smallest set of most likely tokens whose mass reaches top_p).
+    Floats are rounded to float32 on construction, so both ends use bit-identical values.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0       # 0: off
+    top_p: float = 1.0   # 1.0: off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", float32(self.temperature))
+        object.__setattr__(self, "top_p", float32(self.top_p))
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,11 @@ class Draft:
     max_len: int
     vocab: str
     context: tuple[int, ...] | None = None
+    # Sampling (None: greedy). q_ids/q_probs: per draft position, the sparse proposal q' the token was
+    # sampled from (token ids and probabilities summing to 1); absent: a deterministic draft.
+    sampling: SamplingParams | None = None
+    q_ids: tuple[tuple[int, ...], ...] | None = None
+    q_probs: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,7 @@ class Status:
     load: int = 0
     capacity: int = 0
     max_draft_tokens: int = 0
+    max_context_tokens: int = 0
 
 
 _TAGS = {Draft: "draft", Verdict: "verdict", Status: "status"}
@@ -123,8 +162,11 @@ def encode(message: Draft | Verdict | Status) -> bytes:
     for name, value in message.__dict__.items():
         if value is None:
             continue
-        body[name] = list(value) if isinstance(value, tuple) else (str(value) if isinstance(value, StrEnum) else value)
-    return msgpack.packb(body, use_bin_type=True)
+        if isinstance(value, SamplingParams):
+            value = dict(value.__dict__)
+        body[name] = str(value) if isinstance(value, StrEnum) else value
+    # Floats travel as float32: proposal probabilities need no more, and SamplingParams is float32 already.
+    return msgpack.packb(body, use_bin_type=True, use_single_float=True)
 
 
 def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, Any]:
@@ -210,11 +252,64 @@ def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
         vocab=_name(body, "vocab"),
         context=_tokens(body, "context", limits.max_context_tokens, limits, required=False),
     )
+    if draft.max_len > limits.max_context_tokens:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"max_len {draft.max_len} exceeds the context limit {limits.max_context_tokens}")
     if draft.max_len <= draft.base_len:
         raise ProtocolError(ErrorCode.MALFORMED, f"max_len {draft.max_len} leaves no room after base_len {draft.base_len}")
     if draft.context is not None and len(draft.context) != draft.base_len:
         raise ProtocolError(ErrorCode.MALFORMED, f"context holds {len(draft.context)} tokens but base_len is {draft.base_len}")
-    return draft
+    sampling = _sampling(body)
+    q_ids, q_probs = _proposal(body, len(draft.tokens), limits)
+    if (q_ids is not None) and sampling is None:
+        raise ProtocolError(ErrorCode.BAD_PROPOSAL, "a proposal needs sampling parameters")
+    return Draft(**{**draft.__dict__, "sampling": sampling, "q_ids": q_ids, "q_probs": q_probs})
+
+
+def _sampling(body: dict[str, Any]) -> SamplingParams | None:
+    raw = _field(body, "sampling", dict, required=False)
+    if raw is None:
+        return None
+    temperature, top_p = raw.get("temperature"), raw.get("top_p", 1.0)
+    top_k, seed = raw.get("top_k", 0), raw.get("seed", 0)
+    if not all(isinstance(x, float | int) and not isinstance(x, bool) for x in (temperature, top_p)):
+        raise ProtocolError(ErrorCode.BAD_SAMPLING, "sampling.temperature and sampling.top_p must be numbers")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (top_k, seed)):
+        raise ProtocolError(ErrorCode.BAD_SAMPLING, "sampling.top_k and sampling.seed must be integers")
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
+        raise ProtocolError(ErrorCode.BAD_SAMPLING, f"temperature {temperature} is outside [0, 100]")
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise ProtocolError(ErrorCode.BAD_SAMPLING, f"top_p {top_p} is outside (0, 1]")
+    if not (0 <= top_k < 2**31 and 0 <= seed < 2**63):
+        raise ProtocolError(ErrorCode.BAD_SAMPLING, "top_k or seed is out of range")
+    return SamplingParams(float(temperature), top_k, float(top_p), seed)
+
+
+def _proposal(body: dict[str, Any], k: int, limits: Limits):
+    """Validate the sparse proposal: k rows of at most m unique in-vocabulary ids with probabilities summing to 1."""
+    raw_ids, raw_probs = body.get("q_ids"), body.get("q_probs")
+    if raw_ids is None and raw_probs is None:
+        return None, None
+    if not (isinstance(raw_ids, list) and isinstance(raw_probs, list) and len(raw_ids) == len(raw_probs) == k):
+        raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"q_ids and q_probs must both hold one row per draft token ({k})")
+    upper = limits.vocab_size if limits.vocab_size is not None else 2**31
+    ids_rows, prob_rows = [], []
+    for position, (ids, probs) in enumerate(zip(raw_ids, raw_probs)):
+        if not (isinstance(ids, list) and isinstance(probs, list) and len(ids) == len(probs)):
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position}: ids and probabilities differ in length")
+        if not 1 <= len(ids) <= limits.max_proposal_tokens:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"proposal row {position} holds {len(ids)} entries; "
+                                f"1..{limits.max_proposal_tokens} allowed")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < upper for t in ids):
+            raise ProtocolError(ErrorCode.BAD_TOKEN, f"proposal row {position} has an id outside [0, {upper})")
+        if len(set(ids)) != len(ids):
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} repeats a token id")
+        if not all(isinstance(q, float | int) and not isinstance(q, bool) and math.isfinite(q) and q >= 0 for q in probs):
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} has a negative or non-finite probability")
+        if abs(math.fsum(probs) - 1.0) > PROBABILITY_SUM_TOLERANCE:
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} sums to {math.fsum(probs):.6f}, not 1")
+        ids_rows.append(tuple(ids))
+        prob_rows.append(tuple(float(q) for q in probs))
+    return tuple(ids_rows), tuple(prob_rows)
 
 
 def _enum(body: dict[str, Any], name: str, enum: type[StrEnum], *, required: bool = False):
@@ -256,6 +351,7 @@ def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
         load=_count(body, "load", 0, required=False) or 0,
         capacity=_count(body, "capacity", 0, required=False) or 0,
         max_draft_tokens=_count(body, "max_draft_tokens", 0, required=False) or 0,
+        max_context_tokens=_count(body, "max_context_tokens", 0, required=False) or 0,
     )
 
 
@@ -268,3 +364,21 @@ def decode(data: bytes, limits: Limits = Limits()) -> Draft | Verdict | Status:
     if tag not in _DECODERS:
         raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {tag!r}")
     return _DECODERS[tag](data, limits)
+
+
+# Independent random streams per round: the edge's draft sampling and the verifier's acceptance tests
+# must never share uniforms (that would correlate d_i with its acceptance test and bias the output).
+STREAM_DRAFT = 1
+STREAM_VERIFY = 2
+
+
+def round_seed(seed: int, committed_len: int, stream: int) -> int:
+    """A 63-bit seed for one round of one session (splitmix64 over seed, length and stream).
+
+    Seeding by committed length rather than by round number makes a seeded session reproduce its
+    output even across retries and resyncs: the same prefix always meets the same random numbers.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + committed_len * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * multiplier) % 2**64
+    return (x ^ (x >> 31)) & (2**63 - 1)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, VerdictKind
+from sled_protocol.messages import STREAM_VERIFY, round_seed
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
 from sled_verifier.target import TargetModel, session_cache
-from sled_verifier.verify import greedy_verify
+from sled_verifier.sampling import rejection_sample, warp_probs
+from sled_verifier.verify import VerifyResult, greedy_verify
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,15 @@ class VerifierEngine:
         self.verifier_id = verifier_id
         self.sessions = SessionTable(max_sessions=max_sessions)
         self.stats = stats
+        self.active_sessions = 0
+        self.session_count = 0
 
     def step(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
+        opened from a context may exist, consistently, without their prefill), so the batch can be retried."""
         outcomes: list[Outcome] = []
         runnable: list[tuple[Draft, SessionState]] = []
+        batch_keys = frozenset((d.device, d.session) for d in drafts)
         # 1. Answer what needs no model: retries, stale rounds, unknown or diverged sessions.
         for draft in drafts:
             admission = self.sessions.admit(draft)
@@ -53,22 +60,24 @@ class VerifierEngine:
                 outcomes.append(Outcome(draft.device, verdict, admission))
             else:
                 if admission is Admission.REBUILD:
-                    state, _evicted = self.sessions.open(draft)
+                    state, _evicted = self.sessions.open(draft, protected=batch_keys)
                 self.sessions.touch(state)
                 runnable.append((draft, state))
         if not runnable:
+            self._snapshot()
             return outcomes
         # 2. Prefill sessions that were just opened or rebuilt (their cache covers x[0:n-1]).
         for _draft, state in runnable:
             if state.cache is None:
-                state.cache = self.target.prefill(state.committed[:-1])
+                cache = self.target.prefill(state.committed[:-1])
+                state.cache = cache
                 self.stats.prefill_tokens += len(state.committed) - 1
         # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session.
         started = time.perf_counter()
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
         scored = self.target.score([state.cache for _, state in runnable], inputs)
-        # 4. Greedy verification, vectorised over the batch.
-        result = greedy_verify(*self._padded(runnable), scored.target_ids, self._budgets(runnable), self.target.eos_ids)
+        # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
+        result = self._decide(runnable, scored)
         self.stats.record_batch(len(runnable), time.perf_counter() - started)
         # 5. Commit, trim each cache to the committed prefix, and answer.
         accepted = result.accepted.tolist()
@@ -77,15 +86,22 @@ class VerifierEngine:
             verdict = self._commit(draft, state, scored, row, accepted[row], next_tokens[row],
                                    bool(result.is_bonus[row]), bool(result.hit_eos[row]))
             outcomes.append(Outcome(draft.device, verdict, Admission.RUN))
+        self._snapshot()
         return outcomes
 
+    def _snapshot(self) -> None:
+        # Read by the event loop thread for Status and stats; plain int assignments, never the table itself.
+        self.active_sessions = self.sessions.active()
+        self.session_count = len(self.sessions)
+
     def fail(self, drafts: Sequence[Draft], reason: str) -> list[Outcome]:
-        """After a failed step: forget the sessions involved (their state may be half-updated)."""
+        """A draft that fails verification on its own: refuse it and forget its session."""
         outcomes = []
         for draft in drafts:
             self.sessions.forget(draft.device, draft.session)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
             outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC))
+        self._snapshot()
         return outcomes
 
     def _commit(self, draft: Draft, state: SessionState, scored, row: int, accepted: int, next_token: int,
@@ -113,6 +129,55 @@ class VerifierEngine:
             state.cache = None  # keep the bookkeeping for retries of the last round, not the memory
         return state.last_verdict
 
+    def _decide(self, runnable, scored) -> VerifyResult:
+        draft_ids, lens = self._padded(runnable)
+        budgets, eos_ids = self._budgets(runnable), self.target.eos_ids
+        result = greedy_verify(draft_ids, lens, scored.target_ids, budgets, eos_ids)
+        sampled = [row for row, (draft, _) in enumerate(runnable) if _is_sampled(draft)]
+        if not sampled:
+            return result
+        drafts = [runnable[row][0] for row in sampled]
+        rows = torch.tensor(sampled, device=self.target.device)
+        k_max = max(1, draft_ids.shape[1])
+        logits = scored.logits[rows, : k_max + 1]                                     # [R, K+1, V]
+        positions = logits.shape[1]
+        params = [torch.tensor([getattr(d.sampling, name) for d in drafts], device=self.target.device)
+                  for name in ("temperature", "top_k", "top_p")]
+        probs = warp_probs(logits.reshape(-1, logits.shape[-1]),
+                           *(param.repeat_interleave(positions) for param in params)).reshape(logits.shape)
+        q_ids, q_probs = self._proposals(drafts, k_max)
+        uniforms = torch.stack([
+            torch.rand(k_max + 1, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(round_seed(d.sampling.seed, d.base_len, STREAM_VERIFY)))
+            for d in drafts
+        ]).to(self.target.device)                                                      # [R, K+1]
+        padded_ids = draft_ids if draft_ids.shape[1] else draft_ids.new_full((len(runnable), 1), -1)
+        sampled_result = rejection_sample(probs, padded_ids[rows], lens[rows], q_ids, q_probs, uniforms,
+                                          budgets[rows], eos_ids)
+        merged = {}
+        for name in ("accepted", "next_token", "is_bonus", "hit_eos"):
+            value = getattr(result, name).clone()
+            value[rows] = getattr(sampled_result, name)
+            merged[name] = value
+        return VerifyResult(**merged)
+
+    def _proposals(self, drafts: Sequence[Draft], k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded sparse proposals [R, K, M]; q' = the sent float32 values over their sum (as the edge
+        sampled); a draft without one is the point mass on its token (token-only rule)."""
+        m = max((len(row) for d in drafts if d.q_ids for row in d.q_ids), default=1)
+        ids = torch.zeros(len(drafts), k_max, m, dtype=torch.int64)
+        probs = torch.zeros(len(drafts), k_max, m, dtype=torch.float64)
+        for r, draft in enumerate(drafts):
+            if draft.q_ids is None:
+                ids[r, : len(draft.tokens), 0] = torch.tensor(draft.tokens, dtype=torch.int64)
+                probs[r, : len(draft.tokens), 0] = 1.0
+                continue
+            for j, (row_ids, row_probs) in enumerate(zip(draft.q_ids, draft.q_probs)):
+                ids[r, j, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.int64)
+                probs[r, j, : len(row_probs)] = torch.tensor(row_probs, dtype=torch.float32).double()
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-300)
+        return ids.to(self.target.device), probs.to(self.target.device)
+
     def _padded(self, runnable) -> tuple[torch.Tensor, torch.Tensor]:
         k_max = max(len(draft.tokens) for draft, _ in runnable)
         draft_ids = torch.full((len(runnable), k_max), -1, dtype=torch.int64, device=self.target.device)
@@ -123,12 +188,16 @@ class VerifierEngine:
         return draft_ids, lens
 
     def _budgets(self, runnable) -> torch.Tensor:
-        budgets = [min(draft.max_len, state.max_len) - len(state.committed) for draft, state in runnable]
+        budgets = [state.max_len - len(state.committed) for _, state in runnable]
         return torch.tensor(budgets, dtype=torch.int64, device=self.target.device)
 
     def _resync(self, draft: Draft) -> Verdict:
         return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
                        reason="verifier holds no matching state for this session; resend with context")
+
+
+def _is_sampled(draft: Draft) -> bool:
+    return draft.sampling is not None and draft.sampling.temperature > 0
 
 
 def error_verdict(verifier_id: str, draft: Draft | None, code: ErrorCode, reason: str, *,

@@ -35,8 +35,10 @@ class VerifierService:
         self.vocab = vocab
         self.stats = engine.stats
         self.policy = BatchPolicy(config.window_ms, config.max_batch_drafts, config.max_batch_tokens)
-        self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, config.max_context_tokens,
-                             engine.target.vocab_size)
+        max_context = min(config.max_context_tokens, engine.target.max_positions or config.max_context_tokens)
+        if max_context < config.max_context_tokens:
+            log.warning("max_context_capped", configured=config.max_context_tokens, model_positions=max_context)
+        self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, max_context, engine.target.vocab_size)
         # Bounded: one queued draft per session (a newer round replaces an older one).
         self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
         self.expected: dict[tuple[str, str], float] = {}
@@ -46,8 +48,9 @@ class VerifierService:
     def status(self, online: bool) -> Status:
         return Status(
             verifier=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
-            vocab_size=self.engine.target.vocab_size, load=self.engine.sessions.active(),
+            vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.config.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
+            max_context_tokens=self.limits.max_context_tokens,
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -147,7 +150,6 @@ class VerifierService:
         return QueueView(len(self.queue), tokens, oldest, len(self.expected))
 
     async def _schedule(self, client: aiomqtt.Client) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             now_s = time.monotonic()
             delay_s = flush_delay_s(self.policy, self._queue_view(now_s), now_s, model_idle=True)
@@ -164,12 +166,7 @@ class VerifierService:
             batch = [self.queue.popitem(last=False)[1] for _ in range(count)]
             for _, arrival_s in batch:
                 self.stats.queue_delay_s += now_s - arrival_s
-            drafts = [draft for draft, _ in batch]
-            try:
-                outcomes = await loop.run_in_executor(self.model_thread, self.engine.step, drafts)
-            except Exception as exc:  # a bug or a device error must cost this batch, not the service
-                log.exception("batch_failed", drafts=len(drafts))
-                outcomes = self.engine.fail(drafts, f"verification failed: {exc.__class__.__name__}: {exc}")
+            outcomes = await self._run_step([draft for draft, _ in batch])
             for outcome in outcomes:
                 if outcome.verdict is None:
                     continue
@@ -181,9 +178,25 @@ class VerifierService:
                 await self._publish_verdict(client, outcome.device, verdict)
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue))
 
+    async def _run_step(self, drafts: list[Draft]):
+        """``engine.step`` in the model thread. A failing batch is split in halves until the draft that
+        fails on its own is found; only that one is refused (a failed step changes no committed state,
+        so retrying the others is safe and they never notice)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.model_thread, self.engine.step, drafts)
+        except Exception as exc:
+            if len(drafts) > 1:
+                log.warning("batch_failed_retrying_halves", drafts=len(drafts), error=repr(exc))
+                middle = len(drafts) // 2
+                return await self._run_step(drafts[:middle]) + await self._run_step(drafts[middle:])
+            log.exception("draft_failed", device_id=drafts[0].device, session_id=drafts[0].session)
+            reason = f"verification failed: {exc.__class__.__name__}: {exc}"
+            return await loop.run_in_executor(self.model_thread, self.engine.fail, drafts, reason)
+
     async def _report(self, client: aiomqtt.Client) -> None:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
-            log.info("verifier_stats", sessions=len(self.engine.sessions), **self.stats.summary())
+            log.info("verifier_stats", sessions=self.engine.session_count, **self.stats.summary())
             await client.publish(topics.status_topic(self.config.verifier_id), encode(self.status(True)),
                                  qos=topics.QOS_STATUS, retain=True)

@@ -60,19 +60,29 @@ class SessionTable:
             if state.finished:
                 return Admission.FINISHED
         if draft.context is not None:
+            # Context we already hold (a duplicate first round, or an edge that always sends it) costs no prefill.
+            if state is not None and state.cache is not None and draft.base_len == len(state.committed) \
+                    and list(draft.context) == state.committed:
+                return Admission.RUN
             return Admission.REBUILD
         if state is None or draft.base_len != len(state.committed):
             return Admission.RESYNC
         return Admission.RUN
 
-    def open(self, draft: Draft) -> tuple[SessionState, list[SessionState]]:
-        """(Re)create the session from the draft's context; returns it and any sessions evicted (LRU)."""
+    def open(self, draft: Draft, protected: frozenset[tuple[str, str]] = frozenset()) -> tuple[SessionState, list[SessionState]]:
+        """(Re)create the session from the draft's context; returns it and any sessions evicted.
+
+        Eviction takes the least recently used session that is not ``protected`` (the current batch's).
+        """
         assert draft.context is not None
         self._sessions.pop((draft.device, draft.session), None)
         evicted = []
+        candidates = (key for key in list(self._sessions) if key not in protected)
         while len(self._sessions) >= self.max_sessions:
-            _, old = self._sessions.popitem(last=False)
-            evicted.append(old)
+            key = next(candidates, None)
+            if key is None:
+                break  # everything left is in this batch; the table briefly holds one more
+            evicted.append(self._sessions.pop(key))
             self.evictions += 1
         state = SessionState(draft.session, draft.device, list(draft.context), draft.max_len)
         self._sessions[(draft.device, draft.session)] = state

@@ -21,7 +21,8 @@ KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer: key, value [H, 
 
 @dataclass(frozen=True)
 class ScoredBatch:
-    target_ids: torch.Tensor      # [B, M] target argmax after each input position
+    logits: torch.Tensor          # [B, M, V] target logits after each input position
+    target_ids: torch.Tensor      # [B, M] their argmax
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, H, C+M, D]
     cache_width: int              # C: the padded cache length the inputs were appended after
 
@@ -57,6 +58,8 @@ class TargetModel:
             self.model_dir, dtype=getattr(torch, dtype), local_files_only=True,
         ).to(self.device).eval()
         self.vocab_size: int = self.model.config.vocab_size
+        config = self.model.config
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)
         self.model_id = self.model_dir.name
 
@@ -89,7 +92,8 @@ class TargetModel:
         for i, (tokens, c_i) in enumerate(zip(inputs, cache_lens)):
             input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
             mask[i, width - c_i : width + len(tokens)] = 1
-            positions[i] = torch.arange(c_i, c_i + m_max)
+            # Padding slots repeat the last real position: never past the model's position table.
+            positions[i] = c_i + torch.arange(m_max).clamp(max=len(tokens) - 1)
 
         cache = DynamicCache()
         if width > 0:
@@ -104,7 +108,7 @@ class TargetModel:
                 cache.update(keys, values, layer)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True)
-        return ScoredBatch(out.logits.argmax(dim=-1), _cache_layers(cache), width)
+        return ScoredBatch(out.logits, out.logits.argmax(dim=-1), _cache_layers(cache), width)
 
 
 def session_cache(scored: ScoredBatch, row: int, old_len: int, keep_inputs: int) -> KV:

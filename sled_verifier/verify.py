@@ -1,5 +1,7 @@
 """Greedy speculative verification over a padded ragged batch (Leviathan et al. 2023, arXiv 2211.17192).
 
+(Sampled sessions use ``sled_verifier.sampling.rejection_sample``; both share ``apply_stops``.)
+
 For each session i the target scored ``[x[n-1], d_1..d_k]``, so ``target_ids[i, j]`` is the target's
 argmax after ``d_1..d_j``. The longest prefix where ``d_j == target_ids[j-1]`` is accepted; the next
 token is the target's argmax at the first mismatch (recovered) or after the last draft token (bonus).
@@ -16,7 +18,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class GreedyResult:
+class VerifyResult:
     accepted: torch.Tensor    # [B] accepted draft tokens a_i
     next_token: torch.Tensor  # [B] recovered or bonus token, -1 where there is none
     is_bonus: torch.Tensor    # [B] True where all k_i draft tokens were accepted
@@ -29,25 +31,34 @@ def greedy_verify(
     target_ids: torch.Tensor,   # [B, K+1] target argmax at each scored position
     budgets: torch.Tensor,      # [B] tokens session i may still commit (max_len - n), >= 1
     eos_ids: torch.Tensor,      # [E] end-of-sequence ids
-) -> GreedyResult:
+) -> VerifyResult:
     if draft_ids.shape[1] == 0:  # every draft empty: keep one all-padding column so reductions have width
         draft_ids = draft_ids.new_full((draft_ids.shape[0], 1), -1)
-    batch, k_max = draft_ids.shape
+    k_max = draft_ids.shape[1]
     positions = torch.arange(k_max, device=draft_ids.device)                  # [K]
     valid = positions[None, :] < draft_lens[:, None]                           # [B, K]
     matches = (draft_ids == target_ids[:, :k_max]) & valid                     # [B, K]
     accepted = matches.to(torch.int64).cumprod(dim=1).sum(dim=1)               # [B] longest matching prefix
+    accepted, has_next, eos_in_draft = apply_stops(draft_ids, accepted, budgets, eos_ids)
+    next_token = target_ids.gather(1, accepted[:, None]).squeeze(1)           # [B]
+    return finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_ids)
 
-    # An accepted EOS ends the session right after it.
+
+def apply_stops(draft_ids: torch.Tensor, accepted: torch.Tensor, budgets: torch.Tensor, eos_ids: torch.Tensor):
+    """Cut the accepted prefix after an accepted EOS and at the length budget; say whether a next token follows."""
+    k_max = draft_ids.shape[1]
+    positions = torch.arange(k_max, device=draft_ids.device)
     is_eos = torch.isin(draft_ids, eos_ids) & (positions[None, :] < accepted[:, None])
     eos_cut = torch.where(is_eos.any(dim=1), is_eos.to(torch.int64).argmax(dim=1) + 1, k_max + 1)
     accepted = torch.minimum(torch.minimum(accepted, eos_cut), budgets)       # [B]
     eos_in_draft = eos_cut <= accepted
-
     has_next = (~eos_in_draft) & (accepted < budgets)
-    next_token = target_ids.gather(1, accepted[:, None]).squeeze(1)           # [B]
+    return accepted, has_next, eos_in_draft
+
+
+def finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_ids) -> VerifyResult:
     next_is_eos = torch.isin(next_token, eos_ids) & has_next
-    return GreedyResult(
+    return VerifyResult(
         accepted=accepted,
         next_token=torch.where(has_next, next_token, torch.full_like(next_token, -1)),
         is_bonus=has_next & (accepted == draft_lens),

@@ -95,7 +95,7 @@ def test_admission_resync_resend_stale_finished_and_eviction(tiny_models, target
     engine = VerifierEngine(target, "v", max_sessions=2, stats=VerifierStats())
     vocab = vocab_hash(tiny_models.target)
     ids = encode(tiny_models, PROMPTS[1])
-    session = EdgeSession("a", "dev", vocab, list(ids), len(ids) + 5)
+    session = EdgeSession("a", "dev", vocab, list(ids), len(ids) + 6)
     drafter = Drafter(drafts["self"])
 
     session.send_context = False  # as if the verifier had lost this session
@@ -115,6 +115,14 @@ def test_admission_resync_resend_stale_finished_and_eviction(tiny_models, target
         rounds.append(draft)
     assert engine.step([rounds[0]])[0].admission is Admission.STALE  # an older round, late: dropped
     assert engine.step([rounds[0]])[0].verdict is None
+
+    prefilled = engine.stats.prefill_tokens
+    session.send_context = True  # context the verifier already holds: verified without a new prefill
+    again = session.draft([])
+    [same] = engine.step([again])
+    assert same.admission is Admission.RUN and engine.stats.prefill_tokens == prefilled
+    session.apply(again, same.verdict)
+    session.send_context = False
 
     behind = replace(session.draft([]), base_len=len(session.committed) - 1)  # diverged history
     assert engine.step([behind])[0].verdict.kind is VerdictKind.RESYNC
@@ -144,3 +152,22 @@ def test_sessions_are_per_device(tiny_models, target):
     theirs = EdgeSession("same", "dev-b", mine.vocab, list(ids), len(ids) + 5)
     theirs.send_context = False
     assert engine.step([theirs.draft([])])[0].verdict.kind is VerdictKind.RESYNC
+
+
+def test_long_and_short_sessions_share_a_batch_near_the_position_limit(tiny_models, reference):
+    """A GPT-2 target (learned positions, 1024 of them): a session near the limit and a short one with a
+    long draft share one forward; padding slots must not index past the position table."""
+    target = TargetModel(tiny_models.gpt2, device="cpu")
+    engine = VerifierEngine(target, "v", max_sessions=4, stats=VerifierStats())
+    vocab = vocab_hash(tiny_models.gpt2)
+    long_prompt = [(7 * i) % 500 + 1 for i in range(1020)]
+    alone = {}
+    for name, prompt, k in (("long", long_prompt, 1), ("short", long_prompt[:10], 8)):
+        session = EdgeSession(name, "solo", vocab, list(prompt), len(prompt) + 2)
+        alone[name] = engine.step([session.draft([3] * k)])[0].verdict
+    sessions = [EdgeSession("long", "dev", vocab, list(long_prompt), 1022),
+                EdgeSession("short", "dev", vocab, list(long_prompt[:10]), 12)]
+    together = engine.step([sessions[0].draft([3]), sessions[1].draft([3] * 8)])
+    for outcome, name in zip(together, ("long", "short")):
+        assert outcome.verdict.kind is VerdictKind.VERIFIED
+        assert (outcome.verdict.accepted, outcome.verdict.next_token) == (alone[name].accepted, alone[name].next_token)

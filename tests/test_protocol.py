@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgpack
+import numpy as np
 import pytest
 
 from sled_protocol import (
-    Draft, ErrorCode, Limits, NextKind, ProtocolError, Status, Verdict, VerdictKind, FinishReason,
+    Draft, ErrorCode, Limits, NextKind, ProtocolError, SamplingParams, Status, Verdict, VerdictKind, FinishReason,
     decode, decode_draft, decode_status, decode_verdict, encode,
 )
 from sled_protocol import topics
@@ -15,7 +16,7 @@ DRAFT = Draft(device="jetson-1", session="s1", seq=3, base_len=5, tokens=(10, 11
 VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session="s1", seq=3, accepted=2, next_token=7,
                   next_kind=NextKind.RECOVERED, committed_len=8)
 STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
-                capacity=256, max_draft_tokens=16)
+                capacity=256, max_draft_tokens=16, max_context_tokens=4096)
 
 # Golden bytes: a change here is a wire-format change and needs a new SCHEMA_VERSION.
 GOLDEN = {
@@ -25,9 +26,10 @@ GOLDEN = {
     "verdict": (VERDICT, "8aa174a776657264696374a17601a46b696e64a87665726966696564a87665726966696572a27631a7736573"
                          "73696f6ea27331a373657103a8616363657074656402aa6e6578745f746f6b656e07a96e6578745f6b696e64"
                          "a97265636f7665726564ad636f6d6d69747465645f6c656e08"),
-    "status": (STATUS, "8aa174a6737461747573a17601a87665726966696572a27631a66f6e6c696e65c3a56d6f64656ca6746172676574"
+    "status": (STATUS, "8ba174a6737461747573a17601a87665726966696572a27631a66f6e6c696e65c3a56d6f64656ca6746172676574"
                        "a5766f636162b030313233343536373839616263646566aa766f6361625f73697a65cd0200a46c6f616402a8"
-                       "6361706163697479cd0100b06d61785f64726166745f746f6b656e7310"),
+                       "6361706163697479cd0100b06d61785f64726166745f746f6b656e7310b26d61785f636f6e746578745f746f"
+                       "6b656e73cd1000"),
 }
 
 
@@ -86,6 +88,7 @@ BAD_DRAFTS = [
     ("draft too long", _mutated(tokens=list(range(17))), ErrorCode.TOO_LARGE),
     ("context too long", _mutated(base_len=5000), ErrorCode.TOO_LARGE),
     ("max_len before base_len", _mutated(max_len=5), ErrorCode.MALFORMED),
+    ("max_len past the context limit", _mutated(max_len=4097), ErrorCode.TOO_LARGE),
     ("context length differs", _mutated(context=[1, 2]), ErrorCode.MALFORMED),
     ("empty device", _mutated(device=""), ErrorCode.MALFORMED),
     ("oversized message", msgpack.packb({"t": "draft", "v": 1, "pad": "x" * 70_000}), ErrorCode.TOO_LARGE),
@@ -114,3 +117,44 @@ def test_topics():
     for bad in ("", "a/b", "+", "#", " x", "x" * 65):
         with pytest.raises(ValueError):
             topics.verdict_topic(bad)
+
+
+SAMPLED = Draft(device="pi5", session="s", seq=1, base_len=3, tokens=(4, 9), max_len=20, vocab="v",
+                sampling=SamplingParams(0.8, 20, 0.95, 1234),
+                q_ids=((4, 5, 6), (9, 1)), q_probs=((0.5, 0.25, 0.25), (0.75, 0.25)))
+
+
+def _sampled(**changes) -> bytes:
+    body = msgpack.unpackb(encode(SAMPLED))
+    body.update(changes)
+    return msgpack.packb(body)
+
+
+def test_sampled_draft_round_trip_in_float32():
+    decoded = decode_draft(encode(SAMPLED))
+    assert decoded == SAMPLED
+    assert decoded.sampling.temperature == np.float32(0.8) and decoded.sampling.top_p == np.float32(0.95)
+
+
+BAD_PROPOSALS = [
+    ("negative probability", _sampled(q_probs=[[1.25, -0.25, 0.0], [0.75, 0.25]]), ErrorCode.BAD_PROPOSAL),
+    ("NaN probability", _sampled(q_probs=[[float("nan"), 0.5, 0.5], [0.75, 0.25]]), ErrorCode.BAD_PROPOSAL),
+    ("does not sum to 1", _sampled(q_probs=[[0.5, 0.2, 0.2], [0.75, 0.25]]), ErrorCode.BAD_PROPOSAL),
+    ("id outside the vocabulary", _sampled(q_ids=[[4, 5, 600], [9, 1]]), ErrorCode.BAD_TOKEN),
+    ("m too large", _sampled(q_ids=[list(range(65)), [9, 1]], q_probs=[[1 / 65] * 65, [0.75, 0.25]]), ErrorCode.TOO_LARGE),
+    ("repeated id", _sampled(q_ids=[[4, 4, 6], [9, 1]]), ErrorCode.BAD_PROPOSAL),
+    ("one row per draft token", _sampled(q_ids=[[4, 5, 6]], q_probs=[[0.5, 0.25, 0.25]]), ErrorCode.BAD_PROPOSAL),
+    ("ragged row", _sampled(q_ids=[[4, 5], [9, 1]]), ErrorCode.BAD_PROPOSAL),
+    ("proposal without sampling", _sampled(sampling=None), ErrorCode.BAD_PROPOSAL),
+    ("negative temperature", _sampled(sampling={"temperature": -1.0}), ErrorCode.BAD_SAMPLING),
+    ("top_p zero", _sampled(sampling={"temperature": 1.0, "top_p": 0.0}), ErrorCode.BAD_SAMPLING),
+    ("seed as string", _sampled(sampling={"temperature": 1.0, "seed": "42"}), ErrorCode.BAD_SAMPLING),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "code"), BAD_PROPOSALS, ids=[case for case, _, _ in BAD_PROPOSALS])
+def test_bad_proposals_are_refused(case, data, code):
+    with pytest.raises(ProtocolError) as raised:
+        decode_draft(data, Limits(vocab_size=512))
+    assert raised.value.code is code, str(raised.value)
+    assert raised.value.session == "s"

@@ -10,13 +10,13 @@ from sled_verifier.verify import greedy_verify
 EOS = 0
 
 
-def run(drafts: list[list[int]], targets: list[list[int]], budgets: list[int]):
-    """Pad like the engine does (-1 after each draft, target rows to K+1) and verify."""
+def run(drafts: list[list[int]], targets: list[list[int]], budgets: list[int], lens: list[int] | None = None):
+    """Pad like the engine does (-1 after each draft, target rows to K+1) and verify; ``lens`` overrides k_i."""
     k_max = max((len(d) for d in drafts), default=0)
     draft_ids = torch.tensor([d + [-1] * (k_max - len(d)) for d in drafts], dtype=torch.int64).reshape(len(drafts), k_max)
     target_ids = torch.tensor([t + [99] * (k_max + 1 - len(t)) for t in targets], dtype=torch.int64)
-    result = greedy_verify(draft_ids, torch.tensor([len(d) for d in drafts]), target_ids,
-                           torch.tensor(budgets), torch.tensor([EOS]))
+    lens = lens if lens is not None else [len(d) for d in drafts]
+    result = greedy_verify(draft_ids, torch.tensor(lens), target_ids, torch.tensor(budgets), torch.tensor([EOS]))
     return [(a, n, b, e) for a, n, b, e in zip(result.accepted.tolist(), result.next_token.tolist(),
                                                  result.is_bonus.tolist(), result.hit_eos.tolist())]
 
@@ -49,6 +49,6 @@ def test_ragged_batch_equals_each_session_alone():
     assert batched == [expected for *_, expected in CASES]
 
 
-def test_padding_never_matches():
-    """A padded position (-1) must not be accepted even if the target 'predicts' -1 there."""
-    assert run([[5], [5, 6, 7]], [[5, 3, -1, -1], [5, 6, 7, 8]], [10, 10]) == [(1, 3, True, False), (3, 8, True, False)]
+def test_positions_past_the_draft_length_never_count():
+    """Padding that happens to equal the target's tokens is still padding: k_i = 1 accepts one token."""
+    assert run([[5, 6, 7]], [[5, 6, 7, 8]], [10], lens=[1]) == [(1, 6, True, False)]

@@ -1,0 +1,93 @@
+"""Exact speculative sampling against a sparse draft proposal (Leviathan et al. 2023, arXiv 2211.17192;
+Chen et al. 2023, arXiv 2302.01318), vectorised over a padded ragged batch.
+
+p = the target's distribution after the session's temperature / top-k / top-p; q' = the sparse proposal
+the edge really sampled d_i from (its top-m, renormalised), sent with the draft. For each position:
+accept d_i with probability min(1, p_i(d_i) / q'_i(d_i)) (q'_i(d_i) = 0 is a rejection); at the first
+rejection the recovered token is drawn from norm(max(0, p_i - q'_i)); after k accepted, the bonus token
+is drawn from p_{k+1}. A draft without a proposal is a point mass q' = delta(d_i), which gives the
+token-only rule: accept with p(d_i), else draw from p with d_i removed. Both keep the output distributed
+exactly as the target's own sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sled_verifier.verify import VerifyResult, apply_stops, finish_result
+
+
+def warp_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, with transformers' semantics, one setting per row.
+
+    logits [R, V]; temperature, top_p float [R]; top_k int [R] (0: off). Rows with temperature 0 are
+    treated as temperature 1 (greedy rows never use these probabilities).
+    """
+    scores = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    vocab = scores.shape[-1]
+    if bool((top_k > 0).any()):
+        k = top_k.clamp(min=1, max=vocab)
+        kth = scores.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])     # [R, 1]
+        remove = (scores < kth) & (top_k > 0)[:, None]
+        scores = scores.masked_fill(remove, float("-inf"))
+    if bool((top_p < 1).any()):
+        ascending, order = scores.sort(dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)[:, None]
+        remove_sorted[:, -1] = False                                                     # keep at least one
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        scores = scores.masked_fill(remove & (top_p < 1)[:, None], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Unnormalised max(0, p - q'): what the target still owes after the draft's share."""
+    return (p - q).clamp(min=0)
+
+
+def sample_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of non-negative ``weights`` [R, V] using ``uniforms`` [R] in [0, 1)."""
+    cdf = weights.double().cumsum(dim=-1)                                   # [R, V]
+    target = uniforms.double()[:, None] * cdf[:, -1:]                       # [R, 1]
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)          # first cdf > u * total
+    return index.clamp(max=weights.shape[-1] - 1)
+
+
+def rejection_sample(
+    probs: torch.Tensor,        # [B, K+1, V] target p after warping; row j scores the token after d_1..d_j
+    draft_ids: torch.Tensor,    # [B, K] right-padded draft tokens
+    draft_lens: torch.Tensor,   # [B] k_i
+    q_ids: torch.Tensor,        # [B, K, M] sparse proposal ids (padding: any id with probability 0)
+    q_probs: torch.Tensor,      # [B, K, M] proposal probabilities, each real row summing to 1
+    uniforms: torch.Tensor,     # [B, K+1] U[0,1): column j tests d_{j+1}; column k_i draws the next token
+    budgets: torch.Tensor,      # [B] tokens still allowed, >= 1
+    eos_ids: torch.Tensor,      # [E]
+) -> VerifyResult:
+    batch, k_max = draft_ids.shape
+    vocab = probs.shape[-1]
+    positions = torch.arange(k_max, device=probs.device)
+    valid = positions[None, :] < draft_lens[:, None]                                     # [B, K]
+    safe_ids = draft_ids.clamp(min=0)
+    p_d = probs[:, :k_max].gather(2, safe_ids[..., None]).squeeze(-1).double()          # [B, K] p_i(d_i)
+    q_d = (q_probs * (q_ids == draft_ids[..., None])).sum(dim=-1).double()              # [B, K] q'_i(d_i)
+    ratio = torch.where(q_d > 0, p_d / q_d.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    accept = (uniforms[:, :k_max].double() < ratio) & valid                              # [B, K]
+    accepted = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)                          # [B]
+    accepted, has_next, eos_in_draft = apply_stops(draft_ids, accepted, budgets, eos_ids)
+
+    # The next token's distribution: residual at the first rejection, p itself after k accepted.
+    row = accepted.clamp(max=probs.shape[1] - 1)
+    p_next = probs.gather(1, row[:, None, None].expand(batch, 1, vocab)).squeeze(1)     # [B, V]
+    rejected = (accepted < draft_lens) & has_next
+    if k_max > 0:
+        proposal_row = accepted.clamp(max=k_max - 1)[:, None, None].expand(batch, 1, q_ids.shape[-1])
+        next_q_ids = q_ids.gather(1, proposal_row).squeeze(1)                           # [B, M]
+        next_q_probs = q_probs.gather(1, proposal_row).squeeze(1) * rejected[:, None]
+        q_dense = torch.zeros_like(p_next).scatter_add(1, next_q_ids, next_q_probs.to(p_next.dtype))
+    else:
+        q_dense = torch.zeros_like(p_next)
+    residual = residual_distribution(p_next, q_dense)
+    # p == q' leaves no residual; rejection then had probability 0, so any fallback is never used: take p.
+    weights = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_next)
+    next_token = sample_inverse_cdf(weights, uniforms.gather(1, draft_lens[:, None]).squeeze(1))
+    return finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_ids)
