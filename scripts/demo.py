@@ -1,8 +1,8 @@
 """``make demo``: a broker, one verifier and three heterogeneous edge devices, all on this machine.
 
-Each device drafts with its own ONNX model and generates concurrently; the demo prints every text,
-one line of statistics per session, and checks each output token for token against the target
-model decoding alone.
+Each device drafts with its own ONNX model and generates concurrently (plus one sampled session); the
+demo prints every text, one line of statistics per session, checks each greedy output token for token
+against the target model decoding alone, and reruns the sampled session to show its seed reproduces it.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "models" / "build" / "tiny", help="model family directory")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=7, help="seed of the sampled session")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "demo", help="logs go here")
     args = parser.parse_args()
     manifest = build_tiny_family(args.models)
@@ -80,37 +81,47 @@ def main() -> int:
         print(f"verifier  demo-verifier serving {target}  (log: {verifier_log})")
         # 3. Three devices, each with its own draft, generating at the same time.
         started = time.monotonic()
-        edges = {}
-        for device, spec in manifest["drafts"].items():
-            edges[device] = subprocess.Popen(
+        def edge(device: str, spec: dict, *extra: str) -> subprocess.Popen:
+            return subprocess.Popen(
                 [sys.executable, "-m", "sled_edge", "generate", "--json", "--mqtt-url", url,
                  "--draft", str(args.models / spec["path"]), "--device-id", device, "--verifier", "demo-verifier",
-                 "--draft-tokens", str(spec["draft_tokens"]), "--prompt", PROMPTS[device],
-                 "--max-new-tokens", str(args.max_new_tokens)],
+                 "--draft-tokens", str(spec["draft_tokens"]), "--prompt", PROMPTS[device.split("-sampled")[0]],
+                 "--max-new-tokens", str(args.max_new_tokens), *extra],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        results = {}
-        for device, process in edges.items():
+
+        def collect(process: subprocess.Popen, device: str) -> dict:
             out, err = process.communicate(timeout=600)
             if process.returncode != 0:
                 raise RuntimeError(f"edge {device} failed ({process.returncode}):\n{err}")
-            results[device] = json.loads(out)
+            return json.loads(out)
+
+        sampled_args = ("--temperature", "0.8", "--top-p", "0.95", "--seed", str(args.seed))
+        edges = {device: edge(device, spec) for device, spec in manifest["drafts"].items()}
+        edges["rpi5-sampled"] = edge("rpi5-sampled", manifest["drafts"]["rpi5"], *sampled_args)
+        results = {device: collect(process, device) for device, process in edges.items()}
         wall_s = time.monotonic() - started
+        rerun = collect(edge("rpi5-sampled", manifest["drafts"]["rpi5"], *sampled_args), "rpi5-sampled")
         # 4. What each device got, and whether it is exactly the target's own output.
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(target / "tokenizer.json"))
         exact = {device: result["token_ids"] == target_alone(target, tokenizer.encode(PROMPTS[device]).ids,
                                                              args.max_new_tokens)
-                 for device, result in results.items()}
+                 for device, result in results.items() if device in PROMPTS}
+        exact["rpi5-sampled"] = rerun["token_ids"] == results["rpi5-sampled"]["token_ids"]
         for device, result in results.items():
-            print(f"\n--- {device} (draft {manifest['drafts'][device]['kind']}, k={manifest['drafts'][device]['draft_tokens']})")
-            print(f"prompt: {PROMPTS[device]!r}")
+            spec = manifest["drafts"][device.split("-sampled")[0]]
+            mode = f"sampled T=0.8 top-p 0.95 seed {args.seed}" if "sampled" in device else "greedy"
+            print(f"\n--- {device} (draft {spec['kind']}, k={spec['draft_tokens']}, {mode})")
+            print(f"prompt: {PROMPTS[device.split('-sampled')[0]]!r}")
             print(f"output: {result['text']!r}")
-        print("\ndevice        tokens rounds  mean_accepted_len  acceptance  tokens/s  exact_vs_target")
+        print("\nexact: greedy sessions compared token for token with the target alone; "
+              "the sampled one rerun with its seed")
+        print("\ndevice        tokens rounds  mean_accepted_len  acceptance  tokens/s  exact")
         for device, r in results.items():
             print(f"{device:<13} {len(r['token_ids']):>6} {r['rounds']:>6}  {r['mean_accepted_length']:>17.2f}  "
                   f"{r['acceptance_rate']:>10.0%}  {r['tokens_per_s']:>8.1f}  {'yes' if exact[device] else 'NO'}")
-        print(f"\n3 sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall; "
+        print(f"\n{len(results)} sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall; "
               f"random-weight demo models, so the text itself is noise (make models builds trained ones).")
         return 0 if all(exact.values()) else 1
     finally:

@@ -15,7 +15,7 @@ import pytest
 from conftest import PROMPTS, ROOT
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
-from sled_protocol import Draft, ErrorCode, VerdictKind, decode_verdict, encode
+from sled_protocol import Draft, ErrorCode, SamplingParams, VerdictKind, decode_verdict, encode
 from sled_protocol import topics
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
@@ -39,6 +39,8 @@ async def misbehave(verifier, vocab: str) -> dict[str, object]:
         "bad_token": encode(Draft(**{**good.__dict__, "session": "bad_token", "tokens": (1, 10**6)})),
         "oversized": encode(Draft(**{**good.__dict__, "session": "oversized", "tokens": tuple(range(200))})),
         "spoofed": encode(Draft(**{**good.__dict__, "session": "spoofed", "device": "someone-else"})),
+        "nan_proposal": encode(Draft(**{**good.__dict__, "session": "nan_proposal", "sampling": SamplingParams(0.8),
+                                        "q_ids": ((1, 3), (2,)), "q_probs": ((float("nan"), 0.5), (1.0,))})),
     }
     answers: dict[str, object] = {}
     async with make_client(parse_mqtt_url(verifier.url), f"bad-{device}") as client:
@@ -79,13 +81,33 @@ async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_m
     assert answers["unknown_session"].kind is VerdictKind.RESYNC
     expected_errors = {"garbage": ErrorCode.MALFORMED, "vocab": ErrorCode.VOCAB_MISMATCH,
                        "bad_token": ErrorCode.BAD_TOKEN, "oversized": ErrorCode.TOO_LARGE,
-                       "spoofed": ErrorCode.WRONG_DEVICE}
+                       "spoofed": ErrorCode.WRONG_DEVICE, "nan_proposal": ErrorCode.BAD_PROPOSAL}
     for name, code in expected_errors.items():
         assert answers[name].kind is VerdictKind.ERROR and answers[name].error is code, name
         assert answers[name].reason
     assert verifier.process.poll() is None
     log = verifier.log_path.read_text()
     assert "draft_refused" in log and "vocab_mismatch" in log
+
+
+@pytest.mark.asyncio
+async def test_sampled_sessions_run_end_to_end_and_a_seed_reproduces_them(tiny_models, verifier, reference, device_id):
+    pi = EdgeDevice(edge_config(verifier, tiny_models.gpt2_onnx, f"{device_id}-b", proposal_tokens=8))
+    jetson = EdgeDevice(edge_config(verifier, tiny_models.target_onnx, f"{device_id}-a"))
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    async with pi, jetson:
+        prompt = pi.encode_prompt(PROMPTS[1])
+        async with asyncio.TaskGroup() as group:
+            first = group.create_task(pi.generate(prompt, 24, sampling=seeded))
+            other_seed = group.create_task(pi.generate(prompt, 24, sampling=SamplingParams(0.9, 50, 0.95, seed=99)))
+            own_draft = group.create_task(jetson.generate(prompt, 24, sampling=seeded))
+            greedy = group.create_task(jetson.generate(prompt, 24, sampling=SamplingParams(temperature=0.0, seed=5)))
+        again = await pi.generate(prompt, 24, sampling=seeded)  # alone this time: another batch composition
+    assert again.token_ids == first.result().token_ids and len(again.token_ids) == 24
+    assert other_seed.result().token_ids != first.result().token_ids
+    assert greedy.result().token_ids == reference(prompt, 24) and greedy.result().seed is None
+    # The target's own export proposes nearly the target's own distribution: most of it is accepted.
+    assert own_draft.result().acceptance_rate > 0.5 > first.result().acceptance_rate
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
