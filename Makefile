@@ -5,7 +5,8 @@ PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 # On a machine without a local CPU wheel, TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids a multi-GB CUDA build.
 TORCH_INDEX ?=
-MODELS      ?= models/build/tiny
+# quick (~15 min to build on 2 cores, once), full (~1 h, better drafts), tiny (random weights, seconds)
+PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet 'torch==2.13.0' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e '.[verifier,models,test]'
+	$(PIP) install --quiet -e '.[verifier,models,service,test]'
 	@touch $@
 
 setup: $(VENV)/.installed ## venv with pinned dependencies, plus system packages
@@ -30,11 +31,15 @@ setup: $(VENV)/.installed ## venv with pinned dependencies, plus system packages
 test: setup ## run the test suite (starts its own Mosquitto on a free port)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: setup ## broker + verifier + three heterogeneous edge devices on this machine
-	$(PY) scripts/demo.py --models $(MODELS)
+demo: setup ## broker + verifier + three heterogeneous edge devices (builds the model family on first use)
+	$(PY) scripts/demo.py --family $(PROFILE)
 
-models: setup ## build the demo model family into $(MODELS)
-	$(PY) -m sled_models.tiny --out $(MODELS)
+models: setup ## build (or bring up to date) the model family models/build/family-$(PROFILE), then evaluate it
+ifeq ($(PROFILE),tiny)
+	$(VENV)/bin/sled-models tiny
+else
+	$(VENV)/bin/sled-models build --profile $(PROFILE)
+endif
 
 broker: ## run the dev Mosquitto in the foreground on 127.0.0.1:1884
 	mosquitto -c broker/mosquitto-dev.conf
@@ -44,3 +49,59 @@ inspect: setup ## print every SLED message on $(SLED_MQTT_URL)
 
 clean: ## remove the venv, builds and caches
 	rm -rf $(VENV) build models/build .pytest_cache *.egg-info
+
+# ---- installation and deployment -------------------------------------------------------------------
+# make install [ROLE=verifier|edge] [PREFIX=/opt/sled] [SYSCONFDIR=/etc/sled] [DESTDIR=staging]
+# make deploy-edge HOST=user@device [INSTANCE=main]    make deploy-verifier HOST=user@server
+# DRY_RUN=1 prints every command instead of running it.
+PREFIX     ?= /opt/sled
+SYSCONFDIR ?= /etc/sled
+UNITDIR    ?= /etc/systemd/system
+DESTDIR    ?=
+ROLE       ?= verifier
+INSTANCE   ?= main
+HOST       ?=
+REMOTE_SRC ?= /tmp/sled-src
+RUN        := $(if $(DRY_RUN),@echo '+',)
+# The edge needs no torch: onnxruntime, aiomqtt, msgpack, tokenizers (+ the HTTP API); the verifier adds torch.
+EXTRAS_verifier := verifier,service
+EXTRAS_edge     := service
+SSH_HOST    = $(if $(HOST),ssh $(HOST),sh -c)
+
+.PHONY: install install-units deploy-edge deploy-verifier logs status
+
+install: ## install venv, package, systemd units and example env files (ROLE=verifier|edge, PREFIX, DESTDIR)
+	$(RUN) install -d $(DESTDIR)$(PREFIX) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(UNITDIR)
+	$(RUN) $(PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	$(if $(filter verifier,$(ROLE)),$(RUN) $(DESTDIR)$(PREFIX)/venv/bin/pip install --quiet 'torch==2.13.0' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
+	$(RUN) $(DESTDIR)$(PREFIX)/venv/bin/pip install --quiet '.[$(EXTRAS_$(ROLE))]'
+	$(RUN) install -m 0644 README.md $(DESTDIR)$(PREFIX)/README.md
+	$(MAKE) --no-print-directory install-units
+	$(RUN) sh -c 'test -e $(DESTDIR)$(SYSCONFDIR)/$(ROLE)$(if $(filter edge,$(ROLE)),-$(INSTANCE)).env || install -m 0640 deploy/env/$(ROLE).env.example $(DESTDIR)$(SYSCONFDIR)/$(ROLE)$(if $(filter edge,$(ROLE)),-$(INSTANCE)).env'
+	$(if $(DESTDIR),,$(RUN) sh -c 'id sled >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin sled')
+
+install-units: ## render the systemd units for PREFIX/SYSCONFDIR into DESTDIR/UNITDIR
+	$(RUN) install -d $(DESTDIR)$(UNITDIR)
+	$(RUN) sh -c "sed -e 's#@PREFIX@#$(PREFIX)#g' -e 's#@SYSCONFDIR@#$(SYSCONFDIR)#g' deploy/systemd/sled-verifier.service.in > $(DESTDIR)$(UNITDIR)/sled-verifier.service"
+	$(RUN) sh -c "sed -e 's#@PREFIX@#$(PREFIX)#g' -e 's#@SYSCONFDIR@#$(SYSCONFDIR)#g' deploy/systemd/sled-edge@.service.in > $(DESTDIR)$(UNITDIR)/sled-edge@.service"
+
+define deploy_to
+	$(if $(HOST),,$(error HOST=user@host is required))
+	$(RUN) rsync -az --delete --exclude .venv --exclude .git --exclude build --exclude models/build ./ $(HOST):$(REMOTE_SRC)/
+	$(RUN) ssh $(HOST) 'cd $(REMOTE_SRC) && sudo make install ROLE=$(1) INSTANCE=$(INSTANCE) PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR)'
+	$(RUN) ssh $(HOST) 'sudo systemctl daemon-reload && sudo systemctl enable $(2) && sudo systemctl restart $(2)'
+	$(RUN) ssh $(HOST) 'systemctl --no-pager --lines=5 status $(2)'
+endef
+
+deploy-edge: ## rsync to HOST, install ROLE=edge, enable + restart sled-edge@INSTANCE (DRY_RUN=1 to preview)
+	$(call deploy_to,edge,sled-edge@$(INSTANCE))
+
+deploy-verifier: ## rsync to HOST, install ROLE=verifier, enable + restart sled-verifier (DRY_RUN=1 to preview)
+	$(call deploy_to,verifier,sled-verifier)
+
+UNIT ?= sled-verifier
+logs: ## follow a unit's journal (UNIT=sled-verifier|sled-edge@main, HOST=user@host for a remote one)
+	$(RUN) $(if $(HOST),ssh $(HOST)) journalctl -u $(UNIT) -f -o cat
+
+status: ## systemctl status of the SLED units (HOST=user@host for a remote one)
+	$(RUN) $(if $(HOST),ssh $(HOST)) systemctl --no-pager status 'sled-verifier' 'sled-edge@*'

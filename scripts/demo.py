@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sled_models.build import build_family  # noqa: E402
+from sled_models.recipe import PROFILES  # noqa: E402
 from sled_models.tiny import build_tiny_family  # noqa: E402
 from sled_protocol.devbroker import start_dev_broker  # noqa: E402
 
@@ -51,12 +53,26 @@ def target_alone(target_dir: Path, prompt_ids: list[int], max_new_tokens: int) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, default=ROOT / "models" / "build" / "tiny", help="model family directory")
+    parser.add_argument("--family", choices=["quick", "full", "tiny"], default="quick",
+                        help="trained family profile (built on first use: ~15 min for quick) or the random tiny one")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="model family directory [default models/build/family-PROFILE or models/build/tiny]")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=7, help="seed of the sampled session")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "demo", help="logs go here")
     args = parser.parse_args()
-    manifest = build_tiny_family(args.models)
+    if args.family == "tiny":
+        args.models = args.models or ROOT / "models" / "build" / "tiny"
+        manifest = build_tiny_family(args.models)
+    else:
+        args.models = args.models or ROOT / "models" / "build" / f"family-{args.family}"
+        if not (args.models / "manifest.json").is_file():
+            print(f"building the {args.family} model family into {args.models} (first run only; progress below)")
+        manifest = build_family(args.models, PROFILES[args.family])
+        # Heterogeneous devices: the Jetson runs its fp32 draft, the Raspberry Pis their int8 ones.
+        for name, spec in manifest["drafts"].items():
+            if name.startswith("rpi"):
+                spec["path"], spec["kind"] = spec["path_int8"], spec["kind"] + " int8"
     target = args.models / manifest["target"]
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -74,7 +90,7 @@ def main() -> int:
         with verifier_log.open("wb") as log_file:
             verifier = subprocess.Popen(
                 [sys.executable, "-m", "sled_verifier", "--mqtt-url", url, "--target", str(target),
-                 "--verifier-id", "demo-verifier", "--threads", "1", "--stats-interval-s", "2"],
+                 "--verifier-id", "demo-verifier", "--threads", "1", "--stats-interval-s", "2", "--metrics-port", "0"],
                 stderr=log_file, stdout=subprocess.DEVNULL, env=env, cwd=ROOT)
         children.append(verifier)
         wait_for_line(verifier_log, "verifier_online", verifier)
@@ -121,8 +137,8 @@ def main() -> int:
         for device, r in results.items():
             print(f"{device:<13} {len(r['token_ids']):>6} {r['rounds']:>6}  {r['mean_accepted_length']:>17.2f}  "
                   f"{r['acceptance_rate']:>10.0%}  {r['tokens_per_s']:>8.1f}  {'yes' if exact[device] else 'NO'}")
-        print(f"\n{len(results)} sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall; "
-              f"random-weight demo models, so the text itself is noise (make models builds trained ones).")
+        print(f"\n{len(results)} sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall"
+              + ("; random-weight models, so the text itself is noise." if args.family == "tiny" else "."))
         return 0 if all(exact.values()) else 1
     finally:
         for child in reversed(children):

@@ -46,7 +46,43 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object (token_ids, text, rounds, accepted_tokens, ...) at the end")
     add_config_arguments(generate, EdgeConfig)
+    serve = commands.add_parser(
+        "serve", help="run the device service: an OpenAI-compatible API on loopback (systemd runs this)",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (streaming with server-sent "
+                    "events) on --http-host:--http-port; every request is a session drafted here and verified "
+                    "by the shared verifier. Prometheus metrics on --metrics-port.",
+        epilog="Example: sled-edge serve --draft models/build/family-quick/drafts/rpi5-int8 --device-id pi5 && "
+               "curl localhost:8080/v1/completions -d '{\"prompt\": \"def main(\", \"max_tokens\": 32}'",
+    )
+    add_config_arguments(serve, EdgeConfig)
     return parser
+
+
+async def run_serve(config: EdgeConfig) -> None:
+    from aiohttp import web
+
+    from sled_edge.api import Api
+    from sled_edge.client import EdgeDevice
+
+    metrics = None
+    if config.metrics_port:
+        from sled_edge.metrics import EdgeMetrics
+
+        metrics = EdgeMetrics()
+        port = metrics.serve(config.metrics_host, config.metrics_port)
+        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
+    async with EdgeDevice(config, observer=metrics) as device:
+        verifier = await device.choose_verifier()  # fail at start, not at the first request, if none fits
+        runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics).app(),
+                               access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, config.http_host, config.http_port).start()
+            log.warning("edge_serving", url=f"http://{config.http_host}:{config.http_port}/v1",
+                        model=config.model_name, device_id=config.device_id, verifier=verifier.verifier)
+            await device.wait_closed()
+        finally:
+            await runner.cleanup()
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams | None:
@@ -99,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(EdgeConfig, args)
-        if args.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be >= 1")
-        sampling = sampling_from_args(args)
+        if args.command == "generate":
+            if args.max_new_tokens < 1:
+                raise ConfigError("--max-new-tokens must be >= 1")
+            sampling = sampling_from_args(args)
     except ConfigError as exc:
         configure_logging()
         log.error("bad_configuration", error=str(exc))
@@ -110,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from sled_edge.client import EdgeError
 
     try:
-        run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
+        if args.command == "serve":
+            run_until_signal(run_serve(config))
+        else:
+            run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
     except EdgeError as exc:
         log.error("generation_failed", code=exc.code, error=str(exc))
         return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout", "broker_lost") else EX_DATAERR

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiomqtt
 import structlog
@@ -23,7 +24,7 @@ from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter, Proposal
 from sled_edge.session import EdgeSession
-from sled_protocol import Draft, ProtocolError, SamplingParams, Status, Verdict, VerdictKind, decode_status, decode_verdict, encode
+from sled_protocol import Draft, FinishReason, ProtocolError, SamplingParams, Status, Verdict, VerdictKind, decode_status, decode_verdict, encode
 from sled_protocol import topics
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
@@ -32,6 +33,10 @@ log = structlog.get_logger("sled_edge")
 
 MAX_RESYNCS_PER_ROUND = 3
 _LOST = object()  # put in every session's queue when the broker connection is lost
+
+
+class RoundObserver(Protocol):
+    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None: ...
 
 
 class EdgeError(RuntimeError):
@@ -68,10 +73,12 @@ class GenerationResult:
 class EdgeDevice:
     """``async with EdgeDevice(config) as device: await device.generate(...)``."""
 
-    def __init__(self, config: EdgeConfig, model: OnnxDraftModel | None = None) -> None:
+    def __init__(self, config: EdgeConfig, model: OnnxDraftModel | None = None,
+                 observer: RoundObserver | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.config = config
+        self.observer = observer
         self.model = model or OnnxDraftModel(config.draft, config.threads)
         self.vocab = vocab_hash(config.draft)
         self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
@@ -90,6 +97,7 @@ class EdgeDevice:
         await self._client.subscribe(topics.STATUS_FILTER, qos=topics.QOS_STATUS)
         dispatcher = asyncio.create_task(self._dispatch(), name="dispatch")
         dispatcher.add_done_callback(self._dispatcher_done)
+        self._dispatcher = dispatcher
 
         async def stop_dispatcher() -> None:
             dispatcher.cancel()
@@ -109,6 +117,11 @@ class EdgeDevice:
         log.error("broker_connection_lost", error=str(self._lost))
         for queue in self._waiters.values():
             queue.put_nowait(_LOST)
+
+    async def wait_closed(self) -> None:
+        """Return never while connected; raise EdgeError("broker_lost") when the connection ends."""
+        await asyncio.wait([self._dispatcher])
+        raise EdgeError("broker_lost", f"lost the broker connection: {self._lost}")
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt).ids
@@ -163,11 +176,12 @@ class EdgeDevice:
                 pass
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                       on_tokens: Callable[[list[int]], None] | None = None,
+                       on_tokens: Callable[[list[int]], bool | None] | None = None,
                        sampling: SamplingParams | None = None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, exactly as the target would:
         its greedy output when ``sampling`` is None (or at temperature 0), else a sample from its
-        distribution (the same seed gives the same output)."""
+        distribution (the same seed gives the same output). ``on_tokens`` sees each round's newly
+        committed tokens; returning True stops the generation there (finish reason "stop")."""
         started = time.perf_counter()
         verifier = await self.choose_verifier()
         max_len = len(prompt_ids) + max_new_tokens
@@ -194,8 +208,8 @@ class EdgeDevice:
                 drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
                 slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
                            next_kind=str(verdict.next_kind))
-                if on_tokens is not None:
-                    on_tokens(new_tokens)
+                if on_tokens is not None and on_tokens(new_tokens):
+                    session.finish = FinishReason.STOP
         finally:
             del self._waiters[session.session_id]
         new_ids = session.committed[len(prompt_ids):]
@@ -217,6 +231,7 @@ class EdgeDevice:
         draft = session.draft(proposal.tokens, proposal.sparse)
         resends = resyncs = 0
         while True:
+            sent_s = time.perf_counter()
             try:
                 await self._client.publish(topic, encode(draft), qos=topics.QOS_DRAFT)
             except aiomqtt.MqttError as exc:
@@ -232,6 +247,9 @@ class EdgeDevice:
                 slog.warning("verdict_timeout", seq=draft.seq, resend=resends)
                 continue
             if verdict.kind is VerdictKind.VERIFIED:
+                if self.observer is not None:
+                    committed = verdict.accepted + (verdict.next_token is not None)
+                    self.observer.round_done(len(draft.tokens), verdict.accepted, committed, time.perf_counter() - sent_s)
                 return draft, verdict
             if verdict.kind is VerdictKind.ERROR:
                 raise EdgeError(str(verdict.error), verdict.reason or "refused by the verifier")

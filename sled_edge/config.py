@@ -27,6 +27,12 @@ class EdgeConfig:
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
     discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
     threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
+    http_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the OpenAI-compatible API"))
+    http_port: int = field(default=8080, metadata=_help("serve: port of the OpenAI-compatible API"))
+    model_name: str = field(default="", metadata=_help("serve: model id in the API; empty: sled-<draft dir name>"))
+    default_max_tokens: int = field(default=128, metadata=_help("serve: max_tokens when a request names none"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the Prometheus /metrics endpoint"))
+    metrics_port: int = field(default=9465, metadata=_help("serve: port of the Prometheus /metrics endpoint; 0: off"))
     log_level: str = field(default="warning", metadata=_help("debug, info, warning or error"))
 
     def __post_init__(self) -> None:
@@ -46,4 +52,8 @@ class EdgeConfig:
         require(self.timeout_s > 0 and self.discovery_timeout_s > 0, "timeouts must be > 0")
         require(self.retries >= 0, "retries must be >= 0")
         require(self.threads >= 1, "threads must be >= 1")
+        require(0 < self.http_port < 65536 and 0 <= self.metrics_port < 65536, "ports must be 1..65535 (metrics: 0 = off)")
+        require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        if not self.model_name:
+            object.__setattr__(self, "model_name", f"sled-{Path(self.draft).resolve().name}")
         require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")

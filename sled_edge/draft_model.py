@@ -62,6 +62,17 @@ class OnnxDraftModel:
         empty = np.zeros((1, self.heads, 0, self.head_dim), dtype=self.cache_dtype)
         return DraftCache(past={name: empty for name in self.past_names}, length=0)
 
+    def logits_all(self, tokens: list[int]) -> np.ndarray:
+        """Logits after every position of ``tokens`` from an empty cache, ``[T, V]`` (for evaluation)."""
+        cache = self.new_cache()
+        feeds = {
+            "input_ids": np.asarray([tokens], dtype=np.int64),
+            "attention_mask": np.ones((1, len(tokens)), dtype=np.int64),
+            "position_ids": np.arange(len(tokens), dtype=np.int64)[None, :],
+            **cache.past,
+        }
+        return self.session.run(["logits"], feeds)[0][0]
+
     def feed(self, cache: DraftCache, tokens: list[int]) -> np.ndarray:
         """Append ``tokens`` to ``cache``; return the logits after the last one, ``[V]``."""
         n = len(tokens)

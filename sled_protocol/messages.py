@@ -58,6 +58,7 @@ class NextKind(StrEnum):
 class FinishReason(StrEnum):
     EOS = "eos"
     LENGTH = "length"
+    STOP = "stop"  # the edge stopped at an app's stop sequence (never sent by a verifier)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     log.info("target_loaded", model=target.model_id, device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
     engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats())
+    if config.metrics_port:
+        from sled_verifier.metrics import serve_metrics
+
+        port = serve_metrics(engine.stats, lambda: engine.session_count, config.metrics_host, config.metrics_port)
+        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     await VerifierService(config, engine, vocab).run(ready)
 
 

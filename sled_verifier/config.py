@@ -31,6 +31,8 @@ class VerifierConfig:
     max_context_tokens: int = field(default=4096, metadata=_help("longest committed context accepted"))
     max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
     stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines and status updates"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_help("address of the Prometheus /metrics endpoint"))
+    metrics_port: int = field(default=9464, metadata=_help("port of the Prometheus /metrics endpoint; 0: off"))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
 
     def __post_init__(self) -> None:
@@ -49,5 +51,6 @@ class VerifierConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")
+        require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
         require(self.stats_interval_s > 0, "stats_interval_s must be > 0")
         require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")

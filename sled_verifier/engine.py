@@ -78,7 +78,7 @@ class VerifierEngine:
         scored = self.target.score([state.cache for _, state in runnable], inputs)
         # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
         result = self._decide(runnable, scored)
-        self.stats.record_batch(len(runnable), time.perf_counter() - started)
+        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
         # 5. Commit, trim each cache to the committed prefix, and answer.
         accepted = result.accepted.tolist()
         next_tokens = result.next_token.tolist()

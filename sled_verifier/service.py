@@ -165,7 +165,7 @@ class VerifierService:
             count = take_batch(self.policy, [len(d.tokens) + 1 for d, _ in self.queue.values()])
             batch = [self.queue.popitem(last=False)[1] for _ in range(count)]
             for _, arrival_s in batch:
-                self.stats.queue_delay_s += now_s - arrival_s
+                self.stats.record_queue_delay(now_s - arrival_s)
             outcomes = await self._run_step([draft for draft, _ in batch])
             for outcome in outcomes:
                 if outcome.verdict is None:

@@ -6,8 +6,39 @@ pass commits per session on average (accepted draft tokens plus the recovered or
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus style) with fixed upper bounds."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    observations: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.observations += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        running, buckets = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
+SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BOUNDS = (8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 @dataclass
@@ -23,11 +54,22 @@ class VerifierStats:
     queue_delay_s: float = 0.0
     resyncs: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    batch_size_hist: Histogram = field(default_factory=lambda: Histogram(SIZE_BOUNDS))
+    batch_tokens_hist: Histogram = field(default_factory=lambda: Histogram(TOKEN_BOUNDS))
+    forward_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
+    queue_delay_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
 
-    def record_batch(self, size: int, forward_s: float) -> None:
+    def record_batch(self, size: int, forward_s: float, tokens: int = 0) -> None:
         self.batches += 1
         self.batch_sizes[size] += 1
         self.forward_s += forward_s
+        self.batch_size_hist.observe(size)
+        self.batch_tokens_hist.observe(tokens)
+        self.forward_hist.observe(forward_s)
+
+    def record_queue_delay(self, delay_s: float) -> None:
+        self.queue_delay_s += delay_s
+        self.queue_delay_hist.observe(delay_s)
 
     def record_draft(self, draft_len: int, accepted: int) -> None:
         self.drafts += 1

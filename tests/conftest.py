@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sled_protocol.devbroker import start_dev_broker
+from sled_protocol.devbroker import free_port, start_dev_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,15 +63,17 @@ class RunningVerifier:
     url: str
     process: subprocess.Popen
     log_path: Path
+    metrics_url: str | None = None
 
 
-def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str) -> RunningVerifier:
+def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str,
+                   metrics_port: int = 0) -> RunningVerifier:
     log_path = log_dir / f"{verifier_id}.log"
     log_file = log_path.open("wb")
     env = {**os.environ, "SLED_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "sled_verifier", "--mqtt-url", broker.url, "--target", str(target),
-         "--verifier-id", verifier_id, "--threads", "1", *extra],
+         "--verifier-id", verifier_id, "--threads", "1", "--metrics-port", str(metrics_port), *extra],
         stdout=subprocess.DEVNULL, stderr=log_file, env=env, cwd=ROOT,
     )
     log_file.close()  # the child holds its own descriptor
@@ -81,13 +83,15 @@ def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str
             process.kill()
             raise RuntimeError(f"verifier did not come online:\n{log_path.read_text(errors='replace')}")
         time.sleep(0.05)
-    return RunningVerifier(verifier_id, broker.url, process, log_path)
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
+    return RunningVerifier(verifier_id, broker.url, process, log_path, metrics_url)
 
 
 @pytest.fixture(scope="session")
 def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
     """A real ``sled-verifier`` process serving the tiny Llama target."""
-    running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("logs"), f"v-{uuid.uuid4().hex[:6]}")
+    running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("logs"), f"v-{uuid.uuid4().hex[:6]}",
+                             metrics_port=free_port())
     yield running
     running.process.terminate()
     running.process.wait(timeout=15)

@@ -1,0 +1,248 @@
+"""``sled-edge serve``: an OpenAI-compatible HTTP API on the device's loopback, so any OpenAI client
+(or app) on the device talks to the shared verifier through this device's draft model.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions; ``stream: true`` answers
+with server-sent events. Parameters: max_tokens, temperature (OpenAI's default 1.0: exact sampling),
+top_p, top_k (extension), seed, stop. Each request is its own session; concurrent requests are
+concurrent sessions on the one broker connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sled_edge.client import EdgeDevice, EdgeError
+from sled_protocol import SamplingParams
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams | None
+    stop: tuple[str, ...]
+    stream: bool
+
+
+def parse_request(body: object, chat: bool, default_max_tokens: int) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+        prompt = chat_prompt(messages)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
+    temperature, top_p, top_k = body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("top_k", 0)
+    seed, stop = body.get("seed"), body.get("stop") or ()
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 100_000:
+        raise BadRequest("'max_tokens' must be a positive integer")
+    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise BadRequest("'temperature' must be in [0, 2]")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise BadRequest("'top_p' must be in (0, 1]")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise BadRequest("'top_k' must be a non-negative integer")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise BadRequest("'seed' must be a non-negative integer")
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'stop' must be a string or a list of up to 4 strings")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported")
+    sampling = None if temperature == 0 else SamplingParams(float(temperature), top_k, float(top_p),
+                                                              seed if seed is not None else secrets.randbelow(2**31))
+    return CompletionRequest(prompt, max_tokens, sampling, tuple(stop), bool(body.get("stream", False)))
+
+
+def chat_prompt(messages: list[dict]) -> str:
+    """A plain chat layout ("role: content" lines, then "assistant:"); models without a chat template
+    (like the demo family) were trained on nothing better."""
+    lines = [f"{m.get('role', 'user')}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
+class Api:
+    def __init__(self, device: EdgeDevice, model_name: str, default_max_tokens: int = 128, metrics=None) -> None:
+        self.device = device
+        self.model_name = model_name
+        self.default_max_tokens = default_max_tokens
+        self.metrics = metrics
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", lambda request: self.complete(request, chat=False))
+        app.router.add_post("/v1/chat/completions", lambda request: self.complete(request, chat=True))
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "device": self.device.config.device_id})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "sled"}]})
+
+    def _count(self, endpoint: str, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        endpoint = "chat" if chat else "completions"
+        try:
+            parsed = parse_request(await request.json(), chat, self.default_max_tokens)
+        except (BadRequest, json.JSONDecodeError) as exc:
+            self._count(endpoint, 400)
+            return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
+        run = Generation(self.device, parsed, chat, self.model_name)
+        if self.metrics is not None:
+            self.metrics.active.inc()
+        try:
+            if parsed.stream:
+                response = await run.stream(request)
+            else:
+                response = web.json_response(await run.complete())
+            self._count(endpoint, 200)
+            return response
+        except EdgeError as exc:
+            self._count(endpoint, 503)
+            return web.json_response({"error": {"message": str(exc), "type": "server_error", "code": exc.code}},
+                                     status=503)
+        finally:
+            if self.metrics is not None:
+                self.metrics.active.dec()
+
+
+class Generation:
+    """One request: generate, stream text deltas, stop at a stop sequence, build OpenAI-shaped bodies."""
+
+    def __init__(self, device: EdgeDevice, request: CompletionRequest, chat: bool, model: str) -> None:
+        self.device, self.request, self.chat, self.model = device, request, chat, model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.tokens: list[int] = []
+        self.text = ""      # committed text, cut at a stop sequence
+        self.sent = 0       # characters already streamed
+        self.stopped = False
+
+    def _on_tokens(self, new_tokens: list[int]) -> bool:
+        self.tokens.extend(new_tokens)
+        text = self.device.decode(self.tokens)
+        for stop in self.request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self.text, self.stopped = text[:at], True
+                return True
+        self.text = text
+        return False
+
+    def _ready_text(self) -> str:
+        """Text safe to send: no split UTF-8 character, and no tail that may still become a stop sequence."""
+        text = self.text
+        if not self.stopped:
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) - 1 for s in self.request.stop), default=0)
+            text = text[: max(self.sent, len(text) - hold)]
+        return text
+
+    def _finish_reason(self, result) -> str:
+        return "stop" if self.stopped or result.finish_reason == "eos" else "length"
+
+    async def complete(self) -> dict:
+        result = await self._generate()
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(result.token_ids),
+                 "total_tokens": self.prompt_tokens + len(result.token_ids)}
+        choice = {"index": 0, "finish_reason": self._finish_reason(result), "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": self.text}
+        else:
+            choice["text"] = self.text
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": usage,
+                "sled": {"rounds": result.rounds, "mean_accepted_length": result.mean_accepted_length,
+                         "acceptance_rate": result.acceptance_rate, "verifier": result.verifier, "seed": result.seed}}
+
+    async def _generate(self, on_tokens=None):
+        prompt_ids = self.device.encode_prompt(self.request.prompt)
+        self.prompt_tokens = len(prompt_ids)
+
+        def observe(new_tokens: list[int]) -> bool:
+            stop = self._on_tokens(new_tokens)
+            if on_tokens is not None:
+                on_tokens()
+            return stop
+
+        return await self.device.generate(prompt_ids, self.request.max_tokens, on_tokens=observe,
+                                          sampling=self.request.sampling)
+
+    def _chunk(self, delta: str | None, finish_reason: str | None, first: bool = False) -> bytes:
+        if self.chat:
+            body = {"index": 0, "delta": ({"role": "assistant", "content": ""} if first else
+                                          ({"content": delta} if delta else {})), "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            body = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+            obj = "text_completion"
+        payload = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [body]}
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: one chunk per verified round that added text, then the finish, then [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        if self.chat:
+            await response.write(self._chunk(None, None, first=True))
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def flush_ready() -> None:
+            ready = self._ready_text()
+            if len(ready) > self.sent:
+                chunks.put_nowait(self._chunk(ready[self.sent :], None))
+                self.sent = len(ready)
+
+        async def produce():
+            try:
+                return await self._generate(on_tokens=flush_ready)
+            finally:
+                chunks.put_nowait(None)
+
+        task = asyncio.create_task(produce(), name=f"generate-{self.id}")
+        try:
+            while (chunk := await chunks.get()) is not None:
+                await response.write(chunk)
+            try:
+                result = await task
+            except EdgeError as exc:  # headers are gone: report the failure in the stream itself
+                error = {"error": {"message": str(exc), "type": "server_error", "code": exc.code}}
+                await response.write(f"data: {json.dumps(error)}\n\n".encode() + b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
+            if len(self.text) > self.sent:
+                await response.write(self._chunk(self.text[self.sent :], None))
+            await response.write(self._chunk(None, self._finish_reason(result)))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        finally:
+            if not task.done():  # the client went away: stop generating for it
+                task.cancel()
+                await asyncio.wait([task])

@@ -1,0 +1,73 @@
+"""``sled-models``: build the model family, export any Hugging Face draft to ONNX, check vocabularies.
+
+Exit status: 0 ok, 65 vocabularies differ, 66 input missing, 78 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sled_models.recipe import PROFILES
+
+    parser = argparse.ArgumentParser(prog="sled-models", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build = commands.add_parser("build", help="build (or bring up to date) the model family, then evaluate it",
+                                description="Train the target and the drafts offline, export them (fp32 and int8), "
+                                            "evaluate; stages whose recipe did not change are reused.")
+    build.add_argument("--out", type=Path, default=None, help="output directory [default models/build/family-PROFILE]")
+    build.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                       help="quick (~15 min on 2 cores, default), full (better drafts, ~1 h), smoke (seconds, untrained)")
+    build.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
+    tiny = commands.add_parser("tiny", help="build the tiny random-weight family (seconds; for quick looks)")
+    tiny.add_argument("--out", type=Path, default=Path("models/build/tiny"))
+    export = commands.add_parser("export-draft", help="export a Hugging Face causal LM on disk to an edge ONNX draft",
+                                 description="optimum ONNX export with past key values; --int8 adds dynamic int8 "
+                                             "quantisation. The tokenizer travels with it.")
+    export.add_argument("--hf-dir", type=Path, required=True, help="model directory (config.json, weights, tokenizer.json)")
+    export.add_argument("--out", type=Path, required=True, help="output directory for model.onnx")
+    export.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the weights")
+    export.add_argument("--target", type=Path, default=None, help="also check the vocabulary against this target")
+    check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
+    check.add_argument("--draft", type=Path, required=True)
+    check.add_argument("--target", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sled_models.export import VocabularyMismatch, check_vocab, export_draft
+
+    try:
+        if args.command == "build":
+            from sled_models.build import build_family
+            from sled_models.recipe import PROFILES
+
+            build_family(args.out or Path(f"models/build/family-{args.profile}"), PROFILES[args.profile], args.threads)
+        elif args.command == "tiny":
+            from sled_models.tiny import build_tiny_family
+
+            build_tiny_family(args.out)
+        elif args.command == "export-draft":
+            if args.target is not None:
+                check_vocab(args.hf_dir, args.target)
+            out = export_draft(args.hf_dir, args.out, int8=args.int8)
+            print(json.dumps({"onnx": str(out / "model.onnx"), "int8": args.int8,
+                              "bytes": (out / "model.onnx").stat().st_size}))
+        elif args.command == "check":
+            print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))
+    except VocabularyMismatch as exc:
+        print(f"sled-models: {exc}", file=sys.stderr)
+        return 65
+    except FileNotFoundError as exc:
+        print(f"sled-models: {exc}", file=sys.stderr)
+        return 66
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

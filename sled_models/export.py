@@ -1,0 +1,62 @@
+"""Export any Hugging Face causal LM draft on disk to ONNX for the edge (optimum, with past key values),
+optionally int8 (onnxruntime dynamic quantisation), and check that a draft and a target share a vocabulary."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+from sled_protocol.vocab import vocab_hash
+
+
+class VocabularyMismatch(ValueError):
+    """A draft whose tokenizer is not the target's: its tokens would be verified into garbage."""
+
+
+def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False) -> Path:
+    """``hf_dir`` (config, weights, tokenizer.json) -> ``out_dir`` with model.onnx, config and tokenizer."""
+    from optimum.exporters.onnx import main_export
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} has no tokenizer.json: the edge needs a fast tokenizer beside the model")
+    target_dir = out_dir.with_name(out_dir.name + ".fp32-tmp") if int8 else out_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own tracer chatter
+        main_export(str(hf_dir), output=str(target_dir), task="text-generation-with-past",
+                    local_files_only=True, do_validation=False)
+    if int8:
+        quantize_int8(target_dir, out_dir)
+        shutil.rmtree(target_dir)
+    return out_dir
+
+
+def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
+    """Dynamic int8 quantisation of the weights (activations stay float): smaller and faster on ARM CPUs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in onnx_dir.iterdir():
+        if item.suffix != ".onnx" and item.is_file() and not item.name.endswith(".onnx_data"):
+            shutil.copy2(item, out_dir / item.name)
+    quantize_dynamic(str(onnx_dir / "model.onnx"), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8)
+    return out_dir
+
+
+def check_vocab(draft_dir: Path, target_dir: Path) -> str:
+    """The shared vocabulary hash, or VocabularyMismatch saying how the two differ."""
+    draft_hash, target_hash = vocab_hash(draft_dir), vocab_hash(target_dir)
+    if draft_hash != target_hash:
+        from tokenizers import Tokenizer
+
+        draft_vocab = Tokenizer.from_file(str(Path(draft_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        target_vocab = Tokenizer.from_file(str(Path(target_dir) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        differing = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()), key=lambda item: item[1])[:5]
+        raise VocabularyMismatch(
+            f"vocabularies differ: draft {draft_dir} has {len(draft_vocab)} tokens (hash {draft_hash}), "
+            f"target {target_dir} has {len(target_vocab)} (hash {target_hash}); first differences: {differing}"
+        )
+    return draft_hash

@@ -1,0 +1,116 @@
+"""Training loops of the model family: pre-training the target, distilling drafts from it (KL to its
+logits on the corpus), and on-policy distillation on the target's own continuations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sled_models.recipe import Arch, Schedule, get_lr
+
+Progress = Callable[[int, dict[str, float]], None]
+
+
+def make_model(arch: Arch, vocab_size: int, eos_id: int, seed: int, max_positions: int = 1024):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+            num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.heads,
+            max_position_embeddings=max_positions, tie_word_embeddings=True,
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        )
+        return LlamaForCausalLM(config)
+    if arch.arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=arch.hidden, n_layer=arch.layers, n_head=arch.heads,
+                            n_positions=max_positions, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        return GPT2LMHeadModel(config)
+    raise ValueError(f"unknown architecture {arch.arch!r}")
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_batches(tokens: np.ndarray, batch: int, seq_len: int, seed: int):
+    """Endless random windows of ``seq_len`` tokens from one long token array (seeded)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
+        yield torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
+
+
+def _optimizer(model, schedule: Schedule):
+    return torch.optim.AdamW(model.parameters(), lr=schedule.peak_lr, betas=(0.9, 0.95),
+                             weight_decay=schedule.weight_decay)
+
+
+def pretrain(model, tokens: np.ndarray, schedule: Schedule, progress: Progress) -> None:
+    """Next-token cross-entropy on random corpus windows."""
+    model.train()
+    optimizer = _optimizer(model, schedule)
+    batches = random_batches(tokens, schedule.batch, schedule.seq_len, schedule.seed)
+    for step in range(schedule.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, schedule)
+        x = next(batches)                                          # [B, T]
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        progress(step, {"loss": loss.item()})
+    model.eval()
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over (masked) positions of KL(teacher || student), the soft-distillation loss."""
+    student_logprobs = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)     # [B, T]
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distill(teacher, students: Sequence, schedules: Sequence[Schedule], batches, progress: Progress,
+            mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Train every student on the same batches (one teacher forward per batch serves them all)."""
+    optimizers = [_optimizer(s, sch) for s, sch in zip(students, schedules)]
+    for student in students:
+        student.train()
+    for step in range(max(s.steps for s in schedules)):
+        x = next(batches)
+        with torch.inference_mode():
+            teacher_logprobs = F.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+        teacher_logprobs = teacher_logprobs.clone()  # leave inference mode for autograd
+        mask = mask_fn(x) if mask_fn else None
+        losses = {}
+        for index, (student, optimizer, schedule) in enumerate(zip(students, optimizers, schedules)):
+            if step >= schedule.steps:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(step, schedule)
+            loss = kl_to_teacher(student(input_ids=x).logits, teacher_logprobs, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            losses[f"kl{index}"] = loss.item()
+        progress(step, losses)
+    for student in students:
+        student.eval()
+
+
+@torch.inference_mode()
+def continuations(target, prompts: torch.Tensor, new_tokens: int, sample: bool, seed: int, pad_id: int) -> torch.Tensor:
+    """The target's own continuations of ``prompts`` [B, P] -> [B, P + new_tokens] (greedy or T=1 samples)."""
+    torch.manual_seed(seed)
+    out = target.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=sample, top_k=0, temperature=1.0 if sample else None,
+                          top_p=None, pad_token_id=pad_id)
+    return out
