@@ -1,15 +1,22 @@
 """``sled-inspect``: watch SLED traffic on the broker, one decoded line per message.
 
-The raw equivalent is ``mosquitto_sub -v -t 'sled/#'`` (payloads are msgpack, so binary).
+Filters by device, session and message type; matches each verdict to its draft to show the round
+trip and acceptance; ``--stats`` prints a per-session summary every few seconds instead. The raw
+equivalent is ``mosquitto_sub -v -t 'sled/#'`` (payloads are msgpack, so binary).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import statistics
 import sys
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sled_protocol import ProtocolError, decode
@@ -18,11 +25,16 @@ from sled_protocol.logs import configure_logging
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.run import run_until_signal
 
+MAX_PENDING_DRAFTS = 10_000
+
 
 def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]:
-    """One message as a flat dict: time, topic, message type and every field that is set."""
+    """One message as a flat dict: time, topic, message type, device and every field that is set."""
     record: dict[str, object] = {"time": datetime.fromtimestamp(received_s).isoformat(timespec="milliseconds"),
                                  "topic": topic, "bytes": len(payload)}
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[2] == "verdicts":
+        record["device"] = parts[3]
     try:
         message = decode(payload)
     except ProtocolError as exc:
@@ -31,46 +43,123 @@ def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]
     record["type"] = type(message).__name__.lower()
     for name, value in message.__dict__.items():
         if value is not None:
+            if hasattr(value, "__dataclass_fields__"):
+                value = dict(value.__dict__)
             record[name] = list(value) if isinstance(value, tuple) else (str(value) if hasattr(value, "value") else value)
     return record
 
 
+@dataclass
+class SessionTraffic:
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+    round_trips_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        trips = self.round_trips_ms[-1000:]
+        return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted": self.accepted,
+                "mean_accepted_length": round(1 + self.accepted / self.rounds, 3) if self.rounds else 0.0,
+                "acceptance": round(self.accepted / self.draft_tokens, 3) if self.draft_tokens else 0.0,
+                "rtt_ms_p50": round(statistics.median(trips), 2) if trips else None}
+
+
+class Matcher:
+    """Pairs verdicts with the drafts they answer (by device, session, seq); pure, bounded."""
+
+    def __init__(self) -> None:
+        self.pending: OrderedDict[tuple, tuple[float, int]] = OrderedDict()
+        self.sessions: dict[tuple[str, str], SessionTraffic] = {}
+
+    def observe(self, record: dict[str, object], now_s: float) -> None:
+        key = (record.get("device"), record.get("session"), record.get("seq"))
+        if record["type"] == "draft":
+            self.pending[key] = (now_s, len(record.get("tokens", [])))
+            while len(self.pending) > MAX_PENDING_DRAFTS:
+                self.pending.popitem(last=False)
+        elif record["type"] == "verdict" and record.get("kind") == "verified" and key in self.pending:
+            sent_s, k = self.pending.pop(key)
+            traffic = self.sessions.setdefault((str(key[0]), str(key[1])), SessionTraffic())
+            traffic.rounds += 1
+            traffic.draft_tokens += k
+            traffic.accepted += int(record.get("accepted", 0))
+            traffic.round_trips_ms.append((now_s - sent_s) * 1000)
+            record["rtt_ms"] = round((now_s - sent_s) * 1000, 2)
+            record["acceptance"] = f"{record.get('accepted', 0)}/{k}"
+
+
+def wanted(record: dict[str, object], device: str | None, session: str | None, kind: str | None) -> bool:
+    return ((device is None or record.get("device") == device) and (session is None or record.get("session") == session)
+            and (kind is None or record.get("type") == kind))
+
+
 def render(record: dict[str, object]) -> str:
-    head = f"{record['time'][11:]} {record['topic']} {record['type']}"
+    head = f"{str(record['time'])[11:]} {record['topic']} {record['type']}"
     rest = " ".join(f"{key}={value}" for key, value in record.items() if key not in ("time", "topic", "type"))
     return f"{head} {rest}"
 
 
-async def watch(mqtt_url: str, topic_filter: str, as_json: bool, count: int | None) -> None:
-    address = parse_mqtt_url(mqtt_url)
-    seen = 0
+def render_stats(matcher: Matcher) -> str:
+    lines = [f"--- {datetime.now().isoformat(timespec='seconds')}: {len(matcher.sessions)} sessions",
+             f"{'device':<20} {'session':<14} {'rounds':>7} {'accepted':>9} {'mean_len':>9} {'accept':>7} {'rtt_p50_ms':>11}"]
+    for (device, session), traffic in sorted(matcher.sessions.items()):
+        s = traffic.summary()
+        lines.append(f"{device:<20} {session:<14} {s['rounds']:>7} {s['accepted']:>9} {s['mean_accepted_length']:>9} "
+                     f"{s['acceptance']:>7} {s['rtt_ms_p50'] if s['rtt_ms_p50'] is not None else '-':>11}")
+    return "\n".join(lines)
+
+
+async def watch(args: argparse.Namespace, url: str) -> None:
+    address = parse_mqtt_url(url)
+    matcher, seen = Matcher(), 0
+    next_stats_s = time.monotonic() + args.interval_s
     async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}") as client:
-        await client.subscribe(topic_filter, qos=1)
-        async for message in client.messages:
-            record = describe(str(message.topic), bytes(message.payload), time.time())
-            print(json.dumps(record) if as_json else render(record), flush=True)
+        await client.subscribe(args.filter, qos=1)
+        messages = aiter(client.messages)
+        while True:
+            try:
+                async with asyncio.timeout(max(0.05, next_stats_s - time.monotonic()) if args.stats else None):
+                    message = await anext(messages)
+            except TimeoutError:
+                print(render_stats(matcher), flush=True)
+                next_stats_s = time.monotonic() + args.interval_s
+                continue
+            now_s = time.time()
+            record = describe(str(message.topic), bytes(message.payload), now_s)
+            matcher.observe(record, time.monotonic())
+            if not wanted(record, args.device, args.session, args.type):
+                continue
+            if not args.stats:
+                print(json.dumps(record) if args.json else render(record), flush=True)
             seen += 1
-            if count is not None and seen >= count:
+            if args.count is not None and seen >= args.count:
+                if args.stats:
+                    print(render_stats(matcher), flush=True)
                 return
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sled-inspect",
-        description="Print every SLED message on the broker, decoded, one line each. "
+        description="Print every SLED message on the broker, decoded, one line each; verdict lines carry the "
+                    "round trip (rtt_ms) and acceptance of the draft they answer. "
                     "Raw equivalent: mosquitto_sub -h HOST -p PORT -v -t 'sled/#'",
     )
     parser.add_argument("--mqtt-url", default=None, help="broker URL [env SLED_MQTT_URL; default mqtt://127.0.0.1:1883]")
     parser.add_argument("--filter", default=topics.ALL, help=f"MQTT topic filter [default {topics.ALL}]")
+    parser.add_argument("--device", default=None, help="only this device's drafts and verdicts")
+    parser.add_argument("--session", default=None, help="only this session")
+    parser.add_argument("--type", choices=["draft", "verdict", "status", "undecodable"], default=None,
+                        help="only this message type")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--count", type=int, default=None, help="exit after this many messages")
+    parser.add_argument("--stats", action="store_true", help="a per-session summary every --interval-s instead of lines")
+    parser.add_argument("--interval-s", type=float, default=5.0, help="seconds between --stats summaries [default 5]")
+    parser.add_argument("--count", type=int, default=None, help="exit after this many (matching) messages")
     args = parser.parse_args(argv)
-    import os
-
     url = args.mqtt_url or os.environ.get("SLED_MQTT_URL", "mqtt://127.0.0.1:1883")
     configure_logging("warning")
     try:
-        run_until_signal(watch(url, args.filter, args.json, args.count))
+        run_until_signal(watch(args, url))
     except ValueError as exc:
         print(f"sled-inspect: {exc}", file=sys.stderr)
         return 78

@@ -115,17 +115,15 @@ def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
 
 
+def inspector(verifier, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sled_protocol.inspect", "--mqtt-url", verifier.url, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
 def test_cli_generate_json_and_inspect(tiny_models, verifier, reference, device_id):
-    inspect = subprocess.Popen(
-        [sys.executable, "-m", "sled_protocol.inspect", "--mqtt-url", verifier.url, "--json", "--count", "4",
-         "--filter", f"sled/v1/+/{verifier.verifier_id}/{device_id}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
-    inspect_verdicts = subprocess.Popen(
-        [sys.executable, "-m", "sled_protocol.inspect", "--mqtt-url", verifier.url, "--count", "2",
-         "--filter", topics.verdict_topic(device_id)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+    drafts = inspector(verifier, "--json", "--count", "4", "--device", device_id, "--type", "draft")
+    verdicts = inspector(verifier, "--count", "3", "--device", device_id, "--type", "verdict")
+    stats = inspector(verifier, "--stats", "--interval-s", "0.3", "--count", "8", "--device", device_id)
     time.sleep(1.5)  # let the inspectors subscribe
     done = run_cli("-m", "sled_edge", "generate", "--mqtt-url", verifier.url, "--draft", str(tiny_models.gpt2_onnx),
                    "--prompt", PROMPTS[2], "--max-new-tokens", "16", "--device-id", device_id, "--json")
@@ -139,11 +137,14 @@ def test_cli_generate_json_and_inspect(tiny_models, verifier, reference, device_
         assert key in result
     assert result["mean_accepted_length"] == pytest.approx(1 + result["accepted_tokens"] / result["rounds"], abs=1e-3)
 
-    lines = [json.loads(line) for line in inspect.communicate(timeout=30)[0].splitlines()]
+    lines = [json.loads(line) for line in drafts.communicate(timeout=30)[0].splitlines()]
     assert [line["type"] for line in lines] == ["draft"] * 4
-    assert lines[0]["context"] == prompt_ids and lines[0]["device"] == device_id
-    plain = inspect_verdicts.communicate(timeout=30)[0].splitlines()
-    assert len(plain) == 2 and all(f"verdicts/{device_id} verdict" in line and "kind=verified" in line for line in plain)
+    assert lines[0]["context"] == prompt_ids and all(line["device"] == device_id for line in lines)
+    plain = verdicts.communicate(timeout=30)[0].splitlines()
+    assert len(plain) == 3 and all(f"verdicts/{device_id} verdict" in line and "kind=verified" in line for line in plain)
+    assert all("rtt_ms=" in line and "acceptance=" in line for line in plain)  # matched to their drafts
+    summary = stats.communicate(timeout=30)[0]
+    assert "sessions" in summary and device_id[:20] in summary and result["session_id"] in summary
 
 
 def test_cli_without_matching_verifier_exits_unavailable(tiny_models, verifier):
