@@ -105,3 +105,19 @@ logs: ## follow a unit's journal (UNIT=sled-verifier|sled-edge@main, HOST=user@h
 
 status: ## systemctl status of the SLED units (HOST=user@host for a remote one)
 	$(RUN) $(if $(HOST),ssh $(HOST)) systemctl --no-pager status 'sled-verifier' 'sled-edge@*'
+
+# ---- production broker -----------------------------------------------------------------------------
+BROKER_DIR  ?= broker/prod
+BROKER_HOST ?= broker.local
+.PHONY: broker-certs device-credentials verifier-credentials
+
+broker-certs: ## a private CA and server certificate for BROKER_HOST into BROKER_DIR
+	$(RUN) ./scripts/broker-certs.sh $(BROKER_DIR) $(BROKER_HOST)
+
+device-credentials: ## a password for DEVICE=<id> in BROKER_DIR/passwords; prints its SLED_MQTT_URL
+	$(if $(DEVICE),,$(error DEVICE=<device id> is required))
+	$(RUN) ./scripts/broker-credentials.sh device $(DEVICE) $(BROKER_DIR) $(BROKER_HOST)
+
+verifier-credentials: ## a password and ACL entry for VERIFIER=<id>; prints its SLED_MQTT_URL
+	$(if $(VERIFIER),,$(error VERIFIER=<verifier id> is required))
+	$(RUN) ./scripts/broker-credentials.sh verifier $(VERIFIER) $(BROKER_DIR) $(BROKER_HOST)

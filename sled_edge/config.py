@@ -19,6 +19,7 @@ def _help(text: str) -> dict[str, str]:
 class EdgeConfig:
     draft: str = field(metadata=_help("directory of an ONNX draft (optimum export with past key values, tokenizer.json)"))
     mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help("broker URL, mqtt:// or mqtts://"))
+    ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
     draft_tokens: int = field(default=4, metadata=_help("draft tokens k proposed per round"))

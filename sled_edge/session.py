@@ -18,6 +18,7 @@ class SessionStats:
     accepted_tokens: int = 0
     resyncs: int = 0
     retries: int = 0
+    failovers: int = 0
 
     @property
     def mean_accepted_length(self) -> float:

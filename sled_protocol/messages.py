@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     BAD_PROPOSAL = "bad_proposal"      # draft probabilities negative, NaN, not summing to 1, duplicated ids
     BAD_SAMPLING = "bad_sampling"      # temperature, top_k, top_p or seed out of range
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"      # this device sent more drafts per second than allowed
     INTERNAL = "internal"
 
 

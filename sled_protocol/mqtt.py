@@ -46,9 +46,10 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
 
 
 def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will | None = None,
-                keepalive_s: int = 30) -> aiomqtt.Client:
-    """An aiomqtt client (use as ``async with``) speaking MQTT v5 with Nagle off."""
-    tls_params = aiomqtt.TLSParameters() if address.tls else None
+                keepalive_s: int = 30, ca_file: str | None = None) -> aiomqtt.Client:
+    """An aiomqtt client (use as ``async with``) speaking MQTT v5 with Nagle off; for mqtts:// the broker's
+    certificate is checked against ``ca_file`` (default: the system's CAs)."""
+    tls_params = aiomqtt.TLSParameters(ca_certs=ca_file) if address.tls else None
     return aiomqtt.Client(
         address.host, address.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5,
         username=address.username, password=address.password, will=will, keepalive=keepalive_s,

@@ -22,6 +22,7 @@ from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
 from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
 from sled_verifier.config import VerifierConfig
 from sled_verifier.engine import VerifierEngine, error_verdict
+from sled_verifier.ratelimit import RateLimiter
 
 log = structlog.get_logger("sled_verifier")
 
@@ -43,6 +44,8 @@ class VerifierService:
         self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
         self.expected: dict[tuple[str, str], float] = {}
         self.arrived = asyncio.Event()
+        self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
+                                max_devices=4 * config.max_sessions)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
 
     def status(self, online: bool) -> Status:
@@ -62,7 +65,8 @@ class VerifierService:
         while True:
             failure: Exception | None = None
             try:
-                async with make_client(address, f"sled-verifier-{self.config.verifier_id}", will=will) as client:
+                async with make_client(address, f"sled-verifier-{self.config.verifier_id}", will=will,
+                                       ca_file=self.config.ca_file or None) as client:
                     attempt = 0
                     await self._serve_connection(client, ready)
             except* aiomqtt.MqttError as group:
@@ -101,6 +105,10 @@ class VerifierService:
                 await self._accept(client, device, bytes(message.payload), time.monotonic())
 
     async def _accept(self, client: aiomqtt.Client, device: str, payload: bytes, now_s: float) -> None:
+        if not self.rate.allow(device, now_s):
+            await self._refuse(client, device, None, ErrorCode.RATE_LIMITED,
+                               f"more than {self.config.max_drafts_per_s:g} drafts/s from this device")
+            return
         try:
             draft = decode_draft(payload, self.limits)
         except ProtocolError as exc:
@@ -175,6 +183,8 @@ class VerifierService:
                     self.stats.errors[str(verdict.error)] += 1
                 elif verdict.kind is VerdictKind.VERIFIED and verdict.finish is None:
                     self.expected[(outcome.device, verdict.session)] = time.monotonic()
+                    if len(self.expected) > self.config.max_sessions:  # bounded like everything else
+                        del self.expected[next(iter(self.expected))]
                 await self._publish_verdict(client, outcome.device, verdict)
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue))
 

@@ -44,3 +44,16 @@ def test_zero_window_flushes_whenever_idle():
 )
 def test_take_batch(costs, expected):
     assert take_batch(POLICY, costs) == expected
+
+
+def test_rate_limiter_refuses_a_flooding_device_only():
+    from sled_verifier.ratelimit import RateLimiter
+
+    limiter = RateLimiter(rate_per_s=10, burst=5, max_devices=3)
+    assert [limiter.allow("flood", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.allow("calm", 0.0)
+    assert limiter.allow("flood", 0.1)          # refilled one token in 0.1 s
+    assert not limiter.allow("flood", 0.1)
+    for device in ("a", "b", "c", "d"):
+        limiter.allow(device, 1.0)
+    assert len(limiter) == 3                     # bounded

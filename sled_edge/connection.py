@@ -1,0 +1,123 @@
+"""The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever.
+
+Verdicts go to the waiting session's queue (by session id); verifier statuses update ``verifiers``.
+Sessions learn of events that need a resend now rather than after a timeout through sentinels put
+in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and VERIFIER_DOWN
+(the verifier serving that session published offline, e.g. its last will after a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiomqtt
+import structlog
+
+from sled_protocol import ProtocolError, Status, Verdict, VerdictKind, decode_status, decode_verdict
+from sled_protocol import topics
+from sled_protocol.mqtt import BrokerAddress, backoff_s, make_client
+
+log = structlog.get_logger("sled_edge")
+
+RECONNECTED = object()
+VERIFIER_DOWN = object()
+
+
+class BrokerUnavailable(ConnectionError):
+    """The first connection to the broker failed (later losses are retried)."""
+
+
+class EdgeConnection:
+    def __init__(self, address: BrokerAddress, device_id: str, ca_file: str | None = None) -> None:
+        self.address = address
+        self.device_id = device_id
+        self.ca_file = ca_file
+        self.verifiers: dict[str, Status] = {}
+        self.status_changed = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.waiters: dict[str, asyncio.Queue] = {}
+        self.session_verifier: dict[str, str] = {}
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, timeout_s: float) -> None:
+        self._task = asyncio.create_task(self._run(), name="mqtt-connection")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.connected.wait()
+        except TimeoutError:
+            await self.stop()
+            raise BrokerUnavailable(f"cannot connect to the broker at {self.address} within {timeout_s} s") from None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                identifier = f"sled-edge-{self.device_id}-{uuid.uuid4().hex[:8]}"
+                async with make_client(self.address, identifier, ca_file=self.ca_file) as client:
+                    await client.subscribe(topics.verdict_topic(self.device_id), qos=topics.QOS_VERDICT)
+                    await client.subscribe(topics.STATUS_FILTER, qos=topics.QOS_STATUS)
+                    self._client = client
+                    self.connected.set()
+                    if attempt:
+                        log.warning("broker_reconnected", broker=str(self.address))
+                        self._wake_all(RECONNECTED)
+                    attempt = 0
+                    async for message in client.messages:
+                        self._dispatch(str(message.topic), bytes(message.payload))
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self._client = None
+                delay = backoff_s(attempt)
+                attempt += 1
+                log.warning("broker_connection_lost", broker=str(self.address), error=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
+        """Publish once connected; TimeoutError when the broker stays away (the caller resends later)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                await self.connected.wait()
+                client = self._client
+                try:
+                    await client.publish(topic, payload, qos=topics.QOS_DRAFT)
+                    return
+                except aiomqtt.MqttError:
+                    self.connected.clear()  # the connection task notices and reconnects
+                    await asyncio.sleep(0.05)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == topics.verdict_topic(self.device_id):
+                self._route(decode_verdict(payload))
+            elif aiomqtt.Topic(topic).matches(topics.STATUS_FILTER):
+                status = decode_status(payload)
+                was_online = self.verifiers.get(status.verifier, status).online
+                self.verifiers[status.verifier] = status
+                self.status_changed.set()
+                if was_online and not status.online:
+                    log.warning("verifier_offline", verifier=status.verifier)
+                    for session_id, verifier in list(self.session_verifier.items()):
+                        if verifier == status.verifier and session_id in self.waiters:
+                            self.waiters[session_id].put_nowait(VERIFIER_DOWN)
+        except ProtocolError as exc:
+            log.warning("message_undecodable", topic=topic, error=str(exc))
+
+    def _route(self, verdict: Verdict) -> None:
+        queue = self.waiters.get(verdict.session) if verdict.session else None
+        if queue is not None:
+            queue.put_nowait(verdict)
+        elif verdict.kind is VerdictKind.ERROR:
+            log.warning("verifier_refused_message", error=str(verdict.error), reason=verdict.reason)
+        else:
+            log.debug("verdict_unclaimed", session_id=verdict.session, seq=verdict.seq)
+
+    def _wake_all(self, sentinel: object) -> None:
+        for queue in self.waiters.values():
+            queue.put_nowait(sentinel)
