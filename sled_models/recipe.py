@@ -96,7 +96,7 @@ def _drafts(distill_steps: int, on_policy_steps: int) -> tuple[DraftRecipe, ...]
 
 PROFILES = {
     # ~15 minutes on 2 CPU cores.
-    "quick": Recipe("quick", 4096, TARGET, Schedule(200, 16, 256, 2e-3, 20, seed=1), _drafts(60, 60)),
+    "quick": Recipe("quick", 4096, TARGET, Schedule(200, 16, 256, 2e-3, 20, seed=1), _drafts(150, 90)),
     # Opt-in: a better target and drafts (roughly an hour on 2 cores).
     # Seconds: every stage once, for tests of the build itself; the models are untrained.
     "smoke": Recipe("smoke", 512, Arch("llama", 1, 64, 2, 128), Schedule(3, 4, 64, 2e-3, 1, seed=1),
