@@ -10,7 +10,11 @@ PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test demo models broker inspect clean
+.PHONY: help setup system-deps test demo models broker inspect clean load
+DEVICES      ?= 8
+DURATION_S   ?= 20
+VERIFIERS    ?= 2
+KILL_EVERY_S ?= 5
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +44,9 @@ ifeq ($(PROFILE),tiny)
 else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
+
+load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
+	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)
 
 broker: ## run the dev Mosquitto in the foreground on 127.0.0.1:1884
 	mosquitto -c broker/mosquitto-dev.conf
