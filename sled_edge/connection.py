@@ -40,6 +40,7 @@ class EdgeConnection:
         self.session_verifier: dict[str, str] = {}
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task | None = None
+        self.reconnects = 0
 
     async def start(self, timeout_s: float) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-connection")
@@ -66,6 +67,7 @@ class EdgeConnection:
                     self._client = client
                     self.connected.set()
                     if attempt:
+                        self.reconnects += 1
                         log.warning("broker_reconnected", broker=str(self.address))
                         self._wake_all(RECONNECTED)
                     attempt = 0
