@@ -46,7 +46,8 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     vocab = vocab_hash(config.target)
     log.info("target_loaded", model=target.model_id, device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
-    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats())
+    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats(),
+                            max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)
     if config.metrics_port:
         from sled_verifier.metrics import serve_metrics
 

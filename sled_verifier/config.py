@@ -29,6 +29,7 @@ class VerifierConfig:
     max_sessions: int = field(default=256, metadata=_help("sessions kept; the least recently used is evicted"))
     max_draft_tokens: int = field(default=16, metadata=_help("longest draft accepted from an edge"))
     max_context_tokens: int = field(default=4096, metadata=_help("longest committed context accepted"))
+    prefill_chunk_tokens: int = field(default=256, metadata=_help("prefill long contexts this many tokens per forward"))
     max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
@@ -49,7 +50,7 @@ class VerifierConfig:
             require(False, str(exc))
         require(self.window_ms >= 0, "window_ms must be >= 0")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
-                     "max_context_tokens", "max_message_bytes"):
+                     "max_context_tokens", "max_message_bytes", "prefill_chunk_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")

@@ -1,7 +1,9 @@
 """One verification step: admit drafts, prefill new sessions, score all in ONE pass, decide, commit.
 
 Synchronous and single-threaded by design: the service runs ``step`` in its one model thread, so
-session state and KV caches are never shared between threads.
+session state and KV caches are never shared between threads. Each session's KV cache is a slot of
+the target's ``SlotKV``; ``SessionState.cached`` counts its valid positions (always committed[:-1]
+once prefilled), so committing a round is moving that count, and a rejected draft costs no copy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, Ver
 from sled_protocol.messages import STREAM_VERIFY, round_seed
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
-from sled_verifier.target import TargetModel, session_cache
+from sled_verifier.target import TargetModel
 from sled_verifier.sampling import rejection_sample, warp_probs
 from sled_verifier.verify import VerifyResult, greedy_verify
 
@@ -29,8 +31,12 @@ class Outcome:
 
 
 class VerifierEngine:
-    def __init__(self, target: TargetModel, verifier_id: str, max_sessions: int, stats: VerifierStats) -> None:
+    def __init__(self, target: TargetModel, verifier_id: str, max_sessions: int, stats: VerifierStats,
+                 max_context: int = 4096, prefill_chunk: int = 256) -> None:
         self.target = target
+        self.prefill_chunk = prefill_chunk
+        # A few spare slots: a batch may briefly open sessions before their LRU victims are released.
+        self.kv = target.init_kv(max_slots=max_sessions + 64, max_length=max_context)
         self.verifier_id = verifier_id
         self.sessions = SessionTable(max_sessions=max_sessions)
         self.stats = stats
@@ -60,34 +66,50 @@ class VerifierEngine:
                 outcomes.append(Outcome(draft.device, verdict, admission))
             else:
                 if admission is Admission.REBUILD:
-                    state, _evicted = self.sessions.open(draft, protected=batch_keys)
+                    state, dropped = self.sessions.open(draft, protected=batch_keys)
+                    for old in dropped:
+                        self._release(old)
                 self.sessions.touch(state)
                 runnable.append((draft, state))
         if not runnable:
             self._snapshot()
             return outcomes
-        # 2. Prefill sessions that were just opened or rebuilt (their cache covers x[0:n-1]).
-        for _draft, state in runnable:
-            if state.cache is None:
-                cache = self.target.prefill(state.committed[:-1])
-                state.cache = cache
-                self.stats.prefill_tokens += len(state.committed) - 1
-        # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session.
+        # 2. Prefill sessions that were just opened or rebuilt, in chunks (their cache covers x[0:n-1]).
+        self._prefill([state for _, state in runnable])
+        # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session, written into its slot.
         started = time.perf_counter()
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
-        scored = self.target.score([state.cache for _, state in runnable], inputs)
+        logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
         # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
-        result = self._decide(runnable, scored)
+        result = self._decide(runnable, logits)
         self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
-        # 5. Commit, trim each cache to the committed prefix, and answer.
+        # 5. Commit and answer; the cache now covers committed[:-1] by moving a count.
         accepted = result.accepted.tolist()
         next_tokens = result.next_token.tolist()
         for row, (draft, state) in enumerate(runnable):
-            verdict = self._commit(draft, state, scored, row, accepted[row], next_tokens[row],
+            verdict = self._commit(draft, state, accepted[row], next_tokens[row],
                                    bool(result.is_bonus[row]), bool(result.hit_eos[row]))
             outcomes.append(Outcome(draft.device, verdict, Admission.RUN))
         self._snapshot()
         return outcomes
+
+    def _prefill(self, states: list[SessionState]) -> None:
+        """Bring every session's cache to committed[:-1], ``prefill_chunk`` tokens per row per forward
+        (bounded memory and latency per forward; several sessions' chunks share a forward)."""
+        for state in states:
+            if state.slot is None:
+                state.slot, state.cached = self.kv.acquire(), 0
+        while pending := [s for s in states if s.cached < len(s.committed) - 1]:
+            chunks = [s.committed[s.cached : min(len(s.committed) - 1, s.cached + self.prefill_chunk)] for s in pending]
+            self.target.forward_rows([s.slot for s in pending], [s.cached for s in pending], chunks)
+            for state, chunk in zip(pending, chunks):
+                state.cached += len(chunk)
+                self.stats.prefill_tokens += len(chunk)
+
+    def _release(self, state: SessionState) -> None:
+        if state.slot is not None:
+            self.kv.release(state.slot)
+            state.slot, state.cached = None, 0
 
     def _snapshot(self) -> None:
         # Read by the event loop thread for Status and stats; plain int assignments, never the table itself.
@@ -98,22 +120,22 @@ class VerifierEngine:
         """A draft that fails verification on its own: refuse it and forget its session."""
         outcomes = []
         for draft in drafts:
+            state = self.sessions.get(draft.device, draft.session)
+            if state is not None:
+                self._release(state)
             self.sessions.forget(draft.device, draft.session)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
             outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC))
         self._snapshot()
         return outcomes
 
-    def _commit(self, draft: Draft, state: SessionState, scored, row: int, accepted: int, next_token: int,
+    def _commit(self, draft: Draft, state: SessionState, accepted: int, next_token: int,
                 is_bonus: bool, hit_eos: bool) -> Verdict:
-        n = len(state.committed)
         state.committed.extend(draft.tokens[:accepted])
         if next_token >= 0:
             state.committed.append(next_token)
-        # The cache must cover committed[:-1]: old n-1 entries plus x[n-1] and the accepted drafts,
-        # except when no next token was added (then the last accepted draft is the new x[n'-1]).
-        keep_inputs = 1 + accepted if next_token >= 0 else accepted
-        state.cache = session_cache(scored, row, n - 1, keep_inputs)
+        # The forward wrote x[n-1], d_1..d_k at positions n-1..n-1+k; committed[:-1] is a prefix of them.
+        state.cached = len(state.committed) - 1
         finish = FinishReason.EOS if hit_eos else (FinishReason.LENGTH if len(state.committed) >= state.max_len else None)
         state.finished = finish is not None
         state.rounds += 1
@@ -126,20 +148,20 @@ class VerifierEngine:
             committed_len=len(state.committed), finish=finish,
         )
         if state.finished:
-            state.cache = None  # keep the bookkeeping for retries of the last round, not the memory
+            self._release(state)  # keep the bookkeeping for retries of the last round, not the memory
         return state.last_verdict
 
-    def _decide(self, runnable, scored) -> VerifyResult:
+    def _decide(self, runnable, logits: torch.Tensor) -> VerifyResult:
         draft_ids, lens = self._padded(runnable)
         budgets, eos_ids = self._budgets(runnable), self.target.eos_ids
-        result = greedy_verify(draft_ids, lens, scored.target_ids, budgets, eos_ids)
+        result = greedy_verify(draft_ids, lens, logits.argmax(dim=-1), budgets, eos_ids)
         sampled = [row for row, (draft, _) in enumerate(runnable) if _is_sampled(draft)]
         if not sampled:
             return result
         drafts = [runnable[row][0] for row in sampled]
         rows = torch.tensor(sampled, device=self.target.device)
         k_max = max(1, draft_ids.shape[1])
-        logits = scored.logits[rows, : k_max + 1]                                     # [R, K+1, V]
+        logits = logits[rows, : k_max + 1]                                            # [R, K+1, V]
         positions = logits.shape[1]
         params = [torch.tensor([getattr(d.sampling, name) for d in drafts], device=self.target.device)
                   for name in ("temperature", "top_k", "top_p")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from sled_protocol import Draft, Verdict
 
@@ -20,7 +19,8 @@ class SessionState:
     device: str
     committed: list[int]
     max_len: int
-    cache: Any = None                 # engine-owned KV cache over committed[:-1]; None until prefilled
+    slot: int | None = None           # engine-owned KV slot; None until prefilling starts
+    cached: int = 0                   # valid KV positions in the slot; len(committed) - 1 once prefilled
     last_seq: int = -1
     last_verdict: Verdict | None = None
     finished: bool = False
@@ -61,7 +61,7 @@ class SessionTable:
                 return Admission.FINISHED
         if draft.context is not None:
             # Context we already hold (a duplicate first round, or an edge that always sends it) costs no prefill.
-            if state is not None and state.cache is not None and draft.base_len == len(state.committed) \
+            if state is not None and state.slot is not None and draft.base_len == len(state.committed) \
                     and list(draft.context) == state.committed:
                 return Admission.RUN
             return Admission.REBUILD
@@ -70,13 +70,14 @@ class SessionTable:
         return Admission.RUN
 
     def open(self, draft: Draft, protected: frozenset[tuple[str, str]] = frozenset()) -> tuple[SessionState, list[SessionState]]:
-        """(Re)create the session from the draft's context; returns it and any sessions evicted.
+        """(Re)create the session from the draft's context; returns it and the sessions it displaced (the
+        one it replaces and any evicted), whose resources the caller frees.
 
         Eviction takes the least recently used session that is not ``protected`` (the current batch's).
         """
         assert draft.context is not None
-        self._sessions.pop((draft.device, draft.session), None)
-        evicted = []
+        replaced = self._sessions.pop((draft.device, draft.session), None)
+        evicted = [replaced] if replaced is not None else []
         candidates = (key for key in list(self._sessions) if key not in protected)
         while len(self._sessions) >= self.max_sessions:
             key = next(candidates, None)

@@ -171,3 +171,18 @@ def test_long_and_short_sessions_share_a_batch_near_the_position_limit(tiny_mode
     for outcome, name in zip(together, ("long", "short")):
         assert outcome.verdict.kind is VerdictKind.VERIFIED
         assert (outcome.verdict.accepted, outcome.verdict.next_token) == (alone[name].accepted, alone[name].next_token)
+
+
+def test_kv_slots_grow_in_count_and_length_without_losing_a_token(tiny_models, target, drafts, reference):
+    """More sessions than the first slot allocation, contexts longer than its first length (and a
+    prefill in several chunks): the caches grow by copying and every session stays exact."""
+    engine = VerifierEngine(target, "v", max_sessions=16, stats=VerifierStats(), prefill_chunk=64)
+    vocab = vocab_hash(tiny_models.target)
+    rng = __import__("random").Random(5)
+    prompts = [[rng.randrange(1, 500) for _ in range(rng.randrange(200, 320))] for _ in range(6)]
+    sessions = [EdgeSession(f"g{i}", "dev", vocab, list(p), len(p) + 10) for i, p in enumerate(prompts)]
+    run_lockstep(engine, sessions, [Drafter(drafts["gpt2" if i % 2 else "self"]) for i in range(6)], [3] * 6)
+    for session, prompt in zip(sessions, prompts):
+        assert session.committed[len(prompt):] == reference(prompt, 10)
+    assert engine.kv.capacity >= 6 and engine.kv.length >= 320
+    assert len(engine.kv.free) == engine.kv.capacity  # finished sessions gave their slots back

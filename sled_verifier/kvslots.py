@@ -1,0 +1,103 @@
+"""The verifier's KV cache: one preallocated tensor pair per layer, a slot per session, written in place.
+
+Layout per layer: keys and values ``[S, H, L, D]`` (S slots, L positions). A session owns a slot and the
+engine tracks how many positions are valid. A forward over a ragged batch writes each row's new keys
+and values straight into its slot at its own offset and reads back ``[B, H, width, D]`` for attention,
+so rolling back a rejected draft is just not counting its positions (no copy), and nothing is
+re-padded or re-split per round. Capacity grows by doubling (slots up to ``max_slots``, positions up
+to ``max_length``). One extra slot takes the writes of padding queries, so a short row padded to a
+long one never writes past its own tokens (nor past the position limit).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotKV:
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 max_slots: int, max_length: int, slots: int = 4, length: int = 256) -> None:
+        self.shape = (heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.max_slots, self.max_length = max_slots, max_length
+        self.capacity, self.length = min(slots, max_slots), min(length, max_length)
+        self.keys = [self._empty(self.capacity, self.length) for _ in range(layers)]
+        self.values = [self._empty(self.capacity, self.length) for _ in range(layers)]
+        self.free = list(range(self.capacity))
+
+    @property
+    def trash(self) -> int:
+        """The slot padding queries write into (never read)."""
+        return self.capacity
+
+    def _empty(self, slots: int, length: int) -> torch.Tensor:
+        return torch.zeros(slots + 1, self.shape[0], length, self.shape[1], dtype=self.dtype, device=self.device)
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one position of one session takes, all layers."""
+        return 2 * len(self.keys) * self.shape[0] * self.shape[1] * self.keys[0].element_size()
+
+    def acquire(self) -> int:
+        if not self.free:
+            self._resize(min(self.max_slots, self.capacity * 2), self.length)
+            if not self.free:
+                raise RuntimeError(f"all {self.max_slots} KV slots are in use")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def ensure_length(self, needed: int) -> None:
+        if needed > self.length:
+            if needed > self.max_length:
+                raise ValueError(f"{needed} positions exceed the KV capacity of {self.max_length}")
+            length = self.length
+            while length < needed:
+                length *= 2
+            self._resize(self.capacity, min(length, self.max_length))
+
+    def _resize(self, slots: int, length: int) -> None:
+        for table in (self.keys, self.values):
+            for layer, old in enumerate(table):
+                new = self._empty(slots, length)
+                new[: self.capacity, :, : old.shape[2]] = old[: self.capacity]
+                table[layer] = new
+        self.free.extend(range(self.capacity, slots))
+        self.capacity, self.length = slots, length
+
+    def view(self, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, new_tokens: int) -> BatchView:
+        """A cache for one forward of rows (slot, start, len) padded to ``new_tokens`` inputs."""
+        width = int((starts + lens).max())
+        self.ensure_length(max(width, new_tokens))
+        return BatchView(self, slots, starts, lens, width, new_tokens)
+
+
+class BatchView(Cache):
+    """What a transformers model sees as its cache for one forward: writes go into the slots in place."""
+
+    def __init__(self, store: SlotKV, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, width: int,
+                 new_tokens: int) -> None:
+        super().__init__(layers=[])
+        self.store, self.slots, self.width = store, slots, width
+        offsets = torch.arange(new_tokens, device=starts.device)[None, :]                      # [1, M]
+        real = offsets < lens[:, None]                                                          # [B, M]
+        self._write_slots = torch.where(real, slots[:, None], store.trash)                      # [B, M]
+        self._write_positions = torch.where(real, starts[:, None] + offsets, offsets)           # [B, M]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        # [B, H, M, D] -> [B, M, H, D] to match keys[slot, :, position] indexing.
+        keys[self._write_slots, :, self._write_positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[self._write_slots, :, self._write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        return keys[self.slots, :, : self.width], values[self.slots, :, : self.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+    def get_mask_sizes(self, cache_position, layer_idx: int = 0):
+        return self.width, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
