@@ -19,6 +19,7 @@ from typing import Protocol
 import structlog
 
 from sled_edge.config import EdgeConfig
+from sled_edge.controller import DraftLengthController
 from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, EdgeConnection
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter, Proposal
@@ -82,6 +83,7 @@ class EdgeDevice:
         self.model = model or OnnxDraftModel(config.draft, config.threads)
         self.vocab = vocab_hash(config.draft)
         self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
+        self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
         self.connection = EdgeConnection(parse_mqtt_url(config.mqtt_url), config.device_id, config.ca_file or None)
         self.verifiers = self.connection.verifiers
 
@@ -153,11 +155,15 @@ class EdgeDevice:
         self.connection.session_verifier[session.session_id] = verifier.verifier
         try:
             while session.finish is None:
-                k_limit = verifier.max_draft_tokens or self.config.draft_tokens
-                k = max(0, min(self.config.draft_tokens, k_limit, session.budget - 1))
+                limit = max(0, min(verifier.max_draft_tokens or 64, session.budget - 1))
+                k = self.controller.choose(limit) if self.config.draft_tokens == 0 else min(self.config.draft_tokens, limit)
+                drafting = time.perf_counter()
                 proposal = await asyncio.to_thread(drafter.propose_sampled, session.committed, k, sampling,
                                                    self.config.proposal_tokens)
+                verifying = time.perf_counter()
                 draft, verdict, verifier = await self._verify_round(session, proposal, queue, verifier, slog)
+                self.controller.observe(len(draft.tokens), verdict.accepted, verifying - drafting,
+                                        time.perf_counter() - verifying)
                 new_tokens = session.apply(draft, verdict)
                 drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
                 slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,

@@ -1,0 +1,76 @@
+"""Adaptive draft length: each round pick the k that maximises expected committed tokens per second.
+
+With per-position acceptance a_j (the chance that draft token j is accepted given tokens 1..j-1 were),
+a round of k draft tokens commits E(k) = 1 + sum_{i=1..k} prod_{j<=i} a_j tokens (for a constant a this
+is (1 - a^(k+1)) / (1 - a)), and takes T(k) = k * t_draft + t_round (drafting, then publish + verify +
+verdict). The controller measures a_j (smoothed counts), t_draft and t_round as it goes and returns
+argmax_k E(k) / T(k). A position rarely tested (k seldom reaches it) borrows the pooled acceptance of
+all positions, and every ``explore_every``-th round drafts one token more than the best k, so a
+position's estimate keeps being revised even when it looks unprofitable (else two unlucky early
+rounds could keep a good draft short for ever).
+Pure: the caller passes measurements in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """Expected tokens committed by one round of k draft tokens (accepted prefix + recovered/bonus)."""
+    total, survive = 1.0, 1.0
+    for j in range(k):
+        survive *= acceptance[j]
+        total += survive
+    return total
+
+
+@dataclass
+class DraftLengthController:
+    k_max: int = 8
+    prior_acceptance: float = 0.6
+    prior_weight: float = 2.0          # pseudo-observations behind the prior, per position
+    smoothing: float = 0.05            # weight of the newest timing sample (exponential moving average)
+    explore_every: int = 16
+    rounds: int = 0
+    draft_s: float = 0.002             # time to draft one token
+    round_s: float = 0.010             # publish -> verdict, drafting excluded
+    offered: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.offered = [0.0] * self.k_max
+        self.accepted = [0.0] * self.k_max
+
+    def acceptance(self) -> list[float]:
+        """Per-position estimates, each shrunk towards the pooled acceptance of all positions."""
+        pooled = (sum(self.accepted) + self.prior_weight * self.prior_acceptance) / (sum(self.offered) + self.prior_weight)
+        return [(a + self.prior_weight * pooled) / (o + self.prior_weight) for a, o in zip(self.accepted, self.offered)]
+
+    def best(self, limit: int | None = None) -> int:
+        """The k in [1, min(k_max, limit)] with the most expected tokens per second (0 if the limit is 0)."""
+        upper = self.k_max if limit is None else max(0, min(self.k_max, limit))
+        if upper == 0:
+            return 0
+        acceptance = self.acceptance()
+        return max(range(1, upper + 1), key=lambda k: expected_tokens(acceptance, k) / (k * self.draft_s + self.round_s))
+
+    def choose(self, limit: int | None = None) -> int:
+        """This round's k: the best one, or one more on exploration rounds."""
+        best = self.best(limit)
+        if best and self.rounds % self.explore_every == self.explore_every - 1:
+            return min(best + 1, self.k_max if limit is None else min(self.k_max, limit))
+        return best
+
+    def observe(self, k: int, accepted: int, draft_s: float, round_s: float) -> None:
+        """One verified round: k offered, ``accepted`` of them, drafting and round-trip times."""
+        self.rounds += 1
+        # Position j was tested only if j-1 was accepted: positions 0..accepted (capped at k-1).
+        for j in range(min(k, accepted + 1)):
+            self.offered[j] += 1
+            if j < accepted:
+                self.accepted[j] += 1
+        decay = 1 - self.smoothing
+        if k > 0:
+            self.draft_s = decay * self.draft_s + self.smoothing * (draft_s / k)
+        self.round_s = decay * self.round_s + self.smoothing * round_s
