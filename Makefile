@@ -10,7 +10,7 @@ PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test demo models broker inspect clean load
+.PHONY: help setup system-deps test demo models broker inspect clean load bench bench-quick
 DEVICES      ?= 8
 DURATION_S   ?= 20
 VERIFIERS    ?= 2
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet 'torch==2.13.0' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e '.[verifier,models,service,test]'
+	$(PIP) install --quiet -e '.[verifier,models,service,bench,test]'
 	@touch $@
 
 setup: $(VENV)/.installed ## venv with pinned dependencies, plus system packages
@@ -44,6 +44,12 @@ ifeq ($(PROFILE),tiny)
 else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
+
+bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: table of ratios + bench/results/*.json/png (~10 min)
+	$(PY) bench/run.py --profile full
+
+bench-quick: setup ## a 2-minute look at the same figures
+	$(PY) bench/run.py --profile quick
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
 	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)

@@ -77,12 +77,12 @@ class VerifierEngine:
         # 2. Prefill sessions that were just opened or rebuilt, in chunks (their cache covers x[0:n-1]).
         self._prefill([state for _, state in runnable])
         # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session, written into its slot.
-        started = time.perf_counter()
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
+        started = time.perf_counter()
         logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
+        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
         # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
         result = self._decide(runnable, logits)
-        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
         # 5. Commit and answer; the cache now covers committed[:-1] by moving a count.
         accepted = result.accepted.tolist()
         next_tokens = result.next_token.tolist()
@@ -101,7 +101,9 @@ class VerifierEngine:
                 state.slot, state.cached = self.kv.acquire(), 0
         while pending := [s for s in states if s.cached < len(s.committed) - 1]:
             chunks = [s.committed[s.cached : min(len(s.committed) - 1, s.cached + self.prefill_chunk)] for s in pending]
+            started = time.perf_counter()
             self.target.forward_rows([s.slot for s in pending], [s.cached for s in pending], chunks)
+            self.stats.prefill_s += time.perf_counter() - started
             for state, chunk in zip(pending, chunks):
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)

@@ -42,6 +42,9 @@ class VerifierCollector(Collector):
             errors.add_metric([kind], count)
         yield errors
         yield GaugeMetricFamily("sled_verifier_sessions", "Sessions held", value=self.sessions())
+        yield CounterMetricFamily("sled_verifier_busy_seconds", "Time from taking a batch to its verdicts published",
+                                  value=s.busy_s)
+        yield CounterMetricFamily("sled_verifier_prefill_seconds", "Model time of prefill forwards", value=s.prefill_s)
         yield _histogram("sled_verifier_batch_size", "Drafts per forward pass", s.batch_size_hist)
         yield _histogram("sled_verifier_batch_tokens", "Tokens scored per forward pass", s.batch_tokens_hist)
         yield _histogram("sled_verifier_forward_seconds", "Model time per verification pass", s.forward_hist)

@@ -170,6 +170,7 @@ class VerifierService:
                     pass
                 continue
             # Oldest first; the model thread owns session state while it runs.
+            busy_from = time.perf_counter()
             count = take_batch(self.policy, [len(d.tokens) + 1 for d, _ in self.queue.values()])
             batch = [self.queue.popitem(last=False)[1] for _ in range(count)]
             for _, arrival_s in batch:
@@ -186,6 +187,7 @@ class VerifierService:
                     if len(self.expected) > self.config.max_sessions:  # bounded like everything else
                         del self.expected[next(iter(self.expected))]
                 await self._publish_verdict(client, outcome.device, verdict)
+            self.stats.busy_s += time.perf_counter() - busy_from
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue))
 
     async def _run_step(self, drafts: list[Draft]):

@@ -49,7 +49,9 @@ class VerifierStats:
     accepted_per_position: list[int] = field(default_factory=list)
     batches: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
-    forward_s: float = 0.0
+    forward_s: float = 0.0             # model time of verification forwards
+    prefill_s: float = 0.0             # model time of prefill forwards
+    busy_s: float = 0.0                # service time from taking a batch to its verdicts published
     prefill_tokens: int = 0
     queue_delay_s: float = 0.0
     resyncs: int = 0
@@ -98,6 +100,9 @@ class VerifierStats:
             "batches": self.batches,
             "mean_batch_size": round(self.drafts / self.batches, 2) if self.batches else 0.0,
             "forward_s": round(self.forward_s, 3),
+            "prefill_s": round(self.prefill_s, 3),
+            "busy_s": round(self.busy_s, 3),
+            "overhead": round(1 - (self.forward_s + self.prefill_s) / self.busy_s, 3) if self.busy_s else 0.0,
             "prefill_tokens": self.prefill_tokens,
             "resyncs": self.resyncs,
             "errors": dict(self.errors),

@@ -1,0 +1,310 @@
+"""``make bench``: SLED measured against its baselines in one run, on this machine, with ratios.
+
+- SLED: a real Mosquitto, one verifier process and three edge device processes (heterogeneous drafts
+  from the model family) running N sessions on held-out prompts; committed tokens/s, acceptance per
+  draft, verifier busy fraction, model seconds per committed token, round trip p50/p99, queue delay,
+  batch sizes, verifier overhead (busy time not in the model);
+- server-only: the same target decoding the same N sessions autoregressively, batched, same runtime and
+  threads (the remote-inference baseline); every SLED output is also checked against it token for token;
+- no batching: SLED with one draft per forward pass;
+- ceiling: the raw model's forward over N x (k+1) tokens against N x 1 and against N separate forwards;
+- memory: verifier peak RSS at the smallest and largest N, KV bytes per session, edge peak RSS per draft;
+- draft length: fixed k swept against the adaptive controller, per draft.
+Writes bench/results/<profile>-<time>.json and a PNG plot; prints a table of ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sled_protocol.devbroker import free_port, start_dev_broker  # noqa: E402
+
+PROFILES = {
+    "quick": {"ns": [1, 4, 8], "tokens": 32, "k_sweep": [2, 4], "sweep_drafts": ["rpi5"], "prompt_tokens": 48},
+    "full": {"ns": [1, 2, 4, 8, 16], "tokens": 64, "k_sweep": [1, 2, 3, 4, 6], "sweep_drafts": ["jetson-orin", "rpi5", "rpi4"],
+             "prompt_tokens": 64},
+}
+DEVICES = {"jetson-orin": "path", "rpi5": "path_int8", "rpi4": "path_int8"}  # which export each device runs
+# On one host the edge devices would steal the server's CPU; pin the server side (verifier, baselines,
+# ceiling) to the first core and the device processes to the others, as separate machines would be.
+CORES = sorted(os.sched_getaffinity(0))
+SERVER_CORES = {CORES[0]}
+DEVICE_CORES = set(CORES[1:]) or SERVER_CORES
+
+
+def pinned(cores: set[int]):
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+class Verifier:
+    def __init__(self, url: str, target: Path, workdir: Path, name: str, *extra: str) -> None:
+        self.metrics_port = free_port()
+        self.log_path = workdir / f"{name}.log"
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sled_verifier", "--mqtt-url", url, "--target", str(target), "--verifier-id", name,
+                 "--threads", "1", "--metrics-port", str(self.metrics_port), "--stats-interval-s", "30", *extra],
+                stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                preexec_fn=pinned(SERVER_CORES))
+        self.name = name
+        deadline = time.monotonic() + 120
+        while "verifier_online" not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(self.log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=20)
+
+
+def run_sled(url: str, verifier: Verifier, family: Path, manifest: dict, prompts_file: Path, n: int, tokens: int,
+             devices: list[str], draft_tokens: int = 0) -> dict:
+    """N sessions spread over the device processes, all starting at once; verifier metrics diffed."""
+    before = verifier.metrics()
+    start_at = time.time() + 4.0
+    workers = []
+    for d, device in enumerate(devices):
+        indices = [i for i in range(n) if i % len(devices) == d]
+        if not indices:
+            continue
+        draft = family / manifest["drafts"][device][DEVICES[device]]
+        workers.append((device, subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "worker.py"), "--mqtt-url", url, "--draft", str(draft),
+             "--device-id", f"bench-{device}", "--verifier", verifier.name, "--prompts", str(prompts_file),
+             "--indices", ",".join(map(str, indices)), "--max-new-tokens", str(tokens),
+             "--draft-tokens", str(draft_tokens), "--start-at", str(start_at)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=pinned(DEVICE_CORES))))
+    reports = {}
+    for device, process in workers:
+        out, err = process.communicate(timeout=900)
+        if process.returncode != 0:
+            raise RuntimeError(f"bench worker {device} failed:\n{err[-3000:]}")
+        reports[device] = json.loads(out)
+    after = verifier.metrics()
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    sessions = [s | {"device": d} for d, r in reports.items() for s in r["sessions"]]
+    wall_s = max(r["wall_s"] for r in reports.values())
+    committed = sum(len(s["tokens"]) for s in sessions)
+    trips = sorted(t for r in reports.values() for t in r["round_trips_s"])
+    busy, forward = delta.get("sled_verifier_busy_seconds_total", 0.0), delta.get("sled_verifier_forward_seconds_sum", 0.0)
+    prefill = delta.get("sled_verifier_prefill_seconds_total", 0.0)
+    batches = delta.get("sled_verifier_batch_size_count", 0.0)
+    per_draft = {}
+    for device in reports:
+        own = [s for s in sessions if s["device"] == device]
+        rounds, accepted, drafted = (sum(s[key] for s in own) for key in ("rounds", "accepted", "draft_tokens"))
+        per_draft[device] = {"sessions": len(own), "mean_accepted_length": round(1 + accepted / rounds, 3),
+                             "acceptance_rate": round(accepted / max(1, drafted), 3),
+                             "mean_k": round(drafted / rounds, 2), "peak_rss_mb": round(reports[device]["peak_rss_bytes"] / 2**20, 1)}
+    buckets = {k.split("le=")[1].rstrip("}"): v for k, v in delta.items() if k.startswith("sled_verifier_batch_size_bucket")}
+    return {
+        "n": n, "wall_s": round(wall_s, 3), "committed_tokens": committed,
+        "system_tokens_per_s": round(committed / wall_s, 2),
+        "session_tokens_per_s_median": round(statistics.median(len(s["tokens"]) / s["elapsed_s"] for s in sessions), 2),
+        "round_trip_ms_p50": round(1000 * trips[len(trips) // 2], 2) if trips else None,
+        "round_trip_ms_p99": round(1000 * trips[min(len(trips) - 1, int(len(trips) * 0.99))], 2) if trips else None,
+        "verifier_busy_fraction": round(busy / wall_s, 3),
+        "verifier_model_s_per_token": round((forward + prefill) / committed, 6),
+        "verifier_overhead": round(1 - (forward + prefill) / busy, 3) if busy else None,
+        "queue_delay_ms_mean": round(1000 * delta.get("sled_verifier_queue_delay_seconds_sum", 0.0)
+                                     / max(1.0, delta.get("sled_verifier_queue_delay_seconds_count", 0.0)), 3),
+        "mean_batch_size": round(delta.get("sled_verifier_batch_size_sum", 0.0) / max(1.0, batches), 2),
+        "verifier_busy_ms_per_batch": round(1000 * busy / max(1.0, batches), 3),
+        # What a round spends outside the verifier's batch work and queue: MQTT both ways + codec + edge wake-up.
+        "transport_ms_p50_estimate": round(1000 * trips[len(trips) // 2] - 1000 * busy / max(1.0, batches)
+                                           - 1000 * delta.get("sled_verifier_queue_delay_seconds_sum", 0.0)
+                                           / max(1.0, delta.get("sled_verifier_queue_delay_seconds_count", 0.0)), 3)
+        if trips else None,
+        "batch_size_cumulative": buckets, "per_draft": per_draft,
+        "outputs": {s["index"]: s["tokens"] for s in sessions},
+    }
+
+
+def server_only(target, prompts: list[list[int]], tokens: int) -> dict:
+    """The same target decoding the same sessions autoregressively, batched (slot cache, one token per row)."""
+    kv = target.init_kv(max_slots=len(prompts), max_length=max(map(len, prompts)) + tokens + 8)
+    slots = [kv.acquire() for _ in prompts]
+    started = time.perf_counter()
+    logits = target.forward_rows(slots, [0] * len(prompts), prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    last = logits[torch.arange(len(prompts)), lens - 1].argmax(-1).tolist()
+    outputs, lengths = [[t] for t in last], [len(p) for p in prompts]
+    for _ in range(tokens - 1):
+        logits = target.forward_rows(slots, lengths, [[o[-1]] for o in outputs])
+        for row, token in enumerate(logits[:, 0].argmax(-1).tolist()):
+            outputs[row].append(token)
+            lengths[row] += 1
+    wall_s = time.perf_counter() - started
+    return {"n": len(prompts), "wall_s": round(wall_s, 3), "system_tokens_per_s": round(len(prompts) * tokens / wall_s, 2),
+            "session_tokens_per_s": round(tokens / wall_s, 2), "model_s_per_token": round(wall_s / (len(prompts) * tokens), 6),
+            "outputs": outputs}
+
+
+def ceiling(target, n: int, k: int, context: int, repeat: int = 5) -> dict:
+    """Raw forward times: N rows x (k+1) tokens, N x 1 token, and N separate (k+1)-token forwards."""
+    kv = target.init_kv(max_slots=n, max_length=context + k + 8)
+    slots = [kv.acquire() for _ in range(n)]
+    rng = np.random.default_rng(0)
+    target.forward_rows(slots, [0] * n, [rng.integers(1, 4000, context).tolist() for _ in range(n)])
+
+    def timed(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+    wide = [[1] * (k + 1)] * n
+    batched_k = timed(lambda: target.forward_rows(slots, [context] * n, wide))
+    batched_1 = timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n))
+    separate_k = timed(lambda: [target.forward_rows([s], [context], [[1] * (k + 1)]) for s in slots])
+    return {"n": n, "k": k, "forward_ms_n_x_k1": round(1000 * batched_k, 2), "forward_ms_n_x_1": round(1000 * batched_1, 2),
+            "forward_ms_n_separate_k1": round(1000 * separate_k, 2),
+            "pass_cost_ratio": round(batched_k / batched_1, 3), "batching_gain_raw": round(separate_k / batched_k, 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--family", type=Path, default=ROOT / "models" / "build" / "family-quick")
+    parser.add_argument("--slo-tokens-per-s", type=float, default=None,
+                        help="per-session rate a session must keep for capacity [default: half of N=1 server-only]")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    started = time.monotonic()
+    torch.set_num_threads(1)  # the verifier runs with --threads 1: same runtime, same threads
+    os.sched_setaffinity(0, SERVER_CORES)  # the baselines run where the verifier runs
+    if not (args.family / "manifest.json").is_file():
+        from sled_models.build import build_family
+        from sled_models.recipe import PROFILES as RECIPES
+
+        log(f"building the model family into {args.family} (first run only)")
+        build_family(args.family, RECIPES["quick"])
+    manifest = json.loads((args.family / "manifest.json").read_text())
+    from sled_verifier.target import TargetModel
+
+    target = TargetModel(args.family / "target", device="cpu")
+    held_out = np.load(args.family / "tokens_held_out.npy")
+    rng = np.random.default_rng(42)
+    max_n = max(profile["ns"])
+    starts = rng.integers(0, len(held_out) - profile["prompt_tokens"], size=max_n)
+    prompts = [held_out[s : s + profile["prompt_tokens"]].astype(int).tolist() for s in starts]
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = ROOT / "build" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts_file = workdir / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+    results: dict = {"profile": args.profile, "family": str(args.family),
+                     "machine": f"{len(CORES)} CPU cores: verifier and baselines on core {sorted(SERVER_CORES)} (torch threads 1), "
+                                f"device processes on cores {sorted(DEVICE_CORES)} (onnxruntime threads 1)"}
+
+    log("server-only baseline and model ceiling")
+    results["server_only"] = {n: server_only(target, prompts[:n], profile["tokens"]) for n in profile["ns"]}
+    k_typical = 4
+    results["ceiling"] = {n: ceiling(target, n, k_typical, profile["prompt_tokens"] + profile["tokens"] // 2)
+                          for n in profile["ns"]}
+    results["memory"] = {"target_bytes": sum(p.stat().st_size for p in (args.family / "target").glob("*.safetensors")),
+                         "kv_bytes_per_token": target.kv.bytes_per_token(),
+                         "kv_bytes_per_session": target.kv.bytes_per_token() * (profile["prompt_tokens"] + profile["tokens"])}
+
+    broker, port = start_dev_broker(workdir / "broker")
+    url = f"mqtt://127.0.0.1:{port}"
+    devices = list(DEVICES)
+    wrong = 0
+    try:
+        for mode, extra in (("sled", ()), ("no_batching", ("--max-batch-drafts", "1"))):
+            verifier = Verifier(url, args.family / "target", workdir, f"bench-{mode}", *extra)
+            try:
+                results[mode] = {}
+                for n in profile["ns"]:
+                    log(f"{mode}: N={n}")
+                    run = run_sled(url, verifier, args.family, manifest, prompts_file, n, profile["tokens"], devices)
+                    outputs = run.pop("outputs")
+                    wrong += sum(outputs[i] != results["server_only"][n]["outputs"][i] for i in outputs)
+                    results[mode][n] = run
+                    if mode == "sled" and n in (min(profile["ns"]), max(profile["ns"])):
+                        results["memory"][f"verifier_peak_rss_bytes_n{n}"] = verifier.peak_rss()
+            finally:
+                verifier.stop()
+        results["memory"]["edge_peak_rss_mb"] = {d: r["peak_rss_mb"] for d, r in results["sled"][max(profile["ns"])]["per_draft"].items()}
+        verifier = Verifier(url, args.family / "target", workdir, "bench-sweep")
+        try:
+            results["k_sweep"] = {}
+            for device in profile["sweep_drafts"]:
+                rates = {}
+                for k in [*profile["k_sweep"], 0]:
+                    log(f"k sweep: {device} k={'adaptive' if k == 0 else k}")
+                    run = run_sled(url, verifier, args.family, manifest, prompts_file, 1, profile["tokens"] * 2,
+                                   [device], draft_tokens=k)
+                    run.pop("outputs")
+                    rates["adaptive" if k == 0 else k] = {"tokens_per_s": run["system_tokens_per_s"],
+                                                          "mean_k": run["per_draft"][device]["mean_k"]}
+                best = max((v["tokens_per_s"], k) for k, v in rates.items() if k != "adaptive")
+                rates["adaptive_vs_best_fixed"] = round(rates["adaptive"]["tokens_per_s"] / best[0], 3)
+                rates["best_fixed_k"] = best[1]
+                results["k_sweep"][device] = rates
+        finally:
+            verifier.stop()
+    finally:
+        for server in results.get("server_only", {}).values():
+            server.pop("outputs", None)
+        broker.terminate()
+        broker.wait(timeout=10)
+    results["sessions_differing_from_server_only"] = wrong
+    results["bench_seconds"] = round(time.monotonic() - started, 1)
+    from bench.report import capacity, plot, print_table
+
+    slo = args.slo_tokens_per_s or round(results["server_only"][min(profile["ns"])]["session_tokens_per_s"] / 2, 1)
+    results["capacity"] = capacity(results, slo)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = args.out / f"{args.profile}-{stamp}.json"
+    json_path.write_text(json.dumps(results, indent=2))
+    plot(results, args.out / f"{args.profile}-{stamp}.png")
+    print_table(results)
+    log(f"wrote {json_path} and its .png in {results['bench_seconds']} s")
+    return 0 if wrong == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
