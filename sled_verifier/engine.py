@@ -80,6 +80,8 @@ class VerifierEngine:
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
         started = time.perf_counter()
         logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
+        if logits.is_cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
         self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
         # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
         result = self._decide(runnable, logits)
