@@ -150,20 +150,28 @@ class EdgeDevice:
                               max_len, sampling=sampling)
         slog = log.bind(device_id=session.device, session_id=session.session_id)
         drafter = Drafter(self.model)
+        # A sampled session's realisation depends on where drafts start and stop, so a seed reproduces it
+        # only if k does not depend on timing: it gets its own controller that learns from acceptance alone.
+        seeded = sampling is not None and sampling.temperature > 0
+        controller = DraftLengthController(k_max=self.config.max_draft_tokens) if seeded else self.controller
         queue: asyncio.Queue = asyncio.Queue()
         self.connection.waiters[session.session_id] = queue
         self.connection.session_verifier[session.session_id] = verifier.verifier
         try:
             while session.finish is None:
                 limit = max(0, min(verifier.max_draft_tokens or 64, session.budget - 1))
-                k = self.controller.choose(limit) if self.config.draft_tokens == 0 else min(self.config.draft_tokens, limit)
+                k = controller.choose(limit) if self.config.draft_tokens == 0 else min(self.config.draft_tokens, limit)
                 drafting = time.perf_counter()
                 proposal = await asyncio.to_thread(drafter.propose_sampled, session.committed, k, sampling,
                                                    self.config.proposal_tokens)
                 verifying = time.perf_counter()
                 draft, verdict, verifier = await self._verify_round(session, proposal, queue, verifier, slog)
-                self.controller.observe(len(draft.tokens), verdict.accepted, verifying - drafting,
-                                        time.perf_counter() - verifying)
+                if seeded:  # acceptance only: the k sequence, and so the output, follows from the seed
+                    controller.observe(len(draft.tokens), verdict.accepted, len(draft.tokens) * controller.draft_s,
+                                       controller.round_s)
+                else:
+                    controller.observe(len(draft.tokens), verdict.accepted, verifying - drafting,
+                                       time.perf_counter() - verifying)
                 new_tokens = session.apply(draft, verdict)
                 drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
                 slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
