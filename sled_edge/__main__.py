@@ -73,8 +73,9 @@ async def run_serve(config: EdgeConfig) -> None:
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     async with EdgeDevice(config, observer=metrics) as device:
         verifier = await device.choose_verifier()  # fail at start, not at the first request, if none fits
+        # handler_cancellation: a request whose client went away stops generating for it.
         runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics).app(),
-                               access_log=None)
+                               access_log=None, handler_cancellation=True)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.http_host, config.http_port).start()

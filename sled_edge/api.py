@@ -127,6 +127,9 @@ class Api:
             self._count(endpoint, 503)
             return web.json_response({"error": {"message": str(exc), "type": "server_error", "code": exc.code}},
                                      status=503)
+        except (ValueError, RuntimeError) as exc:  # e.g. a prompt that encodes to no tokens
+            self._count(endpoint, 400)
+            return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
         finally:
             if self.metrics is not None:
                 self.metrics.active.dec()
@@ -147,11 +150,10 @@ class Generation:
     def _on_tokens(self, new_tokens: list[int]) -> bool:
         self.tokens.extend(new_tokens)
         text = self.device.decode(self.tokens)
-        for stop in self.request.stop:
-            at = text.find(stop)
-            if at >= 0:
-                self.text, self.stopped = text[:at], True
-                return True
+        hits = [at for at in (text.find(stop) for stop in self.request.stop) if at >= 0]
+        if hits:  # the earliest stop sequence wins, whatever its place in the list
+            self.text, self.stopped = text[: min(hits)], True
+            return True
         self.text = text
         return False
 
@@ -231,8 +233,8 @@ class Generation:
                 await response.write(chunk)
             try:
                 result = await task
-            except EdgeError as exc:  # headers are gone: report the failure in the stream itself
-                error = {"error": {"message": str(exc), "type": "server_error", "code": exc.code}}
+            except Exception as exc:  # headers are gone: report the failure in the stream itself
+                error = {"error": {"message": str(exc), "type": "server_error", "code": getattr(exc, "code", "internal")}}
                 await response.write(f"data: {json.dumps(error)}\n\n".encode() + b"data: [DONE]\n\n")
                 await response.write_eof()
                 return response

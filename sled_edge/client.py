@@ -24,7 +24,7 @@ from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, 
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter, Proposal
 from sled_edge.session import EdgeSession
-from sled_protocol import Draft, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
+from sled_protocol import Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
 from sled_protocol.mqtt import parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
@@ -107,13 +107,15 @@ class EdgeDevice:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
-    async def choose_verifier(self, exclude: str | None = None) -> Status:
-        """The least loaded online verifier whose vocabulary is ours (or the configured one), not ``exclude``."""
+    async def choose_verifier(self, exclude: str | None = None, min_context: int = 0) -> Status:
+        """The least loaded online verifier whose vocabulary is ours (or the configured one), not ``exclude``,
+        that can hold ``min_context`` tokens."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.discovery_timeout_s
         while True:
             online = [s for s in self.verifiers.values() if s.online and s.verifier != exclude
-                      and (not self.config.verifier or s.verifier == self.config.verifier)]
+                      and (not self.config.verifier or s.verifier == self.config.verifier)
+                      and (not s.max_context_tokens or s.max_context_tokens >= min_context)]
             matching = [s for s in online if s.vocab == self.vocab]
             if matching:
                 return min(matching, key=lambda s: (s.load / max(s.capacity, 1), s.verifier))
@@ -166,7 +168,9 @@ class EdgeDevice:
                                                    self.config.proposal_tokens)
                 verifying = time.perf_counter()
                 draft, verdict, verifier = await self._verify_round(session, proposal, queue, verifier, slog)
-                if seeded:  # acceptance only: the k sequence, and so the output, follows from the seed
+                if seeded or draft.context is not None:
+                    # Acceptance only: for a seeded session the k sequence (and so the output) must follow from
+                    # the seed; a round that carried context also timed both sides' prefill, not a round.
                     controller.observe(len(draft.tokens), verdict.accepted, len(draft.tokens) * controller.draft_s,
                                        controller.round_s)
                 else:
@@ -201,10 +205,20 @@ class EdgeDevice:
         draft = session.draft(proposal.tokens, proposal.sparse)
         resends = resyncs = 0
         while True:
+            # A broker outage is not the verifier's silence: wait for the connection (bounded) without
+            # counting resends or moving the session; the round is resent once the broker is back.
+            try:
+                async with asyncio.timeout(self.config.outage_timeout_s):
+                    await self.connection.connected.wait()
+            except TimeoutError:
+                raise EdgeError("broker_unreachable", f"no broker connection for {self.config.outage_timeout_s} s") from None
             sent_s = time.perf_counter()
             try:
                 topic = topics.draft_topic(verifier.verifier, session.device)
                 await self.connection.publish(topic, encode(draft), self.config.timeout_s)
+            except TimeoutError:
+                continue  # the connection dropped while publishing: wait for it above
+            try:
                 verdict = await self._await_verdict(queue, draft.seq)
             except TimeoutError:
                 verdict = None
@@ -217,7 +231,9 @@ class EdgeDevice:
                                         f"{draft.seq} after {resends} tries of {self.config.timeout_s} s") from None
                     slog.warning("verdict_timeout", seq=draft.seq, resend=resends, verifier=verifier.verifier)
                 if verdict is VERIFIER_DOWN or resends >= FAILOVER_AFTER_TIMEOUTS:
-                    verifier, draft = await self._failover(session, proposal, verifier, slog)
+                    moved_to, draft = await self._failover(session, proposal, verifier, slog)
+                    if moved_to is not verifier:
+                        verifier, resends = moved_to, 0  # the new verifier gets its own tries
                 continue
             if verdict is RECONNECTED:
                 continue  # the broker came back: the draft or its verdict may be lost, resend now
@@ -226,8 +242,9 @@ class EdgeDevice:
                     committed = verdict.accepted + (verdict.next_token is not None)
                     self.observer.round_done(len(draft.tokens), verdict.accepted, committed, time.perf_counter() - sent_s)
                 return draft, verdict, verifier
-            if verdict.kind is VerdictKind.ERROR:
+            if verdict.kind is VerdictKind.ERROR and verdict.error is not ErrorCode.INTERNAL:
                 raise EdgeError(str(verdict.error), verdict.reason or "refused by the verifier")
+            # RESYNC, or INTERNAL (the verifier failed on this round and forgot the session): resend with context.
             resyncs += 1
             session.stats.resyncs += 1
             if resyncs > MAX_RESYNCS_PER_ROUND:
@@ -239,7 +256,7 @@ class EdgeDevice:
     async def _failover(self, session: EdgeSession, proposal: Proposal, current: Status, slog) -> tuple[Status, Draft]:
         """Move the session to another verifier with its full committed history (the new one prefills it)."""
         try:
-            chosen = await self.choose_verifier(exclude=current.verifier)
+            chosen = await self.choose_verifier(exclude=current.verifier, min_context=session.max_len)
         except EdgeError:
             return current, session.draft(proposal.tokens, proposal.sparse)  # nobody else: keep trying ours
         session.stats.failovers += 1

@@ -27,6 +27,7 @@ class EdgeConfig:
     proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
     timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verdict before resending"))
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
+    outage_timeout_s: float = field(default=60.0, metadata=_help("how long a round waits for a lost broker to come back"))
     discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
     threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
     http_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the OpenAI-compatible API"))

@@ -91,8 +91,7 @@ class EdgeConnection:
                     await client.publish(topic, payload, qos=topics.QOS_DRAFT)
                     return
                 except aiomqtt.MqttError:
-                    self.connected.clear()  # the connection task notices and reconnects
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # the connection task owns `connected` and reconnects
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:

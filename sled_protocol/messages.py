@@ -256,6 +256,8 @@ def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
     )
     if draft.max_len > limits.max_context_tokens:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"max_len {draft.max_len} exceeds the context limit {limits.max_context_tokens}")
+    if draft.base_len + len(draft.tokens) > draft.max_len:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{len(draft.tokens)} draft tokens after {draft.base_len} pass max_len {draft.max_len}")
     if draft.max_len <= draft.base_len:
         raise ProtocolError(ErrorCode.MALFORMED, f"max_len {draft.max_len} leaves no room after base_len {draft.base_len}")
     if draft.context is not None and len(draft.context) != draft.base_len:

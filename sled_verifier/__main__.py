@@ -42,7 +42,10 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    target = await asyncio.to_thread(TargetModel, config.target, config.device, config.dtype)
+    try:
+        target = await asyncio.to_thread(TargetModel, config.target, config.device, config.dtype)
+    except (ValueError, OSError) as exc:  # not a loadable causal LM: a configuration problem, not a crash
+        raise ConfigError(f"cannot load target {config.target!r}: {exc}") from None
     vocab = vocab_hash(config.target)
     log.info("target_loaded", model=target.model_id, device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level)
     try:
         run_until_signal(serve(config))
+    except ConfigError as exc:
+        log.error("bad_configuration", error=str(exc))
+        return EX_CONFIG
     except Exception:
         log.exception("verifier_crashed")
         return EX_SOFTWARE

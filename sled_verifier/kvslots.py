@@ -40,9 +40,9 @@ class SlotKV:
 
     def acquire(self) -> int:
         if not self.free:
-            self._resize(min(self.max_slots, self.capacity * 2), self.length)
-            if not self.free:
+            if self.capacity >= self.max_slots:
                 raise RuntimeError(f"all {self.max_slots} KV slots are in use")
+            self._resize(min(self.max_slots, self.capacity * 2), self.length)
         return self.free.pop()
 
     def release(self, slot: int) -> None:
@@ -58,11 +58,16 @@ class SlotKV:
             self._resize(self.capacity, min(length, self.max_length))
 
     def _resize(self, slots: int, length: int) -> None:
+        """Grow every layer, all or nothing: an allocation failure leaves the old tensors in place."""
+        grown = []
         for table in (self.keys, self.values):
-            for layer, old in enumerate(table):
+            layers = []
+            for old in table:
                 new = self._empty(slots, length)
                 new[: self.capacity, :, : old.shape[2]] = old[: self.capacity]
-                table[layer] = new
+                layers.append(new)
+            grown.append(layers)
+        self.keys, self.values = grown
         self.free.extend(range(self.capacity, slots))
         self.capacity, self.length = slots, length
 

@@ -45,6 +45,11 @@ class TargetModel:
             self.model_dir, dtype=getattr(torch, dtype), local_files_only=True,
         ).to(self.device).eval()
         config = self.model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
+                or layer_types != {"full_attention"}:
+            raise ValueError(f"{self.model_dir}: sliding-window or hybrid attention is not supported by the "
+                             "verifier's batched mask yet (verification would differ from the target alone)")
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)

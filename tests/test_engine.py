@@ -186,3 +186,36 @@ def test_kv_slots_grow_in_count_and_length_without_losing_a_token(tiny_models, t
         assert session.committed[len(prompt):] == reference(prompt, 10)
     assert engine.kv.capacity >= 6 and engine.kv.length >= 320
     assert len(engine.kv.free) == engine.kv.capacity  # finished sessions gave their slots back
+
+
+def test_kv_growth_is_all_or_nothing(target, monkeypatch):
+    """An allocation failure while growing leaves the cache as it was, still usable."""
+    from sled_verifier.kvslots import SlotKV
+
+    kv = SlotKV(layers=2, heads=2, head_dim=4, dtype=target.model.dtype, device=target.device, max_slots=8,
+                max_length=1024, slots=2, length=8)
+    calls = {"n": 0}
+    original = kv._empty
+
+    def failing(slots, length):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated")
+        return original(slots, length)
+
+    monkeypatch.setattr(kv, "_empty", failing)
+    with pytest.raises(MemoryError):
+        kv.ensure_length(100)
+    assert kv.length == 8 and all(t.shape[2] == 8 for t in kv.keys + kv.values)
+    monkeypatch.setattr(kv, "_empty", original)
+    kv.ensure_length(100)
+    assert kv.length == 128 and all(t.shape[2] == 128 for t in kv.keys + kv.values)
+
+
+def test_sliding_window_targets_are_refused(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, sliding_window=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sliding-window"):
+        TargetModel(tmp_path, device="cpu")

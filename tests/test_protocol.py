@@ -89,6 +89,7 @@ BAD_DRAFTS = [
     ("context too long", _mutated(base_len=5000), ErrorCode.TOO_LARGE),
     ("max_len before base_len", _mutated(max_len=5), ErrorCode.MALFORMED),
     ("max_len past the context limit", _mutated(max_len=4097), ErrorCode.TOO_LARGE),
+    ("draft runs past max_len", _mutated(max_len=7), ErrorCode.MALFORMED),
     ("context length differs", _mutated(context=[1, 2]), ErrorCode.MALFORMED),
     ("empty device", _mutated(device=""), ErrorCode.MALFORMED),
     ("oversized message", msgpack.packb({"t": "draft", "v": 1, "pad": "x" * 70_000}), ErrorCode.TOO_LARGE),

@@ -140,3 +140,14 @@ def test_both_services_export_prometheus_metrics(edge_service, verifier):
     assert server["sled_verifier_batch_size_count"] > 0 and server["sled_verifier_forward_seconds_count"] > 0
     assert server["sled_verifier_queue_delay_seconds_count"] > 0 and "sled_verifier_sessions" in server
     assert server["sled_verifier_accepted_per_position_total[('position', '0')]"] > 0
+
+
+def test_the_earliest_stop_sequence_wins():
+    from sled_edge.api import CompletionRequest, Generation
+
+    class Text:  # just enough of a device for the text bookkeeping: token ids are characters here
+        def decode(self, tokens):
+            return "".join(chr(t) for t in tokens)
+
+    run = Generation(Text(), CompletionRequest("p", 10, None, ("b", "a"), False), chat=False, model="m")
+    assert run._on_tokens([ord(c) for c in "xab"]) is True and run.text == "x"
