@@ -8,6 +8,7 @@ against the target model decoding alone, and reruns the sampled session to show 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -49,6 +50,40 @@ def target_alone(target_dir: Path, prompt_ids: list[int], max_new_tokens: int) -
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=model.config.pad_token_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+async def acceptance_check(url: str, family: Path, manifest: dict) -> None:
+    """Each device decodes the evaluation's own held-out prompts through the real system with k=4; its
+    mean accepted length should be what `make models` simulated (acc_len@4) for its draft."""
+    import numpy as np
+
+    from sled_edge.client import EdgeDevice
+    from sled_edge.config import EdgeConfig
+    from sled_models.evaluate import _windows
+    from sled_models.recipe import PROFILES as RECIPES
+    from sled_protocol.logs import configure_logging
+
+    configure_logging("error")
+    recipe = RECIPES[manifest["profile"]]
+    evaluation = json.loads((family / "eval.json").read_text())
+    prompts = _windows(np.load(family / "tokens_held_out.npy"), recipe.eval_prompts, recipe.prompt_tokens, seed=123)
+
+    async def device_run(device: str, spec: dict):
+        config = EdgeConfig(draft=str(family / spec["path"]), mqtt_url=url, device_id=f"{device}-check",
+                            verifier="demo-verifier", draft_tokens=4, timeout_s=30)
+        async with EdgeDevice(config) as edge:
+            results = await asyncio.gather(*(edge.generate(p, recipe.eval_tokens) for p in prompts))
+        return device, spec, results
+
+    print(f"\nacceptance check: the evaluation's {len(prompts)} held-out prompts x {recipe.eval_tokens} tokens, "
+          "k=4, through broker and verifier")
+    print("device        draft                 predicted acc_len@4  measured  difference")
+    runs = await asyncio.gather(*(device_run(d, spec) for d, spec in manifest["drafts"].items()))
+    for device, spec, results in runs:
+        name = Path(spec["path"]).name
+        predicted = evaluation[name]["mean_accepted_length_k4"]
+        measured = sum(len(r.token_ids) / r.rounds for r in results) / len(results)
+        print(f"{device:<13} {name:<21} {predicted:>19.2f}  {measured:>8.2f}  {100 * (measured / predicted - 1):>+9.1f}%")
 
 
 def main() -> int:
@@ -140,6 +175,8 @@ def main() -> int:
                   f"{'yes' if exact[device] else 'NO'}")
         print(f"\n{len(results)} sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall"
               + ("; random-weight models, so the text itself is noise." if args.family == "tiny" else "."))
+        if args.family != "tiny" and (args.models / "eval.json").is_file():
+            asyncio.run(acceptance_check(url, args.models, manifest))
         return 0 if all(exact.values()) else 1
     finally:
         for child in reversed(children):

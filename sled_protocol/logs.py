@@ -34,5 +34,5 @@ def configure_logging(level: str = "info", *, json_logs: bool | None = None) -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("transformers", "torch", "onnxruntime"):
+    for noisy in ("transformers", "torch", "onnxruntime", "mqtt"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
