@@ -40,8 +40,10 @@ def print_table(results: dict) -> None:
               f"{cost_ratio:>28.2f}x less ({cost_ceiling:.2f}x)  {acc:>7.2f}  "
               f"{sled['round_trip_ms_p50']:>6.1f}/{sled['round_trip_ms_p99']:<6.1f}  {sled['verifier_busy_fraction']:>4.2f}  "
               f"{sled['verifier_overhead']:>8.3f}  {sled['mean_batch_size']:>5.2f}")
-    print("round trip outside the verifier's batch work and queue (MQTT both ways, codec, wake-ups), p50 estimate: "
-          + ", ".join(f"N={int(n)}: {r['transport_ms_p50_estimate']:.2f} ms" for n, r in results["sled"].items()))
+    transport = results["transport"]
+    print(f"MQTT + codec per round, alone (draft k=4 with a 16-entry proposal out, verdict back, both through Mosquitto): "
+          f"p50 {transport['sled_messages']['p50_ms']} ms, p99 {transport['sled_messages']['p99_ms']} ms; raw 700-byte "
+          f"echo p50 {transport['raw_bytes']['p50_ms']} ms")
     print("\nmodel ceiling (k=4): forward N x 5 tokens vs N x 1, and N separate forwards vs one batched")
     for n, ceil in results["ceiling"].items():
         print(f"{int(n):>3}  N x 5: {ceil['forward_ms_n_x_k1']:>7.2f} ms   N x 1: {ceil['forward_ms_n_x_1']:>7.2f} ms "

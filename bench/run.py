@@ -148,14 +148,59 @@ def run_sled(url: str, verifier: Verifier, family: Path, manifest: dict, prompts
                                      / max(1.0, delta.get("sled_verifier_queue_delay_seconds_count", 0.0)), 3),
         "mean_batch_size": round(delta.get("sled_verifier_batch_size_sum", 0.0) / max(1.0, batches), 2),
         "verifier_busy_ms_per_batch": round(1000 * busy / max(1.0, batches), 3),
-        # What a round spends outside the verifier's batch work and queue: MQTT both ways + codec + edge wake-up.
-        "transport_ms_p50_estimate": round(1000 * trips[len(trips) // 2] - 1000 * busy / max(1.0, batches)
-                                           - 1000 * delta.get("sled_verifier_queue_delay_seconds_sum", 0.0)
-                                           / max(1.0, delta.get("sled_verifier_queue_delay_seconds_count", 0.0)), 3)
-        if trips else None,
+
         "batch_size_cumulative": buckets, "per_draft": per_draft,
         "outputs": {s["index"]: s["tokens"] for s in sessions},
     }
+
+
+def transport(url: str, rounds: int = 400) -> dict:
+    """MQTT + codec per round, alone: a device publishes real Draft messages (k=4, a 16-entry proposal each),
+    an echo 'verifier' decodes each and answers with an encoded Verdict; and the same with raw bytes."""
+    import asyncio
+
+    from sled_protocol import Draft, SamplingParams, Verdict, VerdictKind, decode_draft, decode_verdict, encode
+    from sled_protocol import topics
+    from sled_protocol.mqtt import make_client, parse_mqtt_url
+
+    draft = Draft(device="bench-t", session="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14), max_len=900,
+                  vocab="0123456789abcdef", sampling=SamplingParams(0.8, seed=1),
+                  q_ids=tuple(tuple(range(j, j + 16)) for j in range(4)), q_probs=tuple((1 / 16,) * 16 for _ in range(4)))
+
+    async def measure(codec: bool) -> list[float]:
+        address = parse_mqtt_url(url)
+        async with make_client(address, "bench-echo") as echo, make_client(address, "bench-edge") as edge:
+            await echo.subscribe(topics.drafts_filter("bench-t"))
+            await edge.subscribe(topics.verdict_topic("bench-t"))
+
+            async def serve() -> None:
+                async for message in echo.messages:
+                    payload = bytes(message.payload)
+                    if codec:
+                        got = decode_draft(payload)
+                        payload = encode(Verdict(kind=VerdictKind.VERIFIED, verifier="bench-t", session=got.session,
+                                                 seq=got.seq, accepted=2, next_token=7, committed_len=got.base_len + 3))
+                    await echo.publish(topics.verdict_topic("bench-t"), payload)
+
+            server = asyncio.create_task(serve())
+            replies = aiter(edge.messages)
+            samples = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await edge.publish(topics.draft_topic("bench-t", "bench-t"), encode(draft) if codec else b"x" * 700)
+                reply = await anext(replies)
+                if codec:
+                    decode_verdict(bytes(reply.payload))
+                samples.append(time.perf_counter() - started)
+            server.cancel()
+            return sorted(samples[20:])
+
+    out = {}
+    for name, codec in (("sled_messages", True), ("raw_bytes", False)):
+        samples = asyncio.run(measure(codec))
+        out[name] = {"p50_ms": round(1000 * samples[len(samples) // 2], 3),
+                     "p99_ms": round(1000 * samples[int(len(samples) * 0.99)], 3)}
+    return out
 
 
 def server_only(target, prompts: list[list[int]], tokens: int) -> dict:
@@ -253,6 +298,8 @@ def main() -> int:
     devices = list(DEVICES)
     wrong = 0
     try:
+        log("transport: MQTT + codec per round")
+        results["transport"] = transport(url)
         for mode, extra in (("sled", ()), ("no_batching", ("--max-batch-drafts", "1"))):
             verifier = Verifier(url, args.family / "target", workdir, f"bench-{mode}", *extra)
             try:
