@@ -19,7 +19,7 @@ KILL_EVERY_S ?= 5
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system-deps: ## apt-get install mosquitto, its clients and python3-venv when missing
+system-deps: ## apt-get install mosquitto, mosquitto-clients, python3-venv, systemd, rsync when missing
 	@./scripts/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
@@ -45,10 +45,10 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: table of ratios + bench/results/*.json/png (~10 min)
+bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: ratios + bench/results/*.json/png (~3 min)
 	$(PY) bench/run.py --profile full
 
-bench-quick: setup ## a 2-minute look at the same figures
+bench-quick: setup ## a 1-minute look at the same figures
 	$(PY) bench/run.py --profile quick
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
