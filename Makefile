@@ -5,7 +5,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 # On a machine without a local CPU wheel, TORCH_INDEX=https://download.pytorch.org/whl/cpu avoids a multi-GB CUDA build.
 TORCH_INDEX ?=
-# quick (~15 min to build on 2 cores, once), full (~1 h, better drafts), tiny (random weights, seconds)
+# quick (~10 min to build on 2 cores, once), full (~1 h, better drafts), tiny (random weights, seconds)
 PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
