@@ -24,7 +24,7 @@ from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, 
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter, Proposal
 from sled_edge.session import EdgeSession
-from sled_protocol import Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
+from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
 from sled_protocol.mqtt import parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
@@ -185,6 +185,8 @@ class EdgeDevice:
         finally:
             del self.connection.waiters[session.session_id]
             del self.connection.session_verifier[session.session_id]
+            if session.finish not in (FinishReason.EOS, FinishReason.LENGTH):
+                await self._close(session, verifier)
         new_ids = session.committed[len(prompt_ids):]
         stats = session.stats
         slog.info("generation_finished", tokens=len(new_ids), rounds=stats.rounds,
@@ -252,6 +254,14 @@ class EdgeDevice:
             slog.info("session_resync", seq=draft.seq, reason=verdict.reason, verifier=verifier.verifier)
             session.send_context = True
             draft = session.draft(proposal.tokens, proposal.sparse)
+
+    async def _close(self, session: EdgeSession, verifier: Status) -> None:
+        """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
+        message = encode(Close(device=session.device, session=session.session_id))
+        try:
+            await self.connection.publish(topics.draft_topic(verifier.verifier, session.device), message, timeout_s=1.0)
+        except TimeoutError:  # the broker is away; the verifier's LRU reclaims the session later
+            log.debug("close_not_sent", session_id=session.session_id)
 
     async def _failover(self, session: EdgeSession, proposal: Proposal, current: Status, slog) -> tuple[Status, Draft]:
         """Move the session to another verifier with its full committed history (the new one prefills it)."""

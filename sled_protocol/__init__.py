@@ -2,6 +2,7 @@
 
 from sled_protocol.messages import (
     SCHEMA_VERSION,
+    Close,
     Draft,
     ErrorCode,
     FinishReason,
@@ -13,6 +14,7 @@ from sled_protocol.messages import (
     Verdict,
     VerdictKind,
     decode,
+    decode_close,
     decode_draft,
     decode_status,
     decode_verdict,
@@ -21,6 +23,7 @@ from sled_protocol.messages import (
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Close",
     "Draft",
     "ErrorCode",
     "FinishReason",
@@ -32,6 +35,7 @@ __all__ = [
     "Verdict",
     "VerdictKind",
     "decode",
+    "decode_close",
     "decode_draft",
     "decode_status",
     "decode_verdict",

@@ -155,10 +155,19 @@ class Status:
     max_context_tokens: int = 0
 
 
-_TAGS = {Draft: "draft", Verdict: "verdict", Status: "status"}
+@dataclass(frozen=True)
+class Close:
+    """An edge ending a session the verifier still holds (a stop sequence, a cancelled request, an error):
+    the verifier frees its state at once instead of waiting for LRU eviction. No answer is sent."""
+
+    device: str
+    session: str
 
 
-def encode(message: Draft | Verdict | Status) -> bytes:
+_TAGS = {Draft: "draft", Verdict: "verdict", Status: "status", Close: "close"}
+
+
+def encode(message: Draft | Verdict | Status | Close) -> bytes:
     """msgpack bytes of ``message``; None-valued optional fields are left out."""
     body: dict[str, Any] = {"t": _TAGS[type(message)], "v": SCHEMA_VERSION}
     for name, value in message.__dict__.items():
@@ -359,10 +368,21 @@ def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
     )
 
 
-_DECODERS = {"draft": decode_draft, "verdict": decode_verdict, "status": decode_status}
+def decode_close(data: bytes, limits: Limits = Limits()) -> Close:
+    body = _unpack(data, limits, "close")
+    return Close(device=_name(body, "device"), session=_name(body, "session"))
 
 
-def decode(data: bytes, limits: Limits = Limits()) -> Draft | Verdict | Status:
+def message_tag(data: bytes, limits: Limits = Limits()) -> str | None:
+    """The type tag of a message (for routing), or ProtocolError when it is not a SLED message."""
+    tag = _unpack(data, limits, None).get("t")
+    return tag if isinstance(tag, str) else None
+
+
+_DECODERS = {"draft": decode_draft, "verdict": decode_verdict, "status": decode_status, "close": decode_close}
+
+
+def decode(data: bytes, limits: Limits = Limits()) -> Draft | Verdict | Status | Close:
     """Decode any SLED message by its type tag (used by sled-inspect)."""
     tag = _unpack(data, limits, None).get("t")
     if tag not in _DECODERS:

@@ -110,6 +110,16 @@ class VerifierEngine:
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
 
+    def close(self, device: str, session_id: str) -> bool:
+        """The edge ended this session: free its KV slot and bookkeeping now. False if it was not held."""
+        state = self.sessions.get(device, session_id)
+        if state is None:
+            return False
+        self._release(state)
+        self.sessions.forget(device, session_id)
+        self._snapshot()
+        return True
+
     def _release(self, state: SessionState) -> None:
         if state.slot is not None:
             self.kv.release(state.slot)

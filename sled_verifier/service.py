@@ -16,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import aiomqtt
 import structlog
 
-from sled_protocol import Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, decode_draft, encode
+from sled_protocol import (
+    Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, decode_close, decode_draft, encode,
+)
+from sled_protocol.messages import message_tag
 from sled_protocol import topics
 from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
 from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
@@ -44,6 +47,7 @@ class VerifierService:
         self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
         self.expected: dict[tuple[str, str], float] = {}
         self.arrived = asyncio.Event()
+        self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
                                 max_devices=4 * config.max_sessions)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
@@ -110,6 +114,12 @@ class VerifierService:
                                f"more than {self.config.max_drafts_per_s:g} drafts/s from this device")
             return
         try:
+            if message_tag(payload, self.limits) == "close":
+                self._close(device, decode_close(payload, self.limits))
+                return
+        except ProtocolError:
+            pass  # decoded as a draft below, which reports the problem
+        try:
             draft = decode_draft(payload, self.limits)
         except ProtocolError as exc:
             await self._refuse(client, device, None, exc.code, str(exc), session=exc.session, seq=exc.seq)
@@ -132,6 +142,18 @@ class VerifierService:
         self.queue[key] = (draft, queued[1] if queued else now_s)
         self.expected.pop(key, None)
         self.arrived.set()
+
+    def _close(self, device: str, close: Close) -> None:
+        if close.device != device:
+            return  # a device closes only its own sessions
+        key = (device, close.session)
+        self.queue.pop(key, None)
+        self.expected.pop(key, None)  # no draft is coming: the batching window need not wait for it
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(self.model_thread, self.engine.close, device, close.session)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        log.debug("session_closed", device_id=device, session_id=close.session)
 
     async def _refuse(self, client, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
                       session: str | None = None, seq: int | None = None) -> None:

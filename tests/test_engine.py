@@ -219,3 +219,15 @@ def test_sliding_window_targets_are_refused(tmp_path):
                                      num_attention_heads=2, num_key_value_heads=2, sliding_window=16)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="sliding-window"):
         TargetModel(tmp_path, device="cpu")
+
+
+def test_close_frees_the_session_at_once(tiny_models, target):
+    engine = VerifierEngine(target, "v", max_sessions=4, stats=VerifierStats())
+    ids = encode(tiny_models, PROMPTS[0])
+    session = EdgeSession("c", "dev", vocab_hash(tiny_models.target), list(ids), len(ids) + 20)
+    draft = session.draft([])
+    session.apply(draft, engine.step([draft])[0].verdict)
+    free_before = len(engine.kv.free)
+    assert engine.close("dev", "c") and not engine.close("dev", "c")
+    assert len(engine.kv.free) == free_before + 1 and engine.sessions.get("dev", "c") is None
+    assert engine.step([session.draft([])])[0].verdict.kind is VerdictKind.RESYNC

@@ -110,6 +110,15 @@ def test_refusal_names_the_session_when_it_can():
     assert (raised.value.session, raised.value.seq) == ("s1", 3)
 
 
+def test_close_round_trip_and_routing_tag():
+    from sled_protocol import Close, decode_close
+    from sled_protocol.messages import message_tag
+
+    close = Close(device="pi5", session="s1")
+    assert decode_close(encode(close)) == close and decode(encode(close)) == close
+    assert message_tag(encode(close)) == "close" and message_tag(encode(DRAFT)) == "draft"
+
+
 def test_topics():
     assert topics.draft_topic("v1", "pi-5") == "sled/v1/drafts/v1/pi-5"
     assert topics.device_of_draft_topic("sled/v1/drafts/v1/pi-5") == "pi-5"

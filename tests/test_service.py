@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 
 import openai
@@ -76,7 +77,8 @@ def edge_service(tiny_models, verifier, tmp_path_factory):
             stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_for_port(http_port, timeout_s=60)
-        yield {"base_url": f"http://127.0.0.1:{http_port}/v1", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+        yield {"base_url": f"http://127.0.0.1:{http_port}/v1", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+               "verifier_log": verifier.log_path}
     finally:
         process.terminate()
         process.wait(timeout=15)
@@ -89,10 +91,10 @@ def expected_text(tiny_models, reference, prompt: str, n: int) -> str:
 
 def test_openai_client_completes_and_streams_through_the_device(edge_service, tiny_models, reference):
     with openai.OpenAI(base_url=edge_service["base_url"], api_key="unused") as client:
-        check_openai_client(client, tiny_models, reference)
+        check_openai_client(client, tiny_models, reference, edge_service)
 
 
-def check_openai_client(client, tiny_models, reference):
+def check_openai_client(client, tiny_models, reference, edge_service):
     assert [m.id for m in client.models.list().data] == ["tiny-sled"]
     want = expected_text(tiny_models, reference, PROMPTS[1], 16)
 
@@ -108,6 +110,12 @@ def check_openai_client(client, tiny_models, reference):
     stop = want[5:9]
     cut = client.completions.create(model="tiny-sled", prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].text == want[: want.find(stop)] and cut.choices[0].finish_reason == "stop"
+    verifier_log = edge_service["verifier_log"]
+    for _ in range(50):  # the stopped session was closed on the verifier, not left to its LRU
+        if "session_closed" in verifier_log.read_text():
+            break
+        time.sleep(0.1)
+    assert "session_closed" in verifier_log.read_text()
 
     chat = client.chat.completions.create(model="tiny-sled", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=8, temperature=0.7, seed=3, stream=True)
