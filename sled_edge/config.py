@@ -6,13 +6,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sled_protocol.config import require
-from sled_protocol.mqtt import parse_mqtt_url
-from sled_protocol.topics import check_name
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from sled_protocol.config import described as _help
+from sled_protocol.config import require, require_connection
 
 
 @dataclass(frozen=True)
@@ -43,13 +38,7 @@ class EdgeConfig:
             object.__setattr__(self, "device_id", socket.gethostname().split(".")[0] or "edge")
         require(Path(self.draft, "model.onnx").is_file(), f"draft {self.draft!r} has no model.onnx")
         require(Path(self.draft, "tokenizer.json").is_file(), f"draft {self.draft!r} has no tokenizer.json")
-        try:
-            parse_mqtt_url(self.mqtt_url)
-            check_name(self.device_id, "device id")
-            if self.verifier:
-                check_name(self.verifier, "verifier id")
-        except ValueError as exc:
-            require(False, str(exc))
+        require_connection(self.mqtt_url, self.log_level, device_id=self.device_id, verifier_id=self.verifier)
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
         require(1 <= self.proposal_tokens <= 64, "proposal_tokens must be 1..64")
         require(1 <= self.max_draft_tokens <= 64, "max_draft_tokens must be 1..64")
@@ -60,4 +49,3 @@ class EdgeConfig:
         require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
         if not self.model_name:
             object.__setattr__(self, "model_name", f"sled-{Path(self.draft).resolve().name}")
-        require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")

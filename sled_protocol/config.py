@@ -83,6 +83,30 @@ def config_from_args(config_cls: type, args: argparse.Namespace, environ: dict[s
         raise ConfigError(str(exc)) from None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def described(text: str) -> dict[str, str]:
+    """``field(metadata=described("..."))``: the help text of a config field."""
+    return {"help": text}
+
+
+def require_connection(mqtt_url: str, log_level: str, **names: str) -> None:
+    """What every service checks: a usable broker URL, a known log level, and topic-level ids
+    (``names`` maps a description such as ``device_id`` to its value; empty values are skipped)."""
+    from sled_protocol.mqtt import parse_mqtt_url
+    from sled_protocol.topics import check_name
+
+    try:
+        parse_mqtt_url(mqtt_url)
+        for what, value in names.items():
+            if value:
+                check_name(value, what.replace("_", " "))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    require(log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}")
+
+
 def require(condition: bool, message: str) -> None:
     """Validation helper for ``__post_init__``: raise ConfigError(message) unless ``condition``."""
     if not condition:

@@ -6,13 +6,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sled_protocol.config import require
-from sled_protocol.mqtt import parse_mqtt_url
-from sled_protocol.topics import check_name
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from sled_protocol.config import described as _help
+from sled_protocol.config import require, require_connection
 
 
 @dataclass(frozen=True)
@@ -43,11 +38,7 @@ class VerifierConfig:
             object.__setattr__(self, "verifier_id", socket.gethostname().split(".")[0] or "verifier")
         require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
         require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
-        try:
-            parse_mqtt_url(self.mqtt_url)
-            check_name(self.verifier_id, "verifier id")
-        except ValueError as exc:
-            require(False, str(exc))
+        require_connection(self.mqtt_url, self.log_level, verifier_id=self.verifier_id)
         require(self.window_ms >= 0, "window_ms must be >= 0")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
                      "max_context_tokens", "max_message_bytes", "prefill_chunk_tokens"):
@@ -57,4 +48,3 @@ class VerifierConfig:
         require(self.max_drafts_per_s >= 0, "max_drafts_per_s must be >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
         require(self.stats_interval_s > 0, "stats_interval_s must be > 0")
-        require(self.log_level in ("debug", "info", "warning", "error"), "log_level must be debug, info, warning or error")
