@@ -45,7 +45,7 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: ratios + bench/results/*.json/png (~3 min)
+bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: ratios + bench/results/*.json/png (~8 min)
 	$(PY) bench/run.py --profile full
 
 bench-quick: setup ## a 1-minute look at the same figures

@@ -35,10 +35,19 @@ import torch  # noqa: E402
 from sled_protocol.devbroker import free_port, start_dev_broker  # noqa: E402
 
 PROFILES = {
-    "quick": {"ns": [1, 4, 8], "tokens": 32, "k_sweep": [2, 4], "sweep_drafts": ["rpi5"], "prompt_tokens": 48},
+    "quick": {"ns": [1, 4, 8], "tokens": 32, "k_sweep": [2, 4], "sweep_drafts": ["rpi5"], "prompt_tokens": 48,
+              "repeats": 1},
+    # Each SLED configuration runs `repeats` times and the run with the median throughput is reported.
     "full": {"ns": [1, 2, 4, 8, 16], "tokens": 64, "k_sweep": [1, 2, 3, 4, 6], "sweep_drafts": ["jetson-orin", "rpi5", "rpi4"],
-             "prompt_tokens": 64},
+             "prompt_tokens": 64, "repeats": 3},
 }
+
+
+def median_run(runs: list[dict], key: str = "system_tokens_per_s") -> dict:
+    ordered = sorted(runs, key=lambda run: run[key])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen[f"{key}_all_runs"] = [run[key] for run in runs]
+    return chosen
 DEVICES = {"jetson-orin": "path", "rpi5": "path_int8", "rpi4": "path_int8"}  # which export each device runs
 # On one host the edge devices would steal the server's CPU; pin the server side (verifier, baselines,
 # ceiling) to the first core and the device processes to the others, as separate machines would be.
@@ -285,7 +294,8 @@ def main() -> int:
                                 f"device processes on cores {sorted(DEVICE_CORES)} (onnxruntime threads 1)"}
 
     log("server-only baseline and model ceiling")
-    results["server_only"] = {n: server_only(target, prompts[:n], profile["tokens"]) for n in profile["ns"]}
+    results["server_only"] = {n: median_run([server_only(target, prompts[:n], profile["tokens"])
+                                             for _ in range(profile["repeats"])]) for n in profile["ns"]}
     k_typical = 4
     results["ceiling"] = {n: ceiling(target, n, k_typical, profile["prompt_tokens"] + profile["tokens"] // 2)
                           for n in profile["ns"]}
@@ -305,11 +315,14 @@ def main() -> int:
             try:
                 results[mode] = {}
                 for n in profile["ns"]:
-                    log(f"{mode}: N={n}")
-                    run = run_sled(url, verifier, args.family, manifest, prompts_file, n, profile["tokens"], devices)
-                    outputs = run.pop("outputs")
-                    wrong += sum(outputs[i] != results["server_only"][n]["outputs"][i] for i in outputs)
-                    results[mode][n] = run
+                    runs = []
+                    for repeat in range(profile["repeats"]):
+                        log(f"{mode}: N={n} (run {repeat + 1}/{profile['repeats']})")
+                        run = run_sled(url, verifier, args.family, manifest, prompts_file, n, profile["tokens"], devices)
+                        outputs = run.pop("outputs")
+                        wrong += sum(outputs[i] != results["server_only"][n]["outputs"][i] for i in outputs)
+                        runs.append(run)
+                    results[mode][n] = median_run(runs)
                     if mode == "sled" and n in (min(profile["ns"]), max(profile["ns"])):
                         results["memory"][f"verifier_peak_rss_bytes_n{n}"] = verifier.peak_rss()
             finally:
@@ -321,10 +334,14 @@ def main() -> int:
             for device in profile["sweep_drafts"]:
                 rates = {}
                 for k in [*profile["k_sweep"], 0]:
-                    log(f"k sweep: {device} k={'adaptive' if k == 0 else k}")
-                    run = run_sled(url, verifier, args.family, manifest, prompts_file, 1, profile["tokens"] * 2,
-                                   [device], draft_tokens=k)
-                    run.pop("outputs")
+                    runs = []
+                    for repeat in range(profile["repeats"]):
+                        log(f"k sweep: {device} k={'adaptive' if k == 0 else k} (run {repeat + 1}/{profile['repeats']})")
+                        run = run_sled(url, verifier, args.family, manifest, prompts_file, 1, profile["tokens"] * 2,
+                                       [device], draft_tokens=k)
+                        run.pop("outputs")
+                        runs.append(run)
+                    run = median_run(runs)
                     rates["adaptive" if k == 0 else k] = {"tokens_per_s": run["system_tokens_per_s"],
                                                           "mean_k": run["per_draft"][device]["mean_k"]}
                 best = max((v["tokens_per_s"], k) for k, v in rates.items() if k != "adaptive")

@@ -184,9 +184,9 @@ class EdgeDevice:
                     session.finish = FinishReason.STOP
         finally:
             del self.connection.waiters[session.session_id]
-            del self.connection.session_verifier[session.session_id]
+            holder = self.connection.session_verifier.pop(session.session_id)  # the current one, after any move
             if session.finish not in (FinishReason.EOS, FinishReason.LENGTH):
-                await self._close(session, verifier)
+                await self._close(session, holder)
         new_ids = session.committed[len(prompt_ids):]
         stats = session.stats
         slog.info("generation_finished", tokens=len(new_ids), rounds=stats.rounds,
@@ -255,11 +255,11 @@ class EdgeDevice:
             session.send_context = True
             draft = session.draft(proposal.tokens, proposal.sparse)
 
-    async def _close(self, session: EdgeSession, verifier: Status) -> None:
+    async def _close(self, session: EdgeSession, verifier_id: str) -> None:
         """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
         message = encode(Close(device=session.device, session=session.session_id))
         try:
-            await self.connection.publish(topics.draft_topic(verifier.verifier, session.device), message, timeout_s=1.0)
+            await self.connection.publish(topics.draft_topic(verifier_id, session.device), message, timeout_s=1.0)
         except TimeoutError:  # the broker is away; the verifier's LRU reclaims the session later
             log.debug("close_not_sent", session_id=session.session_id)
 
