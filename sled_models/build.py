@@ -206,7 +206,7 @@ def write_manifest(out: Path, recipe: Recipe, corpus, target, eos_id: int, stage
         drafts[draft.name] = {
             "mimics": draft.mimics, "kind": f"{draft.arch.arch} {draft.arch.layers}x{draft.arch.hidden}",
             "parameters": parameter_count(model), "path": f"drafts/{draft.name}",
-            "path_int8": f"drafts/{draft.name}-int8", "hf_path": f"hf/{draft.name}", "draft_tokens": draft.draft_tokens,
+            "path_int8": f"drafts/{draft.name}-int8", "hf_path": f"hf/{draft.name}",
         }
     files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
              for p in sorted(out.rglob("*")) if p.is_file() and p.suffix in (".onnx", ".safetensors", ".json")

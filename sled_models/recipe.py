@@ -42,7 +42,6 @@ class DraftRecipe:
     arch: Arch
     distill: Schedule      # soft distillation on the corpus: KL to the target's logits
     on_policy: Schedule    # the same on the target's own continuations (greedy and sampled)
-    draft_tokens: int      # k the demo uses for this device
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,9 @@ def stage_key(*parts: object) -> str:
 
 TARGET = Arch("llama", layers=6, hidden=384, heads=6, intermediate=1024)
 DRAFT_ARCHS = {
-    "jetson-orin": ("Jetson Orin Nano", Arch("llama", layers=3, hidden=256, heads=4, intermediate=640), 5),
-    "rpi5": ("Raspberry Pi 5", Arch("gpt2", layers=2, hidden=192, heads=4), 4),
-    "rpi4": ("Raspberry Pi 4", Arch("llama", layers=1, hidden=128, heads=2, intermediate=320), 3),
+    "jetson-orin": ("Jetson Orin Nano", Arch("llama", layers=3, hidden=256, heads=4, intermediate=640)),
+    "rpi5": ("Raspberry Pi 5", Arch("gpt2", layers=2, hidden=192, heads=4)),
+    "rpi4": ("Raspberry Pi 4", Arch("llama", layers=1, hidden=128, heads=2, intermediate=320)),
 }
 
 
@@ -88,9 +87,8 @@ def _drafts(distill_steps: int, on_policy_steps: int) -> tuple[DraftRecipe, ...]
     return tuple(
         DraftRecipe(name, mimics, arch,
                     distill=Schedule(distill_steps, 16, 128, 3e-3, 10, seed=10 + i),
-                    on_policy=Schedule(on_policy_steps, 16, 192, 1e-3, 5, seed=20 + i),
-                    draft_tokens=k)
-        for i, (name, (mimics, arch, k)) in enumerate(DRAFT_ARCHS.items())
+                    on_policy=Schedule(on_policy_steps, 16, 192, 1e-3, 5, seed=20 + i))
+        for i, (name, (mimics, arch)) in enumerate(DRAFT_ARCHS.items())
     )
 
 
@@ -101,7 +99,7 @@ PROFILES = {
     # Seconds: every stage once, for tests of the build itself; the models are untrained.
     "smoke": Recipe("smoke", 512, Arch("llama", 1, 64, 2, 128), Schedule(3, 4, 64, 2e-3, 1, seed=1),
                     tuple(DraftRecipe(d.name, d.mimics, Arch(d.arch.arch, 1, 32, 2, 64), Schedule(2, 4, 64, 3e-3, 1),
-                                      Schedule(2, 4, 64, 1e-3, 1), d.draft_tokens) for d in _drafts(2, 2)),
+                                      Schedule(2, 4, 64, 1e-3, 1)) for d in _drafts(2, 2)),
                     on_policy_sequences=8, continuation_tokens=16, prompt_tokens=16, eval_prompts=8, eval_tokens=48,
                     max_files=40),
     "full": Recipe("full", 4096, TARGET, Schedule(800, 16, 256, 2e-3, 40, seed=1), _drafts(300, 200),

@@ -192,9 +192,14 @@ def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, 
     version = body.get("v")
     if version != SCHEMA_VERSION:
         raise ProtocolError(ErrorCode.MALFORMED, f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    if expected_tag is not None and body.get("t") != expected_tag:
-        raise ProtocolError(ErrorCode.MALFORMED, f"expected a {expected_tag} message, got {body.get('t')!r}")
+    if expected_tag is not None:
+        _expect_tag(body, expected_tag)
     return body
+
+
+def _expect_tag(body: dict[str, Any], tag: str) -> None:
+    if body.get("t") != tag:
+        raise ProtocolError(ErrorCode.MALFORMED, f"expected a {tag} message, got {body.get('t')!r}")
 
 
 def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
@@ -239,7 +244,19 @@ def _tokens(body: dict[str, Any], name: str, max_len: int, limits: Limits, *, re
 
 
 def decode_draft(data: bytes, limits: Limits = Limits()) -> Draft:
-    body = _unpack(data, limits, "draft")
+    return _draft_body(_unpack(data, limits, "draft"), limits)
+
+
+def decode_inbound(data: bytes, limits: Limits = Limits()) -> Draft | Close:
+    """What a verifier receives on its drafts topic (a Draft or a Close), parsed once."""
+    body = _unpack(data, limits, None)
+    if body.get("t") == "close":
+        return _close_body(body, limits)
+    _expect_tag(body, "draft")
+    return _draft_body(body, limits)
+
+
+def _draft_body(body: dict[str, Any], limits: Limits) -> Draft:
     try:
         return _draft_from(body, limits)
     except ProtocolError as exc:
@@ -336,7 +353,10 @@ def _enum(body: dict[str, Any], name: str, enum: type[StrEnum], *, required: boo
 
 
 def decode_verdict(data: bytes, limits: Limits = Limits()) -> Verdict:
-    body = _unpack(data, limits, "verdict")
+    return _verdict_body(_unpack(data, limits, "verdict"), limits)
+
+
+def _verdict_body(body: dict[str, Any], limits: Limits) -> Verdict:
     return Verdict(
         kind=_enum(body, "kind", VerdictKind, required=True),
         verifier=_name(body, "verifier"),
@@ -353,11 +373,13 @@ def decode_verdict(data: bytes, limits: Limits = Limits()) -> Verdict:
 
 
 def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
-    body = _unpack(data, limits, "status")
-    online = _field(body, "online", bool)
+    return _status_body(_unpack(data, limits, "status"), limits)
+
+
+def _status_body(body: dict[str, Any], limits: Limits) -> Status:
     return Status(
         verifier=_name(body, "verifier"),
-        online=online,
+        online=_field(body, "online", bool),
         model=_field(body, "model", str, required=False) or "",
         vocab=_field(body, "vocab", str, required=False) or "",
         vocab_size=_count(body, "vocab_size", 0, required=False) or 0,
@@ -369,7 +391,10 @@ def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
 
 
 def decode_close(data: bytes, limits: Limits = Limits()) -> Close:
-    body = _unpack(data, limits, "close")
+    return _close_body(_unpack(data, limits, "close"), limits)
+
+
+def _close_body(body: dict[str, Any], limits: Limits) -> Close:
     return Close(device=_name(body, "device"), session=_name(body, "session"))
 
 
@@ -379,15 +404,16 @@ def message_tag(data: bytes, limits: Limits = Limits()) -> str | None:
     return tag if isinstance(tag, str) else None
 
 
-_DECODERS = {"draft": decode_draft, "verdict": decode_verdict, "status": decode_status, "close": decode_close}
+_BODY_DECODERS = {"draft": _draft_body, "verdict": _verdict_body, "status": _status_body, "close": _close_body}
 
 
 def decode(data: bytes, limits: Limits = Limits()) -> Draft | Verdict | Status | Close:
     """Decode any SLED message by its type tag (used by sled-inspect)."""
-    tag = _unpack(data, limits, None).get("t")
-    if tag not in _DECODERS:
+    body = _unpack(data, limits, None)
+    tag = body.get("t")
+    if tag not in _BODY_DECODERS:
         raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {tag!r}")
-    return _DECODERS[tag](data, limits)
+    return _BODY_DECODERS[tag](body, limits)
 
 
 # Independent random streams per round: the edge's draft sampling and the verifier's acceptance tests

@@ -201,16 +201,19 @@ class VerifierEngine:
         """Padded sparse proposals [R, K, M]; q' = the sent float32 values over their sum (as the edge
         sampled); a draft without one is the point mass on its token (token-only rule)."""
         m = max((len(row) for d in drafts if d.q_ids for row in d.q_ids), default=1)
-        ids = torch.zeros(len(drafts), k_max, m, dtype=torch.int64)
-        probs = torch.zeros(len(drafts), k_max, m, dtype=torch.float64)
-        for r, draft in enumerate(drafts):
-            if draft.q_ids is None:
-                ids[r, : len(draft.tokens), 0] = torch.tensor(draft.tokens, dtype=torch.int64)
-                probs[r, : len(draft.tokens), 0] = 1.0
-                continue
-            for j, (row_ids, row_probs) in enumerate(zip(draft.q_ids, draft.q_probs)):
-                ids[r, j, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.int64)
-                probs[r, j, : len(row_probs)] = torch.tensor(row_probs, dtype=torch.float32).double()
+        no_row = ([0] * m, [0.0] * m)
+        id_rows, prob_rows = [], []
+        for draft in drafts:
+            if draft.q_ids is None:  # point mass: q'(d_j) = 1
+                rows = [([t] + [0] * (m - 1), [1.0] + [0.0] * (m - 1)) for t in draft.tokens]
+            else:
+                rows = [(list(i) + [0] * (m - len(i)), list(q) + [0.0] * (m - len(q)))
+                        for i, q in zip(draft.q_ids, draft.q_probs)]
+            rows += [no_row] * (k_max - len(rows))
+            id_rows.append([row[0] for row in rows])
+            prob_rows.append([row[1] for row in rows])
+        ids = torch.tensor(id_rows, dtype=torch.int64)                                  # [R, K, M]
+        probs = torch.tensor(prob_rows, dtype=torch.float32).double()                   # [R, K, M]
         probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-300)
         return ids.to(self.target.device), probs.to(self.target.device)
 

@@ -16,10 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import aiomqtt
 import structlog
 
-from sled_protocol import (
-    Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, decode_close, decode_draft, encode,
-)
-from sled_protocol.messages import message_tag
+from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, encode
+from sled_protocol.messages import decode_inbound
 from sled_protocol import topics
 from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
 from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
@@ -114,15 +112,12 @@ class VerifierService:
                                f"more than {self.config.max_drafts_per_s:g} drafts/s from this device")
             return
         try:
-            if message_tag(payload, self.limits) == "close":
-                self._close(device, decode_close(payload, self.limits))
-                return
-        except ProtocolError:
-            pass  # decoded as a draft below, which reports the problem
-        try:
-            draft = decode_draft(payload, self.limits)
+            draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
             await self._refuse(client, device, None, exc.code, str(exc), session=exc.session, seq=exc.seq)
+            return
+        if isinstance(draft, Close):
+            self._close(device, draft)
             return
         if draft.device != device:
             await self._refuse(client, device, draft, ErrorCode.WRONG_DEVICE,

@@ -47,13 +47,9 @@ class VerifierStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
-    batches: int = 0
-    batch_sizes: Counter[int] = field(default_factory=Counter)
-    forward_s: float = 0.0             # model time of verification forwards
     prefill_s: float = 0.0             # model time of prefill forwards
     busy_s: float = 0.0                # service time from taking a batch to its verdicts published
     prefill_tokens: int = 0
-    queue_delay_s: float = 0.0
     resyncs: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     batch_size_hist: Histogram = field(default_factory=lambda: Histogram(SIZE_BOUNDS))
@@ -62,15 +58,11 @@ class VerifierStats:
     queue_delay_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
 
     def record_batch(self, size: int, forward_s: float, tokens: int = 0) -> None:
-        self.batches += 1
-        self.batch_sizes[size] += 1
-        self.forward_s += forward_s
         self.batch_size_hist.observe(size)
         self.batch_tokens_hist.observe(tokens)
         self.forward_hist.observe(forward_s)
 
     def record_queue_delay(self, delay_s: float) -> None:
-        self.queue_delay_s += delay_s
         self.queue_delay_hist.observe(delay_s)
 
     def record_draft(self, draft_len: int, accepted: int) -> None:
@@ -81,6 +73,19 @@ class VerifierStats:
             self.accepted_per_position.extend([0] * (draft_len - len(self.accepted_per_position)))
         for position in range(accepted):
             self.accepted_per_position[position] += 1
+
+    @property
+    def batches(self) -> int:
+        return self.batch_size_hist.observations
+
+    @property
+    def forward_s(self) -> float:
+        """Model time of verification forwards."""
+        return self.forward_hist.total
+
+    @property
+    def queue_delay_s(self) -> float:
+        return self.queue_delay_hist.total
 
     @property
     def mean_acceptance_length(self) -> float:
