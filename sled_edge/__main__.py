@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
     except EdgeError as exc:
         log.error("generation_failed", code=exc.code, error=str(exc))
-        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout", "broker_unreachable") else EX_DATAERR
+        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout", "target_unavailable",
+                                                "broker_unreachable") else EX_DATAERR
     except Exception:
         log.exception("edge_crashed")
         return EX_SOFTWARE

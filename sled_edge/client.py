@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
@@ -23,6 +23,7 @@ from sled_edge.controller import DraftLengthController
 from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, EdgeConnection
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter, Proposal
+from sled_edge.placement import Placement, choose, describe
 from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
@@ -45,6 +46,7 @@ class EdgeError(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.detail = message
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class GenerationResult:
     retries: int
     failovers: int
     verifier: str
+    target: str | None        # identity of the target that produced every token (None: not announced)
     session_id: str
     elapsed_s: float
 
@@ -107,24 +110,28 @@ class EdgeDevice:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
-    async def choose_verifier(self, exclude: str | None = None, min_context: int = 0) -> Status:
+    async def choose_verifier(self, exclude: str | None = None, min_context: int = 0,
+                              session: EdgeSession | None = None) -> Status:
         """The least loaded online verifier whose vocabulary is ours (or the configured one), not ``exclude``,
-        that can hold ``min_context`` tokens."""
+        that can hold ``min_context`` tokens and, for an open ``session``, serves the very target the session
+        opened on (``sled_edge.placement``). Waits up to ``discovery_timeout_s`` for one."""
+        need = Placement(self.vocab, min_context, self.config.verifier, exclude, pinned=session is not None,
+                         target=session.target if session is not None else None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.discovery_timeout_s
         while True:
-            online = [s for s in self.verifiers.values() if s.online and s.verifier != exclude
-                      and (not self.config.verifier or s.verifier == self.config.verifier)
-                      and (not s.max_context_tokens or s.max_context_tokens >= min_context)]
-            matching = [s for s in online if s.vocab == self.vocab]
-            if matching:
-                return min(matching, key=lambda s: (s.load / max(s.capacity, 1), s.verifier))
+            chosen = choose(self.verifiers.values(), need)
+            if chosen is not None:
+                return chosen
             if loop.time() >= deadline:
-                seen = [s for s in self.verifiers.values() if s.online]
-                others = ", ".join(f"{s.verifier} (vocab {s.vocab})" for s in seen) or "none online"
+                if session is not None and choose(self.verifiers.values(), replace(need, pinned=False)):
+                    raise EdgeError("target_unavailable", f"session {session.session_id} is pinned to target "
+                                    f"{session.target or '(none announced)'} (it was on {exclude}) and no other verifier "
+                                    f"serving that target came online within {self.config.discovery_timeout_s} s; "
+                                    f"available: {describe(self.verifiers.values())}")
                 wanted = f"verifier {self.config.verifier!r}" if self.config.verifier else "a verifier"
                 raise EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
-                                f"{self.config.discovery_timeout_s} s; seen: {others}")
+                                f"{self.config.discovery_timeout_s} s; seen: {describe(self.verifiers.values())}")
             self.connection.status_changed.clear()
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
@@ -149,7 +156,7 @@ class EdgeDevice:
             log.warning("max_new_tokens_capped", verifier=verifier.verifier, max_context_tokens=verifier.max_context_tokens)
             max_len = verifier.max_context_tokens
         session = EdgeSession(uuid.uuid4().hex[:12], self.config.device_id, self.vocab, list(prompt_ids),
-                              max_len, sampling=sampling)
+                              max_len, sampling=sampling, target=verifier.target)  # pinned to this target from now on
         slog = log.bind(device_id=session.device, session_id=session.session_id)
         drafter = Drafter(self.model)
         # A sampled session's realisation depends on where drafts start and stop, so a seed reproduces it
@@ -197,15 +204,16 @@ class EdgeDevice:
             rounds=stats.rounds, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
             mean_accepted_length=round(stats.mean_accepted_length, 4), acceptance_rate=round(stats.acceptance_rate, 4),
             resyncs=stats.resyncs, retries=stats.retries, failovers=stats.failovers, verifier=verifier.verifier,
-            session_id=session.session_id, elapsed_s=round(time.perf_counter() - started, 4),
+            target=session.target, session_id=session.session_id, elapsed_s=round(time.perf_counter() - started, 4),
         )
 
     async def _verify_round(self, session: EdgeSession, proposal: Proposal, queue: asyncio.Queue,
                             verifier: Status, slog) -> tuple[Draft, Verdict, Status]:
         """Publish this round's draft until a verdict for it arrives; resend on timeout, move to another
-        verifier when ours goes offline or keeps silent, resend with context on resync."""
+        verifier of the same target when ours goes offline or keeps silent, resend with context on resync."""
         draft = session.draft(proposal.tokens, proposal.sparse)
         resends = resyncs = 0
+        stranded: EdgeError | None = None  # the last move refused because no one else serves our target
         while True:
             # A broker outage is not the verifier's silence: wait for the connection (bounded) without
             # counting resends or moving the session; the round is resent once the broker is back.
@@ -214,6 +222,15 @@ class EdgeDevice:
                     await self.connection.connected.wait()
             except TimeoutError:
                 raise EdgeError("broker_unreachable", f"no broker connection for {self.config.outage_timeout_s} s") from None
+            announced = self.verifiers.get(verifier.verifier)
+            if announced is not None and announced.online and announced.target != session.target:
+                # The id now serves another target (restarted with a new model): never send this session there.
+                moved_to, draft, refusal = await self._failover(session, proposal, verifier, slog)
+                if moved_to is verifier:
+                    raise EdgeError("target_unavailable", f"verifier {verifier.verifier} now serves target "
+                                    f"{announced.target}, not the session's {session.target}; {refusal.detail}")
+                verifier, resends = moved_to, 0
+                continue
             sent_s = time.perf_counter()
             try:
                 topic = topics.draft_topic(verifier.verifier, session.device)
@@ -221,7 +238,7 @@ class EdgeDevice:
             except TimeoutError:
                 continue  # the connection dropped while publishing: wait for it above
             try:
-                verdict = await self._await_verdict(queue, draft.seq)
+                verdict = await self._await_verdict(queue, draft.seq, verifier.verifier)
             except TimeoutError:
                 verdict = None
             if verdict is None or verdict is VERIFIER_DOWN:
@@ -229,11 +246,15 @@ class EdgeDevice:
                     resends += 1
                     session.stats.retries += 1
                     if resends > self.config.retries:
-                        raise EdgeError("verifier_timeout", f"no verdict from {verifier.verifier} for round "
-                                        f"{draft.seq} after {resends} tries of {self.config.timeout_s} s") from None
+                        silent = (f"no verdict from {verifier.verifier} for round {draft.seq} after {resends} tries "
+                                  f"of {self.config.timeout_s} s")
+                        if stranded is not None:  # others were online, but none serves the session's target
+                            raise EdgeError(stranded.code, f"{silent}; {stranded.detail}") from None
+                        raise EdgeError("verifier_timeout", silent) from None
                     slog.warning("verdict_timeout", seq=draft.seq, resend=resends, verifier=verifier.verifier)
                 if verdict is VERIFIER_DOWN or resends >= FAILOVER_AFTER_TIMEOUTS:
-                    moved_to, draft = await self._failover(session, proposal, verifier, slog)
+                    moved_to, draft, refusal = await self._failover(session, proposal, verifier, slog)
+                    stranded = refusal if refusal is not None and refusal.code == "target_unavailable" else None
                     if moved_to is not verifier:
                         verifier, resends = moved_to, 0  # the new verifier gets its own tries
                 continue
@@ -263,22 +284,26 @@ class EdgeDevice:
         except TimeoutError:  # the broker is away; the verifier's LRU reclaims the session later
             log.debug("close_not_sent", session_id=session.session_id)
 
-    async def _failover(self, session: EdgeSession, proposal: Proposal, current: Status, slog) -> tuple[Status, Draft]:
-        """Move the session to another verifier with its full committed history (the new one prefills it)."""
+    async def _failover(self, session: EdgeSession, proposal: Proposal, current: Status,
+                        slog) -> tuple[Status, Draft, EdgeError | None]:
+        """Move the session to another verifier serving its target, with its full committed history (the new
+        one prefills it); when there is none, stay (the refusal says why) and keep trying ours."""
         try:
-            chosen = await self.choose_verifier(exclude=current.verifier, min_context=session.max_len)
-        except EdgeError:
-            return current, session.draft(proposal.tokens, proposal.sparse)  # nobody else: keep trying ours
+            chosen = await self.choose_verifier(exclude=current.verifier, min_context=session.max_len, session=session)
+        except EdgeError as refusal:
+            slog.warning("session_not_moved", seq=session.seq, verifier=current.verifier, reason=refusal.detail)
+            return current, session.draft(proposal.tokens, proposal.sparse), refusal
         session.stats.failovers += 1
         session.send_context = True
         self.connection.session_verifier[session.session_id] = chosen.verifier
-        slog.warning("session_failover", seq=session.seq, old=current.verifier, new=chosen.verifier)
-        return chosen, session.draft(proposal.tokens, proposal.sparse)
+        slog.warning("session_failover", seq=session.seq, old=current.verifier, new=chosen.verifier,
+                     target=session.target)
+        return chosen, session.draft(proposal.tokens, proposal.sparse), None
 
-    async def _await_verdict(self, queue: asyncio.Queue, seq: int):
-        """The verdict for round ``seq``, or a connection sentinel; TimeoutError after ``timeout_s``."""
+    async def _await_verdict(self, queue: asyncio.Queue, seq: int, verifier_id: str):
+        """``verifier_id``'s verdict for round ``seq``, or a connection sentinel; TimeoutError after ``timeout_s``."""
         async with asyncio.timeout(self.config.timeout_s):
             while True:
                 item = await queue.get()
-                if item is RECONNECTED or item is VERIFIER_DOWN or item.seq == seq:
-                    return item  # anything else is a duplicate or a stale round's answer
+                if item is RECONNECTED or item is VERIFIER_DOWN or (item.seq == seq and item.verifier == verifier_id):
+                    return item  # anything else is a duplicate, a stale round's or a former verifier's answer

@@ -1,6 +1,8 @@
 """The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever.
 
-Verdicts go to the waiting session's queue (by session id); verifier statuses update ``verifiers``.
+Verdicts go to the waiting session's queue (by session id) when they come from the verifier holding that
+session (``session_verifier``; a former holder's late answers are dropped); verifier statuses update
+``verifiers``.
 Sessions learn of events that need a resend now rather than after a timeout through sentinels put
 in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and VERIFIER_DOWN
 (the verifier serving that session published offline, e.g. its last will after a crash).
@@ -112,7 +114,12 @@ class EdgeConnection:
 
     def _route(self, verdict: Verdict) -> None:
         queue = self.waiters.get(verdict.session) if verdict.session else None
-        if queue is not None:
+        holder = self.session_verifier.get(verdict.session) if verdict.session else None
+        if queue is not None and holder is not None and verdict.verifier != holder:
+            # A late answer from a verifier the session has moved away from: its state now lives elsewhere.
+            log.info("verdict_from_former_verifier", session_id=verdict.session, seq=verdict.seq,
+                     verifier=verdict.verifier, holder=holder)
+        elif queue is not None:
             queue.put_nowait(verdict)
         elif verdict.kind is VerdictKind.ERROR:
             log.warning("verifier_refused_message", error=str(verdict.error), reason=verdict.reason)

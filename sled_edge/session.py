@@ -39,6 +39,7 @@ class EdgeSession:
     max_len: int
     seq: int = 0
     sampling: SamplingParams | None = None  # None: greedy
+    target: str | None = None  # identity of the target the session opened on; it never moves to another
     send_context: bool = True  # the verifier has not seen this session yet
     finish: FinishReason | None = None
     stats: SessionStats = field(default_factory=SessionStats)

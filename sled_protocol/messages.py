@@ -153,6 +153,9 @@ class Status:
     capacity: int = 0
     max_draft_tokens: int = 0
     max_context_tokens: int = 0
+    # Identity of the exact target (a hash over its configuration and weights, sled_verifier.identity);
+    # sessions move only between verifiers announcing the same one. None: a peer that announces none.
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +390,7 @@ def _status_body(body: dict[str, Any], limits: Limits) -> Status:
         capacity=_count(body, "capacity", 0, required=False) or 0,
         max_draft_tokens=_count(body, "max_draft_tokens", 0, required=False) or 0,
         max_context_tokens=_count(body, "max_context_tokens", 0, required=False) or 0,
+        target=_name(body, "target", required=False),
     )
 
 

@@ -36,6 +36,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
     from sled_protocol.vocab import vocab_hash
     from sled_verifier.engine import VerifierEngine
+    from sled_verifier.identity import target_identity
     from sled_verifier.service import VerifierService
     from sled_verifier.stats import VerifierStats
     from sled_verifier.target import TargetModel
@@ -47,7 +48,8 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     except (ValueError, OSError) as exc:  # not a loadable causal LM: a configuration problem, not a crash
         raise ConfigError(f"cannot load target {config.target!r}: {exc}") from None
     vocab = vocab_hash(config.target)
-    log.info("target_loaded", model=target.model_id, device=str(target.device), vocab=vocab,
+    identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
+    log.info("target_loaded", model=target.model_id, target=identity, device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
     engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats(),
                             max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)
@@ -56,7 +58,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
         port = serve_metrics(engine.stats, lambda: engine.session_count, config.metrics_host, config.metrics_port)
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
-    await VerifierService(config, engine, vocab).run(ready)
+    await VerifierService(config, engine, vocab, identity).run(ready)
 
 
 def main(argv: list[str] | None = None) -> int:

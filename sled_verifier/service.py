@@ -31,10 +31,12 @@ EXPECT_FORGET_S = 60.0  # a session silent this long is no longer waited for
 
 
 class VerifierService:
-    def __init__(self, config: VerifierConfig, engine: VerifierEngine, vocab: str) -> None:
+    def __init__(self, config: VerifierConfig, engine: VerifierEngine, vocab: str,
+                 target_identity: str | None = None) -> None:
         self.config = config
         self.engine = engine
         self.vocab = vocab
+        self.target_identity = target_identity  # announced in every Status; edges pin sessions to it
         self.stats = engine.stats
         self.policy = BatchPolicy(config.window_ms, config.max_batch_drafts, config.max_batch_tokens)
         max_context = min(config.max_context_tokens, engine.target.max_positions or config.max_context_tokens)
@@ -55,7 +57,7 @@ class VerifierService:
             verifier=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.config.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
-            max_context_tokens=self.limits.max_context_tokens,
+            max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:

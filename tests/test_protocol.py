@@ -17,8 +17,10 @@ VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session="s1", seq=3,
                   next_kind=NextKind.RECOVERED, committed_len=8)
 STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
                 capacity=256, max_draft_tokens=16, max_context_tokens=4096)
+STATUS_WITH_TARGET = Status(**{**STATUS.__dict__, "target": "fedcba9876543210"})
 
-# Golden bytes: a change here is a wire-format change and needs a new SCHEMA_VERSION.
+# Golden bytes: a change here is a wire-format change and needs a new SCHEMA_VERSION. An optional field
+# that older decoders ignore (Status.target) only adds an entry: the existing bytes stay as they were.
 GOLDEN = {
     "draft": (DRAFT, "89a174a56472616674a17601a6646576696365a86a6574736f6e2d31a773657373696f6ea27331a373657103a862"
                      "6173655f6c656e05a6746f6b656e73930a0b0ca76d61785f6c656e28a5766f636162b03031323334353637383961"
@@ -30,6 +32,11 @@ GOLDEN = {
                        "a5766f636162b030313233343536373839616263646566aa766f6361625f73697a65cd0200a46c6f616402a8"
                        "6361706163697479cd0100b06d61785f64726166745f746f6b656e7310b26d61785f636f6e746578745f746f"
                        "6b656e73cd1000"),
+    "status_with_target": (STATUS_WITH_TARGET,
+                           "8ca174a6737461747573a17601a87665726966696572a27631a66f6e6c696e65c3a56d6f64656ca674617267"
+                           "6574a5766f636162b030313233343536373839616263646566aa766f6361625f73697a65cd0200a46c6f6164"
+                           "02a86361706163697479cd0100b06d61785f64726166745f746f6b656e7310b26d61785f636f6e746578745f"
+                           "746f6b656e73cd1000a6746172676574b066656463626139383736353433323130"),
 }
 
 
@@ -51,6 +58,15 @@ def test_round_trips_with_optional_fields():
     ):
         assert decode_verdict(encode(verdict)) == verdict
     assert decode_status(encode(Status(verifier="v", online=False))) == Status(verifier="v", online=False)
+
+
+def test_status_target_is_optional_both_ways():
+    # An older verifier announces no target identity; an older edge skips the field as unknown.
+    assert decode_status(encode(STATUS)).target is None
+    body = msgpack.unpackb(encode(STATUS_WITH_TARGET))
+    assert body["target"] == "fedcba9876543210"
+    with pytest.raises(ProtocolError):
+        decode_status(msgpack.packb({**body, "target": 7}))
 
 
 def test_unknown_fields_are_ignored():

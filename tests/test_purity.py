@@ -23,7 +23,8 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     [
         # Plain-Python core: not even asyncio.
         (["sled_verifier.batching", "sled_verifier.sessions", "sled_verifier.stats", "sled_edge.session",
-          "sled_edge.drafter", "sled_protocol.messages", "sled_protocol.topics"], ["asyncio", *SHELL]),
+          "sled_edge.drafter", "sled_edge.placement", "sled_protocol.messages", "sled_protocol.topics",
+          "sled_verifier.identity"], ["asyncio", *SHELL]),
         # torch itself imports asyncio, so the tensor maths is checked for the shell only.
         (["sled_verifier.verify"], SHELL),
     ],
