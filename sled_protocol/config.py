@@ -1,6 +1,6 @@
 """Frozen config dataclasses become CLI flags and ``SLED_*`` environment variables, in one place.
 
-A field ``window_ms`` becomes ``--window-ms`` and ``SLED_WINDOW_MS``; the dataclass default is the only
+A field ``max_wait_ms`` becomes ``--max-wait-ms`` and ``SLED_MAX_WAIT_MS``; the dataclass default is the only
 default; a flag beats the environment, which beats the default. Each field's ``metadata["help"]`` is its
 help text. Invalid values raise ``ConfigError``, which entry points turn into exit status 78 (EX_CONFIG).
 """

@@ -58,7 +58,13 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
         port = serve_metrics(engine.stats, lambda: engine.session_count, config.metrics_host, config.metrics_port)
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
-    await VerifierService(config, engine, vocab, identity).run(ready)
+    service = VerifierService(config, engine, vocab, identity)
+    samples = await asyncio.to_thread(engine.calibrate)
+    for drafts, tokens, seconds in samples:
+        service.cost.observe(drafts, tokens, seconds)
+    log.info("step_cost_calibrated", samples=[(d, t, round(1000 * s, 2)) for d, t, s in samples],
+             coef=[round(c, 6) for c in service.cost.coef])
+    await service.run(ready)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,18 @@ class VerifierConfig:
     device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
     dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights"))
     threads: int = field(default=0, metadata=_help("torch CPU threads; 0: all cores"))
-    window_ms: float = field(default=4.0, metadata=_help("longest wait for more drafts while the model is idle"))
-    max_batch_drafts: int = field(default=32, metadata=_help("most drafts verified in one forward pass"))
-    max_batch_tokens: int = field(default=512, metadata=_help("most tokens scored in one forward pass"))
+    max_wait_ms: float = field(default=50.0, metadata=_help(
+        "longest a draft waits for others to join its step (the added-wait SLO); the scheduler waits only "
+        "while merging lowers the server cost per draft"))
+    min_wait_gain: float = field(default=0.02, metadata=_help(
+        "waiting for predicted drafts must cut the step cost per draft by at least this fraction"))
+    max_batch_drafts: int = field(default=256, metadata=_help("most drafts verified in one step"))
+    max_batch_tokens: int = field(default=4096, metadata=_help("most tokens scored in one step (drafts and prefill)"))
     max_sessions: int = field(default=256, metadata=_help("sessions kept; the least recently used is evicted"))
     max_draft_tokens: int = field(default=16, metadata=_help("longest draft accepted from an edge"))
     max_context_tokens: int = field(default=4096, metadata=_help("longest committed context accepted"))
-    prefill_chunk_tokens: int = field(default=256, metadata=_help("prefill long contexts this many tokens per forward"))
+    prefill_chunk_tokens: int = field(default=256, metadata=_help(
+        "prefill tokens per step, all new sessions together; a longer context takes several steps"))
     max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
@@ -39,7 +44,8 @@ class VerifierConfig:
         require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
         require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
         require_connection(self.mqtt_url, self.log_level, verifier_id=self.verifier_id)
-        require(self.window_ms >= 0, "window_ms must be >= 0")
+        require(self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
+        require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
                      "max_context_tokens", "max_message_bytes", "prefill_chunk_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1")

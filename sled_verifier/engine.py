@@ -26,15 +26,16 @@ from sled_verifier.verify import VerifyResult, greedy_verify
 @dataclass(frozen=True)
 class Outcome:
     device: str
-    verdict: Verdict | None  # None: nothing to send (a stale round)
+    verdict: Verdict | None  # None: nothing to send (a stale round, or a draft deferred to a later step)
     admission: Admission
+    draft: Draft | None = None
 
 
 class VerifierEngine:
     def __init__(self, target: TargetModel, verifier_id: str, max_sessions: int, stats: VerifierStats,
                  max_context: int = 4096, prefill_chunk: int = 256) -> None:
         self.target = target
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # prefill tokens per step, all new sessions together
         # A few spare slots: a batch may briefly open sessions before their LRU victims are released.
         self.kv = target.init_kv(max_slots=max_sessions + 64, max_length=max_context)
         self.verifier_id = verifier_id
@@ -45,7 +46,23 @@ class VerifierEngine:
 
     def step(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
-        opened from a context may exist, consistently, without their prefill), so the batch can be retried."""
+        opened from a context may exist, consistently, without their prefill), so the batch can be retried.
+        A draft whose session's prefill does not fit this step comes back ``DEFERRED``: step it again."""
+        started_step = time.perf_counter()
+        try:
+            return self._step(drafts)
+        finally:
+            self.stats.step_s += time.perf_counter() - started_step
+
+    def step_until_answered(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        """``step``, then again for deferred drafts until each has its outcome; outcomes in ``drafts`` order.
+        For callers without a queue of their own (tests, benchmarks); the service re-queues instead."""
+        outcomes = {id(o.draft): o for o in self.step(drafts)}
+        while deferred := [o.draft for o in outcomes.values() if o.admission is Admission.DEFERRED]:
+            outcomes.update((id(o.draft), o) for o in self.step(deferred))
+        return [outcomes[id(d)] for d in drafts]
+
+    def _step(self, drafts: Sequence[Draft]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         runnable: list[tuple[Draft, SessionState]] = []
         batch_keys = frozenset((d.device, d.session) for d in drafts)
@@ -54,16 +71,16 @@ class VerifierEngine:
             admission = self.sessions.admit(draft)
             state = self.sessions.get(draft.device, draft.session)
             if admission is Admission.RESEND:
-                outcomes.append(Outcome(draft.device, state.last_verdict, admission))
+                outcomes.append(Outcome(draft.device, state.last_verdict, admission, draft))
             elif admission is Admission.STALE:
-                outcomes.append(Outcome(draft.device, None, admission))
+                outcomes.append(Outcome(draft.device, None, admission, draft))
             elif admission is Admission.RESYNC:
                 self.stats.resyncs += 1
-                outcomes.append(Outcome(draft.device, self._resync(draft), admission))
+                outcomes.append(Outcome(draft.device, self._resync(draft), admission, draft))
             elif admission is Admission.FINISHED:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.SESSION_FINISHED,
                                         "session already finished; open a new one")
-                outcomes.append(Outcome(draft.device, verdict, admission))
+                outcomes.append(Outcome(draft.device, verdict, admission, draft))
             else:
                 if admission is Admission.REBUILD:
                     state, dropped = self.sessions.open(draft, protected=batch_keys)
@@ -74,8 +91,16 @@ class VerifierEngine:
         if not runnable:
             self._snapshot()
             return outcomes
-        # 2. Prefill sessions that were just opened or rebuilt, in chunks (their cache covers x[0:n-1]).
-        self._prefill([state for _, state in runnable])
+        # 2. Prefill sessions that were just opened or rebuilt (their cache covers x[0:n-1]), within this
+        #    step's prefill budget; those not complete wait for a later step, the others go on now.
+        incomplete = self._prefill([state for _, state in runnable])
+        if incomplete:
+            self.stats.deferred += len(incomplete)
+            outcomes += [Outcome(d.device, None, Admission.DEFERRED, d) for d, s in runnable if id(s) in incomplete]
+            runnable = [(d, s) for d, s in runnable if id(s) not in incomplete]
+            if not runnable:
+                self._snapshot()
+                return outcomes
         # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session, written into its slot.
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
         started = time.perf_counter()
@@ -84,6 +109,7 @@ class VerifierEngine:
             torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
         self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
         # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
+        started = time.perf_counter()
         result = self._decide(runnable, logits)
         # 5. Commit and answer; the cache now covers committed[:-1] by moving a count.
         accepted = result.accepted.tolist()
@@ -91,24 +117,54 @@ class VerifierEngine:
         for row, (draft, state) in enumerate(runnable):
             verdict = self._commit(draft, state, accepted[row], next_tokens[row],
                                    bool(result.is_bonus[row]), bool(result.hit_eos[row]))
-            outcomes.append(Outcome(draft.device, verdict, Admission.RUN))
+            outcomes.append(Outcome(draft.device, verdict, Admission.RUN, draft))
+        self.stats.decide_s += time.perf_counter() - started
         self._snapshot()
         return outcomes
 
-    def _prefill(self, states: list[SessionState]) -> None:
-        """Bring every session's cache to committed[:-1], ``prefill_chunk`` tokens per row per forward
-        (bounded memory and latency per forward; several sessions' chunks share a forward)."""
+    def _prefill(self, states: list[SessionState]) -> set[int]:
+        """Move sessions' caches towards committed[:-1] in ONE forward of at most ``prefill_chunk`` tokens in
+        all (oldest first; a long context takes several steps), so a step's time stays bounded and new
+        sessions never stall the fleet. Returns the ``id`` of every state still incomplete."""
         for state in states:
             if state.slot is None:
                 state.slot, state.cached = self.kv.acquire(), 0
-        while pending := [s for s in states if s.cached < len(s.committed) - 1]:
-            chunks = [s.committed[s.cached : min(len(s.committed) - 1, s.cached + self.prefill_chunk)] for s in pending]
+        budget, rows, chunks = self.prefill_chunk, [], []
+        for state in states:
+            missing = len(state.committed) - 1 - state.cached
+            if missing > 0 and budget > 0:
+                rows.append(state)
+                chunks.append(state.committed[state.cached : state.cached + min(missing, budget)])
+                budget -= len(chunks[-1])
+        if rows:
             started = time.perf_counter()
-            self.target.forward_rows([s.slot for s in pending], [s.cached for s in pending], chunks)
+            self.target.forward_rows([s.slot for s in rows], [s.cached for s in rows], chunks)
             self.stats.prefill_s += time.perf_counter() - started
-            for state, chunk in zip(pending, chunks):
+            for state, chunk in zip(rows, chunks):
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
+        return {id(s) for s in states if s.cached < len(s.committed) - 1}
+
+    def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), draft_tokens: int = 4,
+                  context: int = 32) -> list[tuple[int, int, float]]:
+        """Time verification forwards of a few batch sizes on scratch slots: (drafts, tokens, seconds) for the
+        scheduler's cost model, so it starts from this hardware's figures rather than a guess."""
+        samples = []
+        for size in batch_sizes:
+            if size > len(self.kv.free) + self.kv.max_slots - self.kv.capacity:
+                break
+            slots = [self.kv.acquire() for _ in range(size)]
+            try:
+                self.target.forward_rows(slots, [0] * size, [[1] * context] * size)
+                rows = [[1] * (draft_tokens + 1)] * size
+                for _ in range(2):
+                    started = time.perf_counter()
+                    self.target.forward_rows(slots, [context] * size, rows)
+                    samples.append((size, size * (draft_tokens + 1), time.perf_counter() - started))
+            finally:
+                for slot in slots:
+                    self.kv.release(slot)
+        return samples
 
     def close(self, device: str, session_id: str) -> bool:
         """The edge ended this session: free its KV slot and bookkeeping now. False if it was not held."""
@@ -139,7 +195,7 @@ class VerifierEngine:
                 self._release(state)
             self.sessions.forget(draft.device, draft.session)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
-            outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC))
+            outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC, draft))
         self._snapshot()
         return outcomes
 

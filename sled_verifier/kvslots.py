@@ -4,8 +4,10 @@ Layout per layer: keys and values ``[S, H, L, D]`` (S slots, L positions). A ses
 engine tracks how many positions are valid. A forward over a ragged batch writes each row's new keys
 and values straight into its slot at its own offset and reads back ``[B, H, width, D]`` for attention,
 so rolling back a rejected draft is just not counting its positions (no copy), and nothing is
-re-padded or re-split per round. Capacity grows by doubling (slots up to ``max_slots``, positions up
-to ``max_length``). One extra slot takes the writes of padding queries, so a short row padded to a
+re-padded or re-split per round. With slot attention (the default where the model allows it) attention
+reads each row's slot in place, over that row's own length; otherwise ``update`` gathers the batch's
+slots into ``[B, H, width, D]`` (a copy of every row's cache, padded to the longest). Capacity grows by
+doubling (slots up to ``max_slots``, positions up to ``max_length``). One extra slot takes the writes of padding queries, so a short row padded to a
 long one never writes past its own tokens (nor past the position limit).
 """
 
@@ -71,20 +73,23 @@ class SlotKV:
         self.free.extend(range(self.capacity, slots))
         self.capacity, self.length = slots, length
 
-    def view(self, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, new_tokens: int) -> BatchView:
-        """A cache for one forward of rows (slot, start, len) padded to ``new_tokens`` inputs."""
+    def view(self, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, new_tokens: int,
+             in_place: bool = False) -> BatchView:
+        """A cache for one forward of rows (slot, start, len) padded to ``new_tokens`` inputs. ``in_place``:
+        attention reads the slots itself (``sled_verifier.target.slot_attention``), so ``update`` hands it
+        the whole per-layer store instead of gathering ``[B, H, width, D]`` copies."""
         width = int((starts + lens).max())
         self.ensure_length(max(width, new_tokens))
-        return BatchView(self, slots, starts, lens, width, new_tokens)
+        return BatchView(self, slots, starts, lens, width, new_tokens, in_place)
 
 
 class BatchView(Cache):
     """What a transformers model sees as its cache for one forward: writes go into the slots in place."""
 
     def __init__(self, store: SlotKV, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, width: int,
-                 new_tokens: int) -> None:
+                 new_tokens: int, in_place: bool = False) -> None:
         super().__init__(layers=[])
-        self.store, self.slots, self.width = store, slots, width
+        self.store, self.slots, self.width, self.in_place = store, slots, width, in_place
         offsets = torch.arange(new_tokens, device=starts.device)[None, :]                      # [1, M]
         real = offsets < lens[:, None]                                                          # [B, M]
         self._write_slots = torch.where(real, slots[:, None], store.trash)                      # [B, M]
@@ -95,6 +100,8 @@ class BatchView(Cache):
         # [B, H, M, D] -> [B, M, H, D] to match keys[slot, :, position] indexing.
         keys[self._write_slots, :, self._write_positions] = key_states.transpose(1, 2).to(keys.dtype)
         values[self._write_slots, :, self._write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        if self.in_place:
+            return keys, values  # [S+1, H, L, D]: slot attention takes each row's own slot and length as views
         return keys[self.slots, :, : self.width], values[self.slots, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -45,10 +45,21 @@ class VerifierCollector(Collector):
         yield CounterMetricFamily("sled_verifier_busy_seconds", "Time from taking a batch to its verdicts published",
                                   value=s.busy_s)
         yield CounterMetricFamily("sled_verifier_prefill_seconds", "Model time of prefill forwards", value=s.prefill_s)
+        yield CounterMetricFamily("sled_verifier_step_seconds", "Engine step time (admission, prefill, forward, "
+                                  "verification, commit)", value=s.step_s)
+        yield CounterMetricFamily("sled_verifier_decide_seconds", "Verification and commit time in engine steps",
+                                  value=s.decide_s)
+        yield CounterMetricFamily("sled_verifier_receive_seconds", "Decoding and admitting inbound messages",
+                                  value=s.receive_s)
+        yield CounterMetricFamily("sled_verifier_publish_seconds", "Encoding and publishing verdicts", value=s.publish_s)
+        yield CounterMetricFamily("sled_verifier_deferred_drafts", "Drafts held over while their prefill completes",
+                                  value=s.deferred)
         yield _histogram("sled_verifier_batch_size", "Drafts per forward pass", s.batch_size_hist)
         yield _histogram("sled_verifier_batch_tokens", "Tokens scored per forward pass", s.batch_tokens_hist)
         yield _histogram("sled_verifier_forward_seconds", "Model time per verification pass", s.forward_hist)
         yield _histogram("sled_verifier_queue_delay_seconds", "Time a draft waited for its batch", s.queue_delay_hist)
+        yield _histogram("sled_verifier_added_wait_seconds", "Wait the scheduler chose for a draft while the model "
+                         "was idle (its SLO is --max-wait-ms)", s.added_wait_hist)
 
 
 def serve_metrics(stats: VerifierStats, sessions: Callable[[], int], host: str, port: int) -> int:

@@ -2,7 +2,8 @@
 
 Tasks (one TaskGroup per broker connection; the outer loop reconnects with backoff):
   receive  - decode and validate each draft; refuse bad ones with an error verdict at once
-  schedule - ask the batching policy when to flush; run ``VerifierEngine.step`` in the model thread
+  schedule - ask the scheduler (``sled_verifier.scheduler``) when to step; run ``VerifierEngine.step`` in the
+             model thread; drafts whose prefill did not fit the step go back to the head of the queue
   report   - log aggregated stats and refresh the retained Status every ``stats_interval_s``
 """
 
@@ -20,9 +21,10 @@ from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status
 from sled_protocol.messages import decode_inbound
 from sled_protocol import topics
 from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
-from sled_verifier.batching import BatchPolicy, QueueView, flush_delay_s, take_batch
+from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.config import VerifierConfig
 from sled_verifier.engine import VerifierEngine, error_verdict
+from sled_verifier.sessions import Admission
 from sled_verifier.ratelimit import RateLimiter
 
 log = structlog.get_logger("sled_verifier")
@@ -38,14 +40,17 @@ class VerifierService:
         self.vocab = vocab
         self.target_identity = target_identity  # announced in every Status; edges pin sessions to it
         self.stats = engine.stats
-        self.policy = BatchPolicy(config.window_ms, config.max_batch_drafts, config.max_batch_tokens)
+        self.policy = SchedulePolicy(config.max_wait_ms / 1000.0, config.min_wait_gain, config.max_batch_drafts,
+                                     config.max_batch_tokens)
+        self.cost = StepCost()
+        self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S)
+        self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
         max_context = min(config.max_context_tokens, engine.target.max_positions or config.max_context_tokens)
         if max_context < config.max_context_tokens:
             log.warning("max_context_capped", configured=config.max_context_tokens, model_positions=max_context)
         self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, max_context, engine.target.vocab_size)
         # Bounded: one queued draft per session (a newer round replaces an older one).
         self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
-        self.expected: dict[tuple[str, str], float] = {}
         self.arrived = asyncio.Event()
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
@@ -106,7 +111,9 @@ class VerifierService:
         async for message in client.messages:
             device = topics.device_of_draft_topic(str(message.topic))
             if device is not None:
+                started = time.perf_counter()
                 await self._accept(client, device, bytes(message.payload), time.monotonic())
+                self.stats.receive_s += time.perf_counter() - started
 
     async def _accept(self, client: aiomqtt.Client, device: str, payload: bytes, now_s: float) -> None:
         if not self.rate.allow(device, now_s):
@@ -137,7 +144,7 @@ class VerifierService:
             await self._refuse(client, device, draft, ErrorCode.OVERLOADED, "verification queue is full; retry later")
             return
         self.queue[key] = (draft, queued[1] if queued else now_s)
-        self.expected.pop(key, None)
+        self.arrivals.arrived(key, now_s)
         self.arrived.set()
 
     def _close(self, device: str, close: Close) -> None:
@@ -145,7 +152,7 @@ class VerifierService:
             return  # a device closes only its own sessions
         key = (device, close.session)
         self.queue.pop(key, None)
-        self.expected.pop(key, None)  # no draft is coming: the batching window need not wait for it
+        self.arrivals.forget(key)  # no draft is coming: the scheduler need not wait for it
         loop = asyncio.get_running_loop()
         task = loop.run_in_executor(self.model_thread, self.engine.close, device, close.session)
         self._closing.add(task)
@@ -166,48 +173,72 @@ class VerifierService:
         except ValueError:
             log.warning("verdict_undeliverable", device_id=device[:80], reason="device id is not a valid topic level")
             return
+        started = time.perf_counter()
         await client.publish(topic, encode(verdict), qos=topics.QOS_VERDICT)
+        self.stats.publish_s += time.perf_counter() - started
 
-    def _queue_view(self, now_s: float) -> QueueView:
-        for key, since in list(self.expected.items()):
-            if now_s - since > EXPECT_FORGET_S:
-                del self.expected[key]
+    def _queue_state(self) -> QueueState:
+        """The queue as the scheduler sees it: drafts, and the tokens a step over all of them would score
+        (each k + 1, plus prefill of new contexts up to the per-step prefill budget)."""
         oldest = next(iter(self.queue.values()))[1] if self.queue else None
-        tokens = sum(len(draft.tokens) + 1 for draft, _ in self.queue.values())
-        return QueueView(len(self.queue), tokens, oldest, len(self.expected))
+        ready = max(oldest, self.idle_since_s) if oldest is not None else None
+        scored = sum(len(draft.tokens) + 1 for draft, _ in self.queue.values())
+        prefill = sum(len(draft.context) for draft, _ in self.queue.values() if draft.context is not None)
+        return QueueState(len(self.queue), scored + min(prefill, self.config.prefill_chunk_tokens), ready)
 
     async def _schedule(self, client: aiomqtt.Client) -> None:
         while True:
+            # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
-            delay_s = flush_delay_s(self.policy, self._queue_view(now_s), now_s, model_idle=True)
-            if delay_s is None or delay_s > 0:
+            delay = delay_s(self.policy, self._queue_state(), self.arrivals.expected(now_s), self.cost, now_s)
+            if delay is None or delay > 0:
                 self.arrived.clear()
                 try:
-                    async with asyncio.timeout(delay_s):
+                    async with asyncio.timeout(delay):
                         await self.arrived.wait()
                 except TimeoutError:
                     pass
                 continue
-            # Oldest first; the model thread owns session state while it runs.
+            # 2. Take the oldest drafts (one per session) that fit a step; the model thread owns session state.
             busy_from = time.perf_counter()
             count = take_batch(self.policy, [len(d.tokens) + 1 for d, _ in self.queue.values()])
-            batch = [self.queue.popitem(last=False)[1] for _ in range(count)]
-            for _, arrival_s in batch:
-                self.stats.record_queue_delay(now_s - arrival_s)
-            outcomes = await self._run_step([draft for draft, _ in batch])
+            batch = [self.queue.popitem(last=False) for _ in range(count)]
+            arrivals = {key: arrival_s for key, (_, arrival_s) in batch}
+            prefill_before = self.stats.prefill_tokens
+            outcomes = await self._run_step([draft for _, (draft, _) in batch])
+            # 3. Teach the cost model what this step cost.
+            step_s = time.perf_counter() - busy_from
+            verified = [o for o in outcomes if o.admission is Admission.RUN]
+            tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
+            if tokens:
+                self.cost.observe(len(verified), tokens, step_s)
+            # 4. Answer; deferred drafts go back to the head of the queue with their arrival time.
+            for outcome in reversed(outcomes):
+                key = (outcome.device, outcome.draft.session) if outcome.draft else None
+                if outcome.admission is Admission.DEFERRED and key not in self.queue:
+                    self.queue[key] = (outcome.draft, arrivals[key])
+                    self.queue.move_to_end(key, last=False)
+            sent_s = time.monotonic()
             for outcome in outcomes:
+                if outcome.admission is not Admission.DEFERRED and outcome.draft is not None:
+                    arrival_s = arrivals[(outcome.device, outcome.draft.session)]
+                    self.stats.record_queue_delay(now_s - arrival_s, now_s - max(arrival_s, self.idle_since_s))
                 if outcome.verdict is None:
                     continue
                 verdict = outcome.verdict
+                key = (outcome.device, verdict.session)
                 if verdict.kind is VerdictKind.ERROR:
                     self.stats.errors[str(verdict.error)] += 1
+                    self.arrivals.forget(key)
                 elif verdict.kind is VerdictKind.VERIFIED and verdict.finish is None:
-                    self.expected[(outcome.device, verdict.session)] = time.monotonic()
-                    if len(self.expected) > self.config.max_sessions:  # bounded like everything else
-                        del self.expected[next(iter(self.expected))]
+                    self.arrivals.verdict_sent(key, sent_s)
+                else:
+                    self.arrivals.forget(key)
                 await self._publish_verdict(client, outcome.device, verdict)
             self.stats.busy_s += time.perf_counter() - busy_from
-            log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue))
+            self.idle_since_s = time.monotonic()
+            log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
+                      step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
 
     async def _run_step(self, drafts: list[Draft]):
         """``engine.step`` in the model thread. A failing batch is split in halves until the draft that

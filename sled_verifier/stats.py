@@ -39,6 +39,9 @@ class Histogram:
 SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
 TOKEN_BOUNDS = (8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# Queue delay is the scheduler's SLO: fine buckets around the default 20 ms budget.
+DELAY_BOUNDS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04,
+                0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 @dataclass
@@ -49,21 +52,29 @@ class VerifierStats:
     accepted_per_position: list[int] = field(default_factory=list)
     prefill_s: float = 0.0             # model time of prefill forwards
     busy_s: float = 0.0                # service time from taking a batch to its verdicts published
+    step_s: float = 0.0                # engine step time (admission, prefill, forward, verification, commit)
+    decide_s: float = 0.0              # verification maths and commit of each row, in the engine step
+    receive_s: float = 0.0             # decoding and admitting inbound messages (MQTT and codec)
+    publish_s: float = 0.0             # encoding and publishing verdicts (MQTT and codec)
+    deferred: int = 0                  # drafts held over to the next step while their prefill completes
     prefill_tokens: int = 0
     resyncs: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     batch_size_hist: Histogram = field(default_factory=lambda: Histogram(SIZE_BOUNDS))
     batch_tokens_hist: Histogram = field(default_factory=lambda: Histogram(TOKEN_BOUNDS))
     forward_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
-    queue_delay_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
+    queue_delay_hist: Histogram = field(default_factory=lambda: Histogram(DELAY_BOUNDS))
+    added_wait_hist: Histogram = field(default_factory=lambda: Histogram(DELAY_BOUNDS))
 
     def record_batch(self, size: int, forward_s: float, tokens: int = 0) -> None:
         self.batch_size_hist.observe(size)
         self.batch_tokens_hist.observe(tokens)
         self.forward_hist.observe(forward_s)
 
-    def record_queue_delay(self, delay_s: float) -> None:
+    def record_queue_delay(self, delay_s: float, added_s: float = 0.0) -> None:
+        """``delay_s``: arrival to step; ``added_s``: the part the scheduler chose (the model was idle)."""
         self.queue_delay_hist.observe(delay_s)
+        self.added_wait_hist.observe(max(0.0, added_s))
 
     def record_draft(self, draft_len: int, accepted: int) -> None:
         self.drafts += 1

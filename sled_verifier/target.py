@@ -2,9 +2,16 @@
 
 Every session's KV cache lives in a slot of one preallocated ``SlotKV`` (``sled_verifier.kvslots``).
 A forward takes rows (slot, start, tokens): each row's tokens are appended at its own offset, inputs
-are right-padded to the longest row, and a 4-D additive attention mask lets each query see exactly its
-own session's positions up to itself, with explicit position ids. Sessions with different context
+are right-padded to the longest row, with explicit position ids. Sessions with different context
 lengths and draft lengths share ONE forward, and each row's logits are those of scoring it alone.
+
+Attention, two ways:
+- ``slots`` (default): ``slot_attention``, registered with transformers' attention interface, reads each
+  row's keys and values straight from its slot (views, no copy) over that row's own length, with a
+  causal mask for the row's new tokens only. Nothing is gathered or padded to the longest context.
+- ``gather`` (fallback, for models whose attention does not pass keyword arguments through): the cache
+  gathers every row's slot into ``[B, H, width, D]`` and a 4-D additive mask hides other positions.
+The target checks at load that both agree on its own weights and falls back to ``gather`` if not.
 """
 
 from __future__ import annotations
@@ -15,7 +22,32 @@ from pathlib import Path
 
 import torch
 
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
 from sled_verifier.kvslots import SlotKV
+
+SLOT_ATTENTION = "sled_slots"
+
+
+def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
+    """Each row's attention over its own slot, in place. ``key``/``value``: this layer's whole store
+    ``[S+1, Hkv, L, D]``; ``sled_rows``: per row (slot, width, new tokens m, bool mask [m, width] or None)."""
+    if sled_rows is None:
+        raise RuntimeError("slot attention needs sled_rows (the model did not pass keyword arguments through)")
+    batch, heads, m_max, head_dim = query.shape                                      # [B, H, M, D]
+    out = query.new_zeros(batch, m_max, heads, head_dim)                              # [B, M, H, D]
+    gqa = key.shape[1] != heads
+    for row, (slot, width, m, mask) in enumerate(sled_rows):
+        attended = F.scaled_dot_product_attention(
+            query[row : row + 1, :, :m], key[slot : slot + 1, :, :width], value[slot : slot + 1, :, :width],
+            attn_mask=mask, scale=scaling, enable_gqa=gqa)                            # [1, H, m, D]
+        out[row, :m] = attended[0].transpose(0, 1)
+    return out, None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,13 +87,41 @@ class TargetModel:
         self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)
         self.model_id = self.model_dir.name
         self.kv: SlotKV | None = None
+        self.attention = "gather"
+        self.attention = self._choose_attention()
 
-    def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
+    def _choose_attention(self) -> str:
+        """``slots`` if slot attention runs on this model and gives the gather path's logits, else ``gather``."""
+        reference_impl = self.model.config._attn_implementation
+        probe = SlotKV(self.model.config.num_hidden_layers, *self._kv_shape(), self.model.dtype, self.device,
+                       max_slots=4, max_length=16, slots=4, length=16)
+        rows = ([5, 6, 7], [8, 9])
+        try:
+            self.kv = probe
+            gathered = self.forward_rows([0, 1], [0, 0], rows)
+            self.model.config._attn_implementation = SLOT_ATTENTION
+            self.attention = "slots"
+            in_place = self.forward_rows([2, 3], [0, 0], rows)
+            same = torch.allclose(gathered[0, :3], in_place[0, :3], atol=1e-4, rtol=1e-3) and \
+                torch.allclose(gathered[1, :2], in_place[1, :2], atol=1e-4, rtol=1e-3)
+        except Exception:  # any model whose attention cannot take sled_rows
+            same = False
+        finally:
+            self.kv = None
+        if not same:
+            self.model.config._attn_implementation = reference_impl
+            return "gather"
+        return "slots"
+
+    def _kv_shape(self) -> tuple[int, int]:
         config = self.model.config
-        layers = config.num_hidden_layers
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv = SlotKV(layers, heads, head_dim, self.model.dtype, self.device, max_slots=max_slots,
+        return heads, head_dim
+
+    def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
+        heads, head_dim = self._kv_shape()
+        self.kv = SlotKV(self.model.config.num_hidden_layers, heads, head_dim, self.model.dtype, self.device, max_slots=max_slots,
                          max_length=min(max_length, self.max_positions or max_length))
         return self.kv
 
@@ -73,14 +133,18 @@ class TargetModel:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         dev = self.device
         m_max = max(len(x) for x in inputs)
-        input_ids = torch.zeros(len(inputs), m_max, dtype=torch.int64, device=dev)                  # [B, M]
-        for row, tokens in enumerate(inputs):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        input_ids = torch.tensor([[*tokens] + [0] * (m_max - len(tokens)) for tokens in inputs],
+                                 dtype=torch.int64, device=dev)                                       # [B, M]
         lens = torch.tensor([len(x) for x in inputs], device=dev)
         starts_t = torch.tensor(list(starts), dtype=torch.int64, device=dev)
         # Padding queries repeat the row's last real position: never past the model's position table.
         offsets = torch.minimum(torch.arange(m_max, device=dev)[None, :], (lens - 1)[:, None])       # [B, M]
         positions = starts_t[:, None] + offsets                                                        # [B, M]
+        if self.attention == "slots":
+            view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max, in_place=True)
+            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=view, use_cache=True,
+                             cache_position=torch.arange(m_max, device=dev), sled_rows=self._row_plan(slots, starts, inputs))
+            return out.logits
         width = int((starts_t + lens).max())
         visible = torch.arange(width, device=dev)[None, None, :] <= positions[:, :, None]             # [B, M, W]
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=dev)
@@ -89,3 +153,15 @@ class TargetModel:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=view,
                          use_cache=True, cache_position=torch.arange(m_max, device=dev))
         return out.logits
+
+    def _row_plan(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]]) -> list:
+        """Per row: (slot, width = start + m, m, causal mask of its m new tokens over its width, or None)."""
+        plan = []
+        for slot, start, tokens in zip(slots, starts, inputs):
+            m = len(tokens)
+            mask = None
+            if m > 1:
+                mask = torch.arange(start + m, device=self.device)[None, :] <= \
+                    (start + torch.arange(m, device=self.device))[:, None]             # [m, width]
+            plan.append((int(slot), start + m, m, mask))
+        return plan

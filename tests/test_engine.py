@@ -40,7 +40,7 @@ def run_lockstep(engine, sessions, drafters, ks):
         live = [i for i, s in enumerate(sessions) if s.finish is None]
         drafts = [sessions[i].draft(drafters[i].propose(sessions[i].committed, min(ks[i], sessions[i].budget - 1)))
                   for i in live]
-        outcomes = engine.step(drafts)
+        outcomes = engine.step_until_answered(drafts)  # prefill longer than one step's budget takes several
         assert [o.admission for o in outcomes] == [Admission.RUN] * len(live)
         for i, draft, outcome in zip(live, drafts, outcomes):
             sessions[i].apply(draft, outcome.verdict)
@@ -164,10 +164,10 @@ def test_long_and_short_sessions_share_a_batch_near_the_position_limit(tiny_mode
     alone = {}
     for name, prompt, k in (("long", long_prompt, 1), ("short", long_prompt[:10], 8)):
         session = EdgeSession(name, "solo", vocab, list(prompt), len(prompt) + 2)
-        alone[name] = engine.step([session.draft([3] * k)])[0].verdict
+        alone[name] = engine.step_until_answered([session.draft([3] * k)])[0].verdict
     sessions = [EdgeSession("long", "dev", vocab, list(long_prompt), 1022),
                 EdgeSession("short", "dev", vocab, list(long_prompt[:10]), 12)]
-    together = engine.step([sessions[0].draft([3]), sessions[1].draft([3] * 8)])
+    together = engine.step_until_answered([sessions[0].draft([3]), sessions[1].draft([3] * 8)])
     for outcome, name in zip(together, ("long", "short")):
         assert outcome.verdict.kind is VerdictKind.VERIFIED
         assert (outcome.verdict.accepted, outcome.verdict.next_token) == (alone[name].accepted, alone[name].next_token)

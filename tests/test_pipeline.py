@@ -158,7 +158,7 @@ def test_cli_without_matching_verifier_exits_unavailable(tiny_models, verifier):
     ("args", "complaint"),
     [
         (["-m", "sled_verifier", "--target", "/nonexistent"], "is not a directory"),
-        (["-m", "sled_verifier", "--target", ".", "--window-ms", "soon"], "not a valid float"),
+        (["-m", "sled_verifier", "--target", ".", "--max-wait-ms", "soon"], "not a valid float"),
         (["-m", "sled_edge", "generate", "--draft", "/nonexistent", "--prompt", "x"], "has no model.onnx"),
     ],
 )

@@ -22,7 +22,7 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     ("modules", "forbidden"),
     [
         # Plain-Python core: not even asyncio.
-        (["sled_verifier.batching", "sled_verifier.sessions", "sled_verifier.stats", "sled_edge.session",
+        (["sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats", "sled_edge.session",
           "sled_edge.drafter", "sled_edge.placement", "sled_protocol.messages", "sled_protocol.topics",
           "sled_verifier.identity"], ["asyncio", *SHELL]),
         # torch itself imports asyncio, so the tensor maths is checked for the shell only.

@@ -1,0 +1,438 @@
+"""The fleet bench: an emulated fleet through the real broker and the real ``sled-verifier``, against the
+server decoding for the same sessions itself, as a fraction of what the model allows.
+
+For each N: a real Mosquitto (the project's dev config), one ``sled-verifier`` process with default flags
+pinned to one core with one torch thread, and N emulated devices (``bench/fleet_devices.py``, one process
+on the other cores, each device its own MQTT client) whose drafting costs the server nothing. Measured:
+
+- server cost per committed token: the verifier process's CPU seconds (user + system, every thread: model,
+  MQTT, codec, bookkeeping) from before the first session arrives to after the last verdict, divided by
+  the tokens committed (devices start sessions for the run's duration; each runs to its end, so the work
+  is whole sessions, prefill and all);
+- server-only: the same target, same thread and core, decoding the same kind of sessions (prompt prefill
+  plus one token per step for every session in one batch); the stronger of transformers' batched
+  ``generate`` and the verifier's own engine (slot cache, one token per row), named in the table;
+- ceiling: what the model allows, tau x T(N x 1) / T(N x (k+1)) on the decode part, with tau the accepted
+  length the fleet reached, measured here in the same run; and the same at the mean batch B the fleet
+  reached (T(B x (k+1)) in place of T(N x (k+1))), which separates what scheduling lost (B < N, as with
+  devices of very different speeds) from what the step lost;
+- per-session tokens/s p50 and p10, queue delay p50/p99 (verifier histogram), mean batch, capacity at an
+  SLO for both, and where the verifier's time went.
+
+Without a built family (``make models``) the target is a random-initialised model of the family's target
+shape (6 x 384 Llama, vocabulary 4096): its cost is the same; acceptance then comes from ``--alpha``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.run import DEVICE_CORES, SERVER_CORES, Verifier, log, pinned  # noqa: E402
+from sled_protocol.devbroker import start_dev_broker  # noqa: E402
+
+PROFILES = {
+    "quick": {"ns": [1, 4, 16, 64], "duration_s": 6.0, "ramp_s": 1.5, "pool": 48, "repeats": 1},
+    "full": {"ns": [1, 4, 16, 64, 128, 256], "duration_s": 12.0, "ramp_s": 3.0, "pool": 96, "repeats": 1},
+}
+PROMPT_TOKENS = (24, 96)    # each session's prompt length, uniform
+OUTPUT_TOKENS = (32, 96)    # each session's output length, uniform
+RTT_MS = (2.0, 30.0)        # network round trip, uniform per message pair
+K = 4
+# Device classes: the family's drafts (timings of this machine's x86 core stand in for the boards) and a
+# real 0.5B draft (Qwen2.5-0.5B class) on a Raspberry Pi 5 at tens of ms per token.
+CLASSES = [
+    {"name": "jetson-orin", "draft": "jetson-orin", "draft_ms_per_token": 1.0},
+    {"name": "rpi5", "draft": "rpi5", "draft_ms_per_token": 2.0},
+    {"name": "rpi5-0.5b", "draft": None, "draft_ms_per_token": 40.0},
+]
+
+
+def quick_shape_target(out: Path) -> Path:
+    """A random-initialised Llama of the family's target shape (seconds to build; cached)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sled_models.recipe import TARGET
+    from sled_models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(out, vocab_size=4096)
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TARGET.hidden, intermediate_size=TARGET.intermediate,
+                         num_hidden_layers=TARGET.layers, num_attention_heads=TARGET.heads,
+                         num_key_value_heads=TARGET.heads, max_position_embeddings=1024, initializer_range=0.2,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    LlamaForCausalLM(config).eval().save_pretrained(out)
+    return out
+
+
+def make_pool(target_dir: Path, size: int, cont_tokens: int, held_out: np.ndarray | None, cache: Path) -> list[dict]:
+    """``size`` prompts of varied length and the target's own greedy continuation of each, one at a time
+    (unbatched, transformers ``generate``)."""
+    key = f"{target_dir.resolve()}:{(target_dir / 'config.json').stat().st_mtime_ns}:{size}:{PROMPT_TOKENS}:{cont_tokens}"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["key"] == key:
+            return stored["pool"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, local_files_only=True).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    rng = np.random.default_rng(7)
+    pool = []
+    for i in range(size):
+        prompt_len = int(rng.integers(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1))
+        if held_out is not None:
+            start = int(rng.integers(0, len(held_out) - prompt_len))
+            prompt = held_out[start : start + prompt_len].astype(int).tolist()
+        else:
+            prompt = rng.integers(1, model.config.vocab_size, prompt_len).tolist()
+        with torch.inference_mode():
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cont_tokens,
+                                 min_new_tokens=cont_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+        continuation = out[0, prompt_len:].tolist()
+        cut = next((j for j, t in enumerate(continuation) if t in eos_ids), len(continuation))
+        if cut >= OUTPUT_TOKENS[0] + 1:
+            pool.append({"prompt": prompt, "continuation": continuation[:cut]})
+        log(f"pool: {i + 1}/{size} continuations") if (i + 1) % 16 == 0 else None
+    cache.write_text(json.dumps({"key": key, "pool": pool}))
+    return pool
+
+
+def timed(fn, repeat: int = 5) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def server_only(target, target_dir: Path, pool: list[dict], n: int, out_tokens: int) -> dict:
+    """Seconds per token for N sessions decoded in one batch: prefill, then one token per session per step.
+    Both ways; the stronger one is the baseline."""
+    prompts = [pool[i % len(pool)]["prompt"] for i in range(n)]  # the fleet's prompts, ragged
+    lens = [len(p) for p in prompts]
+    # (a) the verifier's own engine path: slot KV, ragged prefill in one forward, then N x 1 per step.
+    kv = target.init_kv(max_slots=n, max_length=max(lens) + out_tokens + 8)
+    slots = [kv.acquire() for _ in range(n)]
+
+    def engine_decode() -> None:
+        logits = target.forward_rows(slots, [0] * n, prompts)
+        tokens = logits[torch.arange(n), torch.tensor(lens) - 1].argmax(-1).tolist()
+        for step in range(out_tokens - 1):
+            logits = target.forward_rows(slots, [length + step for length in lens], [[t] for t in tokens])
+            tokens = logits[:, 0].argmax(-1).tolist()
+
+    def engine_prefill() -> None:
+        target.forward_rows(slots, [0] * n, prompts)
+
+    # (b) transformers generate, batched, prompts left-padded.
+    pad = target.model.config.pad_token_id or 0
+    ids = torch.tensor([[pad] * (max(lens) - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (max(lens) - len(p)) + [1] * len(p) for p in prompts])
+
+    def generate() -> None:
+        with torch.inference_mode():
+            target.model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens, min_new_tokens=out_tokens,
+                                  do_sample=False, pad_token_id=pad)
+
+    repeat = 1 if n >= 64 else 2
+    engine_s, generate_s = timed(engine_decode, repeat), timed(generate, repeat)
+    prefill_s = timed(engine_prefill, repeat)
+    best, name = min((engine_s, "engine"), (generate_s, "generate"))
+    tokens = n * out_tokens
+    return {"s_per_token": best / tokens, "which": name, "engine_s_per_token": engine_s / tokens,
+            "generate_s_per_token": generate_s / tokens, "prefill_s_per_token": prefill_s / tokens,
+            "session_tokens_per_s": out_tokens / best}
+
+
+def step_times(target, n: int, k: int, context: int) -> dict:
+    """T(N x 1) and T(N x (k+1)) of the verifier's forward at ``context``."""
+    kv = target.init_kv(max_slots=n, max_length=context + k + 8)
+    slots = [kv.acquire() for _ in range(n)]
+    rng = np.random.default_rng(0)
+    target.forward_rows(slots, [0] * n, [rng.integers(1, 1000, context).tolist() for _ in range(n)])
+    repeat = 3 if n >= 64 else 7
+    return {"t_n_x_1_s": timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n), repeat),
+            "t_n_x_k1_s": timed(lambda: target.forward_rows(slots, [context] * n, [[1] * (k + 1)] * n), repeat)}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def histogram_quantile(metrics: dict, name: str, q: float) -> float | None:
+    buckets = sorted(((float(k.split("le=")[1].rstrip("}")), v) for k, v in metrics.items()
+                      if k.startswith(f"{name}_bucket")), key=lambda b: b[0])
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= q * total:
+            if bound == float("inf"):
+                return previous_bound
+            share = (q * total - previous_count) / max(1e-9, count - previous_count)
+            return previous_bound + share * (bound - previous_bound)
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+def run_fleet(url: str, verifier: Verifier, workdir: Path, spec: dict) -> dict:
+    """One fleet run, whole sessions: the verifier's CPU and metrics from before the first arrival to after
+    the last verdict."""
+    spec = {**spec, "t0": time.monotonic() + 2.0 + spec["n"] / 100}
+    spec_path = workdir / f"fleet-{spec['n']}.json"
+    spec_path.write_text(json.dumps(spec))
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fleet_devices.py"), "--spec", str(spec_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=pinned(DEVICE_CORES))
+    time.sleep(max(0.0, spec["t0"] - 0.2 - time.monotonic()))
+    cpu_before, metrics_before, started = cpu_seconds(verifier.process.pid), verifier.metrics(), time.monotonic()
+    out, err = process.communicate(timeout=900)
+    cpu_after, metrics_after, ended = cpu_seconds(verifier.process.pid), verifier.metrics(), time.monotonic()
+    if process.returncode != 0:
+        raise RuntimeError(f"fleet of {spec['n']} failed:\n{err[-3000:]}")
+    report = json.loads(out)
+    delta = {key: metrics_after.get(key, 0.0) - metrics_before.get(key, 0.0) for key in metrics_after}
+    report["cpu_s"] = cpu_after - cpu_before
+    report["window_s"] = ended - started
+    report["metrics"] = delta
+    return report
+
+
+def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) -> dict:
+    m = fleet["metrics"]
+    committed = fleet["committed"]
+    rates = sorted(s["tokens"] / s["seconds"] for s in fleet["sessions"] if s["seconds"] > 0)
+    rounds = sum(s["rounds"] for s in fleet["sessions"])
+    tau = sum(s["tokens"] for s in fleet["sessions"]) / max(1, rounds)      # tokens committed per round
+    sled_s = fleet["cpu_s"] / max(1, committed)
+    ratio = server["s_per_token"] / sled_s
+    # The model's ceiling: the same prefill share, the decode part replaced by ideal batched verification.
+    decode_server = steps["t_n_x_1_s"] / n
+    decode_sled = steps["t_n_x_k1_s"] / (n * tau)
+    ceiling = server["s_per_token"] / (server["s_per_token"] - decode_server + decode_sled)
+    batches = m.get("sled_verifier_batch_size_count", 0.0)
+    mean_batch = m.get("sled_verifier_batch_size_sum", 0.0) / max(1.0, batches)
+    decode_at_batch = at_batch["t_n_x_k1_s"] / (at_batch["n"] * tau)
+    ceiling_at_batch = server["s_per_token"] / (server["s_per_token"] - decode_server + decode_at_batch)
+    window_s = fleet["window_s"]
+    parts = {name: m.get(f"sled_verifier_{name}_seconds_total", m.get(f"sled_verifier_{name}_seconds_sum", 0.0))
+             for name in ("forward", "prefill", "decide", "step", "receive", "publish")}
+    breakdown = {
+        "verify_forward": parts["forward"],
+        "prefill_forward": parts["prefill"],
+        "batch_assembly_and_kv": max(0.0, parts["step"] - parts["forward"] - parts["prefill"] - parts["decide"]),
+        "verification_and_commit": parts["decide"],
+        "mqtt_and_codec": parts["receive"] + parts["publish"],
+    }
+    breakdown["other_cpu"] = max(0.0, fleet["cpu_s"] - sum(breakdown.values()))
+    breakdown["idle"] = max(0.0, window_s - fleet["cpu_s"])
+    return {
+        "n": n, "committed_tokens": committed, "window_s": round(window_s, 2),
+        "sled_ms_per_token": round(1000 * sled_s, 4), "server_only_ms_per_token": round(1000 * server["s_per_token"], 4),
+        "server_only_which": server["which"], "ratio": round(ratio, 3), "ceiling": round(ceiling, 3),
+        "fraction_of_ceiling": round(ratio / ceiling, 3), "tau": round(tau, 3),
+        "ceiling_at_batch": round(ceiling_at_batch, 3), "fraction_at_batch": round(ratio / ceiling_at_batch, 3),
+        "mean_batch": round(mean_batch, 2),
+        "session_tokens_per_s_p50": round(rates[len(rates) // 2], 1) if rates else None,
+        "session_tokens_per_s_p10": round(rates[len(rates) // 10], 1) if rates else None,
+        "server_only_session_tokens_per_s": round(server["session_tokens_per_s"], 1),
+        "queue_delay_ms_p50": _ms(histogram_quantile(m, "sled_verifier_queue_delay_seconds", 0.5)),
+        "queue_delay_ms_p99": _ms(histogram_quantile(m, "sled_verifier_queue_delay_seconds", 0.99)),
+        "added_wait_ms_p50": _ms(histogram_quantile(m, "sled_verifier_added_wait_seconds", 0.5)),
+        "added_wait_ms_p99": _ms(histogram_quantile(m, "sled_verifier_added_wait_seconds", 0.99)),
+        "verifier_cpu_fraction": round(fleet["cpu_s"] / window_s, 3),
+        "breakdown_s": {k: round(v, 3) for k, v in breakdown.items()},
+        "wrong": len(fleet["wrong"]), "wrong_examples": fleet["wrong"][:3], "errors": fleet["errors"],
+        "prefill_tokens": int(m.get("sled_verifier_prefill_tokens_total", 0)),
+        "deferred": int(m.get("sled_verifier_deferred_drafts_total", 0)), "resyncs": fleet["resyncs"], "retries": fleet["retries"], "sessions": len(fleet["sessions"]),
+        "server_only": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in server.items()},
+        "steps_ms": {k: round(1000 * v, 3) for k, v in steps.items()},
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def capacity(rows: list[dict], slo: float) -> dict:
+    sled = max((r["n"] for r in rows if (r["session_tokens_per_s_p10"] or 0) >= slo), default=0)
+    server = max((r["n"] for r in rows if r["server_only_session_tokens_per_s"] >= slo), default=0)
+    return {"slo_tokens_per_s": slo, "sled_sessions": sled, "server_only_sessions": server,
+            "note": "largest tested N whose p10 per-session rate meets the SLO"}
+
+
+def print_table(result: dict) -> None:
+    print(f"\nSLED fleet bench ({result['profile']}): {result['target']}; {result['machine']}")
+    print(f"devices: {', '.join(c['name'] + ' ' + str(c['draft_ms_per_token']) + ' ms/token alpha ' + str(round(c['acceptance'][0], 2)) for c in result['classes'])}; "
+          f"k={K}; round trip {RTT_MS[0]:g}-{RTT_MS[1]:g} ms; prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]}, outputs "
+          f"{OUTPUT_TOKENS[0]}-{OUTPUT_TOKENS[1]} tokens; verifier flags: {' '.join(result['verifier_flags']) or 'defaults'}")
+    print("    N  SLED ms/tok  server-only ms/tok (which)  ratio  ceiling  fraction  (at batch)   tau  batch  tok/s/session p50/p10 "
+          "(server-only)  queue ms p50/p99  added wait p50/p99  cpu   wrong")
+    for r in result["rows"]:
+        print(f"  {r['n']:>3}  {r['sled_ms_per_token']:>11.3f}  {r['server_only_ms_per_token']:>11.3f} ({r['server_only_which']:>8})  "
+              f"{r['ratio']:>5.2f}x  {r['ceiling']:>6.2f}x  {r['fraction_of_ceiling']:>7.0%}  ({r['fraction_at_batch']:>7.0%})  {r['tau']:>4.2f}  "
+              f"{r['mean_batch']:>5.1f}  {r['session_tokens_per_s_p50']:>8}/{r['session_tokens_per_s_p10']:<8} "
+              f"({r['server_only_session_tokens_per_s']:>6})  {r['queue_delay_ms_p50']:>6}/{r['queue_delay_ms_p99']:<7} "
+              f"{r['added_wait_ms_p50']:>6}/{r['added_wait_ms_p99']:<7}  "
+              f"{r['verifier_cpu_fraction']:>4.2f}  {r['wrong']:>5}")
+    print("\nwhere the verifier's time went (seconds over the run):")
+    for r in result["rows"]:
+        print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items()))
+    cap = result["capacity"]
+    print(f"\ncapacity at >= {cap['slo_tokens_per_s']} tokens/s per session (p10): SLED {cap['sled_sessions']} sessions, "
+          f"server-only {cap['server_only_sessions']} ({cap['note']})")
+    print(f"verdicts differing from the target's own continuation: {sum(r['wrong'] for r in result['rows'])}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--ns", default="", help="comma-separated fleet sizes [default: the profile's]")
+    parser.add_argument("--family", type=Path, default=ROOT / "models" / "build" / "family-quick")
+    parser.add_argument("--alpha", type=float, default=0.8, help="per-position acceptance without a family eval.json")
+    parser.add_argument("--slo-tokens-per-s", type=float, default=10.0, help="per-session rate for capacity")
+    parser.add_argument("--duration-s", type=float, default=0.0, help="seconds devices keep starting sessions after the ramp [default: the profile's]")
+    parser.add_argument("--verifier-flag", action="append", default=[], help="extra sled-verifier flag (repeatable)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip server-only and ceiling (quick iteration)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    ns = [int(n) for n in args.ns.split(",")] if args.ns else profile["ns"]
+    duration_s = args.duration_s or profile["duration_s"]
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, SERVER_CORES)
+    workdir = ROOT / "build" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    evals, held_out = {}, None
+    if (args.family / "manifest.json").is_file():
+        target_dir = args.family / "target"
+        held_out = np.load(args.family / "tokens_held_out.npy")
+        if (args.family / "eval.json").is_file():
+            evals = json.loads((args.family / "eval.json").read_text())
+    else:
+        log(f"no model family at {args.family}: a random-initialised target of its shape, acceptance {args.alpha}")
+        target_dir = quick_shape_target(workdir / "quick-shape-target")
+    classes = []
+    for c in CLASSES:
+        measured = evals.get(c["draft"], {}) if c["draft"] else {}
+        alpha = measured.get("alpha_continuations", args.alpha)
+        classes.append({"name": c["name"], "draft_ms_per_token": measured.get("draft_ms_per_token", c["draft_ms_per_token"]),
+                        "acceptance": [alpha] * K, "k": K})
+    pool = make_pool(target_dir, profile["pool"], OUTPUT_TOKENS[1] + 1, held_out,
+                     workdir / f"pool-{args.profile}.json")
+
+    from sled_protocol.vocab import vocab_hash
+    from sled_verifier.target import TargetModel
+
+    target = TargetModel(target_dir, device="cpu")
+    mean_out = sum(OUTPUT_TOKENS) // 2
+    context = sum(PROMPT_TOKENS) // 2 + mean_out // 2
+    baselines = {}
+    if not args.no_baseline:
+        for n in ns:
+            log(f"server-only and model step times at N={n}")
+            baselines[n] = (server_only(target, target_dir, pool, n, mean_out), step_times(target, n, K, context))
+    broker, port = start_dev_broker(workdir / "broker-fleet")
+    url = f"mqtt://127.0.0.1:{port}"
+    rows, wrong = [], 0
+    try:
+        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", *args.verifier_flag)
+        try:
+            for n in ns:
+                ramp_s = max(profile["ramp_s"], n / 25)  # sessions arrive over time, not all at once
+                if n in baselines:  # long enough for sessions to come and go: 1.5 lifetimes at server-only's pace
+                    duration_s = max(args.duration_s or profile["duration_s"],
+                                     1.5 * mean_out / baselines[n][0]["session_tokens_per_s"])
+                log(f"fleet of {n} devices: arriving over {ramp_s:g} s, new sessions for {duration_s:g} s more, "
+                    "then every session to its end")
+                spec = {"n": n, "mqtt_url": url, "verifier": "fleet-verifier", "vocab": vocab_hash(target_dir),
+                        "vocab_size": target.vocab_size, "eos_ids": target.eos_ids.tolist(), "seed": 1,
+                        "pool": str(workdir / f"pool-{args.profile}.json.pool"), "classes": classes,
+                        "rtt_ms": RTT_MS, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
+                        "ramp_s": ramp_s, "duration_s": duration_s}
+                Path(spec["pool"]).write_text(json.dumps(pool))
+                fleet = run_fleet(url, verifier, workdir, spec)
+                wrong += len(fleet["wrong"])
+                if args.no_baseline:
+                    m = fleet["metrics"]
+                    log(f"N={n}: {1000 * fleet['cpu_s'] / max(1, fleet['committed']):.3f} ms/token, batch "
+                        f"{m.get('sled_verifier_batch_size_sum', 0) / max(1, m.get('sled_verifier_batch_size_count', 0)):.1f}, "
+                        f"cpu {fleet['cpu_s'] / fleet['window_s']:.2f}, wrong {len(fleet['wrong'])} {fleet['errors']}")
+                    continue
+                m = fleet["metrics"]
+                batch = max(1, round(m.get("sled_verifier_batch_size_sum", 0) / max(1, m.get("sled_verifier_batch_size_count", 0))))
+                at_batch = {"n": batch, **step_times(target, batch, K, context)}
+                rows.append(summarise(n, fleet, *baselines[n], at_batch))
+                log(f"N={n}: ratio {rows[-1]['ratio']}x of ceiling {rows[-1]['ceiling']}x "
+                    f"({rows[-1]['fraction_of_ceiling']:.0%}), batch {rows[-1]['mean_batch']}")
+        finally:
+            verifier.stop()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    if args.no_baseline:
+        return 0 if wrong == 0 else 1
+    result = {"profile": args.profile, "target": str(target_dir), "classes": classes, "rows": rows,
+              "verifier_flags": args.verifier_flag, "capacity": capacity(rows, args.slo_tokens_per_s),
+              "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
+                         f"on {sorted(DEVICE_CORES)}"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"fleet-{args.profile}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
+    print_table(result)
+    log(f"wrote {path} and its .png")
+    return 0 if wrong == 0 else 1
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    ns = [r["n"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(ns, [r["ratio"] for r in rows], marker="o", label="SLED / server-only (server cost per token)")
+    left.plot(ns, [r["ceiling"] for r in rows], marker="x", linestyle="--", label="ceiling the model allows")
+    left.set(xlabel="devices N", ylabel="x less server time per token", xscale="log", title="server cost")
+    left.set_xticks(ns, [str(n) for n in ns])
+    left.legend()
+    right.plot(ns, [r["session_tokens_per_s_p50"] for r in rows], marker="o", label="SLED p50")
+    right.plot(ns, [r["session_tokens_per_s_p10"] for r in rows], marker="o", label="SLED p10")
+    right.plot(ns, [r["server_only_session_tokens_per_s"] for r in rows], marker="x", label="server-only")
+    right.set(xlabel="devices N", ylabel="tokens/s per session", xscale="log", yscale="log", title="per-session rate")
+    right.set_xticks(ns, [str(n) for n in ns])
+    right.legend()
+    fig.suptitle(result["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

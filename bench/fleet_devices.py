@@ -1,0 +1,198 @@
+"""An emulated fleet: N devices in one process, each its own MQTT client speaking the real wire protocol.
+
+Drafting costs the server nothing, as with real separate devices. Every device knows the target's own
+greedy continuation of its prompts (computed once by ``bench/fleet.py``, unbatched) and "drafts" it: the
+token at draft position j is the target's with the device class's conditional acceptance probability
+``acceptance[j]``, otherwise another id. It sleeps ``k x draft_ms_per_token`` plus a network delay with
+jitter before each draft and a network delay before it acts on each verdict. Sessions start spread over
+a ramp and run back to back with varied prompt and output lengths.
+
+Devices start new sessions until the stop time; sessions under way then run to their end, so the run's
+work is whole sessions (every prefill with all of its decoding), the same mix the server-only baseline
+decodes. Every verdict is checked: the accepted count and the next token must be exactly the target's; a mismatch
+counts as wrong (the bench exits non-zero). Prints one JSON report on stdout.
+
+python bench/fleet_devices.py --spec FILE   (written by bench/fleet.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sled_protocol import Close, Draft, VerdictKind, encode  # noqa: E402
+from sled_protocol import topics  # noqa: E402
+from sled_protocol.messages import decode_verdict  # noqa: E402
+from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
+
+RETRY_S = 10.0  # resend a round whose verdict has not come back (QoS 0); never expected in a healthy run
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    draft_ms_per_token: float
+    acceptance: tuple[float, ...]   # P(draft token j is the target's | tokens before it were), j = 0..k-1
+    k: int = 4
+
+
+@dataclass
+class SessionRecord:
+    device: str
+    klass: str
+    started_s: float
+    ended_s: float = 0.0
+    tokens: int = 0           # committed after the prompt
+    rounds: int = 0
+    accepted: int = 0
+    drafted: int = 0
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.sessions: list[SessionRecord] = []
+        self.commits: list[tuple[float, int]] = []  # (monotonic time the verdict arrived, tokens it committed)
+        self.wrong: list[str] = []
+        self.errors: dict[str, int] = {}
+        self.resyncs = 0
+        self.retries = 0
+
+
+def draft_tokens(rng: random.Random, truth: list[int], klass: DeviceClass, k: int, vocab: int, avoid: set[int]) -> list[int]:
+    """k tokens: the target's own while the acceptance draws succeed, then ids that differ from it."""
+    out, agreeing = [], True
+    for j in range(k):
+        agreeing = agreeing and rng.random() < klass.acceptance[min(j, len(klass.acceptance) - 1)]
+        if agreeing:
+            out.append(truth[j])
+        else:
+            wrong = rng.randrange(vocab)
+            while wrong == truth[j] or wrong in avoid:
+                wrong = rng.randrange(vocab)
+            out.append(wrong)
+    return out
+
+
+async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict], tally: Tally, stop_at: float) -> None:
+    rng = random.Random(spec["seed"] * 100_003 + index)
+    device_id = f"fleet-{index}"
+    vocab, verifier = spec["vocab_size"], spec["verifier"]
+    avoid = set(spec["eos_ids"])
+    rtt_lo, rtt_hi = spec["rtt_ms"]
+
+    def one_way_s() -> float:  # half a round trip, uniform jitter between the bounds
+        return rng.uniform(rtt_lo, rtt_hi) / 2000.0
+
+    async with make_client(parse_mqtt_url(spec["mqtt_url"]), device_id, keepalive_s=60) as client:
+        await client.subscribe(topics.verdict_topic(device_id), qos=topics.QOS_VERDICT)
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def receive() -> None:
+            async for message in client.messages:
+                inbox.put_nowait((time.monotonic(), decode_verdict(bytes(message.payload))))
+
+        reader = asyncio.create_task(receive(), name=f"receive-{device_id}")
+        await asyncio.sleep(max(0.0, spec["t0"] - time.monotonic()) + rng.uniform(0, spec["ramp_s"]))
+        draft_topic = topics.draft_topic(verifier, device_id)
+        try:
+            while time.monotonic() < stop_at:
+                entry = rng.choice(pool)
+                prompt = entry["prompt"]  # its own length: the continuation belongs to exactly this prompt
+                truth = entry["continuation"]
+                out_len = min(rng.randint(*spec["output_tokens"]), len(truth))
+                committed, max_len = list(prompt), len(prompt) + out_len
+                record = SessionRecord(device_id, klass.name, time.monotonic())
+                session, seq, send_context = uuid.uuid4().hex[:12], 0, True
+                while len(committed) < max_len:
+                    done = len(committed) - len(prompt)
+                    k = max(0, min(klass.k, max_len - len(committed) - 1))
+                    tokens = draft_tokens(rng, truth[done:], klass, k, vocab, avoid)
+                    await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0 + one_way_s())
+                    draft = Draft(device=device_id, session=session, seq=seq, base_len=len(committed),
+                                  tokens=tuple(tokens), max_len=max_len, vocab=spec["vocab"],
+                                  context=tuple(committed) if send_context else None)
+                    verdict = await exchange(client, draft_topic, draft, inbox, tally)
+                    await asyncio.sleep(one_way_s())
+                    if verdict.kind is VerdictKind.RESYNC:
+                        tally.resyncs += 1
+                        send_context = True
+                        continue
+                    if verdict.kind is VerdictKind.ERROR:
+                        tally.errors[str(verdict.error)] = tally.errors.get(str(verdict.error), 0) + 1
+                        break
+                    send_context = False
+                    expected = next((j for j, t in enumerate(tokens) if t != truth[done + j]), len(tokens))
+                    if verdict.accepted != expected or verdict.next_token != truth[done + expected]:
+                        tally.wrong.append(f"{device_id}/{session} round {seq}: accepted {verdict.accepted} next "
+                                           f"{verdict.next_token}, target says {expected} and {truth[done + expected]}")
+                        break
+                    committed += [*tokens[:expected], verdict.next_token]
+                    record.rounds += 1
+                    record.accepted += expected
+                    record.drafted += len(tokens)
+                    tally.commits.append((time.monotonic(), expected + 1))
+                    seq += 1
+                    if verdict.finish is not None:
+                        break
+                record.tokens, record.ended_s = len(committed) - len(prompt), time.monotonic()
+                tally.sessions.append(record)
+                if verdict.kind is not VerdictKind.VERIFIED or verdict.finish is None:
+                    # ended by an error or a wrong verdict: free the verifier's slot now
+                    await client.publish(draft_topic, encode(Close(device=device_id, session=session)))
+        finally:
+            reader.cancel()
+
+
+async def exchange(client, topic: str, draft: Draft, inbox: asyncio.Queue, tally: Tally):
+    """Publish ``draft`` and wait for its verdict (same session and seq), resending on a timeout."""
+    payload = encode(draft)
+    while True:
+        await client.publish(topic, payload, qos=topics.QOS_DRAFT)
+        try:
+            async with asyncio.timeout(RETRY_S):
+                while True:
+                    _, verdict = await inbox.get()
+                    if verdict.session == draft.session and verdict.seq == draft.seq:
+                        return verdict
+        except TimeoutError:
+            tally.retries += 1
+
+
+async def main_async(spec: dict) -> dict:
+    pool = json.loads(Path(spec["pool"]).read_text())
+    classes = [DeviceClass(c["name"], c["draft_ms_per_token"], tuple(c["acceptance"]), c["k"]) for c in spec["classes"]]
+    tally = Tally()
+    stop_at = spec["t0"] + spec["ramp_s"] + spec["duration_s"]  # no new session after this
+    async with asyncio.TaskGroup() as group:
+        for index in range(spec["n"]):
+            group.create_task(run_device(spec, index, classes[index % len(classes)], pool, tally, stop_at))
+    sessions = [s for s in tally.sessions if s.rounds]
+    return {
+        "n": spec["n"], "committed": sum(tokens for _, tokens in tally.commits),
+        "first_s": min(s.started_s for s in tally.sessions) if tally.sessions else 0.0,
+        "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
+        "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
+                      "accepted": s.accepted, "drafted": s.drafted} for s in sessions],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", type=Path, required=True)
+    args = parser.parse_args()
+    spec = json.loads(args.spec.read_text())
+    print(json.dumps(asyncio.run(main_async(spec))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

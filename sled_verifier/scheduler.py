@@ -1,0 +1,185 @@
+"""When to run the next verification step: a pure policy over the queue, the fleet's rhythm and a cost model.
+
+A fixed batching window splits a fleet into convoys that never merge: sessions whose drafts miss one
+step's window run in the next, get their verdicts later, and so keep missing. Here the verifier knows
+
+- what a step costs: seconds as a linear function of (1, drafts, tokens scored), fitted online by
+  recursive least squares with forgetting (``StepCost``); on CPU a step is largely memory bound at small
+  batches (one more draft is almost free) and compute bound at large ones (waiting saves nothing);
+- when each active session will send its next draft: one "gap" after its last verdict (the device's
+  drafting plus the network round trip), learned per session as an exponentially weighted mean and
+  deviation (``Arrivals``).
+
+``delay_s`` runs a step when waiting no longer pays, within each draft's wait budget ``max_wait_s`` (the SLO
+on the wait the scheduler adds: counted from when a draft could first have run, its arrival or the end of
+the step it arrived during): with drafts Q queued and sessions A_1..A_m predicted to arrive before the
+oldest draft's deadline, it compares the server cost per draft of stepping now, cost(Q)/|Q|, with that of the
+best merged step, cost(Q + A_1..A_j)/(|Q| + j), and waits for A_j only if that is at least ``min_gain``
+cheaper. So a memory-bound server waits for stragglers and convoys merge (after one merged step the
+sessions share a rhythm and arrive together), a compute-bound one does not wait at all, nobody waits
+past the deadline, and when every active session is queued the step runs at once. Drafts are taken
+oldest first and one per session, so under overload every session gets an equal share of steps.
+
+Anchors: WISP (arXiv 2601.11652: a verification-time estimator driving SLO-aware batching) and GoodSpeed
+(fairness across drafters). Pure: no asyncio, no clock of its own; ``now_s`` is an argument.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SchedulePolicy:
+    max_wait_s: float = 0.050     # longest a queued draft waits for others to join its step (the SLO)
+    min_gain: float = 0.02        # waiting must cut the server cost per draft by at least this fraction
+    max_drafts: int = 256
+    max_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class QueueState:
+    drafts: int
+    tokens: int                   # tokens a step over the whole queue would score (drafts + prefill)
+    ready_since_s: float | None   # since when the oldest draft could have run: max(its arrival, model idle)
+
+
+@dataclass
+class StepCost:
+    """Seconds of one step as ``c . (1, drafts, tokens)``; recursive least squares with forgetting ``decay``.
+
+    Starts from a prior (``coef``, a small CPU's figures; the service calibrates on its own hardware at
+    start). The covariance is capped (``max_trace``) so that a long run of steps of one size, which
+    carries no information about the other directions, cannot wind it up."""
+
+    coef: list[float] = field(default_factory=lambda: [0.005, 0.0005, 0.0005])
+    decay: float = 0.98
+    max_trace: float = 10.0
+    _p: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self._p:
+            scale = [1.0, 1.0 / 16, 1.0 / 256]  # features differ in magnitude; keep the prior's pull comparable
+            self._p = [[(scale[i] if i == j else 0.0) for j in range(3)] for i in range(3)]
+
+    def predict(self, drafts: int, tokens: int) -> float:
+        x = (1.0, float(drafts), float(tokens))
+        return max(1e-6, sum(c * v for c, v in zip(self.coef, x)))
+
+    def observe(self, drafts: int, tokens: int, seconds: float) -> None:
+        x = (1.0, float(drafts), float(tokens))
+        px = [sum(self._p[i][j] * x[j] for j in range(3)) for i in range(3)]
+        denominator = self.decay + sum(x[i] * px[i] for i in range(3))
+        gain = [v / denominator for v in px]
+        error = seconds - sum(c * v for c, v in zip(self.coef, x))
+        self.coef = [c + g * error for c, g in zip(self.coef, gain)]
+        self._p = [[(self._p[i][j] - gain[i] * px[j]) / self.decay for j in range(3)] for i in range(3)]
+        trace = sum(self._p[i][i] for i in range(3))
+        if trace > self.max_trace:
+            self._p = [[v * self.max_trace / trace for v in row] for row in self._p]
+
+
+@dataclass
+class _Rhythm:
+    gap_s: float
+    dev_s: float
+
+
+@dataclass
+class Arrivals:
+    """Each active session's next arrival, predicted from its own recent gaps (verdict sent -> next draft).
+
+    A session with no history yet is predicted with the fleet's mean gap. A session overdue by more than
+    ``grace_devs`` deviations (plus ``grace_s``) is no longer waited for: it joins a later step when it comes.
+    Bounded: at most ``max_sessions`` are tracked, the longest-waited-on forgotten first."""
+
+    max_sessions: int = 1024
+    smoothing: float = 0.3
+    grace_devs: float = 3.0
+    grace_s: float = 0.002
+    forget_s: float = 60.0
+    fleet_gap_s: float = 0.02
+    fleet_dev_s: float = 0.01
+    _rhythm: OrderedDict[Hashable, _Rhythm] = field(default_factory=OrderedDict)
+    _waiting: OrderedDict[Hashable, float] = field(default_factory=OrderedDict)  # key -> verdict sent at
+
+    def verdict_sent(self, key: Hashable, now_s: float) -> None:
+        self._waiting.pop(key, None)
+        self._waiting[key] = now_s
+        while len(self._waiting) > self.max_sessions:
+            self._waiting.popitem(last=False)
+
+    def arrived(self, key: Hashable, now_s: float) -> None:
+        sent = self._waiting.pop(key, None)
+        if sent is None:
+            return
+        gap = now_s - sent
+        a = self.smoothing
+        rhythm = self._rhythm.pop(key, None) or _Rhythm(gap, self.fleet_dev_s)
+        rhythm.dev_s = (1 - a) * rhythm.dev_s + a * abs(gap - rhythm.gap_s)
+        rhythm.gap_s = (1 - a) * rhythm.gap_s + a * gap
+        self._rhythm[key] = rhythm
+        while len(self._rhythm) > self.max_sessions:
+            self._rhythm.popitem(last=False)
+        b = a / 4
+        self.fleet_dev_s = (1 - b) * self.fleet_dev_s + b * abs(gap - self.fleet_gap_s)
+        self.fleet_gap_s = (1 - b) * self.fleet_gap_s + b * gap
+
+    def forget(self, key: Hashable) -> None:
+        self._waiting.pop(key, None)
+        self._rhythm.pop(key, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def expected(self, now_s: float) -> list[float]:
+        """Predicted arrival times (>= now) of the sessions still expected, soonest first."""
+        times = []
+        for key, sent in list(self._waiting.items()):
+            if now_s - sent > self.forget_s:
+                del self._waiting[key]
+                continue
+            rhythm = self._rhythm.get(key) or _Rhythm(self.fleet_gap_s, self.fleet_dev_s)
+            due = sent + rhythm.gap_s
+            if due >= now_s:
+                times.append(due)
+            elif now_s - due <= self.grace_devs * rhythm.dev_s + self.grace_s:
+                times.append(now_s + max(rhythm.dev_s, 0.0005))  # late, but within its usual jitter
+        times.sort()
+        return times
+
+
+def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float], cost: StepCost,
+            now_s: float) -> float | None:
+    """0.0: step now; > 0: look again after that many seconds (or at the next arrival); None: queue empty."""
+    if queue.drafts == 0:
+        return None
+    if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
+        return 0.0
+    deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s
+    tokens_per_draft = queue.tokens / queue.drafts
+    now_cost = cost.predict(queue.drafts, queue.tokens) / queue.drafts
+    best_cost, best_at = now_cost, None
+    for joined, at in enumerate(expected, start=1):
+        if at > deadline or queue.drafts + joined > policy.max_drafts:
+            break
+        drafts = queue.drafts + joined
+        per_draft = cost.predict(drafts, round(queue.tokens + joined * tokens_per_draft)) / drafts
+        if per_draft < best_cost:
+            best_cost, best_at = per_draft, at
+    if best_at is None or best_cost > now_cost * (1 - policy.min_gain) or deadline - now_s < 0.0002:
+        return 0.0
+    return min(max(best_at - now_s, 0.0002), deadline - now_s)
+
+
+def take_batch(policy: SchedulePolicy, costs: Sequence[int]) -> int:
+    """How many queued drafts (oldest first, ``costs`` = tokens each) fit one step; at least one."""
+    total = 0
+    for count, cost in enumerate(costs):
+        if count == policy.max_drafts or (count > 0 and total + cost > policy.max_tokens):
+            return count
+        total += cost
+    return len(costs)

@@ -1,0 +1,193 @@
+"""The scheduler with a virtual clock: its pieces, and whole simulated fleets (convoys, overload, SLO)."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
+
+POLICY = SchedulePolicy(max_wait_s=0.020, min_gain=0.05, max_drafts=4, max_tokens=20)
+
+
+def memory_bound() -> StepCost:
+    """A step that costs 14 ms plus 0.9 ms per scored token (this machine's quick target, roughly)."""
+    cost = StepCost()
+    for drafts in (1, 2, 4, 8, 16, 32, 64):
+        cost.observe(drafts, 5 * drafts, 0.014 + 0.0009 * 5 * drafts)
+    return cost
+
+
+def linear() -> StepCost:
+    """A step with no fixed part: merging saves nothing."""
+    cost = StepCost(coef=[0.0, 0.0, 0.001])
+    for drafts in (1, 4, 16, 64):
+        cost.observe(drafts, 5 * drafts, 0.001 * 5 * drafts)
+    return cost
+
+
+@pytest.mark.parametrize(
+    ("name", "queue", "expected", "cost", "now_s", "delay"),
+    [
+        ("empty queue waits for arrivals", QueueState(0, 0, None), [5.01], memory_bound(), 5.0, None),
+        ("nothing else expected: step now", QueueState(1, 5, 5.0), [], memory_bound(), 5.0, 0.0),
+        ("a draft due soon is worth waiting for", QueueState(1, 5, 5.0), [5.005], memory_bound(), 5.0, 0.005),
+        ("not past the deadline", QueueState(1, 5, 5.0), [5.025], memory_bound(), 5.0, 0.0),
+        ("budget counts from when the draft could run", QueueState(1, 5, 4.990), [5.015], memory_bound(), 5.0, 0.0),
+        ("waiting pays nothing on a linear step", QueueState(1, 5, 5.0), [5.005], linear(), 5.0, 0.0),
+        ("full batch: step now", QueueState(4, 20, 5.0), [5.001], memory_bound(), 5.0, 0.0),
+        ("waits for the arrival that makes the best step", QueueState(1, 5, 5.0), [5.002, 5.004, 5.006],
+         memory_bound(), 5.0, 0.006),
+    ],
+)
+def test_delay(name, queue, expected, cost, now_s, delay):
+    got = delay_s(POLICY, queue, expected, cost, now_s)
+    assert got == pytest.approx(delay) if delay is not None else got is None
+
+
+@pytest.mark.parametrize(("costs", "expected"), [([], 0), ([5], 1), ([5] * 5, 4), ([9, 9, 9], 2), ([30, 1], 1)])
+def test_take_batch(costs, expected):
+    assert take_batch(POLICY, costs) == expected
+
+
+def test_step_cost_learns_and_does_not_wind_up():
+    cost = StepCost()
+    truth = lambda drafts, tokens: 0.002 + 0.0003 * drafts + 0.0002 * tokens  # noqa: E731
+    rng = random.Random(1)
+    for _ in range(40):
+        drafts = rng.choice([1, 3, 8, 20, 50])
+        cost.observe(drafts, 5 * drafts, truth(drafts, 5 * drafts))
+    for _ in range(20_000):  # a long run of one size carries no news about the others
+        cost.observe(1, 5, truth(1, 5))
+    for drafts in (1, 10, 100):
+        assert cost.predict(drafts, 5 * drafts) == pytest.approx(truth(drafts, 5 * drafts), rel=0.05)
+
+
+def test_arrivals_follow_each_sessions_rhythm():
+    arrivals = Arrivals(smoothing=0.5)
+    for round_ in range(6):
+        t = round_ * 0.1
+        for key, gap in (("fast", 0.01), ("slow", 0.05)):
+            arrivals.verdict_sent(key, t)
+            arrivals.arrived(key, t + gap)
+    arrivals.verdict_sent("fast", 1.0)
+    arrivals.verdict_sent("slow", 1.0)
+    assert arrivals.expected(1.0) == pytest.approx([1.01, 1.05], abs=0.002)
+    assert arrivals.expected(1.2) == []            # both far overdue: no longer waited for
+    arrivals.forget("fast")
+    assert arrivals.waiting == 1
+
+
+# ---- simulated fleets ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    steps: int
+    drafts: int
+    busy_s: float
+    added_waits: list[float]
+    rounds: list[int]
+
+    @property
+    def mean_batch(self) -> float:
+        return self.drafts / self.steps
+
+    @property
+    def busy_per_draft(self) -> float:
+        return self.busy_s / self.drafts
+
+
+def simulate(policy: SchedulePolicy, gaps: list[float], jitter_s: float, step_s, duration_s: float = 20.0,
+             predict: bool = True, seed: int = 0) -> SimResult:
+    """A fleet on a virtual clock: session i sends its next draft ``gaps[i]`` (+-jitter) after its verdict;
+    the server runs the policy whenever it is idle, steps take ``step_s(drafts)``."""
+    rng = random.Random(seed)
+    cost, arrivals = StepCost(), Arrivals()
+    for drafts in (1, 8, 32):  # as the service calibrates at start
+        cost.observe(drafts, 5 * drafts, step_s(drafts))
+    events = [(rng.uniform(0, 0.2), i) for i in range(len(gaps))]  # first drafts spread over 200 ms
+    heapq.heapify(events)
+    queue: dict[int, float] = {}
+    now, idle_since, steps, drafts, busy = 0.0, 0.0, 0, 0, 0.0
+    waits, rounds = [], [0] * len(gaps)
+    while now < duration_s:
+        while events and events[0][0] <= now:
+            at, session = heapq.heappop(events)
+            queue[session] = at
+            arrivals.arrived(session, at)
+        ordered = sorted(queue.items(), key=lambda item: item[1])
+        state = QueueState(len(queue), 5 * len(queue), max(ordered[0][1], idle_since) if ordered else None)
+        delay = delay_s(policy, state, arrivals.expected(now) if predict else [], cost, now)
+        if delay is None or delay > 0:
+            next_event = events[0][0] if events else duration_s
+            now = min(next_event, now + delay) if delay is not None else next_event
+            continue
+        batch = ordered[: take_batch(policy, [5] * len(ordered))]
+        seconds = step_s(len(batch))
+        cost.observe(len(batch), 5 * len(batch), seconds)
+        for session, at in batch:
+            del queue[session]
+            waits.append(now - max(at, idle_since))
+            rounds[session] += 1
+        now += seconds
+        idle_since = now
+        for session, _ in batch:
+            arrivals.verdict_sent(session, now)
+            heapq.heappush(events, (now + max(0.0, gaps[session] + rng.uniform(-jitter_s, jitter_s)), session))
+        steps, drafts, busy = steps + 1, drafts + len(batch), busy + seconds
+    return SimResult(steps, drafts, busy, waits, rounds)
+
+
+def step_memory_bound(drafts: int) -> float:
+    return 0.014 + 0.0045 * drafts
+
+
+def test_convoys_merge():
+    """16 sessions that come back well within a step's time: without prediction they split into convoys
+    that never merge; with it (default budget), nearly the whole fleet shares each step, for less per draft."""
+    policy = SchedulePolicy()
+    gaps = [0.02] * 16
+    greedy = simulate(policy, gaps, 0.004, step_memory_bound, predict=False)
+    merged = simulate(policy, gaps, 0.004, step_memory_bound)
+    assert greedy.mean_batch < 10
+    assert merged.mean_batch > 14
+    assert merged.busy_per_draft < 0.95 * greedy.busy_per_draft
+
+
+def test_added_wait_stays_within_the_slo():
+    policy = SchedulePolicy(max_wait_s=0.015)
+    rng = random.Random(3)
+    gaps = [rng.uniform(0.005, 0.2) for _ in range(24)]
+    result = simulate(policy, gaps, 0.01, step_memory_bound)
+    assert max(result.added_waits) <= 0.015 + 1e-9
+    assert result.mean_batch > 2
+
+
+def test_no_session_is_starved_under_overload():
+    """64 sessions that return at once, a server that cannot keep up, batches capped at 16: every session
+    gets a share of the steps within 20% of equal."""
+    policy = SchedulePolicy(max_wait_s=0.020, max_drafts=16)
+    result = simulate(policy, [0.001] * 64, 0.0005, step_memory_bound, duration_s=30.0)
+    mean = sum(result.rounds) / len(result.rounds)
+    assert min(result.rounds) >= 0.8 * mean and max(result.rounds) <= 1.2 * mean
+
+
+def test_a_compute_bound_server_does_not_wait():
+    policy = SchedulePolicy()
+    result = simulate(policy, [0.02] * 8, 0.004, lambda drafts: 0.004 * drafts)
+    assert sum(result.added_waits) / len(result.added_waits) < 0.001
+def test_rate_limiter_refuses_a_flooding_device_only():
+    from sled_verifier.ratelimit import RateLimiter
+
+    limiter = RateLimiter(rate_per_s=10, burst=5, max_devices=3)
+    assert [limiter.allow("flood", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.allow("calm", 0.0)
+    assert limiter.allow("flood", 0.1)          # refilled one token in 0.1 s
+    assert not limiter.allow("flood", 0.1)
+    for device in ("a", "b", "c", "d"):
+        limiter.allow(device, 1.0)
+    assert len(limiter) == 3                     # bounded
