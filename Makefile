@@ -45,11 +45,12 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## SLED vs server-only vs no-batching, ceiling, memory, k sweep: ratios + bench/results/*.json/png (~8 min)
+bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling), then real devices, k sweep, memory (~25 min)
+	$(PY) bench/fleet.py --profile full
 	$(PY) bench/run.py --profile full
 
-bench-quick: setup ## a 1-minute look at the same figures
-	$(PY) bench/run.py --profile quick
+bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~4 min)
+	$(PY) bench/fleet.py --profile quick
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
 	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)

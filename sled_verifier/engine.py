@@ -66,8 +66,16 @@ class VerifierEngine:
         outcomes: list[Outcome] = []
         runnable: list[tuple[Draft, SessionState]] = []
         batch_keys = frozenset((d.device, d.session) for d in drafts)
-        # 1. Answer what needs no model: retries, stale rounds, unknown or diverged sessions.
+        seen: set[tuple[str, str]] = set()
+        # 1. Answer what needs no model: a second draft of a session in this step, retries, stale rounds,
+        #    unknown or diverged sessions.
         for draft in drafts:
+            if (draft.device, draft.session) in seen:
+                verdict = error_verdict(self.verifier_id, draft, ErrorCode.MALFORMED,
+                                        "a second draft of this session in one step; one round at a time")
+                outcomes.append(Outcome(draft.device, verdict, Admission.STALE, draft))
+                continue
+            seen.add((draft.device, draft.session))
             admission = self.sessions.admit(draft)
             state = self.sessions.get(draft.device, draft.session)
             if admission is Admission.RESEND:
@@ -138,7 +146,7 @@ class VerifierEngine:
                 budget -= len(chunks[-1])
         if rows:
             started = time.perf_counter()
-            self.target.forward_rows([s.slot for s in rows], [s.cached for s in rows], chunks)
+            self.target.forward_rows([s.slot for s in rows], [s.cached for s in rows], chunks, logits=False)
             self.stats.prefill_s += time.perf_counter() - started
             for state, chunk in zip(rows, chunks):
                 state.cached += len(chunk)

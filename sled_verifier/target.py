@@ -16,6 +16,7 @@ The target checks at load that both agree on its own weights and falls back to `
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,7 @@ class TargetModel:
         self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)
         self.model_id = self.model_dir.name
         self.kv: SlotKV | None = None
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.attention = "gather"
         self.attention = self._choose_attention()
 
@@ -126,9 +128,12 @@ class TargetModel:
         return self.kv
 
     @torch.inference_mode()
-    def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                     logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` of each row's ``inputs`` after the first ``starts[i]`` positions of its slot;
-        the rows' keys and values are written into their slots (positions start .. start + len - 1)."""
+        the rows' keys and values are written into their slots (positions start .. start + len - 1).
+        ``logits=False`` (prefill): only the caches matter; the vocabulary projection is skipped (its output
+        is then one meaningless position per row)."""
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         dev = self.device
@@ -140,10 +145,12 @@ class TargetModel:
         # Padding queries repeat the row's last real position: never past the model's position table.
         offsets = torch.minimum(torch.arange(m_max, device=dev)[None, :], (lens - 1)[:, None])       # [B, M]
         positions = starts_t[:, None] + offsets                                                        # [B, M]
+        keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":
             view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max, in_place=True)
             out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=view, use_cache=True,
-                             cache_position=torch.arange(m_max, device=dev), sled_rows=self._row_plan(slots, starts, inputs))
+                             cache_position=torch.arange(m_max, device=dev), sled_rows=self._row_plan(slots, starts, inputs),
+                             **keep)
             return out.logits
         width = int((starts_t + lens).max())
         visible = torch.arange(width, device=dev)[None, None, :] <= positions[:, :, None]             # [B, M, W]
@@ -151,7 +158,7 @@ class TargetModel:
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]                 # [B, 1, M, W]
         view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=view,
-                         use_cache=True, cache_position=torch.arange(m_max, device=dev))
+                         use_cache=True, cache_position=torch.arange(m_max, device=dev), **keep)
         return out.logits
 
     def _row_plan(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]]) -> list:

@@ -231,3 +231,15 @@ def test_close_frees_the_session_at_once(tiny_models, target):
     assert engine.close("dev", "c") and not engine.close("dev", "c")
     assert len(engine.kv.free) == free_before + 1 and engine.sessions.get("dev", "c") is None
     assert engine.step([session.draft([])])[0].verdict.kind is VerdictKind.RESYNC
+
+
+def test_two_drafts_of_one_session_in_one_step_are_refused(tiny_models, target):
+    """Each session's rows are scored against its cache as it was before the step: a second draft of the
+    same session in that step would be verified against the wrong state, so it is refused, not run."""
+    engine = VerifierEngine(target, "v", max_sessions=4, stats=VerifierStats())
+    ids = encode(tiny_models, PROMPTS[1])
+    session = EdgeSession("twice", "dev", vocab_hash(tiny_models.target), list(ids), len(ids) + 20)
+    first = session.draft([5, 6])
+    outcomes = engine.step([first, first])
+    assert outcomes[0].verdict.kind is VerdictKind.ERROR and outcomes[0].verdict.error is ErrorCode.MALFORMED
+    assert outcomes[1].verdict.kind is VerdictKind.VERIFIED and outcomes[1].draft is first
