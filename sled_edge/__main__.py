@@ -14,12 +14,16 @@ import structlog
 
 from sled_edge.config import EdgeConfig
 from sled_protocol import SamplingParams
-from sled_protocol.config import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, add_config_arguments, config_from_args
+from sled_protocol.config import (EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, add_config_arguments,
+                                  bind_failed, config_from_args)
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
 
 log = structlog.get_logger("sled_edge")
 EX_DATAERR = 65
+# Failures of availability (exit 69: try again later), as opposed to refusals of our data (exit 65).
+UNAVAILABLE = ("no_verifier", "verifier_timeout", "target_unavailable", "broker_unreachable", "connection_failed",
+               "overloaded", "rate_limited")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,21 +73,28 @@ async def run_serve(config: EdgeConfig) -> None:
         from sled_edge.metrics import EdgeMetrics
 
         metrics = EdgeMetrics()
-        port = metrics.serve(config.metrics_host, config.metrics_port)
-        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
-    async with EdgeDevice(config, observer=metrics) as device:
-        verifier = await device.choose_verifier()  # fail at start, not at the first request, if none fits
-        # handler_cancellation: a request whose client went away stops generating for it.
-        runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics).app(),
-                               access_log=None, handler_cancellation=True)
-        await runner.setup()
         try:
+            port = metrics.serve(config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise bind_failed("metrics", config.metrics_host, config.metrics_port, exc) from None
+        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
+    device = EdgeDevice(config, observer=metrics)
+    # handler_cancellation: a request whose client went away stops generating for it.
+    runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics).app(),
+                           access_log=None, handler_cancellation=True)
+    await runner.setup()
+    try:
+        try:  # the port before the broker: a port in use is a configuration error, found at once
             await web.TCPSite(runner, config.http_host, config.http_port).start()
+        except OSError as exc:
+            raise bind_failed("the API", config.http_host, config.http_port, exc) from None
+        async with device:
+            verifier = await device.choose_verifier()  # fail at start, not at the first request, if none fits
             log.warning("edge_serving", url=f"http://{config.http_host}:{config.http_port}/v1",
                         model=config.model_name, device_id=config.device_id, verifier=verifier.verifier)
             await device.wait_closed()
-        finally:
-            await runner.cleanup()
+    finally:
+        await runner.cleanup()
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams | None:
@@ -93,12 +104,11 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams | None:
         raise ConfigError("--top-p must be in (0, 1]")
     if args.top_k < 0:
         raise ConfigError("--top-k must be >= 0")
-    if args.temperature == 0:
-        return None
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if not 0 <= seed < 2**63:
         raise ConfigError("--seed must be in [0, 2**63)")
-    return SamplingParams(args.temperature, args.top_k, args.top_p, seed)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, seed)
+    return sampling if sampling.temperature > 0 else None  # 0, or too small to differ from greedy
 
 
 async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_json: bool,
@@ -152,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             run_until_signal(run_serve(config))
         else:
             run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
+    except ConfigError as exc:  # found only at start-up: a port in use, a draft that does not load
+        log.error("bad_configuration", error=str(exc))
+        return EX_CONFIG
     except EdgeError as exc:
         log.error("generation_failed", code=exc.code, error=str(exc))
-        return EX_UNAVAILABLE if exc.code in ("no_verifier", "verifier_timeout", "target_unavailable",
-                                                "broker_unreachable") else EX_DATAERR
+        return EX_UNAVAILABLE if exc.code in UNAVAILABLE else EX_DATAERR
     except Exception:
         log.exception("edge_crashed")
         return EX_SOFTWARE

@@ -5,21 +5,31 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions; ``st
 with server-sent events. Parameters: max_tokens, temperature (OpenAI's default 1.0: exact sampling),
 top_p, top_k (extension), seed, stop. Each request is its own session; concurrent requests are
 concurrent sessions on the one broker connection.
+
+Errors are OpenAI-shaped JSON: 400 only for a request that is wrong (bad JSON or parameters, a prompt
+that encodes to nothing or fills the verifier's context); 503 when no verifier can serve it now; 500,
+logged with its traceback, for anything that fails on our side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_protocol import SamplingParams
+
+log = structlog.get_logger("sled_edge")
+
+REQUEST_ERRORS = ("too_large",)  # EdgeError codes that mean the request itself cannot be served: 400
 
 
 class BadRequest(ValueError):
@@ -68,9 +78,10 @@ def parse_request(body: object, chat: bool, default_max_tokens: int) -> Completi
         raise BadRequest("'stop' must be a string or a list of up to 4 strings")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
-    sampling = None if temperature == 0 else SamplingParams(float(temperature), top_k, float(top_p),
-                                                              seed if seed is not None else secrets.randbelow(2**31))
-    return CompletionRequest(prompt, max_tokens, sampling, tuple(stop), bool(body.get("stream", False)))
+    seed = seed if seed is not None else secrets.randbelow(2**31)
+    sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
+    return CompletionRequest(prompt, max_tokens, sampling if sampling.temperature > 0 else None,  # 0 or ~0: greedy
+                             tuple(stop), bool(body.get("stream", False)))
 
 
 def chat_prompt(messages: list[dict]) -> str:
@@ -90,8 +101,8 @@ class Api:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", lambda request: self.complete(request, chat=False))
-        app.router.add_post("/v1/chat/completions", lambda request: self.complete(request, chat=True))
+        app.router.add_post("/v1/completions", functools.partial(self.complete, chat=False))
+        app.router.add_post("/v1/chat/completions", functools.partial(self.complete, chat=True))
         app.router.add_get("/health", self.health)
         return app
 
@@ -106,30 +117,37 @@ class Api:
         if self.metrics is not None:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
+    def _error(self, endpoint: str, status: int, message: str, code: str | None = None) -> web.Response:
+        self._count(endpoint, status)
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
+
     async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         endpoint = "chat" if chat else "completions"
         try:
             parsed = parse_request(await request.json(), chat, self.default_max_tokens)
-        except (BadRequest, json.JSONDecodeError) as exc:
-            self._count(endpoint, 400)
-            return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
-        run = Generation(self.device, parsed, chat, self.model_name)
+        except ValueError as exc:  # BadRequest, JSONDecodeError, a body that is not UTF-8
+            return self._error(endpoint, 400, str(exc))
+        run: Generation | None = None
         if self.metrics is not None:
             self.metrics.active.inc()
         try:
-            if parsed.stream:
-                response = await run.stream(request)
-            else:
-                response = web.json_response(await run.complete())
+            prompt_ids = self.device.encode_prompt(parsed.prompt)
+            if not prompt_ids:
+                raise BadRequest("the prompt encodes to no tokens")
+            run = Generation(self.device, parsed, chat, self.model_name, prompt_ids)
+            response = await run.stream(request) if parsed.stream else web.json_response(await run.complete())
             self._count(endpoint, 200)
             return response
+        except BadRequest as exc:
+            return self._error(endpoint, 400, str(exc))
         except EdgeError as exc:
-            self._count(endpoint, 503)
-            return web.json_response({"error": {"message": str(exc), "type": "server_error", "code": exc.code}},
-                                     status=503)
-        except (ValueError, RuntimeError) as exc:  # e.g. a prompt that encodes to no tokens
-            self._count(endpoint, 400)
-            return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
+            return self._error(endpoint, 400 if exc.code in REQUEST_ERRORS else 503, str(exc), exc.code)
+        except Exception as exc:  # ours, not the request's: log the cause, answer 500
+            if run is not None and run.streaming:  # the stream is under way (its client left?): no status to send
+                raise
+            log.exception("request_failed", endpoint=endpoint)
+            return self._error(endpoint, 500, f"internal error: {exc.__class__.__name__}: {exc}", "internal")
         finally:
             if self.metrics is not None:
                 self.metrics.active.dec()
@@ -138,8 +156,11 @@ class Api:
 class Generation:
     """One request: generate, stream text deltas, stop at a stop sequence, build OpenAI-shaped bodies."""
 
-    def __init__(self, device: EdgeDevice, request: CompletionRequest, chat: bool, model: str) -> None:
+    def __init__(self, device: EdgeDevice, request: CompletionRequest, chat: bool, model: str,
+                 prompt_ids: list[int] | None = None) -> None:
         self.device, self.request, self.chat, self.model = device, request, chat, model
+        self.prompt_ids = prompt_ids  # None: encoded when generating
+        self.streaming = False  # headers sent: failures can only be reported inside the stream
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.tokens: list[int] = []
@@ -184,7 +205,7 @@ class Generation:
                          "acceptance_rate": result.acceptance_rate, "verifier": result.verifier, "seed": result.seed}}
 
     async def _generate(self, on_tokens=None):
-        prompt_ids = self.device.encode_prompt(self.request.prompt)
+        prompt_ids = self.prompt_ids if self.prompt_ids is not None else self.device.encode_prompt(self.request.prompt)
         self.prompt_tokens = len(prompt_ids)
 
         def observe(new_tokens: list[int]) -> bool:
@@ -210,6 +231,7 @@ class Generation:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: one chunk per verified round that added text, then the finish, then [DONE]."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self.streaming = True
         await response.prepare(request)
         if self.chat:
             await response.write(self._chunk(None, None, first=True))
@@ -234,6 +256,8 @@ class Generation:
             try:
                 result = await task
             except Exception as exc:  # headers are gone: report the failure in the stream itself
+                if not isinstance(exc, EdgeError):
+                    log.exception("request_failed", endpoint="stream")
                 error = {"error": {"message": str(exc), "type": "server_error", "code": getattr(exc, "code", "internal")}}
                 await response.write(f"data: {json.dumps(error)}\n\n".encode() + b"data: [DONE]\n\n")
                 await response.write_eof()

@@ -3,13 +3,15 @@
 Each round (see ARCHITECTURE.md, message flow):
   1. draft k tokens with the ONNX model (in a worker thread, so MQTT keepalives never starve);
   2. publish the Draft and wait for its Verdict (by session and seq), resending on timeout;
-  3. on resync resend with the full committed context; on error stop with the verifier's reason;
+  3. on resync resend with the full committed context; on `overloaded` back off and resend (or move);
+     on any other error stop with the verifier's reason;
   4. commit the accepted tokens and the next token, roll the draft KV cache back, repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,13 +29,16 @@ from sled_edge.placement import Placement, choose, describe
 from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
-from sled_protocol.mqtt import parse_mqtt_url
+from sled_protocol.config import ConfigError
+from sled_protocol.mqtt import backoff_s, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
 
 log = structlog.get_logger("sled_edge")
 
 MAX_RESYNCS_PER_ROUND = 3
 FAILOVER_AFTER_TIMEOUTS = 2  # silent verifier: after this many unanswered sends, try another one
+FAILOVER_AFTER_REFUSALS = 2  # busy verifier: after every this many "retry later" refusals, try another one
+BUSY = (ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED)  # refusals that mean "not now", not "never"
 
 
 class RoundObserver(Protocol):
@@ -83,9 +88,12 @@ class EdgeDevice:
 
         self.config = config
         self.observer = observer
-        self.model = model or OnnxDraftModel(config.draft, config.threads)
-        self.vocab = vocab_hash(config.draft)
-        self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
+        try:
+            self.model = model or OnnxDraftModel(config.draft, config.threads)
+            self.vocab = vocab_hash(config.draft)
+            self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
+        except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart
+            raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
         self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
         self.connection = EdgeConnection(parse_mqtt_url(config.mqtt_url), config.device_id, config.ca_file or None)
         self.verifiers = self.connection.verifiers
@@ -101,8 +109,8 @@ class EdgeDevice:
         await self.connection.stop()
 
     async def wait_closed(self) -> None:
-        """Serve until cancelled (the connection reconnects by itself)."""
-        await asyncio.Event().wait()
+        """Serve until cancelled (the connection reconnects by itself; it raises only if it cannot go on)."""
+        await self.connection.wait_stopped()
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt).ids
@@ -115,29 +123,40 @@ class EdgeDevice:
         """The least loaded online verifier whose vocabulary is ours (or the configured one), not ``exclude``,
         that can hold ``min_context`` tokens and, for an open ``session``, serves the very target the session
         opened on (``sled_edge.placement``). Waits up to ``discovery_timeout_s`` for one."""
-        need = Placement(self.vocab, min_context, self.config.verifier, exclude, pinned=session is not None,
+        need = self._placement(exclude, min_context, session)
+        timeout_s = self.config.discovery_timeout_s
+        chosen = await self._await_status(lambda: choose(self.verifiers.values(), need), timeout_s)
+        if chosen is None:
+            raise self._unplaced(need, session)
+        return chosen
+
+    def _placement(self, exclude: str | None, min_context: int, session: EdgeSession | None) -> Placement:
+        return Placement(self.vocab, min_context, self.config.verifier, exclude, pinned=session is not None,
                          target=session.target if session is not None else None)
+
+    def _unplaced(self, need: Placement, session: EdgeSession | None) -> EdgeError:
+        """Why no verifier fits ``need`` (after waiting ``discovery_timeout_s`` for one)."""
+        if session is not None and choose(self.verifiers.values(), replace(need, pinned=False)):
+            return EdgeError("target_unavailable", f"session {session.session_id} is pinned to target "
+                             f"{session.target or '(none announced)'} (it was on {need.exclude}) and no other verifier "
+                             f"serving that target came online within {self.config.discovery_timeout_s} s; "
+                             f"available: {describe(self.verifiers.values())}")
+        wanted = f"verifier {self.config.verifier!r}" if self.config.verifier else "a verifier"
+        return EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
+                         f"{self.config.discovery_timeout_s} s; seen: {describe(self.verifiers.values())}")
+
+    async def _await_status(self, pick: Callable[[], Status | None], timeout_s: float) -> Status | None:
+        """``pick()`` re-evaluated on every status change until it finds one, or None after ``timeout_s``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.discovery_timeout_s
-        while True:
-            chosen = choose(self.verifiers.values(), need)
-            if chosen is not None:
-                return chosen
-            if loop.time() >= deadline:
-                if session is not None and choose(self.verifiers.values(), replace(need, pinned=False)):
-                    raise EdgeError("target_unavailable", f"session {session.session_id} is pinned to target "
-                                    f"{session.target or '(none announced)'} (it was on {exclude}) and no other verifier "
-                                    f"serving that target came online within {self.config.discovery_timeout_s} s; "
-                                    f"available: {describe(self.verifiers.values())}")
-                wanted = f"verifier {self.config.verifier!r}" if self.config.verifier else "a verifier"
-                raise EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
-                                f"{self.config.discovery_timeout_s} s; seen: {describe(self.verifiers.values())}")
+        deadline = loop.time() + timeout_s
+        while (chosen := pick()) is None and loop.time() < deadline:
             self.connection.status_changed.clear()
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await self.connection.status_changed.wait()
             except TimeoutError:
                 pass
+        return chosen
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                        on_tokens: Callable[[list[int]], bool | None] | None = None,
@@ -210,9 +229,11 @@ class EdgeDevice:
     async def _verify_round(self, session: EdgeSession, proposal: Proposal, queue: asyncio.Queue,
                             verifier: Status, slog) -> tuple[Draft, Verdict, Status]:
         """Publish this round's draft until a verdict for it arrives; resend on timeout, move to another
-        verifier of the same target when ours goes offline or keeps silent, resend with context on resync."""
+        verifier of the same target when ours goes offline, keeps silent or keeps refusing as busy (backing
+        off meanwhile), resend with context on resync."""
         draft = session.draft(proposal.tokens, proposal.sparse)
-        resends = resyncs = 0
+        resends = resyncs = refusals = 0
+        busy_since: float | None = None  # when the verifiers began answering "retry later" to this round
         stranded: EdgeError | None = None  # the last move refused because no one else serves our target
         while True:
             # A broker outage is not the verifier's silence: wait for the connection (bounded) without
@@ -265,6 +286,23 @@ class EdgeDevice:
                     committed = verdict.accepted + (verdict.next_token is not None)
                     self.observer.round_done(len(draft.tokens), verdict.accepted, committed, time.perf_counter() - sent_s)
                 return draft, verdict, verifier
+            if verdict.kind is VerdictKind.ERROR and verdict.error in BUSY:
+                # Not now: back off and resend, or move; give up only after the outage budget.
+                busy_since = busy_since if busy_since is not None else time.monotonic()
+                if time.monotonic() - busy_since > self.config.outage_timeout_s:
+                    raise EdgeError(str(verdict.error), f"verifier {verifier.verifier} still refuses round {draft.seq} "
+                                    f"after {self.config.outage_timeout_s} s: {verdict.reason}")
+                refusals += 1
+                slog.info("verifier_busy", seq=draft.seq, error=str(verdict.error), verifier=verifier.verifier,
+                          refusals=refusals)
+                if refusals % FAILOVER_AFTER_REFUSALS == 0:
+                    moved_to, draft, _ = await self._failover(session, proposal, verifier, slog)
+                    if moved_to is not verifier:
+                        verifier, resends = moved_to, 0
+                        continue  # a fresh verifier: try it now (the backoff keeps growing if it is busy too)
+                # Jittered, so devices refused together do not come back together.
+                await asyncio.sleep(backoff_s(refusals - 1, base_s=0.05, cap_s=2.0) * random.uniform(0.5, 1.0))
+                continue
             if verdict.kind is VerdictKind.ERROR and verdict.error is not ErrorCode.INTERNAL:
                 raise EdgeError(str(verdict.error), verdict.reason or "refused by the verifier")
             # RESYNC, or INTERNAL (the verifier failed on this round and forgot the session): resend with context.
@@ -287,10 +325,19 @@ class EdgeDevice:
     async def _failover(self, session: EdgeSession, proposal: Proposal, current: Status,
                         slog) -> tuple[Status, Draft, EdgeError | None]:
         """Move the session to another verifier serving its target, with its full committed history (the new
-        one prefills it); when there is none, stay (the refusal says why) and keep trying ours."""
-        try:
-            chosen = await self.choose_verifier(exclude=current.verifier, min_context=session.max_len, session=session)
-        except EdgeError as refusal:
+        one prefills it). When there is none, stay on ``current`` (the refusal says why): at once while it is
+        online for the session's target (a lone verifier is retried without waiting out discovery), else
+        once it comes back or ``discovery_timeout_s`` has passed."""
+        need = self._placement(current.verifier, session.max_len, session)
+
+        def other_or_ours_back() -> Status | None:
+            other = choose(self.verifiers.values(), need)
+            ours = self.verifiers.get(current.verifier)
+            return other or (ours if ours is not None and ours.online and ours.target == session.target else None)
+
+        chosen = await self._await_status(other_or_ours_back, self.config.discovery_timeout_s)
+        if chosen is None or chosen.verifier == current.verifier:
+            refusal = self._unplaced(need, session)
             slog.warning("session_not_moved", seq=session.seq, verifier=current.verifier, reason=refusal.detail)
             return current, session.draft(proposal.tokens, proposal.sparse), refusal
         session.stats.failovers += 1

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sled_protocol.config import described as _help
-from sled_protocol.config import require, require_connection
+from sled_protocol.config import require, require_connection, require_duration
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class EdgeConfig:
     proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
     timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verdict before resending"))
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
-    outage_timeout_s: float = field(default=60.0, metadata=_help("how long a round waits for a lost broker to come back"))
+    outage_timeout_s: float = field(default=60.0, metadata=_help(
+        "how long a round waits for a lost broker to come back, or for an overloaded verifier to take it"))
     discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
     threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
     http_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the OpenAI-compatible API"))
@@ -38,11 +39,13 @@ class EdgeConfig:
             object.__setattr__(self, "device_id", socket.gethostname().split(".")[0] or "edge")
         require(Path(self.draft, "model.onnx").is_file(), f"draft {self.draft!r} has no model.onnx")
         require(Path(self.draft, "tokenizer.json").is_file(), f"draft {self.draft!r} has no tokenizer.json")
-        require_connection(self.mqtt_url, self.log_level, device_id=self.device_id, verifier_id=self.verifier)
+        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, device_id=self.device_id,
+                           verifier_id=self.verifier)
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
         require(1 <= self.proposal_tokens <= 64, "proposal_tokens must be 1..64")
         require(1 <= self.max_draft_tokens <= 64, "max_draft_tokens must be 1..64")
-        require(self.timeout_s > 0 and self.discovery_timeout_s > 0, "timeouts must be > 0")
+        for name in ("timeout_s", "outage_timeout_s", "discovery_timeout_s"):
+            require_duration(getattr(self, name), name)
         require(self.retries >= 0, "retries must be >= 0")
         require(self.threads >= 1, "threads must be >= 1")
         require(0 < self.http_port < 65536 and 0 <= self.metrics_port < 65536, "ports must be 1..65535 (metrics: 0 = off)")

@@ -1,5 +1,10 @@
 """The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever.
 
+The connection task is its own supervisor: a lost broker and an unexpected error alike (logged with its
+traceback) clear ``connected`` and restart it after a backoff, so a waiting session either sees the
+connection come back or runs out its outage budget; it never retries against a dead task. A message
+that fails to dispatch is logged and dropped, never the connection.
+
 Verdicts go to the waiting session's queue (by session id) when they come from the verifier holding that
 session (``session_verifier``; a former holder's late answers are dropped); verifier statuses update
 ``verifiers``.
@@ -43,6 +48,7 @@ class EdgeConnection:
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task | None = None
         self.reconnects = 0
+        self.last_error: BaseException | None = None  # why the latest attempt failed, for the start-up error
 
     async def start(self, timeout_s: float) -> None:
         self._task = asyncio.create_task(self._run(), name="mqtt-connection")
@@ -51,12 +57,20 @@ class EdgeConnection:
                 await self.connected.wait()
         except TimeoutError:
             await self.stop()
-            raise BrokerUnavailable(f"cannot connect to the broker at {self.address} within {timeout_s} s") from None
+            cause = f": {self.last_error.__class__.__name__}: {self.last_error}" if self.last_error else ""
+            message = f"cannot connect to the broker at {self.address} within {timeout_s} s{cause}"
+            raise BrokerUnavailable(message) from None
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+
+    async def wait_stopped(self) -> None:
+        """Until the connection task ends: only by ``stop`` (or a bug in the supervisor, raised here)."""
+        await asyncio.wait([self._task])
+        if not self._task.cancelled() and self._task.exception() is not None:
+            raise self._task.exception()
 
     async def _run(self) -> None:
         attempt = 0
@@ -75,12 +89,17 @@ class EdgeConnection:
                     attempt = 0
                     async for message in client.messages:
                         self._dispatch(str(message.topic), bytes(message.payload))
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:  # supervision: any failure, expected or not, restarts the connection
                 self.connected.clear()
                 self._client = None
+                self.last_error = exc
                 delay = backoff_s(attempt)
                 attempt += 1
-                log.warning("broker_connection_lost", broker=str(self.address), error=str(exc), retry_in_s=round(delay, 2))
+                if isinstance(exc, aiomqtt.MqttError):
+                    log.warning("broker_connection_lost", broker=str(self.address), error=str(exc),
+                                retry_in_s=round(delay, 2))
+                else:
+                    log.exception("broker_connection_failed", broker=str(self.address), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
 
     async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
@@ -111,6 +130,8 @@ class EdgeConnection:
                             self.waiters[session_id].put_nowait(VERIFIER_DOWN)
         except ProtocolError as exc:
             log.warning("message_undecodable", topic=topic, error=str(exc))
+        except Exception:  # a bug handling one message must not take the connection (and every session) down
+            log.exception("message_dispatch_failed", topic=topic)
 
     def _route(self, verdict: Verdict) -> None:
         queue = self.waiters.get(verdict.session) if verdict.session else None

@@ -21,8 +21,21 @@ class SparseProposal:
 
 
 def warp_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Temperature, top-k, top-p with transformers' semantics (as ``sled_verifier.sampling.warp_probs``)."""
-    scores = logits.astype(np.float32) / np.float32(params.temperature)
+    """Temperature, top-k, top-p with transformers' semantics (as ``sled_verifier.sampling.warp_probs``).
+
+    Never NaN: a NaN logit is no candidate; when scores overflow to +inf (a tiny temperature, +inf logits)
+    the top logits split the probability evenly (the greedy limit); no usable logit proposes uniformly. Any
+    proposal keeps the verifier's output exact; it only has to be a distribution.
+    """
+    logits = np.where(np.isnan(logits), -np.inf, logits).astype(np.float32)
+    with np.errstate(over="ignore"):
+        scores = logits / np.float32(params.temperature)
+    top_logit, top_score = logits.max(), scores.max()
+    if top_score == np.inf or (top_score == -np.inf and np.isfinite(top_logit)):
+        # the temperature -> 0 limit: the top logits (ties split evenly)
+        scores = np.where(logits < top_logit, np.float32(-np.inf), np.float32(0))
+    if scores.max() == -np.inf:
+        return np.full(scores.shape, 1.0 / scores.shape[-1], dtype=np.float32)
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = np.partition(scores, -params.top_k)[-params.top_k]
         scores = np.where(scores < kth, -np.inf, scores)

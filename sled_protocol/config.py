@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from typing import Any
@@ -91,12 +92,14 @@ def described(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-def require_connection(mqtt_url: str, log_level: str, **names: str) -> None:
-    """What every service checks: a usable broker URL, a known log level, and topic-level ids
-    (``names`` maps a description such as ``device_id`` to its value; empty values are skipped)."""
+def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", **names: str) -> None:
+    """What every service checks: a usable broker URL, a readable ``ca_file`` when one is named, a known log
+    level, and topic-level ids (``names`` maps a description such as ``device_id`` to its value; empty values
+    are skipped)."""
     from sled_protocol.mqtt import parse_mqtt_url
     from sled_protocol.topics import check_name
 
+    require_ca_file(ca_file)
     try:
         parse_mqtt_url(mqtt_url)
         for what, value in names.items():
@@ -105,6 +108,28 @@ def require_connection(mqtt_url: str, log_level: str, **names: str) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     require(log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}")
+
+
+def require_ca_file(path: str) -> None:
+    """A CA certificate file, when one is named, that TLS will be able to load (not a crash at connect)."""
+    from sled_protocol.mqtt import check_ca_file
+
+    if path:
+        try:
+            check_ca_file(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def require_duration(value: float, name: str, *, allow_zero: bool = False) -> None:
+    """A duration option: a finite number of seconds (or ms), > 0 (>= 0 with ``allow_zero``)."""
+    positive, bound = (value >= 0, ">= 0") if allow_zero else (value > 0, "> 0")
+    require(math.isfinite(value) and positive, f"{name} must be a finite number {bound}, not {value}")
+
+
+def bind_failed(what: str, host: str, port: int, exc: OSError) -> ConfigError:
+    """A listening port that cannot be bound (in use, not ours to take): a configuration problem."""
+    return ConfigError(f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}")
 
 
 def require(condition: bool, message: str) -> None:

@@ -81,13 +81,18 @@ def float32(value: float) -> float:
     return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a session samples; applied identically to the target's and the draft's logits.
 
     Warping follows transformers' order and semantics: temperature, then top-k (ties with the k-th
     logit kept), then top-p (the smallest set of most likely tokens whose mass reaches top_p).
-    Floats are rounded to float32 on construction, so both ends use bit-identical values.
+    Floats are rounded to float32 on construction, so both ends use bit-identical values. A temperature
+    below ``GREEDY_BELOW_TEMPERATURE`` becomes 0 (greedy), at both ends: dividing float32 logits by it
+    could overflow to inf and warp into NaN probabilities, and its distribution is the argmax anyway.
     """
 
     temperature: float = 1.0
@@ -96,7 +101,8 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "temperature", float32(self.temperature))
+        temperature = float32(self.temperature)
+        object.__setattr__(self, "temperature", 0.0 if 0 <= temperature < GREEDY_BELOW_TEMPERATURE else temperature)
         object.__setattr__(self, "top_p", float32(self.top_p))
 
 

@@ -8,6 +8,7 @@ instead of ~0.5 ms.
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -43,6 +44,14 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def check_ca_file(path: str) -> None:
+    """ValueError unless ``path`` holds at least one readable CA certificate (what TLS will load later)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:  # missing, unreadable, a directory, or no certificate in it
+        raise ValueError(f"cannot read CA certificate {path!r}: {exc.strerror or exc}") from None
 
 
 def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will | None = None,

@@ -11,7 +11,8 @@ import sys
 
 import structlog
 
-from sled_protocol.config import EX_CONFIG, EX_SOFTWARE, ConfigError, add_config_arguments, config_from_args
+from sled_protocol.config import (EX_CONFIG, EX_SOFTWARE, ConfigError, add_config_arguments, bind_failed,
+                                  config_from_args, require_ca_file)
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
 from sled_verifier.config import VerifierConfig
@@ -43,6 +44,16 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    stats, engine = VerifierStats(), None
+    if config.metrics_port:  # bound before the target loads: a port in use fails at once, not after the load
+        from sled_verifier.metrics import serve_metrics
+
+        try:
+            port = serve_metrics(stats, lambda: engine.session_count if engine is not None else 0,
+                                 config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise bind_failed("metrics", config.metrics_host, config.metrics_port, exc) from None
+        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     try:
         target = await asyncio.to_thread(TargetModel, config.target, config.device, config.dtype)
     except (ValueError, OSError) as exc:  # not a loadable causal LM: a configuration problem, not a crash
@@ -51,13 +62,8 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
     log.info("target_loaded", model=target.model_id, target=identity, device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
-    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, VerifierStats(),
+    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, stats,
                             max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)
-    if config.metrics_port:
-        from sled_verifier.metrics import serve_metrics
-
-        port = serve_metrics(engine.stats, lambda: engine.session_count, config.metrics_host, config.metrics_port)
-        log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     service = VerifierService(config, engine, vocab, identity)
     samples = await asyncio.to_thread(engine.calibrate)
     for drafts, tokens, seconds in samples:
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(VerifierConfig, args)
+        require_ca_file(config.ca_file)
     except ConfigError as exc:
         configure_logging()
         log.error("bad_configuration", error=str(exc))

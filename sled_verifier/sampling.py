@@ -22,8 +22,21 @@ def warp_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
 
     logits [R, V]; temperature, top_p float [R]; top_k int [R] (0: off). Rows with temperature 0 are
     treated as temperature 1 (greedy rows never use these probabilities).
+
+    Never NaN. A NaN logit is no candidate. A row whose scores overflow to +inf (a temperature so small
+    that dividing by it overflows float32, or +inf logits) takes the temperature -> 0 limit: an even split
+    among its top logits, i.e. greedy. A row with no usable logit at all is all zeros, "no distribution", which
+    ``rejection_sample`` refuses when it needs that row.
     """
-    scores = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    scores = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    top_logit, top_score = logits.amax(dim=-1, keepdim=True), scores.amax(dim=-1, keepdim=True)   # [R, 1]
+    overflowed = top_score.isposinf() | (top_score.isneginf() & top_logit.isfinite())
+    if bool(overflowed.any()):  # the temperature -> 0 limit: the top logits (ties split evenly)
+        top = torch.zeros_like(scores).masked_fill(logits < top_logit, float("-inf"))
+        scores = torch.where(overflowed, top, scores)
+    empty = scores.amax(dim=-1, keepdim=True) == float("-inf")                          # [R, 1]
+    scores = scores.masked_fill(empty, 0.0)
     vocab = scores.shape[-1]
     if bool((top_k > 0).any()):
         k = top_k.clamp(min=1, max=vocab)
@@ -37,7 +50,7 @@ def warp_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         remove_sorted[:, -1] = False                                                     # keep at least one
         remove = remove_sorted.scatter(1, order, remove_sorted)
         scores = scores.masked_fill(remove & (top_p < 1)[:, None], float("-inf"))
-    return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1).masked_fill(empty, 0.0)
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -65,6 +78,10 @@ def rejection_sample(
 ) -> VerifyResult:
     batch, k_max = draft_ids.shape
     vocab = probs.shape[-1]
+    # Rows 0..k_i decide this draft; one without a distribution (no finite target logit) cannot be sampled.
+    read = torch.arange(probs.shape[1], device=probs.device)[None, :] <= draft_lens[:, None]   # [B, K+1]
+    if bool(((probs.sum(dim=-1) == 0) & read).any()):
+        raise ValueError("the target's logits hold no finite value at a verified position; cannot sample")
     positions = torch.arange(k_max, device=probs.device)
     valid = positions[None, :] < draft_lens[:, None]                                     # [B, K]
     safe_ids = draft_ids.clamp(min=0)

@@ -1,0 +1,152 @@
+"""The edge against a scripted verifier on a real Mosquitto: an `overloaded` refusal is backed off and retried,
+a lone silent verifier is retried without waiting out discovery, and an unexpected error in the connection
+task restarts it instead of stranding the sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+import sled_edge.connection as connection_module
+from conftest import PROMPTS, Broker
+from sled_edge.client import EdgeDevice
+from sled_edge.config import EdgeConfig
+from sled_protocol import Close, Draft, ErrorCode, FinishReason, Status, Verdict, VerdictKind, encode
+from sled_protocol import topics
+from sled_protocol.devbroker import start_dev_broker
+from sled_protocol.messages import decode_inbound
+from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.vocab import vocab_hash
+
+pytestmark = pytest.mark.integration
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def own_broker(tmp_path_factory):
+    """A broker of its own: the scripted verifier's retained status must not reach other tests."""
+    process, port = start_dev_broker(tmp_path_factory.mktemp("resilience-broker"))
+    yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def verified(draft: Draft, verifier_id: str) -> Verdict:
+    """Accept every draft token and add token 1: a well-formed verdict (the tokens do not matter here)."""
+    committed = draft.base_len + len(draft.tokens) + 1
+    return Verdict(kind=VerdictKind.VERIFIED, verifier=verifier_id, session=draft.session, seq=draft.seq,
+                   accepted=len(draft.tokens), next_token=1, committed_len=committed,
+                   finish=FinishReason.LENGTH if committed >= draft.max_len else None)
+
+
+Answer = Callable[[int, Draft, str], Verdict | None]
+
+
+async def scripted_verifier(broker: Broker, verifier_id: str, vocab: str, answer: Answer, ready: asyncio.Event) -> None:
+    """Announce a verifier, then answer its n-th draft (from 0) with ``answer(n, draft, verifier_id)``
+    (None: stay silent)."""
+    status = Status(verifier_id, True, model="scripted", vocab=vocab, capacity=4, max_draft_tokens=4, target="t-1")
+    async with make_client(parse_mqtt_url(broker.url), f"scripted-{verifier_id}") as client:
+        await client.subscribe(topics.drafts_filter(verifier_id))
+        await client.publish(topics.status_topic(verifier_id), encode(status), qos=1, retain=True)
+        ready.set()
+        received = 0
+        try:
+            async for message in client.messages:
+                draft = decode_inbound(bytes(message.payload))
+                if isinstance(draft, Close):
+                    continue
+                verdict = answer(received, draft, verifier_id)
+                received += 1
+                if verdict is not None:
+                    await client.publish(topics.verdict_topic(draft.device), encode(verdict))
+        finally:
+            offline = Status(verifier_id, False, vocab=vocab, target="t-1")
+            await client.publish(topics.status_topic(verifier_id), encode(offline), qos=1, retain=True)
+
+
+async def generate_against(broker: Broker, draft_dir, answer: Answer, **overrides):
+    verifier_id = f"s-{uuid.uuid4().hex[:6]}"
+    config = EdgeConfig(draft=str(draft_dir), mqtt_url=broker.url, device_id=f"d-{uuid.uuid4().hex[:6]}",
+                        verifier=verifier_id, draft_tokens=2, **overrides)
+    ready = asyncio.Event()
+    server = asyncio.create_task(scripted_verifier(broker, verifier_id, vocab_hash(draft_dir), answer, ready))
+    try:
+        await ready.wait()
+        async with EdgeDevice(config) as device:
+            started = time.monotonic()
+            result = await device.generate(device.encode_prompt(PROMPTS[0]), MAX_NEW)
+            return result, time.monotonic() - started, device
+    finally:
+        server.cancel()
+        await asyncio.wait([server])
+
+
+@pytest.mark.asyncio
+async def test_an_overloaded_verifier_is_backed_off_and_retried(own_broker, tiny_models):
+    refused = []
+
+    def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
+        if n < 3:  # the first three tries of the first round find the queue full
+            refused.append(draft.seq)
+            return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id, session=draft.session, seq=draft.seq,
+                           error=ErrorCode.OVERLOADED, reason="verification queue is full; retry later")
+        return verified(draft, verifier_id)
+
+    result, _, _ = await generate_against(own_broker, tiny_models.gpt2_onnx, answer)
+    assert refused == [0, 0, 0]
+    assert len(result.token_ids) == MAX_NEW and result.finish_reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_a_lone_silent_verifier_is_retried_without_waiting_out_discovery(own_broker, tiny_models):
+    def answer(n: int, draft: Draft, verifier_id: str) -> Verdict | None:
+        return None if n < 2 else verified(draft, verifier_id)  # two lost rounds: a move is tried
+
+    result, elapsed_s, _ = await generate_against(own_broker, tiny_models.gpt2_onnx, answer,
+                                                  timeout_s=0.3, discovery_timeout_s=30.0)
+    assert len(result.token_ids) == MAX_NEW and result.retries == 2 and result.failovers == 0
+    assert elapsed_s < 10  # not the 30 s of discovery: nobody else could take the session
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_connection_error_restarts_the_connection(own_broker, tiny_models, monkeypatch):
+    real_make_client = connection_module.make_client
+    injected = []
+
+    class Faulty:
+        """A client whose message stream fails with a non-MQTT error at the first verdict, once."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.real = real_make_client(*args, **kwargs)
+
+        async def __aenter__(self):
+            await self.real.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc_info):
+            return await self.real.__aexit__(*exc_info)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        @property
+        async def messages(self):
+            async for message in self.real.messages:
+                if not injected and message.topic.value.startswith(f"{topics.PREFIX}/verdicts/"):
+                    injected.append(True)
+                    raise RuntimeError("injected fault in the connection task")
+                yield message
+
+    monkeypatch.setattr(connection_module, "make_client", Faulty)
+    def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
+        return verified(draft, verifier_id)
+
+    result, _, device = await generate_against(own_broker, tiny_models.gpt2_onnx, answer, timeout_s=1.0)
+    assert injected and device.connection.reconnects == 1
+    assert len(result.token_ids) == MAX_NEW and result.finish_reason == "length"
