@@ -12,7 +12,7 @@ import sys
 import structlog
 
 from sled_protocol.config import (EX_CONFIG, EX_SOFTWARE, ConfigError, add_config_arguments, bind_failed,
-                                  config_from_args, require_ca_file)
+                                  config_from_args)
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
 from sled_verifier.config import VerifierConfig
@@ -76,8 +76,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(VerifierConfig, args)
-        require_ca_file(config.ca_file)
+        config = config_from_args(VerifierConfig, args)  # checks the CA file too
     except ConfigError as exc:
         configure_logging()
         log.error("bad_configuration", error=str(exc))

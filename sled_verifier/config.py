@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sled_protocol.config import described as _help
-from sled_protocol.config import require, require_connection
+from sled_protocol.config import require, require_connection, require_duration
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,15 @@ class VerifierConfig:
             object.__setattr__(self, "verifier_id", socket.gethostname().split(".")[0] or "verifier")
         require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
         require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
-        require_connection(self.mqtt_url, self.log_level, verifier_id=self.verifier_id)
-        require(self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
+        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, verifier_id=self.verifier_id)
+        require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)
         require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
                      "max_context_tokens", "max_message_bytes", "prefill_chunk_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")
-        require(self.max_drafts_per_s >= 0, "max_drafts_per_s must be >= 0")
+        require(math.isfinite(self.max_drafts_per_s) and self.max_drafts_per_s >= 0,
+                "max_drafts_per_s must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
-        require(self.stats_interval_s > 0, "stats_interval_s must be > 0")
+        require_duration(self.stats_interval_s, "stats_interval_s")

@@ -27,7 +27,7 @@ Anchors: WISP (arXiv 2601.11652: a verification-time estimator driving SLO-aware
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -87,11 +87,17 @@ class _Rhythm:
     dev_s: float
 
 
+def _same(key: Hashable) -> Hashable:
+    return key
+
+
 @dataclass
 class Arrivals:
-    """Each active session's next arrival, predicted from its own recent gaps (verdict sent -> next draft).
+    """Each active session's next arrival, predicted from recent gaps (verdict sent -> next draft).
 
-    A session with no history yet is predicted with the fleet's mean gap. A session overdue by more than
+    Gaps are learned per ``rhythm_of(key)``: the service passes the device, whose drafting speed and
+    network outlive any one of its sessions, so a new session is predicted well from its first round.
+    A key with no history yet is predicted with the fleet's mean gap. A session overdue by more than
     ``grace_devs`` deviations (plus ``grace_s``) is no longer waited for: it joins a later step when it comes.
     Bounded: at most ``max_sessions`` are tracked, the longest-waited-on forgotten first."""
 
@@ -102,6 +108,7 @@ class Arrivals:
     forget_s: float = 60.0
     fleet_gap_s: float = 0.02
     fleet_dev_s: float = 0.01
+    rhythm_of: Callable[[Hashable], Hashable] = _same
     _rhythm: OrderedDict[Hashable, _Rhythm] = field(default_factory=OrderedDict)
     _waiting: OrderedDict[Hashable, float] = field(default_factory=OrderedDict)  # key -> verdict sent at
 
@@ -117,10 +124,10 @@ class Arrivals:
             return
         gap = now_s - sent
         a = self.smoothing
-        rhythm = self._rhythm.pop(key, None) or _Rhythm(gap, self.fleet_dev_s)
+        rhythm = self._rhythm.pop(self.rhythm_of(key), None) or _Rhythm(gap, self.fleet_dev_s)
         rhythm.dev_s = (1 - a) * rhythm.dev_s + a * abs(gap - rhythm.gap_s)
         rhythm.gap_s = (1 - a) * rhythm.gap_s + a * gap
-        self._rhythm[key] = rhythm
+        self._rhythm[self.rhythm_of(key)] = rhythm
         while len(self._rhythm) > self.max_sessions:
             self._rhythm.popitem(last=False)
         b = a / 4
@@ -128,8 +135,8 @@ class Arrivals:
         self.fleet_gap_s = (1 - b) * self.fleet_gap_s + b * gap
 
     def forget(self, key: Hashable) -> None:
+        """Stop expecting ``key`` (its rhythm stays: the device's next session will keep it)."""
         self._waiting.pop(key, None)
-        self._rhythm.pop(key, None)
 
     @property
     def waiting(self) -> int:
@@ -142,7 +149,7 @@ class Arrivals:
             if now_s - sent > self.forget_s:
                 del self._waiting[key]
                 continue
-            rhythm = self._rhythm.get(key) or _Rhythm(self.fleet_gap_s, self.fleet_dev_s)
+            rhythm = self._rhythm.get(self.rhythm_of(key)) or _Rhythm(self.fleet_gap_s, self.fleet_dev_s)
             due = sent + rhythm.gap_s
             if due >= now_s:
                 times.append(due)

@@ -43,7 +43,8 @@ class VerifierService:
         self.policy = SchedulePolicy(config.max_wait_ms / 1000.0, config.min_wait_gain, config.max_batch_drafts,
                                      config.max_batch_tokens)
         self.cost = StepCost()
-        self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S)
+        self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
+                                 rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
         max_context = min(config.max_context_tokens, engine.target.max_positions or config.max_context_tokens)
         if max_context < config.max_context_tokens:

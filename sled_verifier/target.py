@@ -25,6 +25,7 @@ import torch
 
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sled_verifier.kvslots import SlotKV
 
@@ -34,9 +35,11 @@ SLOT_ATTENTION = "sled_slots"
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                    dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
     """Each row's attention over its own slot, in place. ``key``/``value``: this layer's whole store
-    ``[S+1, Hkv, L, D]``; ``sled_rows``: per row (slot, width, new tokens m, bool mask [m, width] or None)."""
-    if sled_rows is None:
-        raise RuntimeError("slot attention needs sled_rows (the model did not pass keyword arguments through)")
+    ``[S+1, Hkv, L, D]``; ``sled_rows``: per row (slot, width, new tokens m, bool mask [m, width] or None).
+    Without ``sled_rows`` (the model called some other way) it is plain SDPA."""
+    if sled_rows is None:  # the model used outside forward_rows (generate, a plain call): ordinary SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     batch, heads, m_max, head_dim = query.shape                                      # [B, H, M, D]
     out = query.new_zeros(batch, m_max, heads, head_dim)                              # [B, M, H, D]
     gqa = key.shape[1] != heads
