@@ -6,9 +6,10 @@ pinned to one core with one torch thread, and N emulated devices (``bench/fleet_
 on the other cores, each device its own MQTT client) whose drafting costs the server nothing. Measured:
 
 - server cost per committed token: the verifier process's CPU seconds (user + system, every thread: model,
-  MQTT, codec, bookkeeping) from before the first session arrives to after the last verdict, divided by
-  the tokens committed (devices start sessions for the run's duration; each runs to its end, so the work
-  is whole sessions, prefill and all);
+  MQTT, codec, bookkeeping) in a steady window, divided by the tokens committed in it. Sessions arrive
+  over a ramp, each device starting its next session when its last ends; the window opens after a warm-up
+  of one session lifetime (so sessions are staggered and the window holds the steady mix of prefill and
+  decoding) and lasts 1.5 lifetimes (a lifetime: the mean output at server-only's per-session pace);
 - server-only: the same target, same thread and core, decoding the same kind of sessions (prompt prefill
   plus one token per step for every session in one batch); the stronger of transformers' batched
   ``generate`` and the verifier's own engine (slot cache, one token per row), named in the table;
@@ -198,18 +199,20 @@ def histogram_quantile(metrics: dict, name: str, q: float) -> float | None:
 
 
 def run_fleet(url: str, verifier: Verifier, workdir: Path, spec: dict) -> dict:
-    """One fleet run, whole sessions: the verifier's CPU and metrics from before the first arrival to after
-    the last verdict."""
+    """One fleet run: the verifier's CPU and metrics at the edges of the steady window (CLOCK_MONOTONIC is
+    system-wide, so both processes mean the same instants)."""
     spec = {**spec, "t0": time.monotonic() + 2.0 + spec["n"] / 100}
     spec_path = workdir / f"fleet-{spec['n']}.json"
     spec_path.write_text(json.dumps(spec))
     process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fleet_devices.py"), "--spec", str(spec_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                preexec_fn=pinned(DEVICE_CORES))
-    time.sleep(max(0.0, spec["t0"] - 0.2 - time.monotonic()))
+    opens = spec["t0"] + spec["ramp_s"] + spec["warmup_s"]
+    time.sleep(max(0.0, opens - time.monotonic()))
     cpu_before, metrics_before, started = cpu_seconds(verifier.process.pid), verifier.metrics(), time.monotonic()
-    out, err = process.communicate(timeout=900)
+    time.sleep(max(0.0, opens + spec["duration_s"] - time.monotonic()))
     cpu_after, metrics_after, ended = cpu_seconds(verifier.process.pid), verifier.metrics(), time.monotonic()
+    out, err = process.communicate(timeout=900)
     if process.returncode != 0:
         raise RuntimeError(f"fleet of {spec['n']} failed:\n{err[-3000:]}")
     report = json.loads(out)
@@ -238,13 +241,14 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) ->
     ceiling_at_batch = server["s_per_token"] / (server["s_per_token"] - decode_server + decode_at_batch)
     window_s = fleet["window_s"]
     parts = {name: m.get(f"sled_verifier_{name}_seconds_total", m.get(f"sled_verifier_{name}_seconds_sum", 0.0))
-             for name in ("forward", "prefill", "decide", "step", "receive", "publish")}
+             for name in ("forward", "prefill", "decide", "step", "receive", "publish", "schedule")}
     breakdown = {
         "verify_forward": parts["forward"],
         "prefill_forward": parts["prefill"],
         "batch_assembly_and_kv": max(0.0, parts["step"] - parts["forward"] - parts["prefill"] - parts["decide"]),
         "verification_and_commit": parts["decide"],
         "mqtt_and_codec": parts["receive"] + parts["publish"],
+        "scheduling": parts["schedule"],
     }
     breakdown["other_cpu"] = max(0.0, fleet["cpu_s"] - sum(breakdown.values()))
     breakdown["idle"] = max(0.0, window_s - fleet["cpu_s"])
@@ -367,16 +371,17 @@ def main() -> int:
         try:
             for n in ns:
                 ramp_s = max(profile["ramp_s"], n / 25)  # sessions arrive over time, not all at once
-                if n in baselines:  # long enough for sessions to come and go: 1.5 lifetimes at server-only's pace
-                    duration_s = max(args.duration_s or profile["duration_s"],
-                                     1.5 * mean_out / baselines[n][0]["session_tokens_per_s"])
-                log(f"fleet of {n} devices: arriving over {ramp_s:g} s, new sessions for {duration_s:g} s more, "
-                    "then every session to its end")
+                warmup_s = profile["ramp_s"]
+                if n in baselines:  # a lifetime at server-only's pace: warm up one, measure 1.5
+                    lifetime_s = mean_out / baselines[n][0]["session_tokens_per_s"]
+                    warmup_s = max(warmup_s, lifetime_s)
+                    duration_s = max(args.duration_s or profile["duration_s"], 1.5 * lifetime_s)
+                log(f"fleet of {n} devices: arriving over {ramp_s:g} s, warm-up {warmup_s:.1f} s, window {duration_s:.1f} s")
                 spec = {"n": n, "mqtt_url": url, "verifier": "fleet-verifier", "vocab": vocab_hash(target_dir),
                         "vocab_size": target.vocab_size, "eos_ids": target.eos_ids.tolist(), "seed": 1,
                         "pool": str(workdir / f"pool-{args.profile}.json.pool"), "classes": classes,
                         "rtt_ms": RTT_MS, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
-                        "ramp_s": ramp_s, "duration_s": duration_s}
+                        "ramp_s": ramp_s, "warmup_s": warmup_s, "duration_s": duration_s}
                 Path(spec["pool"]).write_text(json.dumps(pool))
                 fleet = run_fleet(url, verifier, workdir, spec)
                 wrong += len(fleet["wrong"])

@@ -7,9 +7,10 @@ token at draft position j is the target's with the device class's conditional ac
 jitter before each draft and a network delay before it acts on each verdict. Sessions start spread over
 a ramp and run back to back with varied prompt and output lengths.
 
-Devices start new sessions until the stop time; sessions under way then run to their end, so the run's
-work is whole sessions (every prefill with all of its decoding), the same mix the server-only baseline
-decodes. Every verdict is checked: the accepted count and the next token must be exactly the target's; a mismatch
+Devices start new sessions until the end of the measurement window, which opens after a warm-up long
+enough for sessions to be staggered (each device's sessions start when its last ended), so the window
+holds the steady mix of prefill and decoding; sessions under way then run to their end (the drain is not
+measured: a real service has none). Every verdict is checked: the accepted count and the next token must be exactly the target's; a mismatch
 counts as wrong (the bench exits non-zero). Prints one JSON report on stdout.
 
 python bench/fleet_devices.py --spec FILE   (written by bench/fleet.py)
@@ -171,14 +172,15 @@ async def main_async(spec: dict) -> dict:
     pool = json.loads(Path(spec["pool"]).read_text())
     classes = [DeviceClass(c["name"], c["draft_ms_per_token"], tuple(c["acceptance"]), c["k"]) for c in spec["classes"]]
     tally = Tally()
-    stop_at = spec["t0"] + spec["ramp_s"] + spec["duration_s"]  # no new session after this
+    window = (spec["t0"] + spec["ramp_s"] + spec["warmup_s"], spec["t0"] + spec["ramp_s"] + spec["warmup_s"] + spec["duration_s"])
+    stop_at = window[1]  # no new session after this
     async with asyncio.TaskGroup() as group:
         for index in range(spec["n"]):
             group.create_task(run_device(spec, index, classes[index % len(classes)], pool, tally, stop_at))
-    sessions = [s for s in tally.sessions if s.rounds]
+    sessions = [s for s in tally.sessions if s.rounds and window[0] <= s.ended_s < window[1]]
     return {
-        "n": spec["n"], "committed": sum(tokens for _, tokens in tally.commits),
-        "first_s": min(s.started_s for s in tally.sessions) if tally.sessions else 0.0,
+        "n": spec["n"], "committed": sum(tokens for at, tokens in tally.commits if window[0] <= at < window[1]),
+        "committed_all": sum(tokens for _, tokens in tally.commits),
         "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
         "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
                       "accepted": s.accepted, "drafted": s.drafted} for s in sessions],

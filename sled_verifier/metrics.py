@@ -52,6 +52,7 @@ class VerifierCollector(Collector):
         yield CounterMetricFamily("sled_verifier_receive_seconds", "Decoding and admitting inbound messages",
                                   value=s.receive_s)
         yield CounterMetricFamily("sled_verifier_publish_seconds", "Encoding and publishing verdicts", value=s.publish_s)
+        yield CounterMetricFamily("sled_verifier_schedule_seconds", "Scheduler decisions", value=s.schedule_s)
         yield CounterMetricFamily("sled_verifier_deferred_drafts", "Drafts held over while their prefill completes",
                                   value=s.deferred)
         yield _histogram("sled_verifier_batch_size", "Drafts per forward pass", s.batch_size_hist)

@@ -160,13 +160,14 @@ class Arrivals:
 
 
 def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float], cost: StepCost,
-            now_s: float) -> float | None:
-    """0.0: step now; > 0: look again after that many seconds (or at the next arrival); None: queue empty."""
+            now_s: float, slack_s: float = 0.0) -> float | None:
+    """0.0: step now; > 0: look again after that many seconds (or at the next arrival); None: queue empty.
+    ``slack_s``: how late the caller's wake-ups run; the deadline is moved that much earlier."""
     if queue.drafts == 0:
         return None
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
         return 0.0
-    deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s
+    deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s
     tokens_per_draft = queue.tokens / queue.drafts
     now_cost = cost.predict(queue.drafts, queue.tokens) / queue.drafts
     best_cost, best_at = now_cost, None

@@ -56,6 +56,7 @@ class VerifierStats:
     decide_s: float = 0.0              # verification maths and commit of each row, in the engine step
     receive_s: float = 0.0             # decoding and admitting inbound messages (MQTT and codec)
     publish_s: float = 0.0             # encoding and publishing verdicts (MQTT and codec)
+    schedule_s: float = 0.0            # the scheduler's decisions (arrival prediction, cost model)
     deferred: int = 0                  # drafts held over to the next step while their prefill completes
     prefill_tokens: int = 0
     resyncs: int = 0
