@@ -283,10 +283,8 @@ class VerifierEngine:
 
     def _padded(self, runnable) -> tuple[torch.Tensor, torch.Tensor]:
         k_max = max(len(draft.tokens) for draft, _ in runnable)
-        draft_ids = torch.full((len(runnable), k_max), -1, dtype=torch.int64, device=self.target.device)
-        for row, (draft, _) in enumerate(runnable):
-            if draft.tokens:
-                draft_ids[row, : len(draft.tokens)] = torch.tensor(draft.tokens, dtype=torch.int64)
+        padded = [[*draft.tokens] + [-1] * (k_max - len(draft.tokens)) for draft, _ in runnable]
+        draft_ids = torch.tensor(padded, dtype=torch.int64, device=self.target.device).reshape(len(runnable), k_max)
         lens = torch.tensor([len(draft.tokens) for draft, _ in runnable], dtype=torch.int64, device=self.target.device)
         return draft_ids, lens
 
