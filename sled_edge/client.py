@@ -30,7 +30,7 @@ from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
 from sled_protocol.config import ConfigError
-from sled_protocol.mqtt import backoff_s, parse_mqtt_url
+from sled_protocol.mqtt import backoff_s, parse_mqtt_urls
 from sled_protocol.vocab import vocab_hash
 
 log = structlog.get_logger("sled_edge")
@@ -95,7 +95,8 @@ class EdgeDevice:
         except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart
             raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
         self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
-        self.connection = EdgeConnection(parse_mqtt_url(config.mqtt_url), config.device_id, config.ca_file or None)
+        self.connection = EdgeConnection(parse_mqtt_urls(config.mqtt_url), config.device_id, config.ca_file or None,
+                                         config.mqtt_protocol)
         self.verifiers = self.connection.verifiers
 
     async def __aenter__(self) -> EdgeDevice:

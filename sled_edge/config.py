@@ -13,7 +13,9 @@ from sled_protocol.config import require, require_connection, require_duration
 @dataclass(frozen=True)
 class EdgeConfig:
     draft: str = field(metadata=_help("directory of an ONNX draft (optimum export with past key values, tokenizer.json)"))
-    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help("broker URL, mqtt:// or mqtts://"))
+    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help(
+        "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
+    mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
@@ -24,7 +26,9 @@ class EdgeConfig:
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
     outage_timeout_s: float = field(default=60.0, metadata=_help(
         "how long a round waits for a lost broker to come back, or for an overloaded verifier to take it"))
-    discovery_timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verifier's status"))
+    discovery_timeout_s: float = field(default=5.0, metadata=_help(
+        "seconds to wait for a verifier's status; above the verifiers' status_interval_s where the broker's "
+        "retained messages are node-local (RabbitMQ)"))
     threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
     http_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the OpenAI-compatible API"))
     http_port: int = field(default=8080, metadata=_help("serve: port of the OpenAI-compatible API"))
@@ -39,8 +43,8 @@ class EdgeConfig:
             object.__setattr__(self, "device_id", socket.gethostname().split(".")[0] or "edge")
         require(Path(self.draft, "model.onnx").is_file(), f"draft {self.draft!r} has no model.onnx")
         require(Path(self.draft, "tokenizer.json").is_file(), f"draft {self.draft!r} has no tokenizer.json")
-        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, device_id=self.device_id,
-                           verifier_id=self.verifier)
+        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
+                           device_id=self.device_id, verifier_id=self.verifier)
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
         require(1 <= self.proposal_tokens <= 64, "proposal_tokens must be 1..64")
         require(1 <= self.max_draft_tokens <= 64, "max_draft_tokens must be 1..64")

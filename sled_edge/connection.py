@@ -1,4 +1,5 @@
-"""The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever.
+"""The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever (to the
+next of the configured brokers, when they are a cluster's nodes).
 
 The connection task is its own supervisor: a lost broker and an unexpected error alike (logged with its
 traceback) clear ``connected`` and restart it after a backoff, so a waiting session either sees the
@@ -23,7 +24,7 @@ import structlog
 
 from sled_protocol import ProtocolError, Status, Verdict, VerdictKind, decode_status, decode_verdict
 from sled_protocol import topics
-from sled_protocol.mqtt import BrokerAddress, backoff_s, make_client
+from sled_protocol.mqtt import BrokerAddress, backoff_s, describe_brokers, make_client
 
 log = structlog.get_logger("sled_edge")
 
@@ -36,10 +37,12 @@ class BrokerUnavailable(ConnectionError):
 
 
 class EdgeConnection:
-    def __init__(self, address: BrokerAddress, device_id: str, ca_file: str | None = None) -> None:
-        self.address = address
+    def __init__(self, addresses: list[BrokerAddress], device_id: str, ca_file: str | None = None,
+                 protocol: str = "5") -> None:
+        self.addresses = addresses
         self.device_id = device_id
         self.ca_file = ca_file
+        self.protocol = protocol
         self.verifiers: dict[str, Status] = {}
         self.status_changed = asyncio.Event()
         self.connected = asyncio.Event()
@@ -58,7 +61,9 @@ class EdgeConnection:
         except TimeoutError:
             await self.stop()
             cause = f": {self.last_error.__class__.__name__}: {self.last_error}" if self.last_error else ""
-            message = f"cannot connect to the broker at {self.address} within {timeout_s} s{cause}"
+            message = f"cannot connect to the broker at {describe_brokers(self.addresses)} within {timeout_s} s{cause}"
+            if self.protocol == "5":  # an MQTT 3.1.1-only broker drops a v5 CONNECT without an answer
+                message += " (a broker that speaks only MQTT 3.1.1, such as RabbitMQ 3.10, needs mqtt_protocol 3.1.1)"
             raise BrokerUnavailable(message) from None
 
     async def stop(self) -> None:
@@ -73,18 +78,19 @@ class EdgeConnection:
             raise self._task.exception()
 
     async def _run(self) -> None:
-        attempt = 0
+        attempt = failures = 0
         while True:
+            address = self.addresses[failures % len(self.addresses)]  # after a failure, the next node
             try:
                 identifier = f"sled-edge-{self.device_id}-{uuid.uuid4().hex[:8]}"
-                async with make_client(self.address, identifier, ca_file=self.ca_file) as client:
+                async with make_client(address, identifier, ca_file=self.ca_file, protocol=self.protocol) as client:
                     await client.subscribe(topics.verdict_topic(self.device_id), qos=topics.QOS_VERDICT)
                     await client.subscribe(topics.STATUS_FILTER, qos=topics.QOS_STATUS)
                     self._client = client
                     self.connected.set()
                     if attempt:
                         self.reconnects += 1
-                        log.warning("broker_reconnected", broker=str(self.address))
+                        log.warning("broker_reconnected", broker=str(address))
                         self._wake_all(RECONNECTED)
                     attempt = 0
                     async for message in client.messages:
@@ -95,11 +101,12 @@ class EdgeConnection:
                 self.last_error = exc
                 delay = backoff_s(attempt)
                 attempt += 1
+                failures += 1
                 if isinstance(exc, aiomqtt.MqttError):
-                    log.warning("broker_connection_lost", broker=str(self.address), error=str(exc),
+                    log.warning("broker_connection_lost", broker=str(address), error=str(exc),
                                 retry_in_s=round(delay, 2))
                 else:
-                    log.exception("broker_connection_failed", broker=str(self.address), retry_in_s=round(delay, 2))
+                    log.exception("broker_connection_failed", broker=str(address), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
 
     async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:

@@ -92,16 +92,18 @@ def described(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", **names: str) -> None:
-    """What every service checks: a usable broker URL, a readable ``ca_file`` when one is named, a known log
-    level, and topic-level ids (``names`` maps a description such as ``device_id`` to its value; empty values
-    are skipped)."""
-    from sled_protocol.mqtt import parse_mqtt_url
+def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", mqtt_protocol: str = "5",
+                       **names: str) -> None:
+    """What every service checks: usable broker URLs and MQTT version, a readable ``ca_file`` when one is
+    named, a known log level, and topic-level ids (``names`` maps a description such as ``device_id`` to its
+    value; empty values are skipped)."""
+    from sled_protocol.mqtt import check_protocol, parse_mqtt_urls
     from sled_protocol.topics import check_name
 
     require_ca_file(ca_file)
     try:
-        parse_mqtt_url(mqtt_url)
+        parse_mqtt_urls(mqtt_url)
+        check_protocol(mqtt_protocol)
         for what, value in names.items():
             if value:
                 check_name(value, what.replace("_", " "))

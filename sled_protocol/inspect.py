@@ -22,7 +22,7 @@ from datetime import datetime
 from sled_protocol import ProtocolError, decode
 from sled_protocol import topics
 from sled_protocol.logs import configure_logging
-from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.mqtt import check_protocol, make_client, parse_mqtt_urls
 from sled_protocol.run import run_until_signal
 
 MAX_PENDING_DRAFTS = 10_000
@@ -109,11 +109,12 @@ def render_stats(matcher: Matcher) -> str:
     return "\n".join(lines)
 
 
-async def watch(args: argparse.Namespace, url: str) -> None:
-    address = parse_mqtt_url(url)
+async def watch(args: argparse.Namespace, url: str, protocol: str) -> None:
+    check_protocol(protocol)
+    address = parse_mqtt_urls(url)[0]  # any node of a cluster routes every live message
     matcher, seen = Matcher(), 0
     next_stats_s = time.monotonic() + args.interval_s
-    async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}") as client:
+    async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}", protocol=protocol) as client:
         await client.subscribe(args.filter, qos=1)
         messages = aiter(client.messages)
         while True:
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     "Raw equivalent: mosquitto_sub -h HOST -p PORT -v -t 'sled/#'",
     )
     parser.add_argument("--mqtt-url", default=None, help="broker URL [env SLED_MQTT_URL; default mqtt://127.0.0.1:1883]")
+    parser.add_argument("--mqtt-protocol", default=None,
+                        help="MQTT version, 5 or 3.1.1 [env SLED_MQTT_PROTOCOL; default 5]")
     parser.add_argument("--filter", default=topics.ALL, help=f"MQTT topic filter [default {topics.ALL}]")
     parser.add_argument("--device", default=None, help="only this device's drafts and verdicts")
     parser.add_argument("--session", default=None, help="only this session")
@@ -157,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=None, help="exit after this many (matching) messages")
     args = parser.parse_args(argv)
     url = args.mqtt_url or os.environ.get("SLED_MQTT_URL", "mqtt://127.0.0.1:1883")
+    protocol = args.mqtt_protocol or os.environ.get("SLED_MQTT_PROTOCOL", "5")
     configure_logging("warning")
     try:
-        run_until_signal(watch(args, url))
+        run_until_signal(watch(args, url, protocol))
     except ValueError as exc:
         print(f"sled-inspect: {exc}", file=sys.stderr)
         return 78

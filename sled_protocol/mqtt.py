@@ -1,8 +1,13 @@
-"""The one way SLED connects to Mosquitto: URL parsing, TCP_NODELAY at our end, MQTT v5, backoff.
+"""The one way SLED connects to a broker: URL parsing, TCP_NODELAY at our end, the MQTT version, backoff.
 
 TCP_NODELAY matters: without it at both ends (the broker's ``set_tcp_nodelay true`` and the client's
 socket option) Nagle's algorithm holds small draft messages back and a round trip costs ~90 ms
 instead of ~0.5 ms.
+
+MQTT 5 by default; "3.1.1" for brokers that speak nothing newer (RabbitMQ 3.10's MQTT plugin). SLED uses
+nothing that 3.1.1 lacks: QoS 0 and 1, retained messages, a retained last will, clean sessions, no
+properties. A URL may list several brokers, the nodes of one cluster (``mqtt://a:1883,mqtt://b:1883``):
+a client connects to one and moves to the next after each failed or lost connection.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,20 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
     )
 
 
+def parse_mqtt_urls(urls: str) -> list[BrokerAddress]:
+    """One URL or several separated by commas (the nodes of a cluster), in the order they are tried."""
+    return [parse_mqtt_url(url.strip()) for url in urls.split(",")]
+
+
+def describe_brokers(addresses: list[BrokerAddress]) -> str:
+    return ",".join(map(str, addresses))
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"MQTT protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+
+
 def check_ca_file(path: str) -> None:
     """ValueError unless ``path`` holds at least one readable CA certificate (what TLS will load later)."""
     try:
@@ -55,12 +75,12 @@ def check_ca_file(path: str) -> None:
 
 
 def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will | None = None,
-                keepalive_s: int = 30, ca_file: str | None = None) -> aiomqtt.Client:
-    """An aiomqtt client (use as ``async with``) speaking MQTT v5 with Nagle off; for mqtts:// the broker's
-    certificate is checked against ``ca_file`` (default: the system's CAs)."""
+                keepalive_s: int = 30, ca_file: str | None = None, protocol: str = "5") -> aiomqtt.Client:
+    """An aiomqtt client (use as ``async with``) speaking MQTT ``protocol`` ("5" or "3.1.1") with Nagle off;
+    for mqtts:// the broker's certificate is checked against ``ca_file`` (default: the system's CAs)."""
     tls_params = aiomqtt.TLSParameters(ca_certs=ca_file) if address.tls else None
     return aiomqtt.Client(
-        address.host, address.port, identifier=identifier, protocol=aiomqtt.ProtocolVersion.V5,
+        address.host, address.port, identifier=identifier, protocol=PROTOCOLS[protocol],
         username=address.username, password=address.password, will=will, keepalive=keepalive_s,
         socket_options=NODELAY, tls_params=tls_params, timeout=10,
     )

@@ -2,7 +2,8 @@
 
 Drafts and verdicts travel at QoS 0: every round carries a sequence number and the edge retries on
 timeout, so broker-level acknowledgements would only add a round trip. Status is QoS 1 and retained,
-so an edge that connects later still finds every verifier.
+so an edge that connects later still finds every verifier; verifiers also republish it periodically for
+brokers whose retained messages do not reach every subscriber (RabbitMQ's cluster).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ from sled_protocol.config import require, require_connection, require_duration
 @dataclass(frozen=True)
 class VerifierConfig:
     target: str = field(metadata=_help("directory of a Hugging Face causal LM (config, weights, tokenizer.json)"))
-    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help("broker URL, mqtt:// or mqtts://"))
+    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help(
+        "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
+    mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
     verifier_id: str = field(default="", metadata=_help("this verifier's topic level; empty: the host name"))
     device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
     dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights"))
@@ -34,7 +36,10 @@ class VerifierConfig:
     max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
-    stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines and status updates"))
+    stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines"))
+    status_interval_s: float = field(default=3.0, metadata=_help(
+        "seconds between status republications (edges on a broker without cluster-wide retained messages "
+        "find this verifier within it; keep it below the edges' discovery_timeout_s)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_help("address of the Prometheus /metrics endpoint"))
     metrics_port: int = field(default=9464, metadata=_help("port of the Prometheus /metrics endpoint; 0: off"))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
@@ -44,7 +49,8 @@ class VerifierConfig:
             object.__setattr__(self, "verifier_id", socket.gethostname().split(".")[0] or "verifier")
         require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
         require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
-        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, verifier_id=self.verifier_id)
+        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
+                           verifier_id=self.verifier_id)
         require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)
         require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
@@ -56,3 +62,4 @@ class VerifierConfig:
                 "max_drafts_per_s must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
         require_duration(self.stats_interval_s, "stats_interval_s")
+        require_duration(self.status_interval_s, "status_interval_s")

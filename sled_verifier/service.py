@@ -4,7 +4,9 @@ Tasks (one TaskGroup per broker connection; the outer loop reconnects with backo
   receive  - decode and validate each draft; refuse bad ones with an error verdict at once
   schedule - ask the scheduler (``sled_verifier.scheduler``) when to step; run ``VerifierEngine.step`` in the
              model thread; drafts whose prefill did not fit the step go back to the head of the queue
-  report   - log aggregated stats and refresh the retained Status every ``stats_interval_s``
+  report   - log aggregated stats every ``stats_interval_s``
+  announce - republish the retained Status every ``status_interval_s``: where retained messages are
+             node-local (a RabbitMQ cluster), edges on other nodes learn of this verifier only this way
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import structlog
 from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, encode
 from sled_protocol.messages import decode_inbound
 from sled_protocol import topics
-from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_url
+from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_urls
 from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.config import VerifierConfig
 from sled_verifier.engine import VerifierEngine, error_verdict
@@ -67,22 +69,25 @@ class VerifierService:
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Serve until cancelled, reconnecting to the broker with backoff."""
-        address = parse_mqtt_url(self.config.mqtt_url)
+        """Serve until cancelled, reconnecting to the broker (the next of a cluster's nodes) with backoff."""
+        addresses = parse_mqtt_urls(self.config.mqtt_url)
         will = aiomqtt.Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),
                             qos=topics.QOS_STATUS, retain=topics.RETAIN_STATUS)
-        attempt = 0
+        attempt = failures = 0
         while True:
+            address = addresses[failures % len(addresses)]
             failure: Exception | None = None
             try:
                 async with make_client(address, f"sled-verifier-{self.config.verifier_id}", will=will,
-                                       ca_file=self.config.ca_file or None) as client:
+                                       ca_file=self.config.ca_file or None,
+                                       protocol=self.config.mqtt_protocol) as client:
                     attempt = 0
                     await self._serve_connection(client, ready)
             except* aiomqtt.MqttError as group:
                 failure = group.exceptions[0]
             delay = backoff_s(attempt)
             attempt += 1
+            failures += 1
             log.warning("broker_connection_lost", broker=str(address), error=str(failure), retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 
@@ -98,7 +103,8 @@ class VerifierService:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._receive(client), name="receive")
                 group.create_task(self._schedule(client), name="schedule")
-                group.create_task(self._report(client), name="report")
+                group.create_task(self._report(), name="report")
+                group.create_task(self._announce(client), name="announce")
         finally:
             if asyncio.current_task().cancelling():
                 # Shutting down: say so now rather than leave edges to wait for the will.
@@ -257,9 +263,13 @@ class VerifierService:
             reason = f"verification failed: {exc.__class__.__name__}: {exc}"
             return await loop.run_in_executor(self.model_thread, self.engine.fail, drafts, reason)
 
-    async def _report(self, client: aiomqtt.Client) -> None:
+    async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             log.info("verifier_stats", sessions=self.engine.session_count, **self.stats.summary())
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
             await client.publish(topics.status_topic(self.config.verifier_id), encode(self.status(True)),
-                                 qos=topics.QOS_STATUS, retain=True)
+                                 qos=topics.QOS_STATUS, retain=topics.RETAIN_STATUS)

@@ -109,7 +109,7 @@ def test_a_former_verifiers_late_verdict_is_dropped():
     from sled_edge.connection import EdgeConnection
     from sled_protocol.mqtt import parse_mqtt_url
 
-    connection = EdgeConnection(parse_mqtt_url("mqtt://127.0.0.1:1"), "dev")
+    connection = EdgeConnection([parse_mqtt_url("mqtt://127.0.0.1:1")], "dev")
     queue: asyncio.Queue = asyncio.Queue()
     connection.waiters["s"] = queue
     connection.session_verifier["s"] = "c"  # the session moved from a to c
