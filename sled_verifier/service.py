@@ -48,6 +48,7 @@ class VerifierService:
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
+        self.wake_lag_s = 0.001  # how late the event loop wakes the scheduler (mean); kept in hand before deadlines
         max_context = min(config.max_context_tokens, engine.target.max_positions or config.max_context_tokens)
         if max_context < config.max_context_tokens:
             log.warning("max_context_capped", configured=config.max_context_tokens, model_positions=max_context)
@@ -197,14 +198,18 @@ class VerifierService:
         while True:
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
-            delay = delay_s(self.policy, self._queue_state(), self.arrivals.expected(now_s), self.cost, now_s)
+            started = time.perf_counter()
+            delay = delay_s(self.policy, self._queue_state(), self.arrivals.expected(now_s), self.cost, now_s,
+                            slack_s=self.wake_lag_s)
+            self.stats.schedule_s += time.perf_counter() - started
             if delay is None or delay > 0:
                 self.arrived.clear()
                 try:
                     async with asyncio.timeout(delay):
                         await self.arrived.wait()
-                except TimeoutError:
-                    pass
+                except TimeoutError:  # learn how late the loop wakes us, and wake that much earlier
+                    lag_s = max(0.0, time.monotonic() - now_s - delay)
+                    self.wake_lag_s = 0.9 * self.wake_lag_s + 0.1 * min(lag_s, self.policy.max_wait_s / 2)
                 continue
             # 2. Take the oldest drafts (one per session) that fit a step; the model thread owns session state.
             busy_from = time.perf_counter()
