@@ -45,11 +45,11 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling), then real devices, k sweep, memory (~25 min)
+bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min)
 	$(PY) bench/fleet.py --profile full
 	$(PY) bench/run.py --profile full
 
-bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~4 min)
+bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min)
 	$(PY) bench/fleet.py --profile quick
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S

@@ -300,8 +300,8 @@ def print_table(result: dict) -> None:
         print(f"  {r['n']:>3}  {r['sled_ms_per_token']:>11.3f}  {r['server_only_ms_per_token']:>11.3f} ({r['server_only_which']:>8})  "
               f"{r['ratio']:>5.2f}x  {r['ceiling']:>6.2f}x  {r['fraction_of_ceiling']:>7.0%}  ({r['fraction_at_batch']:>7.0%})  {r['tau']:>4.2f}  "
               f"{r['mean_batch']:>5.1f}  {r['session_tokens_per_s_p50']:>8}/{r['session_tokens_per_s_p10']:<8} "
-              f"({r['server_only_session_tokens_per_s']:>6})  {r['queue_delay_ms_p50']:>6}/{r['queue_delay_ms_p99']:<7} "
-              f"{r['added_wait_ms_p50']:>6}/{r['added_wait_ms_p99']:<7}  "
+              f"({r['server_only_session_tokens_per_s']:>6})  {str(r['queue_delay_ms_p50']):>6}/{str(r['queue_delay_ms_p99']):<7} "
+              f"{str(r['added_wait_ms_p50']):>6}/{str(r['added_wait_ms_p99']):<7}  "
               f"{r['verifier_cpu_fraction']:>4.2f}  {r['wrong']:>5}")
     print("\nwhere the verifier's time went (seconds over the run):")
     for r in result["rows"]:
