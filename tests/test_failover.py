@@ -163,11 +163,14 @@ async def test_fuzzed_drafts_hurt_no_one(verifier, tiny_models, reference, devic
                 await client.publish(topics.draft_topic(verifier.verifier_id, device), payload)
                 if index % 100 == 0:
                     await asyncio.sleep(0.01)
-            async with asyncio.timeout(2):  # the real device's own drafts so far...
-                async for message in client.messages:
-                    captured.append(bytes(message.payload))
-                    if len(captured) >= 20:
-                        break
+            try:
+                async with asyncio.timeout(10):  # the real device's own drafts so far...
+                    async for message in client.messages:
+                        captured.append(bytes(message.payload))
+                        if len(captured) >= 20:
+                            break
+            except TimeoutError:  # a loaded machine: replay what came (asserted non-empty below)
+                pass
             rng.shuffle(captured)  # ...replayed out of order while its sessions go on
             for payload in captured:
                 await client.publish(topics.draft_topic(verifier.verifier_id, device_id), payload)
@@ -175,6 +178,7 @@ async def test_fuzzed_drafts_hurt_no_one(verifier, tiny_models, reference, devic
     async with EdgeDevice(config) as device:
         vocab = device.vocab
         results = await three_sessions(device, 48, fuzz)
+        assert captured, "no real draft was captured to replay"
         for prompt, result in results:
             assert result.token_ids == reference(prompt, 48)
         again = await device.generate(device.encode_prompt("import"), 8)  # still serving afterwards
