@@ -162,7 +162,7 @@ class Arrivals:
 def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float], cost: StepCost,
             now_s: float, slack_s: float = 0.0) -> float | None:
     """0.0: step now; > 0: look again after that many seconds (or at the next arrival); None: queue empty.
-    ``slack_s``: how late the caller's wake-ups run; the deadline is moved that much earlier."""
+    ``slack_s``: how late the caller's wake-ups run on average; the deadline moves twice that much earlier."""
     if queue.drafts == 0:
         return None
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
