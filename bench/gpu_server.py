@@ -98,7 +98,7 @@ def sled_engine(target, prompts, continuations, tokens: int, k: int, alpha: floa
     sessions = [EdgeSession(f"s{i}", "d", "v", list(p), len(p) + tokens) for i, p in enumerate(prompts)]
     # Open and prefill every session in a first round (timed below only from the second round on).
     opening = [s.draft([]) for s in sessions]
-    for s, d, o in zip(sessions, opening, engine.step(opening)):
+    for s, d, o in zip(sessions, opening, engine.step_until_answered(opening)):
         s.apply(d, o.verdict)
     sync()
     started = time.perf_counter()
@@ -112,7 +112,7 @@ def sled_engine(target, prompts, continuations, tokens: int, k: int, alpha: floa
             done = len(s.committed) - len(prompts[int(s.session_id[1:])])
             truth = continuations[int(s.session_id[1:])][done : done + min(k, s.budget - 1)]
             drafts.append(s.draft([t if rng.random() < alpha else rng.randrange(1, 4000) for t in truth]))
-        for s, d, o in zip(live, drafts, engine.step(drafts)):
+        for s, d, o in zip(live, drafts, engine.step_until_answered(drafts)):
             s.apply(d, o.verdict)
         steps += 1
     sync()
