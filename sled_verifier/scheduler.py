@@ -44,6 +44,7 @@ class QueueState:
     drafts: int
     tokens: int                   # tokens a step over the whole queue would score (drafts + prefill)
     ready_since_s: float | None   # since when the oldest draft could have run: max(its arrival, model idle)
+    prefill_tokens: int = 0       # the prefill part of ``tokens`` (predicted arrivals bring none)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float]
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
         return 0.0
     deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s
-    tokens_per_draft = queue.tokens / queue.drafts
+    tokens_per_draft = (queue.tokens - queue.prefill_tokens) / queue.drafts
     now_cost = cost.predict(queue.drafts, queue.tokens) / queue.drafts
     best_cost, best_at = now_cost, None
     for joined, at in enumerate(expected, start=1):

@@ -192,7 +192,8 @@ class VerifierService:
         ready = max(oldest, self.idle_since_s) if oldest is not None else None
         scored = sum(len(draft.tokens) + 1 for draft, _ in self.queue.values())
         prefill = sum(len(draft.context) for draft, _ in self.queue.values() if draft.context is not None)
-        return QueueState(len(self.queue), scored + min(prefill, self.config.prefill_chunk_tokens), ready)
+        prefill = min(prefill, self.config.prefill_chunk_tokens)
+        return QueueState(len(self.queue), scored + prefill, ready, prefill)
 
     async def _schedule(self, client: aiomqtt.Client) -> None:
         while True:
