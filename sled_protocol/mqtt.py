@@ -77,10 +77,14 @@ def check_ca_file(path: str) -> None:
 def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will | None = None,
                 keepalive_s: int = 30, ca_file: str | None = None, protocol: str = "5") -> aiomqtt.Client:
     """An aiomqtt client (use as ``async with``) speaking MQTT ``protocol`` ("5" or "3.1.1") with Nagle off;
-    for mqtts:// the broker's certificate is checked against ``ca_file`` (default: the system's CAs)."""
+    for mqtts:// the broker's certificate is checked against ``ca_file`` (default: the system's CAs).
+
+    With an account (a username in the URL) the client id is the username, ``identifier`` only without
+    one: the production broker (``use_username_as_clientid``) replaces any other id by the username, so
+    the id our logs show is the broker's, and an account is one connection at a time."""
     tls_params = aiomqtt.TLSParameters(ca_certs=ca_file) if address.tls else None
     return aiomqtt.Client(
-        address.host, address.port, identifier=identifier, protocol=PROTOCOLS[protocol],
+        address.host, address.port, identifier=address.username or identifier, protocol=PROTOCOLS[protocol],
         username=address.username, password=address.password, will=will, keepalive=keepalive_s,
         socket_options=NODELAY, tls_params=tls_params, timeout=10,
     )

@@ -18,6 +18,7 @@ from conftest import PROMPTS, ROOT, start_verifier
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import topics
+from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.devbroker import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -47,16 +48,22 @@ class ProdBroker:
     def password(self, name: str) -> str:
         return self.urls[name].split("://", 1)[1].split("@")[0].split(":")[1]
 
-    def client(self, name: str, password: str | None = None) -> aiomqtt.Client:
+    def client(self, name: str, password: str | None = None, identifier: str | None = None,
+               will: aiomqtt.Will | None = None) -> aiomqtt.Client:
         context = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))
         return aiomqtt.Client("localhost", self.port, username=name, password=password or self.password(name),
-                              tls_context=context, identifier=f"{name}-{uuid.uuid4().hex[:6]}",
-                              protocol=aiomqtt.ProtocolVersion.V5)
+                              tls_context=context, will=will, protocol=aiomqtt.ProtocolVersion.V5,
+                              identifier=f"{name}-{uuid.uuid4().hex[:6]}" if identifier is None else identifier)
+
+    def cli_args(self, tool: str, name: str, *args: str) -> list[str]:
+        return [tool, "-h", "localhost", "-p", str(self.port), "--cafile", str(self.dir / "ca.crt"),
+                "-u", name, "-P", self.password(name), "-V", "mqttv5", *args]
 
     def cli(self, tool: str, name: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([tool, "-h", "localhost", "-p", str(self.port), "--cafile", str(self.dir / "ca.crt"),
-                               "-u", name, "-P", self.password(name), "-V", "mqttv5", *args],
-                              capture_output=True, text=True, timeout=20)
+        return subprocess.run(self.cli_args(tool, name, *args), capture_output=True, text=True, timeout=20)
+
+    def log(self) -> str:
+        return (self.dir / "mosquitto.log").read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +87,11 @@ async def received_within(client: aiomqtt.Client, seconds: float) -> list[tuple[
 
 @pytest.mark.asyncio
 async def test_a_device_cannot_publish_as_another(prod_broker):
-    async with prod_broker.client("vsec") as verifier, prod_broker.client("dev-a") as device:
+    async with prod_broker.client("vsec") as verifier:
         await verifier.subscribe(topics.drafts_filter("vsec"))
-        await device.publish(topics.draft_topic("vsec", "dev-b"), b"spoofed", qos=1)
-        await device.publish(topics.draft_topic("vsec", "dev-a"), b"own", qos=1)
+        async with prod_broker.client("dev-a") as device:  # closed before the CLI logs in as dev-a too
+            await device.publish(topics.draft_topic("vsec", "dev-b"), b"spoofed", qos=1)
+            await device.publish(topics.draft_topic("vsec", "dev-a"), b"own", qos=1)
         cli = prod_broker.cli("mosquitto_pub", "dev-a", "-t", topics.draft_topic("vsec", "dev-b"), "-m", "cli-spoofed", "-q", "1")
         got = await received_within(verifier, 1.5)
     assert got == [(topics.draft_topic("vsec", "dev-a"), b"own")]
@@ -108,6 +116,68 @@ async def test_a_device_cannot_read_another_devices_verdicts(prod_broker):
         await victim.subscribe(topics.verdict_topic("dev-b"))
         await device.publish(topics.verdict_topic("dev-b"), b"forged verdict", qos=1)
         assert await received_within(victim, 1.0) == []
+
+
+@pytest.mark.asyncio
+async def test_a_device_cannot_take_over_the_verifiers_or_another_devices_connection(prod_broker):
+    """Issue 15: the broker uses the username as client id, so a device logging in with the verifier's
+    client id (or another device's, or none) gets its own connection and disconnects nobody."""
+    status = topics.status_topic("vsec")
+    will = aiomqtt.Will(status, b"offline-by-will", qos=1, retain=True)
+    log_start = len(prod_broker.log())
+    async with prod_broker.client("vsec", identifier="sled-verifier-vsec", will=will) as verifier, \
+            prod_broker.client("dev-b", identifier="sled-edge-dev-b-1234") as victim:
+        await verifier.subscribe(topics.drafts_filter("vsec"))
+        await verifier.publish(status, b"online", qos=1, retain=True)
+        await victim.subscribe(topics.verdict_topic("dev-b"))
+        await victim.subscribe(status, qos=1)
+        assert await received_within(victim, 1.0) == [(status, b"online")]
+        # 1. the takeover attempts: each one a real login of dev-a with a foreign (or empty) client id
+        for stolen_id in ("sled-verifier-vsec", "vsec", "dev-b", "sled-edge-dev-b-1234"):
+            attack = prod_broker.cli("mosquitto_pub", "dev-a", "-i", stolen_id, "-q", "1",
+                                     "-t", topics.draft_topic("vsec", "dev-a"), "-m", f"as {stolen_id}")
+            assert attack.returncode == 0, attack.stderr  # dev-a's own rights still work under any id
+        async with prod_broker.client("dev-a", identifier="") as anonymous_id:
+            await anonymous_id.publish(topics.draft_topic("vsec", "dev-a"), b"no id", qos=1)
+        # 2. the legitimate clients are still connected and still work
+        await verifier.publish(topics.verdict_topic("dev-b"), b"verdict", qos=1)
+        await verifier.publish(status, b"still online", qos=1, retain=True)
+        drafts = await received_within(verifier, 1.0)
+        seen_by_victim = await received_within(victim, 1.0)
+    assert seen_by_victim == [(topics.verdict_topic("dev-b"), b"verdict"), (status, b"still online")]
+    assert [payload for _, payload in drafts] == [b"as sled-verifier-vsec", b"as vsec", b"as dev-b",
+                                                  b"as sled-edge-dev-b-1234", b"no id"]
+    assert "already connected" not in prod_broker.log()[log_start:]  # the broker closed no connection
+    still = prod_broker.cli("mosquitto_sub", "dev-b", "-t", status, "-C", "1", "-W", "3")
+    assert still.stdout.strip() == "still online"  # no will fired while the verifier was connected
+
+
+@pytest.mark.asyncio
+async def test_an_account_connects_under_its_username():
+    """What the production broker enforces, the services do themselves: with an account, its name is the id."""
+    with_account = make_client(parse_mqtt_url("mqtts://dev-a:pw@broker.lan"), "sled-edge-dev-a-1234")
+    without = make_client(parse_mqtt_url("mqtt://127.0.0.1:1884"), "sled-edge-dev-a-1234")
+    assert (with_account.identifier, without.identifier) == ("dev-a", "sled-edge-dev-a-1234")
+
+
+@pytest.mark.asyncio
+async def test_a_devices_will_cannot_mark_a_verifier_offline(prod_broker):
+    """The ACL applies to last wills: a device's will on a verifier's status topic is never published."""
+    status = topics.status_topic("vsec")
+    async with prod_broker.client("vsec") as verifier, prod_broker.client("dev-b") as watcher:
+        await verifier.publish(status, b"online", qos=1, retain=True)
+        await watcher.subscribe(status, qos=1)
+        assert await received_within(watcher, 1.0) == [(status, b"online")]
+        hostile = subprocess.Popen(prod_broker.cli_args(
+            "mosquitto_sub", "dev-a", "-t", topics.verdict_topic("dev-a"), "--will-topic", status,
+            "--will-payload", "forged offline", "--will-retain", "--will-qos", "1"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(1.0)
+        hostile.kill()  # no DISCONNECT: the broker publishes the will, if it may
+        hostile.wait(timeout=10)
+        assert await received_within(watcher, 1.5) == []
+    retained = prod_broker.cli("mosquitto_sub", "dev-b", "-t", status, "-C", "1", "-W", "3")
+    assert retained.stdout.strip() == "online"
 
 
 @pytest.mark.asyncio
