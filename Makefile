@@ -128,7 +128,7 @@ BROKER_HOST ?= broker.local
 broker-certs: ## a private CA and server certificate for BROKER_HOST into BROKER_DIR
 	$(RUN) ./scripts/broker-certs.sh $(BROKER_DIR) $(BROKER_HOST)
 
-device-credentials: ## a password for DEVICE=<id> in BROKER_DIR/passwords; prints its SLED_MQTT_URL
+device-credentials: ## a password for DEVICE=<id> in BROKER_DIR/passwords; prints its SLED_MQTT_URL. One account per connecting process: the broker uses it as client id, a second login closes the first
 	$(if $(DEVICE),,$(error DEVICE=<device id> is required))
 	$(RUN) ./scripts/broker-credentials.sh device $(DEVICE) $(BROKER_DIR) $(BROKER_HOST)
 

@@ -18,8 +18,8 @@ case "$kind" in
     device) ;;  # the ACL patterns cover every device
     verifier)
         if ! grep -q "^user $name\$" "$dir/acl"; then
-            printf '\nuser %s\ntopic read sled/v1/drafts/%s/+\ntopic write sled/v1/verdicts/+\ntopic readwrite sled/v1/verifiers/%s\n' \
-                "$name" "$name" "$name" >> "$dir/acl"
+            printf '\npattern write sled/v1/drafts/%s/%%u\nuser %s\ntopic read sled/v1/drafts/%s/+\ntopic write sled/v1/verdicts/+\ntopic readwrite sled/v1/verifiers/%s\n' \
+                "$name" "$name" "$name" "$name" >> "$dir/acl"
         fi ;;
     inspector)
         grep -q "^user $name\$" "$dir/acl" || printf '\nuser %s\ntopic read sled/#\n' "$name" >> "$dir/acl" ;;

@@ -30,7 +30,7 @@ class ProdBroker:
         self.port = free_port()
         subprocess.run([ROOT / "scripts" / "broker-certs.sh", workdir, "localhost"], check=True, capture_output=True)
         self.urls = {}
-        for kind, name in (("device", "dev-a"), ("device", "dev-b"), ("verifier", "vsec")):
+        for kind, name in (("device", "dev-a"), ("device", "dev-b"), ("verifier", "vsec"), ("inspector", "ops")):
             line = subprocess.run([ROOT / "scripts" / "broker-credentials.sh", kind, name, workdir, "localhost"],
                                   check=True, capture_output=True, text=True).stdout.strip()
             self.urls[name] = line.split("=", 1)[1].replace(":8883", f":{self.port}")
@@ -178,6 +178,17 @@ async def test_a_devices_will_cannot_mark_a_verifier_offline(prod_broker):
         assert await received_within(watcher, 1.5) == []
     retained = prod_broker.cli("mosquitto_sub", "dev-b", "-t", status, "-C", "1", "-W", "3")
     assert retained.stdout.strip() == "online"
+
+
+def test_a_device_keeps_retained_drafts_only_where_a_verifier_reads_them(prod_broker):
+    """Drafts go only to verifiers with an account: a device cannot pile up retained messages under
+    made-up verifier names (each up to max_packet_size, kept across restarts)."""
+    for verifier in ("vsec", "no-such-verifier"):
+        prod_broker.cli("mosquitto_pub", "dev-a", "-r", "-q", "1", "-t", topics.draft_topic(verifier, "dev-a"),
+                        "-m", f"retained for {verifier}")
+    seen = prod_broker.cli("mosquitto_sub", "ops", "-v", "-t", "sled/v1/drafts/#", "-W", "2")  # an inspector
+    assert "retained for vsec" in seen.stdout and "no-such-verifier" not in seen.stdout
+    prod_broker.cli("mosquitto_pub", "dev-a", "-r", "-q", "1", "-t", topics.draft_topic("vsec", "dev-a"), "-n")
 
 
 @pytest.mark.asyncio
