@@ -126,7 +126,7 @@ def timed(fn, repeat: int = 5) -> float:
     return min(samples)
 
 
-def server_only(target, target_dir: Path, pool: list[dict], n: int, out_tokens: int) -> dict:
+def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
     """Seconds per token for N sessions decoded in one batch: prefill, then one token per session per step.
     Both ways; the stronger one is the baseline."""
     prompts = [pool[i % len(pool)]["prompt"] for i in range(n)]  # the fleet's prompts, ragged
@@ -362,7 +362,7 @@ def main() -> int:
     if not args.no_baseline:
         for n in ns:
             log(f"server-only and model step times at N={n}")
-            baselines[n] = (server_only(target, target_dir, pool, n, mean_out), step_times(target, n, K, context))
+            baselines[n] = (server_only(target, pool, n, mean_out), step_times(target, n, K, context))
     broker, port = start_dev_broker(workdir / "broker-fleet")
     url = f"mqtt://127.0.0.1:{port}"
     rows, wrong = [], 0

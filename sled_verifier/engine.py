@@ -28,7 +28,7 @@ class Outcome:
     device: str
     verdict: Verdict | None  # None: nothing to send (a stale round, or a draft deferred to a later step)
     admission: Admission
-    draft: Draft | None = None
+    draft: Draft             # the draft this answers (a deferred one goes back to the queue as it is)
 
 
 class VerifierEngine:

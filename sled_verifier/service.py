@@ -227,13 +227,13 @@ class VerifierService:
                 self.cost.observe(len(verified), tokens, step_s)
             # 4. Answer; deferred drafts go back to the head of the queue with their arrival time.
             for outcome in reversed(outcomes):
-                key = (outcome.device, outcome.draft.session) if outcome.draft else None
+                key = (outcome.device, outcome.draft.session)
                 if outcome.admission is Admission.DEFERRED and key not in self.queue:
                     self.queue[key] = (outcome.draft, arrivals[key])
                     self.queue.move_to_end(key, last=False)
             sent_s = time.monotonic()
             for outcome in outcomes:
-                if outcome.admission is not Admission.DEFERRED and outcome.draft is not None:
+                if outcome.admission is not Admission.DEFERRED:
                     arrival_s = arrivals[(outcome.device, outcome.draft.session)]
                     self.stats.record_queue_delay(now_s - arrival_s, now_s - max(arrival_s, self.idle_since_s))
                 if outcome.verdict is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import subprocess
@@ -26,13 +28,21 @@ class Broker:
     process: subprocess.Popen
 
 
+@contextlib.contextmanager
+def running_broker(workdir: Path):
+    """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
+    process, port = start_dev_broker(workdir)
+    try:
+        yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Broker:
-    """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
-    process, port = start_dev_broker(tmp_path_factory.mktemp("broker"))
-    yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
-    process.terminate()
-    process.wait(timeout=10)
+    with running_broker(tmp_path_factory.mktemp("broker")) as running:
+        yield running
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Every node has its own name, ports (AMQP, MQTT, Erlang distribution), config, data and log directories under
 ``workdir``; the cluster has its own Erlang cookie (a private ``HOME``) and its own epmd on a free port, so
 nothing is shared with a RabbitMQ already running on the default ports. Node 0 starts as a new cluster; the
-others name it for classic-config peer discovery, retry until it answers and join at first boot, so all start
-at once. Readiness is what RabbitMQ reports, never a sleep: ``rabbitmqctl wait`` on each node's pid file, then
+others name it for classic-config peer discovery and join it at first boot, once it has booted alone (joining
+a node still migrating its schema can fail). Readiness is what RabbitMQ reports, never a sleep: ``rabbitmqctl wait`` on each node's pid file, then
 ``await_online_nodes`` for the whole cluster, then each MQTT listener accepting connections.
 """
 
@@ -108,17 +108,25 @@ class RabbitCluster:
                                      env=self.base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
         wait_for_port(self.epmd_port)
-        for node in self.nodes:
-            with (node.directory / "stdout.log").open("wb") as out:
-                # Its own session: the node (a shell and the Erlang VM under it) is killed as one group.
-                node.process = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=node.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True,
-                                                preexec_fn=_die_with_parent)
-        for node in self.nodes:
+        # Node 0 boots alone first: a node joining one that is still creating its schema and enabling its
+        # feature flags can copy a half-migrated schema and fail to boot (schema_integrity_check_failed,
+        # seen here once). The others then join a finished node, together.
+        self._launch(self.nodes[0])
+        self._ctl(self.nodes[0], "wait", str(self.nodes[0].directory / "pid"), "--timeout", str(START_TIMEOUT_S))
+        for node in self.nodes[1:]:
+            self._launch(node)
+        for node in self.nodes[1:]:
             self._ctl(node, "wait", str(node.directory / "pid"), "--timeout", str(START_TIMEOUT_S))
         self._ctl(self.nodes[0], "await_online_nodes", str(len(self.nodes)), "--timeout", str(START_TIMEOUT_S))
         for node in self.nodes:
             wait_for_port(node.mqtt_port)
+
+    def _launch(self, node: Node) -> None:
+        with (node.directory / "stdout.log").open("wb") as out:
+            # Its own session: the node (a shell and the Erlang VM under it) is killed as one group.
+            node.process = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=node.env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def _ctl(self, node: Node, *args: str) -> str:
         command = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node.name, *args]

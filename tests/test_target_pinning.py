@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import PROMPTS, Broker, start_verifier
+from conftest import PROMPTS, Broker, running_broker, start_verifier
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_edge.config import EdgeConfig
-from sled_protocol.devbroker import start_dev_broker
 from sled_verifier.identity import target_identity
 
 pytestmark = pytest.mark.integration
@@ -43,10 +42,8 @@ def targets(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pinning_broker(tmp_path_factory):
     """A broker of its own: no verifier from another test may be a candidate for these sessions."""
-    process, port = start_dev_broker(tmp_path_factory.mktemp("pinning-broker"))
-    yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
-    process.terminate()
-    process.wait(timeout=10)
+    with running_broker(tmp_path_factory.mktemp("pinning-broker")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
