@@ -19,13 +19,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sled_protocol import ProtocolError, decode
+from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
 from sled_protocol.logs import configure_logging
 from sled_protocol.mqtt import check_protocol, make_client, parse_mqtt_urls
 from sled_protocol.run import run_until_signal
 
 MAX_PENDING_DRAFTS = 10_000
+
+# An observer shows whatever the broker carries (its max_packet_size is 1 MiB), not only what one verifier's
+# limits would accept: a draft over some verifier's limit is still shown as the draft it is.
+OBSERVER_LIMITS = Limits(max_message_bytes=1 << 20, max_draft_tokens=1 << 16, max_context_tokens=1 << 31)
 
 
 def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]:
@@ -36,7 +40,7 @@ def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]
     if len(parts) >= 4 and parts[2] == "verdicts":
         record["device"] = parts[3]
     try:
-        message = decode(payload)
+        message = decode(payload, OBSERVER_LIMITS)
     except ProtocolError as exc:
         record.update(type="undecodable", error=str(exc.code), reason=str(exc))
         return record

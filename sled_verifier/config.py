@@ -1,4 +1,9 @@
-"""The verifier's configuration: one frozen dataclass; flags and SLED_* variables derive from it."""
+"""The verifier's configuration: one frozen dataclass; flags and SLED_* variables derive from it.
+
+Its defaults are the only defaults: the wire limits (message bytes, draft and context tokens) are
+``sled_protocol.Limits``'s, which receivers without a configuration of their own also use; the batch limits are the ones
+the scheduler runs with (``SchedulePolicy`` is built from them in the service).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sled_protocol import Limits
 from sled_protocol.config import described as _help
 from sled_protocol.config import require, require_connection, require_duration
 
@@ -29,11 +35,11 @@ class VerifierConfig:
     max_batch_drafts: int = field(default=256, metadata=_help("most drafts verified in one step"))
     max_batch_tokens: int = field(default=4096, metadata=_help("most tokens scored in one step (drafts and prefill)"))
     max_sessions: int = field(default=256, metadata=_help("sessions kept; the least recently used is evicted"))
-    max_draft_tokens: int = field(default=16, metadata=_help("longest draft accepted from an edge"))
-    max_context_tokens: int = field(default=4096, metadata=_help("longest committed context accepted"))
+    max_draft_tokens: int = field(default=Limits.max_draft_tokens, metadata=_help("longest draft accepted from an edge"))
+    max_context_tokens: int = field(default=Limits.max_context_tokens, metadata=_help("longest committed context accepted"))
     prefill_chunk_tokens: int = field(default=256, metadata=_help(
         "prefill tokens per step, all new sessions together; a longer context takes several steps"))
-    max_message_bytes: int = field(default=262144, metadata=_help("largest draft message accepted"))
+    max_message_bytes: int = field(default=Limits.max_message_bytes, metadata=_help("largest draft message accepted"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines"))

@@ -184,3 +184,46 @@ def test_bad_proposals_are_refused(case, data, code):
         decode_draft(data, Limits(vocab_size=512))
     assert raised.value.code is code, str(raised.value)
     assert raised.value.session == "s"
+
+
+BAD_SAMPLING = [
+    ("negative temperature", dict(temperature=-0.5)),
+    ("temperature above the maximum", dict(temperature=100.5)),
+    ("infinite temperature", dict(temperature=float("inf"))),
+    ("NaN temperature", dict(temperature=float("nan"))),
+    ("temperature as bool", dict(temperature=True)),
+    ("top_p zero", dict(top_p=0.0)),
+    ("top_p above 1", dict(top_p=1.5)),
+    ("negative top_k", dict(top_k=-1)),
+    ("top_k as float", dict(top_k=2.0)),
+    ("seed too large", dict(seed=2**63)),
+    ("negative seed", dict(seed=-1)),
+]
+
+
+@pytest.mark.parametrize("fields", [f for _, f in BAD_SAMPLING], ids=[case for case, _ in BAD_SAMPLING])
+def test_sampling_params_check_their_own_ranges_for_every_caller(fields):
+    """One place for the ranges: a command line, an HTTP request and the wire all meet the same check."""
+    with pytest.raises(ProtocolError) as raised:
+        SamplingParams(**fields)
+    assert raised.value.code is ErrorCode.BAD_SAMPLING
+    body = msgpack.unpackb(_sampled(sampling={"temperature": 1.0, **fields}))  # the same values off the wire
+    with pytest.raises(ProtocolError) as raised:
+        decode_draft(msgpack.packb(body), Limits(vocab_size=512))
+    assert raised.value.code is ErrorCode.BAD_SAMPLING and raised.value.session == "s"
+
+
+def test_sampling_params_at_the_edges_of_their_ranges_are_accepted():
+    assert SamplingParams(0.0).greedy and SamplingParams(100.0).temperature == 100.0
+    assert SamplingParams(1.0, top_k=2**31 - 1, top_p=1.0, seed=2**63 - 1).seed == 2**63 - 1
+    assert not SamplingParams(1e-3).greedy
+
+
+def test_the_split_modules_are_one_agreement():
+    """``sled_protocol.messages`` still re-exports everything that moved to types, codec and seeding."""
+    import sled_protocol.messages as messages
+    from sled_protocol import codec, seeding, types
+
+    assert messages.Draft is types.Draft and messages.decode_draft is codec.decode_draft
+    assert messages.round_seed is seeding.round_seed and messages.SamplingParams is SamplingParams
+    assert all(hasattr(messages, name) for name in messages.__all__)
