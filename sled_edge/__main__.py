@@ -14,13 +14,12 @@ import structlog
 
 from sled_edge.config import EdgeConfig
 from sled_protocol import SamplingParams
-from sled_protocol.config import (EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError, add_config_arguments,
-                                  bind_failed, config_from_args)
+from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
+from sled_protocol.exitcodes import EX_CONFIG, EX_DATAERR, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
 
 log = structlog.get_logger("sled_edge")
-EX_DATAERR = 65
 # Failures of availability (exit 69: try again later), as opposed to refusals of our data (exit 65).
 UNAVAILABLE = ("no_verifier", "verifier_timeout", "target_unavailable", "broker_unreachable", "connection_failed",
                "overloaded", "rate_limited")
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("edge_crashed")
         return EX_SOFTWARE
-    return 0
+    return EX_OK
 
 
 if __name__ == "__main__":

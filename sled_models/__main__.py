@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from sled_protocol.exitcodes import EX_DATAERR, EX_NOINPUT, EX_OK
+
 
 def build_parser() -> argparse.ArgumentParser:
     from sled_models.recipe import PROFILES
@@ -62,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))
     except VocabularyMismatch as exc:
         print(f"sled-models: {exc}", file=sys.stderr)
-        return 65
+        return EX_DATAERR
     except FileNotFoundError as exc:
         print(f"sled-models: {exc}", file=sys.stderr)
-        return 66
-    return 0
+        return EX_NOINPUT
+    return EX_OK
 
 
 if __name__ == "__main__":

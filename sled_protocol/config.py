@@ -14,9 +14,7 @@ import os
 import typing
 from typing import Any
 
-EX_CONFIG = 78
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
+from sled_protocol.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE  # noqa: F401 (re-exported for old imports)
 
 
 class ConfigError(ValueError):

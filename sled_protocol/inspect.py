@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
+from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging
 from sled_protocol.mqtt import check_protocol, make_client, parse_mqtt_urls
 from sled_protocol.run import run_until_signal
@@ -170,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         run_until_signal(watch(args, url, protocol))
     except ValueError as exc:
         print(f"sled-inspect: {exc}", file=sys.stderr)
-        return 78
+        return EX_CONFIG
     except Exception as exc:
         print(f"sled-inspect: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 69
-    return 0
+        return EX_UNAVAILABLE
+    return EX_OK
 
 
 if __name__ == "__main__":

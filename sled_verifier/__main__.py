@@ -11,8 +11,8 @@ import sys
 
 import structlog
 
-from sled_protocol.config import (EX_CONFIG, EX_SOFTWARE, ConfigError, add_config_arguments, bind_failed,
-                                  config_from_args)
+from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
+from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from sled_protocol.logs import configure_logging
 from sled_protocol.run import run_until_signal
 from sled_verifier.config import VerifierConfig
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("verifier_crashed")
         return EX_SOFTWARE
-    return 0
+    return EX_OK
 
 
 if __name__ == "__main__":
