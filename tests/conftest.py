@@ -19,6 +19,15 @@ import pytest
 from sled_protocol.devbroker import free_port, start_dev_broker
 
 ROOT = Path(__file__).resolve().parent.parent
+# Prebuilt tiny models for the edge-only venv, which cannot build them (no torch): `make test-edge` sets it.
+EDGE_FIXTURES = os.environ.get("SLED_EDGE_FIXTURES", "")
+
+
+def pytest_configure(config):
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:  # never import torch where the edge runs alone
+        config.addinivalue_line("filterwarnings", "ignore::torch.jit.TracerWarning")
 
 
 @dataclass
@@ -55,6 +64,11 @@ class TinyModels:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
+    if EDGE_FIXTURES:  # built by scripts/edge-fixtures.py in the full venv
+        root = Path(EDGE_FIXTURES)
+        models = TinyModels(root / "target", root / "target-onnx", root / "gpt2", root / "gpt2-onnx")
+        assert models.target_onnx.joinpath("model.onnx").is_file(), f"{EDGE_FIXTURES} holds no tiny models"
+        return models
     from sled_models.tiny import DRAFT_GPT2, TARGET_LLAMA, build_model, build_tokenizer, export_onnx
 
     root = tmp_path_factory.mktemp("models")
