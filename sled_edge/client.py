@@ -89,7 +89,7 @@ class EdgeDevice:
         self.config = config
         self.observer = observer
         try:
-            self.model = model or OnnxDraftModel(config.draft, config.threads)
+            self.model = model or OnnxDraftModel(config.draft, config.threads, config.provider)
             self.vocab = vocab_hash(config.draft)
             self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
         except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sled_protocol.config import described as _help
-from sled_protocol.config import require, require_connection, require_duration
+from sled_protocol.config import ConfigError, require, require_connection, require_duration
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class EdgeConfig:
         "seconds to wait for a verifier's status; above the verifiers' status_interval_s where the broker's "
         "retained messages are node-local (RabbitMQ)"))
     threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads"))
+    provider: str = field(default="auto", metadata=_help(
+        "onnxruntime execution provider: auto (CUDA, ROCm or DirectML when the wheel has one, else CPU), or a "
+        "name such as cpu, cuda, tensorrt, coreml, openvino, xnnpack, or a full name (CUDAExecutionProvider)"))
     http_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the OpenAI-compatible API"))
     http_port: int = field(default=8080, metadata=_help("serve: port of the OpenAI-compatible API"))
     model_name: str = field(default="", metadata=_help("serve: model id in the API; empty: sled-<draft dir name>"))
@@ -52,6 +55,12 @@ class EdgeConfig:
             require_duration(getattr(self, name), name)
         require(self.retries >= 0, "retries must be >= 0")
         require(self.threads >= 1, "threads must be >= 1")
+        from sled_edge.providers import ProviderUnavailable, resolve_provider
+
+        try:
+            resolve_provider(self.provider)
+        except ProviderUnavailable as exc:
+            raise ConfigError(str(exc)) from None
         require(0 < self.http_port < 65536 and 0 <= self.metrics_port < 65536, "ports must be 1..65535 (metrics: 0 = off)")
         require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
         if not self.model_name:
