@@ -29,10 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", type=Path, default=Path("models/build/tiny"))
     export = commands.add_parser("export-draft", help="export a Hugging Face causal LM on disk to an edge ONNX draft",
                                  description="optimum ONNX export with past key values; --int8 adds dynamic int8 "
-                                             "quantisation. The tokenizer travels with it.")
+                                             "quantisation (CPUs), --fp16 exports in float16 (GPUs). The "
+                                             "tokenizer travels with it.")
     export.add_argument("--hf-dir", type=Path, required=True, help="model directory (config.json, weights, tokenizer.json)")
     export.add_argument("--out", type=Path, required=True, help="output directory for model.onnx")
-    export.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the weights")
+    precision = export.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the weights (CPUs)")
+    precision.add_argument("--fp16", action="store_true",
+                           help="float16 weights and KV cache, for GPU providers (sled-edge --provider cuda)")
     export.add_argument("--target", type=Path, default=None, help="also check the vocabulary against this target")
     check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
     check.add_argument("--draft", type=Path, required=True)
@@ -57,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export-draft":
             if args.target is not None:
                 check_vocab(args.hf_dir, args.target)
-            out = export_draft(args.hf_dir, args.out, int8=args.int8)
-            print(json.dumps({"onnx": str(out / "model.onnx"), "int8": args.int8,
+            out = export_draft(args.hf_dir, args.out, int8=args.int8, fp16=args.fp16)
+            print(json.dumps({"onnx": str(out / "model.onnx"), "int8": args.int8, "fp16": args.fp16,
                               "bytes": (out / "model.onnx").stat().st_size}))
         elif args.command == "check":
             print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))

@@ -14,8 +14,14 @@ class VocabularyMismatch(ValueError):
     """A draft whose tokenizer is not the target's: its tokens would be verified into garbage."""
 
 
-def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False) -> Path:
-    """``hf_dir`` (config, weights, tokenizer.json) -> ``out_dir`` with model.onnx, config and tokenizer."""
+def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False, fp16: bool = False) -> Path:
+    """``hf_dir`` (config, weights, tokenizer.json) -> ``out_dir`` with model.onnx, config and tokenizer.
+
+    ``fp16``: weights, activations and the KV cache in float16, for GPU providers (CUDA, TensorRT,
+    CoreML); optimum traces the model in float16 on the CPU too. On a CPU provider fp16 is slower than
+    fp32 (no fp16 arithmetic) and keeps the exported copying cache: use fp32 or int8 there."""
+    if int8 and fp16:
+        raise ValueError("choose one of int8 (CPUs) and fp16 (GPUs)")
     from optimum.exporters.onnx import main_export
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -27,7 +33,7 @@ def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own tracer chatter
         main_export(str(hf_dir), output=str(target_dir), task="text-generation-with-past",
-                    local_files_only=True, do_validation=False)
+                    local_files_only=True, do_validation=False, dtype="fp16" if fp16 else "fp32")
     if int8:
         quantize_int8(target_dir, out_dir)
         shutil.rmtree(target_dir)

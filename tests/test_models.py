@@ -77,6 +77,22 @@ def test_export_any_hf_draft_fp32_and_int8(tiny_models, tmp_path, arch):
     assert (tmp_path / f"{arch}-int8" / "model.onnx").stat().st_size < fp32_size
 
 
+def test_export_fp16_for_gpu_providers(tiny_models, tmp_path):
+    """float16 inputs, cache and logits; on the tiny target it drafts what the fp32 export drafts."""
+    from sled_edge.draft_model import OnnxDraftModel
+    from sled_edge.drafter import Drafter
+
+    done = run("export-draft", "--hf-dir", str(tiny_models.target), "--out", str(tmp_path / "fp16"), "--fp16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["fp16"] is True
+    fp16 = OnnxDraftModel(tmp_path / "fp16")
+    assert fp16.cache_dtype == np.float16 and fp16.feed(fp16.new_cache(), [5, 6]).dtype == np.float16
+    prompt = [5, 17, 99, 3]
+    assert Drafter(fp16).propose(prompt, 8) == Drafter(OnnxDraftModel(tiny_models.target_onnx)).propose(prompt, 8)
+    both = run("export-draft", "--hf-dir", str(tiny_models.target), "--out", str(tmp_path / "x"), "--fp16", "--int8")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def test_vocabulary_check_refuses_a_foreign_tokenizer(tiny_models, tmp_path):
     from sled_models.tiny import build_tokenizer
 
