@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_serve(config: EdgeConfig) -> None:
     from aiohttp import web
 
-    from sled_edge.api import Api
+    from sled_edge.api import Api, chat_format_of
     from sled_edge.client import EdgeDevice
 
+    chat_format = chat_format_of(config.draft)  # the model's chat template, or plain
     metrics = None
     if config.metrics_port:
         from sled_edge.metrics import EdgeMetrics
@@ -79,7 +80,7 @@ async def run_serve(config: EdgeConfig) -> None:
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     device = EdgeDevice(config, observer=metrics)
     # handler_cancellation: a request whose client went away stops generating for it.
-    runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics).app(),
+    runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics, chat_format).app(),
                            access_log=None, handler_cancellation=True)
     await runner.setup()
     try:

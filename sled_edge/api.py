@@ -4,7 +4,13 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions; ``stream: true`` answers
 with server-sent events. Parameters: max_tokens, temperature (OpenAI's default 1.0: exact sampling),
 top_p, top_k (extension), seed, stop. Each request is its own session; concurrent requests are
-concurrent sessions on the one broker connection.
+concurrent sessions on the one broker connection. Chat messages are laid out by the model's own chat
+template (``sled_edge.chat_template``), or as plain "role: content" lines for a tokenizer without one.
+
+Every answer carries its speculative decoding figures: in ``usage`` under vLLM's names (num_drafts,
+num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos, mean_acceptance_length,
+draft_acceptance_rate; a stream sends ``usage`` in its final chunk), and in ``sled`` the rounds, mean
+accepted length, acceptance rate, proactive rounds, verifier, seed and the prompt format used.
 
 Errors are OpenAI-shaped JSON: 400 only for a request that is wrong (bad JSON or parameters, a prompt
 that encodes to nothing or fills the verifier's context); 503 when no verifier can serve it now; 500,
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from sled_edge.chat_template import ChatFormat, ChatTemplateError, load_chat_format
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_protocol import SamplingParams
+from sled_protocol.config import ConfigError
 
 log = structlog.get_logger("sled_edge")
 
@@ -36,6 +44,17 @@ class BadRequest(ValueError):
     pass
 
 
+def chat_format_of(draft_dir: str) -> ChatFormat:
+    """The draft's tokenizer's chat format (its tokenizer is the target's); a broken template is a configuration
+    error, found at start rather than at the first chat request."""
+    try:
+        chat_format = load_chat_format(draft_dir)
+    except (ChatTemplateError, ValueError) as exc:
+        raise ConfigError(f"chat template of {draft_dir}: {exc}") from None
+    log.info("chat_format", prompt_format=chat_format.name)
+    return chat_format
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
     prompt: str
@@ -43,17 +62,25 @@ class CompletionRequest:
     sampling: SamplingParams | None
     stop: tuple[str, ...]
     stream: bool
+    prompt_format: str = "completion"  # chat: "chat_template" or "plain"
+    add_special_tokens: bool = True    # False for a chat template's text, which holds them already
 
 
-def parse_request(body: object, chat: bool, default_max_tokens: int) -> CompletionRequest:
+def parse_request(body: object, chat: bool, default_max_tokens: int,
+                  chat_format: ChatFormat = ChatFormat(None)) -> CompletionRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    prompt_format, add_special_tokens = "completion", True
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-        prompt = chat_prompt(messages)
+        try:
+            rendered = chat_format.render(messages)
+        except ChatTemplateError as exc:
+            raise BadRequest(str(exc)) from None
+        prompt, prompt_format, add_special_tokens = rendered.text, rendered.prompt_format, rendered.add_special_tokens
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -81,22 +108,17 @@ def parse_request(body: object, chat: bool, default_max_tokens: int) -> Completi
     seed = seed if seed is not None else secrets.randbelow(2**31)
     sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
     return CompletionRequest(prompt, max_tokens, sampling if sampling.temperature > 0 else None,  # 0 or ~0: greedy
-                             tuple(stop), bool(body.get("stream", False)))
-
-
-def chat_prompt(messages: list[dict]) -> str:
-    """A plain chat layout ("role: content" lines, then "assistant:"); models without a chat template
-    (like the demo family) were trained on nothing better."""
-    lines = [f"{m.get('role', 'user')}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nassistant:"
+                             tuple(stop), bool(body.get("stream", False)), prompt_format, add_special_tokens)
 
 
 class Api:
-    def __init__(self, device: EdgeDevice, model_name: str, default_max_tokens: int = 128, metrics=None) -> None:
+    def __init__(self, device: EdgeDevice, model_name: str, default_max_tokens: int = 128, metrics=None,
+                 chat_format: ChatFormat | None = None) -> None:
         self.device = device
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.metrics = metrics
+        self.chat_format = chat_format or ChatFormat(None)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -125,14 +147,14 @@ class Api:
     async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         endpoint = "chat" if chat else "completions"
         try:
-            parsed = parse_request(await request.json(), chat, self.default_max_tokens)
+            parsed = parse_request(await request.json(), chat, self.default_max_tokens, self.chat_format)
         except ValueError as exc:  # BadRequest, JSONDecodeError, a body that is not UTF-8
             return self._error(endpoint, 400, str(exc))
         run: Generation | None = None
         if self.metrics is not None:
             self.metrics.active.inc()
         try:
-            prompt_ids = self.device.encode_prompt(parsed.prompt)
+            prompt_ids = encode(self.device, parsed)
             if not prompt_ids:
                 raise BadRequest("the prompt encodes to no tokens")
             run = Generation(self.device, parsed, chat, self.model_name, prompt_ids)
@@ -151,6 +173,12 @@ class Api:
         finally:
             if self.metrics is not None:
                 self.metrics.active.dec()
+
+
+def encode(device: EdgeDevice, request: CompletionRequest) -> list[int]:
+    if request.add_special_tokens:
+        return device.encode_prompt(request.prompt)
+    return device.encode_prompt(request.prompt, add_special_tokens=False)  # the chat template wrote them
 
 
 class Generation:
@@ -190,22 +218,29 @@ class Generation:
     def _finish_reason(self, result) -> str:
         return "stop" if self.stopped or result.finish_reason == "eos" else "length"
 
+    def _usage(self, result) -> dict:
+        """OpenAI's token counts, then this request's acceptance under vLLM's names."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(result.token_ids),
+                "total_tokens": self.prompt_tokens + len(result.token_ids), **result.spec_decode}
+
+    def _sled(self, result) -> dict:
+        return {"rounds": result.rounds, "mean_accepted_length": result.mean_accepted_length,
+                "acceptance_rate": result.acceptance_rate, "proactive_rounds": result.proactive_hits,
+                "verifier": result.verifier, "seed": result.seed, "prompt_format": self.request.prompt_format}
+
     async def complete(self) -> dict:
         result = await self._generate()
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(result.token_ids),
-                 "total_tokens": self.prompt_tokens + len(result.token_ids)}
         choice = {"index": 0, "finish_reason": self._finish_reason(result), "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": self.text}
         else:
             choice["text"] = self.text
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": usage,
-                "sled": {"rounds": result.rounds, "mean_accepted_length": result.mean_accepted_length,
-                         "acceptance_rate": result.acceptance_rate, "verifier": result.verifier, "seed": result.seed}}
+                "created": self.created, "model": self.model, "choices": [choice], "usage": self._usage(result),
+                "sled": self._sled(result)}
 
     async def _generate(self, on_tokens=None):
-        prompt_ids = self.prompt_ids if self.prompt_ids is not None else self.device.encode_prompt(self.request.prompt)
+        prompt_ids = self.prompt_ids if self.prompt_ids is not None else encode(self.device, self.request)
         self.prompt_tokens = len(prompt_ids)
 
         def observe(new_tokens: list[int]) -> bool:
@@ -217,7 +252,8 @@ class Generation:
         return await self.device.generate(prompt_ids, self.request.max_tokens, on_tokens=observe,
                                           sampling=self.request.sampling)
 
-    def _chunk(self, delta: str | None, finish_reason: str | None, first: bool = False) -> bytes:
+    def _chunk(self, delta: str | None, finish_reason: str | None, first: bool = False, result=None) -> bytes:
+        """One event; the last one (``result`` given) carries ``usage`` and ``sled``, as vLLM's final chunk does."""
         if self.chat:
             body = {"index": 0, "delta": ({"role": "assistant", "content": ""} if first else
                                           ({"content": delta} if delta else {})), "finish_reason": finish_reason}
@@ -226,6 +262,8 @@ class Generation:
             body = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
             obj = "text_completion"
         payload = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [body]}
+        if result is not None:
+            payload["usage"], payload["sled"] = self._usage(result), self._sled(result)
         return f"data: {json.dumps(payload)}\n\n".encode()
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -264,7 +302,7 @@ class Generation:
                 return response
             if len(self.text) > self.sent:
                 await response.write(self._chunk(self.text[self.sent :], None))
-            await response.write(self._chunk(None, self._finish_reason(result)))
+            await response.write(self._chunk(None, self._finish_reason(result), result=result))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response

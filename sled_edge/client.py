@@ -1,16 +1,20 @@
 """The edge's asyncio/MQTT shell: one broker connection per device, many concurrent sessions.
 
 Each round (see ARCHITECTURE.md, message flow):
-  1. draft k tokens with the ONNX model (in a worker thread, so MQTT keepalives never starve);
-  2. publish the Draft and wait for its Verdict (by session and seq), resending on timeout;
+  1. draft k tokens with the ONNX model (in a worker thread, so MQTT keepalives never starve), unless they
+     were drafted ahead during the last round (proactive drafting, ``sled_edge.drafter.Guess``);
+  2. publish the Draft and wait for its Verdict (by session and seq), resending on timeout; meanwhile draft
+     the next round in a worker thread as if every token will be accepted;
   3. on resync resend with the full committed context; on `overloaded` back off and resend (or move);
      on any other error stop with the verifier's reason;
-  4. commit the accepted tokens and the next token, roll the draft KV cache back, repeat.
+  4. commit the accepted tokens and the next token; keep the round drafted ahead if the verdict agrees
+     with it, else drop it and roll the draft KV cache back; repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import time
 import uuid
@@ -24,7 +28,7 @@ from sled_edge.config import EdgeConfig
 from sled_edge.controller import DraftLengthController
 from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, EdgeConnection
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import Drafter, Proposal
+from sled_edge.drafter import Drafter, Guess, Proposal
 from sled_edge.placement import Placement, choose, describe
 from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
@@ -68,6 +72,9 @@ class GenerationResult:
     resyncs: int
     retries: int
     failovers: int
+    proactive_guesses: int    # next rounds drafted while a round was verified
+    proactive_hits: int       # of which the verdict agreed, so the round went out at once
+    spec_decode: dict         # the acceptance figures under vLLM's names (SessionStats.spec_decode)
     verifier: str
     target: str | None        # identity of the target that produced every token (None: not announced)
     session_id: str
@@ -75,6 +82,7 @@ class GenerationResult:
 
     def as_dict(self) -> dict[str, object]:
         data = dict(self.__dict__)
+        data.update(data.pop("spec_decode"))  # flat, beside our own names for the same counts
         data["tokens_per_s"] = round(len(self.token_ids) / self.elapsed_s, 2) if self.elapsed_s else 0.0
         return data
 
@@ -113,8 +121,9 @@ class EdgeDevice:
         """Serve until cancelled (the connection reconnects by itself; it raises only if it cannot go on)."""
         await self.connection.wait_stopped()
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt).ids
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``prompt``; a prompt rendered from the chat template holds its special tokens already."""
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
@@ -186,13 +195,25 @@ class EdgeDevice:
         queue: asyncio.Queue = asyncio.Queue()
         self.connection.waiters[session.session_id] = queue
         self.connection.session_verifier[session.session_id] = verifier.verifier
+        guess: Guess | None = None  # the next round, drafted while this one is verified (proactive drafting)
         try:
             while session.finish is None:
                 limit = max(0, min(verifier.max_draft_tokens or 64, session.budget - 1))
                 k = controller.choose(limit) if self.config.draft_tokens == 0 else min(self.config.draft_tokens, limit)
-                drafting = time.perf_counter()
-                proposal = await asyncio.to_thread(drafter.propose_sampled, session.committed, k, sampling,
-                                                   self.config.proposal_tokens)
+                # 1. This round's draft: the guess drafted during the last round when the verdict agreed with it
+                #    (and, for a seeded session, it has the k this round would have: the output follows from
+                #    the seed), else drafted now.
+                if guess is not None and guess.agrees(session.committed) and (guess.k == k or not seeded) \
+                        and len(guess.proposal.tokens) <= limit:
+                    proposal = guess.proposal
+                    session.stats.guesses_sent += 1
+                else:
+                    if guess is not None:  # agreed, but not usable here: back to the committed prefix
+                        drafter.cache.truncate(len(session.committed) - 1)
+                    proposal = await asyncio.to_thread(drafter.propose_sampled, session.committed, k, sampling,
+                                                       self.config.proposal_tokens)
+                # 2. While it is verified, draft the next round as if every token will be accepted.
+                guess, drafting_ahead = self._draft_ahead(drafter, session, proposal, controller, verifier, sampling)
                 verifying = time.perf_counter()
                 draft, verdict, verifier = await self._verify_round(session, proposal, queue, verifier, slog)
                 if seeded or draft.context is not None:
@@ -201,15 +222,20 @@ class EdgeDevice:
                     controller.observe(len(draft.tokens), verdict.accepted, len(draft.tokens) * controller.draft_s,
                                        controller.round_s)
                 else:
-                    controller.observe(len(draft.tokens), verdict.accepted, verifying - drafting,
+                    controller.observe(len(draft.tokens), verdict.accepted, proposal.draft_s,
                                        time.perf_counter() - verifying)
                 new_tokens = session.apply(draft, verdict)
-                drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
+                # 3. Keep the guess if the verdict agrees with it, else drop it and roll the cache back.
+                if not await self._settle(guess, drafting_ahead, drafter, session, verdict):
+                    guess = None
+                    drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
                 slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
-                           next_kind=str(verdict.next_kind))
+                           next_kind=str(verdict.next_kind), guessed=guess is not None)
                 if on_tokens is not None and on_tokens(new_tokens):
                     session.finish = FinishReason.STOP
         finally:
+            if guess is not None:  # an error or a cancel mid-round: the thread stops at its next step
+                guess.abandoned = True
             del self.connection.waiters[session.session_id]
             holder = self.connection.session_verifier.pop(session.session_id)  # the current one, after any move
             if session.finish not in (FinishReason.EOS, FinishReason.LENGTH):
@@ -217,15 +243,56 @@ class EdgeDevice:
         new_ids = session.committed[len(prompt_ids):]
         stats = session.stats
         slog.info("generation_finished", tokens=len(new_ids), rounds=stats.rounds,
-                  mean_accepted_length=round(stats.mean_accepted_length, 3))
+                  mean_accepted_length=round(stats.mean_accepted_length, 3), proactive_hits=stats.guesses_sent)
         return GenerationResult(
             token_ids=new_ids, text=self.decode(new_ids), finish_reason=str(session.finish),
             seed=sampling.seed if sampling is not None and sampling.temperature > 0 else None,
             rounds=stats.rounds, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
             mean_accepted_length=round(stats.mean_accepted_length, 4), acceptance_rate=round(stats.acceptance_rate, 4),
-            resyncs=stats.resyncs, retries=stats.retries, failovers=stats.failovers, verifier=verifier.verifier,
+            resyncs=stats.resyncs, retries=stats.retries, failovers=stats.failovers,
+            proactive_guesses=stats.guesses, proactive_hits=stats.guesses_sent, spec_decode=stats.spec_decode(),
+            verifier=verifier.verifier,
             target=session.target, session_id=session.session_id, elapsed_s=round(time.perf_counter() - started, 4),
         )
+
+    def _draft_ahead(self, drafter: Drafter, session: EdgeSession, proposal: Proposal,
+                     controller: DraftLengthController, verifier: Status,
+                     sampling: SamplingParams | None) -> tuple[Guess | None, asyncio.Future | None]:
+        """Start drafting the round after ``proposal`` in a worker thread, assuming the verifier accepts all of
+        it; the guessed round gets the k this loop would choose after such a verdict. None when proactive
+        drafting is off or such a verdict would end the generation (an EOS drafted, no room left)."""
+        tokens = proposal.tokens
+        room = min(verifier.max_draft_tokens or 64, session.budget - len(tokens) - 1 - 1)
+        if not self.config.proactive or not tokens or tokens[-1] in self.model.eos_ids or room < 1:
+            return None, None
+        if self.config.draft_tokens:
+            k_next = min(self.config.draft_tokens, room)
+        else:  # what the controller will choose after observing an all-accepted round (as a seeded one does)
+            ahead = copy.deepcopy(controller)
+            ahead.observe(len(tokens), len(tokens), len(tokens) * ahead.draft_s, ahead.round_s)
+            k_next = ahead.choose(room)
+        guess = Guess.after(session.committed, tokens, k_next)
+        session.stats.guesses += 1
+        thread = asyncio.ensure_future(asyncio.to_thread(drafter.draft_ahead, guess, sampling, self.config.proposal_tokens))
+        return guess, thread
+
+    async def _settle(self, guess: Guess | None, thread: asyncio.Future | None, drafter: Drafter,
+                      session: EdgeSession, verdict: Verdict) -> bool:
+        """After ``verdict`` is applied: whether ``guess`` holds (its drafting thread has finished, and the
+        verdict committed exactly what it assumed). A verdict that visibly disagrees stops the thread at its
+        next forward pass; the thread is always awaited, so the drafter is the loop's again."""
+        if guess is None:
+            return False
+        if verdict.finish is not None or not (guess.next_token is None or guess.next_token == verdict.next_token) \
+                or len(session.committed) != len(guess.committed):
+            guess.abandoned = True
+        try:
+            await thread
+        except Exception:  # never lose the session to a guess: drop it and its cache, and draft afresh
+            log.exception("draft_ahead_failed", session_id=session.session_id)
+            drafter.reset()
+            return False
+        return not guess.abandoned and guess.agrees(session.committed)
 
     async def _verify_round(self, session: EdgeSession, proposal: Proposal, queue: asyncio.Queue,
                             verifier: Status, slog) -> tuple[Draft, Verdict, Status]:

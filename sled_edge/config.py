@@ -22,6 +22,9 @@ class EdgeConfig:
     draft_tokens: int = field(default=0, metadata=_help("draft tokens k per round; 0: adaptive (best expected tokens/s)"))
     max_draft_tokens: int = field(default=8, metadata=_help("the most draft tokens the adaptive k may choose"))
     proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
+    proactive: bool = field(default=True, metadata=_help(
+        "draft the next round while a round is verified, assuming all its tokens are accepted (sent at once when "
+        "the verdict agrees, dropped when not; output unchanged)"))
     timeout_s: float = field(default=5.0, metadata=_help("seconds to wait for a verdict before resending"))
     retries: int = field(default=5, metadata=_help("resends of one round before giving up"))
     outage_timeout_s: float = field(default=60.0, metadata=_help(

@@ -1,12 +1,20 @@
-"""The edge's half of speculative decoding, as a two-call drafter: ``propose`` then ``learn``.
+"""The edge's half of speculative decoding, as a two-call drafter: ``propose`` then ``learn``; and
+proactive drafting (SpecEdge, Park et al. 2025, arXiv 2505.17052): ``draft_ahead`` drafts the next round
+while this one is being verified, as if the verifier will accept every draft token and its next token will
+be the draft's own most likely token after them.
 
-Invariant: the draft cache only ever covers a prefix of the committed tokens plus the current round's
-draft tokens; ``learn`` rolls it back to the committed prefix, so the next ``propose`` feeds just the
-tokens it has not seen (the verifier's next token, and the last draft token if all were accepted).
+Invariant: the draft cache only ever covers a prefix of the committed tokens plus the current round's draft
+tokens (and, while a guess is drafted, the guessed next token and the guessed round's drafts); ``learn``
+rolls it back to the committed prefix, so the next ``propose`` feeds just the tokens it has not seen.
+A guess proposes exactly what ``propose_sampled`` would once the verdict agrees with it: the same committed
+tokens, the same k (the caller's), the same random numbers (seeded by the committed length). So it changes
+only when a round is sent, never what is sent, and output stays the target's.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +37,33 @@ class DraftModel(Protocol):
 class Proposal:
     tokens: list[int]
     sparse: list[SparseProposal] | None  # per token, the q' it was sampled from; None when greedy
+    draft_s: float = 0.0                 # seconds spent drafting it
+
+
+class Abandoned(Exception):
+    """A guess given up before it was finished (the verdict disagreed, or the generation ended)."""
+
+
+@dataclass
+class Guess:
+    """The next round drafted ahead. ``next_token`` and ``proposal`` are written by the drafting thread;
+    ``abandoned`` by the event loop, read by the thread between tokens."""
+
+    base_len: int                   # committed tokens when the round went out
+    committed: list[int]            # what it assumes they will be: those, every draft token, next_token
+    k: int                          # the next round's draft length if the guess is right
+    next_token: int | None = None   # the draft's argmax after the last draft token
+    proposal: Proposal | None = None
+    abandoned: bool = False
+
+    @classmethod
+    def after(cls, committed: list[int], draft_tokens: list[int], k: int) -> Guess:
+        return cls(len(committed), [*committed, *draft_tokens, -1], k)  # -1: next_token, once guessed
+
+    def agrees(self, committed: list[int]) -> bool:
+        """Whether the verdict committed what the guess assumed (the first ``base_len`` are shared)."""
+        return (self.proposal is not None and len(committed) == len(self.committed)
+                and committed[self.base_len :] == self.committed[self.base_len :])
 
 
 class Drafter:
@@ -41,15 +76,17 @@ class Drafter:
         return self.propose_sampled(committed, k, None).tokens
 
     def propose_sampled(self, committed: list[int], k: int, sampling: SamplingParams | None,
-                        proposal_tokens: int = 16) -> Proposal:
+                        proposal_tokens: int = 16, abandoned: Callable[[], bool] | None = None) -> Proposal:
         """Up to ``k`` draft tokens: argmax when ``sampling`` is None or at temperature 0, else drawn from
-        the top-``proposal_tokens`` proposal q', which is returned with them (it goes on the wire)."""
+        the top-``proposal_tokens`` proposal q', which is returned with them (it goes on the wire).
+        ``abandoned`` is asked before each forward pass; when it says so, raises ``Abandoned``."""
+        started = time.perf_counter()
         greedy = sampling is None or sampling.temperature == 0
         if k <= 0:
             return Proposal([], None if greedy else [])
         assert self.cache.length < len(committed), "cache must lag the committed tokens"
         rng = None if greedy else np.random.default_rng(round_seed(sampling.seed, len(committed), STREAM_DRAFT))
-        logits = self.model.feed(self.cache, committed[self.cache.length :])
+        logits = self._feed(committed[self.cache.length :], abandoned)
         tokens: list[int] = []
         sparse: list[SparseProposal] = []
         while True:
@@ -60,8 +97,31 @@ class Drafter:
                 token = sample_proposal(sparse[-1], rng)
             tokens.append(token)
             if len(tokens) == k or token in self.model.eos_ids:
-                return Proposal(tokens, None if greedy else sparse)
-            logits = self.model.feed(self.cache, [token])
+                return Proposal(tokens, None if greedy else sparse, time.perf_counter() - started)
+            logits = self._feed([token], abandoned)
+
+    def draft_ahead(self, guess: Guess, sampling: SamplingParams | None, proposal_tokens: int = 16) -> None:
+        """In a worker thread while a round is verified: feed the round's last draft token, guess the next
+        token (the draft's argmax), and draft the next round after it into ``guess``. Stops at the next
+        forward pass once ``guess.abandoned`` is set; leaves no proposal when the guess ends the generation
+        (an EOS). The caller must not touch this drafter until this returns."""
+        stop = lambda: guess.abandoned  # noqa: E731
+        try:
+            logits = self._feed(guess.committed[self.cache.length : -1], stop)
+            guess.next_token = int(np.argmax(logits))
+            guess.committed[-1] = guess.next_token
+            # Forget the last draft token again: after an all-accepted verdict a drafter that did not guess
+            # feeds it and the next token in one pass, and the guess must match it to the last bit.
+            self.cache.truncate(len(guess.committed) - 2)
+            if guess.next_token not in self.model.eos_ids:
+                guess.proposal = self.propose_sampled(guess.committed, guess.k, sampling, proposal_tokens, stop)
+        except Abandoned:
+            pass
+
+    def _feed(self, tokens: list[int], abandoned: Callable[[], bool] | None) -> np.ndarray:
+        if abandoned is not None and abandoned():
+            raise Abandoned
+        return self.model.feed(self.cache, tokens)
 
     def learn(self, committed_len: int, base_len: int, accepted: int) -> None:
         """KV rollback: keep only positions now known to be committed (prefix + accepted drafts)."""

@@ -1,0 +1,157 @@
+"""Proactive drafting: the next round drafted while a round is verified changes when rounds are sent, never
+what is sent. A guess proposes, to the last bit, what the drafter would have proposed after the verdict;
+through a real broker and verifier, sessions with it on and off commit the same tokens (greedy: the target's
+own; sampled: the same sample for the same seed), and a cancelled generation leaves the device exact."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from conftest import PROMPTS
+from sled_edge.client import EdgeDevice
+from sled_edge.config import EdgeConfig
+from sled_edge.draft_model import OnnxDraftModel
+from sled_edge.drafter import Drafter, Guess
+from sled_protocol import SamplingParams
+
+SAMPLED = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=4321)
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(tiny_models):
+    return OnnxDraftModel(tiny_models.gpt2_onnx)
+
+
+@pytest.mark.parametrize("sampling", [None, SAMPLED], ids=["greedy", "sampled"])
+def test_a_guess_is_what_the_drafter_proposes_after_an_all_accepted_verdict(gpt2_onnx, sampling):
+    committed = [5, 17, 99, 3, 42, 8, 250]
+    ahead, plain = Drafter(gpt2_onnx), Drafter(gpt2_onnx)
+    first = ahead.propose_sampled(committed, 4, sampling)
+    guess = Guess.after(committed, first.tokens, 3)
+    ahead.draft_ahead(guess, sampling)
+    assert guess.next_token is not None and guess.proposal is not None
+
+    # The drafter without a guess, after the verdict "all 4 accepted, next token = the guess":
+    assert plain.propose_sampled(committed, 4, sampling).tokens == first.tokens
+    committed = committed + first.tokens + [guess.next_token]
+    plain.learn(len(committed), len(committed) - 5, 4)
+    expected = plain.propose_sampled(committed, 3, sampling)
+    assert guess.agrees(committed)
+    assert guess.proposal.tokens == expected.tokens
+    if sampling is not None:  # the very proposal q' that goes on the wire, bit for bit
+        for got, want in zip(guess.proposal.sparse, expected.sparse):
+            assert np.array_equal(got.ids, want.ids) and np.array_equal(got.probs, want.probs)
+    assert ahead.cache.length == plain.cache.length  # both wait for the same verdict from here
+
+
+@pytest.mark.parametrize("accepted", [0, 2, 4])
+def test_a_disagreeing_verdict_drops_the_guess_and_rolls_the_cache_back(gpt2_onnx, accepted):
+    committed = [5, 17, 99, 3, 42]
+    drafter = Drafter(gpt2_onnx)
+    draft = drafter.propose(committed, 4)
+    guess = Guess.after(committed, draft, 4)
+    drafter.draft_ahead(guess, None)
+    other = (guess.next_token + 1) % gpt2_onnx.vocab_size  # the verifier's next token is not the guess
+    after = committed + draft[:accepted] + [other]
+    assert not guess.agrees(after)
+    drafter.learn(len(after), len(committed), accepted)
+    assert drafter.propose(after, 4) == Drafter(gpt2_onnx).propose(after, 4)
+
+
+def test_an_abandoned_guess_stops_before_its_next_forward_pass(gpt2_onnx):
+    committed = [5, 17, 99, 3, 42]
+    drafter = Drafter(gpt2_onnx)
+    draft = drafter.propose(committed, 3)
+    length = drafter.cache.length
+    guess = Guess.after(committed, draft, 4)
+    guess.abandoned = True
+    drafter.draft_ahead(guess, None)
+    assert guess.next_token is None and guess.proposal is None and drafter.cache.length == length
+
+
+def edge_config(verifier, draft_dir, device_id: str, **overrides) -> EdgeConfig:
+    return EdgeConfig(draft=str(draft_dir), mqtt_url=verifier.url, device_id=device_id,
+                      verifier=verifier.verifier_id, **overrides)
+
+
+async def generate_both_ways(verifier, draft_dir, device_id: str, prompt_text: str, max_new: int,
+                             sampling: SamplingParams | None, **overrides):
+    results = {}
+    for proactive in (True, False):
+        config = edge_config(verifier, draft_dir, f"{device_id}-{proactive:d}", proactive=proactive, **overrides)
+        async with EdgeDevice(config) as device:
+            prompt = device.encode_prompt(prompt_text)
+            results[proactive] = await device.generate(prompt, max_new, sampling=sampling)
+    return prompt, results[True], results[False]
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio
+@pytest.mark.parametrize("draft", ["target_onnx", "gpt2_onnx"])
+async def test_greedy_output_is_the_targets_with_and_without_proactive_drafting(tiny_models, verifier, reference,
+                                                                                device_id, draft):
+    """The target's own export is always right (nearly every round is sent from its guess); the GPT-2 is
+    mostly wrong (guesses are dropped): either way the tokens are the target's."""
+    prompt, on, off = await generate_both_ways(verifier, getattr(tiny_models, draft), device_id, PROMPTS[1], 40, None)
+    assert on.token_ids == off.token_ids == reference(prompt, 40)
+    assert off.proactive_guesses == off.proactive_hits == 0
+    assert on.proactive_guesses > 0 and on.proactive_hits <= on.proactive_guesses
+    if draft == "target_onnx":
+        assert on.proactive_hits >= on.rounds // 2
+    assert on.spec_decode["num_drafts"] == on.rounds and sum(on.spec_decode["num_accepted_tokens_per_pos"]) == on.accepted_tokens
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio
+@pytest.mark.parametrize("draft", ["target_onnx", "gpt2_onnx"])
+async def test_a_sampled_session_is_the_same_sample_with_and_without_proactive_drafting(tiny_models, verifier,
+                                                                                        device_id, draft):
+    """Same seed, adaptive k: the guessed rounds carry the seeds, k and proposals the unguessed ones would."""
+    _, on, off = await generate_both_ways(verifier, getattr(tiny_models, draft), device_id, PROMPTS[0], 32, SAMPLED,
+                                          proposal_tokens=8)
+    assert on.token_ids == off.token_ids and len(on.token_ids) == 32
+    assert (on.rounds, on.draft_tokens, on.accepted_tokens) == (off.rounds, off.draft_tokens, off.accepted_tokens)
+    if draft == "target_onnx":
+        assert on.proactive_hits > 0  # the comparison covered guessed rounds
+
+
+class Rounds:
+    def __init__(self, after: int) -> None:
+        self.count, self.after, self.reached = 0, after, asyncio.Event()
+
+    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None:
+        self.count += 1
+        if self.count >= self.after:
+            self.reached.set()
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio
+async def test_a_generation_cancelled_mid_guess_leaves_the_device_exact(tiny_models, verifier, reference, device_id):
+    rounds = Rounds(after=3)
+    config = edge_config(verifier, tiny_models.target_onnx, device_id, draft_tokens=2)
+    async with EdgeDevice(config, observer=rounds) as device:
+        prompt = device.encode_prompt(PROMPTS[3])
+        cancelled = asyncio.create_task(device.generate(prompt, 60))
+        await rounds.reached.wait()
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        stopped = await device.generate(prompt, 60, on_tokens=lambda new: True)  # stops after its first round
+        assert stopped.finish_reason == "stop" and stopped.rounds == 1
+        again = await device.generate(prompt, 24)
+    assert again.token_ids == reference(prompt, 24) and again.proactive_hits > 0
+
+
+def test_the_flag_and_its_environment_variable(tiny_models):
+    from sled_edge.__main__ import build_parser
+    from sled_protocol.config import config_from_args
+
+    parse = build_parser().parse_args
+    env = {"SLED_DRAFT": str(tiny_models.gpt2_onnx)}
+    assert config_from_args(EdgeConfig, parse(["generate", "--prompt", "x"]), env).proactive is True
+    assert config_from_args(EdgeConfig, parse(["generate", "--prompt", "x"]), {**env, "SLED_PROACTIVE": "0"}).proactive is False
+    assert config_from_args(EdgeConfig, parse(["generate", "--prompt", "x", "--no-proactive"]), env).proactive is False
