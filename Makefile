@@ -10,7 +10,7 @@ PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test demo models broker inspect clean load bench bench-quick
+.PHONY: help setup system-deps test test-edge demo models broker inspect clean load bench bench-quick
 DEVICES      ?= 8
 DURATION_S   ?= 20
 VERIFIERS    ?= 2
@@ -32,8 +32,33 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## venv with pinned dependencies, plus system packages
 
-test: setup ## run the test suite (starts its own Mosquitto on a free port)
+test: setup ## run the test suite (starts its own Mosquitto on a free port), then the device's tests alone (test-edge)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-edge
+
+# ---- the device alone: no torch, transformers or optimum --------------------------------------------
+# Every test that concerns the device and needs no target model; each of these files imports no torch.
+EDGE_VENV     ?= .venv-edge
+EDGE_FIXTURES ?= build/edge-fixtures
+EDGE_TESTS    := $(wildcard tests/test_draft_model.py tests/test_providers.py tests/test_drafter.py \
+                   tests/test_controller.py tests/test_protocol.py tests/test_chat_template.py \
+                   tests/test_edge_resilience.py)
+
+$(EDGE_VENV)/.installed: pyproject.toml
+	@./scripts/system-deps.sh
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/pip install --quiet -e '.[service,test-edge]'
+	$(EDGE_VENV)/bin/python scripts/check-edge-venv.py
+	@touch $@
+
+$(EDGE_FIXTURES)/done: | setup  # the tiny test models, exported with the full venv (the edge cannot build them)
+	$(PY) scripts/edge-fixtures.py $(EDGE_FIXTURES)
+
+test-edge: $(EDGE_VENV)/.installed $(EDGE_FIXTURES)/done ## the device's tests in an edge-only venv (.venv-edge, no torch)
+	$(EDGE_VENV)/bin/python scripts/check-edge-venv.py
+	SLED_EDGE_FIXTURES=$(abspath $(EDGE_FIXTURES)) $(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	    -k "not what_transformers_renders" $(EDGE_TESTS)  # that one compares with transformers: the main suite runs it
 
 demo: setup ## broker + verifier + three heterogeneous edge devices (builds the model family on first use)
 	$(PY) scripts/demo.py --family $(PROFILE)
@@ -45,9 +70,10 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min)
+bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min)
 	$(PY) bench/fleet.py --profile full
 	$(PY) bench/run.py --profile full
+	$(PY) bench/draft_cache.py --family models/build/family-$(PROFILE)
 
 bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min)
 	$(PY) bench/fleet.py --profile quick
@@ -62,7 +88,7 @@ inspect: setup ## print every SLED message on $(SLED_MQTT_URL)
 	$(VENV)/bin/sled-inspect --mqtt-url $(SLED_MQTT_URL)
 
 clean: ## remove the venv, builds and caches
-	rm -rf $(VENV) build models/build .pytest_cache *.egg-info
+	rm -rf $(VENV) $(EDGE_VENV) build models/build .pytest_cache *.egg-info
 
 # ---- installation and deployment -------------------------------------------------------------------
 # make install [ROLE=verifier|edge] [PREFIX=/opt/sled] [SYSCONFDIR=/etc/sled] [DESTDIR=staging]

@@ -11,7 +11,6 @@ import pytest
 from sled_edge.draft_model import BoundCache, DraftCache, OnnxDraftModel
 from sled_edge.drafter import Drafter
 
-pytestmark = pytest.mark.edge
 ARCHS = ["target_onnx", "gpt2_onnx"]  # Llama (rotary) and GPT-2 (scale computed from shapes)
 
 

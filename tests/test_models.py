@@ -104,3 +104,18 @@ def test_vocabulary_check_refuses_a_foreign_tokenizer(tiny_models, tmp_path):
     refused = run("export-draft", "--hf-dir", str(tiny_models.gpt2), "--out", str(tmp_path / "x"),
                   "--target", str(tmp_path / "other"))
     assert refused.returncode == 65 and not (tmp_path / "x").exists()
+
+
+def test_onnx_draft_matches_torch_greedy(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sled_edge.draft_model import OnnxDraftModel
+    from sled_edge.drafter import Drafter
+
+    torch_model = AutoModelForCausalLM.from_pretrained(tiny_models.gpt2).eval()
+    prompt = [5, 17, 99, 3]
+    with torch.inference_mode():
+        expected = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                        max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert Drafter(OnnxDraftModel(tiny_models.gpt2_onnx)).propose(prompt, 6) == expected[0, 4:].tolist()

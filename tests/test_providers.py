@@ -14,7 +14,6 @@ from conftest import ROOT
 from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.providers import ProviderUnavailable, available_providers, resolve_provider
 
-pytestmark = pytest.mark.edge
 JETSON = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 MAC = ["CoreMLExecutionProvider", "CPUExecutionProvider"]
 
