@@ -40,7 +40,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     from sled_verifier.identity import target_identity
     from sled_verifier.service import VerifierService
     from sled_verifier.stats import VerifierStats
-    from sled_verifier.target import TargetModel
+    from sled_verifier.runtime import load_target
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -55,12 +55,15 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
             raise bind_failed("metrics", config.metrics_host, config.metrics_port, exc) from None
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     try:
-        target = await asyncio.to_thread(TargetModel, config.target, config.device, config.dtype)
+        target = await asyncio.to_thread(load_target, config.target, config.runtime, config.device, config.dtype,
+                                         device_map=config.device_map, compile=config.compile,
+                                         batch_invariant=config.batch_invariant)
     except (ValueError, OSError) as exc:  # not a loadable causal LM: a configuration problem, not a crash
         raise ConfigError(f"cannot load target {config.target!r}: {exc}") from None
     vocab = vocab_hash(config.target)
     identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
-    log.info("target_loaded", model=target.model_id, target=identity, device=str(target.device), vocab=vocab,
+    log.info("target_loaded", model=target.model_id, target=identity, runtime=target.name,
+             device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
     engine = VerifierEngine(target, config.verifier_id, config.max_sessions, stats,
                             max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)

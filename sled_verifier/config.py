@@ -25,7 +25,17 @@ class VerifierConfig:
     mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
     verifier_id: str = field(default="", metadata=_help("this verifier's topic level; empty: the host name"))
     device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
-    dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights"))
+    dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights (bfloat16 on a GPU)"))
+    runtime: str = field(default="transformers", metadata=_help(
+        "transformers (any causal LM; the reference) or compiled (Llama/Qwen2/Mistral: our own forward, "
+        "static shape buckets and torch.compile; CUDA graphs on a GPU)"))
+    compile: str = field(default="auto", metadata=_help(
+        "compiled runtime: auto (reduce-overhead on a GPU, off on CPU), off, default, reduce-overhead, max-autotune"))
+    device_map: str = field(default="", metadata=_help(
+        "transformers runtime: spread the target over this machine's GPUs (auto, balanced, sequential, or a "
+        "JSON module-to-device map); needs accelerate"))
+    batch_invariant: bool = field(default=True, metadata=_help(
+        "matrix products in fixed row blocks, so a row's logits never depend on its batch (bitwise on CPU)"))
     threads: int = field(default=0, metadata=_help("torch CPU threads; 0: all cores"))
     max_wait_ms: float = field(default=50.0, metadata=_help(
         "longest a draft waits for others to join its step (the added-wait SLO); the scheduler waits only "
@@ -64,6 +74,11 @@ class VerifierConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")
+        require(self.runtime in ("transformers", "compiled"), "runtime must be transformers or compiled")
+        require(self.compile in ("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                "compile must be auto, off, default, reduce-overhead or max-autotune")
+        require(self.runtime == "compiled" or self.compile in ("auto", "off"), "compile needs runtime compiled")
+        require(self.runtime == "transformers" or not self.device_map, "device_map needs runtime transformers")
         require(math.isfinite(self.max_drafts_per_s) and self.max_drafts_per_s >= 0,
                 "max_drafts_per_s must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")

@@ -18,7 +18,7 @@ from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, Ver
 from sled_protocol.messages import STREAM_VERIFY, round_seed
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
-from sled_verifier.target import TargetModel
+from sled_verifier.runtime import TargetRuntime
 from sled_verifier.sampling import rejection_sample, warp_probs
 from sled_verifier.verify import VerifyResult, greedy_verify
 
@@ -32,7 +32,7 @@ class Outcome:
 
 
 class VerifierEngine:
-    def __init__(self, target: TargetModel, verifier_id: str, max_sessions: int, stats: VerifierStats,
+    def __init__(self, target: TargetRuntime, verifier_id: str, max_sessions: int, stats: VerifierStats,
                  max_context: int = 4096, prefill_chunk: int = 256) -> None:
         self.target = target
         self.prefill_chunk = prefill_chunk  # prefill tokens per step, all new sessions together

@@ -18,14 +18,17 @@ from transformers.cache_utils import Cache
 
 
 class SlotKV:
-    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 max_slots: int, max_length: int, slots: int = 4, length: int = 256) -> None:
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | list[torch.device], max_slots: int, max_length: int, slots: int = 4,
+                 length: int = 256) -> None:
         self.shape = (heads, head_dim)
-        self.dtype, self.device = dtype, device
+        # One device per layer: a target spread over GPUs (device_map) keeps each layer's cache beside it.
+        self.devices = list(device) if isinstance(device, list | tuple) else [device] * layers
+        self.dtype, self.device = dtype, self.devices[0]
         self.max_slots, self.max_length = max_slots, max_length
         self.capacity, self.length = min(slots, max_slots), min(length, max_length)
-        self.keys = [self._empty(self.capacity, self.length) for _ in range(layers)]
-        self.values = [self._empty(self.capacity, self.length) for _ in range(layers)]
+        self.keys = [self._empty(self.capacity, self.length, d) for d in self.devices]
+        self.values = [self._empty(self.capacity, self.length, d) for d in self.devices]
         self.free = list(range(self.capacity))
 
     @property
@@ -33,8 +36,8 @@ class SlotKV:
         """The slot padding queries write into (never read)."""
         return self.capacity
 
-    def _empty(self, slots: int, length: int) -> torch.Tensor:
-        return torch.zeros(slots + 1, self.shape[0], length, self.shape[1], dtype=self.dtype, device=self.device)
+    def _empty(self, slots: int, length: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(slots + 1, self.shape[0], length, self.shape[1], dtype=self.dtype, device=device)
 
     def bytes_per_token(self) -> int:
         """KV bytes one position of one session takes, all layers."""
@@ -65,7 +68,7 @@ class SlotKV:
         for table in (self.keys, self.values):
             layers = []
             for old in table:
-                new = self._empty(slots, length)
+                new = self._empty(slots, length, old.device)
                 new[: self.capacity, :, : old.shape[2]] = old[: self.capacity]
                 layers.append(new)
             grown.append(layers)
@@ -94,15 +97,23 @@ class BatchView(Cache):
         real = offsets < lens[:, None]                                                          # [B, M]
         self._write_slots = torch.where(real, slots[:, None], store.trash)                      # [B, M]
         self._write_positions = torch.where(real, starts[:, None] + offsets, offsets)           # [B, M]
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write slots, write positions and read slots on ``device`` (copied once per device and forward)."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in (self._write_slots, self._write_positions, self.slots))
+        return self._on[device]
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        write_slots, write_positions, read_slots = self._indices(keys.device)
         # [B, H, M, D] -> [B, M, H, D] to match keys[slot, :, position] indexing.
-        keys[self._write_slots, :, self._write_positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[self._write_slots, :, self._write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        keys[write_slots, :, write_positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[write_slots, :, write_positions] = value_states.transpose(1, 2).to(values.dtype)
         if self.in_place:
             return keys, values  # [S+1, H, L, D]: slot attention takes each row's own slot and length as views
-        return keys[self.slots, :, : self.width], values[self.slots, :, : self.width]
+        return keys[read_slots, :, : self.width], values[read_slots, :, : self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width

@@ -12,6 +12,11 @@ Attention, two ways:
 - ``gather`` (fallback, for models whose attention does not pass keyword arguments through): the cache
   gathers every row's slot into ``[B, H, width, D]`` and a 4-D additive mask hides other positions.
 The target checks at load that both agree on its own weights and falls back to ``gather`` if not.
+
+This is the ``transformers`` runtime (``sled_verifier.runtime``): any causal LM, the reference for the
+``compiled`` one. Linear layers run batch-invariant by default (``sled_verifier.invariant``), so with slot
+attention a row's logits are bitwise those of the row alone. ``device_map`` places the layers across the
+machine's GPUs with transformers' own mechanism (accelerate); each layer's KV slots live beside it.
 """
 
 from __future__ import annotations
@@ -27,28 +32,49 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sled_verifier.invariant import default_tile, make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 
 SLOT_ATTENTION = "sled_slots"
 
 
-def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
-    """Each row's attention over its own slot, in place. ``key``/``value``: this layer's whole store
-    ``[S+1, Hkv, L, D]``; ``sled_rows``: per row (slot, width, new tokens m, bool mask [m, width] or None).
-    Without ``sled_rows`` (the model called some other way) it is plain SDPA."""
-    if sled_rows is None:  # the model used outside forward_rows (generate, a plain call): ordinary SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    batch, heads, m_max, head_dim = query.shape                                      # [B, H, M, D]
-    out = query.new_zeros(batch, m_max, heads, head_dim)                              # [B, M, H, D]
+def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows, scaling: float | None) -> torch.Tensor:
+    """Each row's attention over its own slot, in place: ``query`` ``[B, H, M, D]``, ``key``/``value`` one
+    layer's whole store ``[S+1, Hkv, L, D]``, ``rows`` per row (slot, width, new tokens m, bool mask [m, width]
+    or None). Returns ``[B, M, H, D]``; a row's result is computed exactly as if it were alone."""
+    batch, heads, m_max, head_dim = query.shape
+    out = query.new_zeros(batch, m_max, heads, head_dim)
     gqa = key.shape[1] != heads
-    for row, (slot, width, m, mask) in enumerate(sled_rows):
+    for row, (slot, width, m, mask) in enumerate(rows):
+        if mask is not None and mask.device != query.device:  # layers spread over devices (device_map)
+            mask = mask.to(query.device)
         attended = F.scaled_dot_product_attention(
             query[row : row + 1, :, :m], key[slot : slot + 1, :, :width], value[slot : slot + 1, :, :width],
             attn_mask=mask, scale=scaling, enable_gqa=gqa)                            # [1, H, m, D]
         out[row, :m] = attended[0].transpose(0, 1)
-    return out, None
+    return out
+
+
+def row_plan(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], device: torch.device) -> list:
+    """Per row: (slot, width = start + m, m, causal mask of its m new tokens over its width, or None)."""
+    plan = []
+    for slot, start, tokens in zip(slots, starts, inputs):
+        m = len(tokens)
+        mask = None
+        if m > 1:
+            mask = torch.arange(start + m, device=device)[None, :] <= (start + torch.arange(m, device=device))[:, None]
+        plan.append((int(slot), start + m, m, mask))
+    return plan
+
+
+def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
+    """transformers' attention interface over ``attend_rows``. Without ``sled_rows`` (the model called some
+    other way: generate, a plain call) it is plain SDPA."""
+    if sled_rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return attend_rows(query, key, value, sled_rows, scaling), None
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
@@ -71,21 +97,51 @@ def eos_ids_of(model_dir: Path) -> list[int]:
     return []
 
 
-class TargetModel:
-    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32") -> None:
-        from transformers import AutoModelForCausalLM
+def load_causal_lm(model_dir: Path, device: torch.device, dtype: str, device_map: str = ""):
+    """The transformers model from a local directory (never the hub), on ``device`` or spread by ``device_map``."""
+    from transformers import AutoModelForCausalLM
 
+    placement = {}
+    if device_map:
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for device_map)
+        except ImportError:
+            raise ValueError("--device-map needs the accelerate package: pip install accelerate") from None
+        placement = {"device_map": json.loads(device_map) if device_map.startswith("{") else device_map}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True,
+                                                 **placement)
+    if not device_map:
+        model = model.to(device)
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
+            or layer_types != {"full_attention"}:
+        raise ValueError(f"{model_dir}: sliding-window or hybrid attention is not supported by the "
+                         "verifier's batched mask yet (verification would differ from the target alone)")
+    return model.eval()
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device of each decoder layer (all the same unless ``device_map`` spread them)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or getattr(getattr(model, "transformer", None), "h", None)
+    if layers is None:
+        return [next(model.parameters()).device] * model.config.num_hidden_layers
+    return [next(layer.parameters()).device for layer in layers]
+
+
+class TransformersTarget:
+    name = "transformers"
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32", *,
+                 device_map: str = "", batch_invariant: bool = True) -> None:
         self.model_dir = Path(model_dir)
-        self.device = resolve_device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=getattr(torch, dtype), local_files_only=True,
-        ).to(self.device).eval()
+        self.model = load_causal_lm(self.model_dir, resolve_device(device), dtype, device_map)
+        self.device = self.model.get_input_embeddings().weight.device  # inputs go in here; logits come back
+        self.layer_devices = layer_devices(self.model)
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            make_batch_invariant(self.model, default_tile(self.device))
         config = self.model.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
-                or layer_types != {"full_attention"}:
-            raise ValueError(f"{self.model_dir}: sliding-window or hybrid attention is not supported by the "
-                             "verifier's batched mask yet (verification would differ from the target alone)")
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)
@@ -98,7 +154,7 @@ class TargetModel:
     def _choose_attention(self) -> str:
         """``slots`` if slot attention runs on this model and gives the gather path's logits, else ``gather``."""
         reference_impl = self.model.config._attn_implementation
-        probe = SlotKV(self.model.config.num_hidden_layers, *self._kv_shape(), self.model.dtype, self.device,
+        probe = SlotKV(self.model.config.num_hidden_layers, *self._kv_shape(), self.model.dtype, self.layer_devices,
                        max_slots=4, max_length=16, slots=4, length=16)
         rows = ([5, 6, 7], [8, 9])
         try:
@@ -126,7 +182,8 @@ class TargetModel:
 
     def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
         heads, head_dim = self._kv_shape()
-        self.kv = SlotKV(self.model.config.num_hidden_layers, heads, head_dim, self.model.dtype, self.device, max_slots=max_slots,
+        self.kv = SlotKV(self.model.config.num_hidden_layers, heads, head_dim, self.model.dtype, self.layer_devices,
+                         max_slots=max_slots,
                          max_length=min(max_length, self.max_positions or max_length))
         return self.kv
 
@@ -152,7 +209,7 @@ class TargetModel:
         if self.attention == "slots":
             view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max, in_place=True)
             out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=view, use_cache=True,
-                             cache_position=torch.arange(m_max, device=dev), sled_rows=self._row_plan(slots, starts, inputs),
+                             cache_position=torch.arange(m_max, device=dev), sled_rows=row_plan(slots, starts, inputs, dev),
                              **keep)
             return out.logits
         width = int((starts_t + lens).max())
@@ -164,14 +221,6 @@ class TargetModel:
                          use_cache=True, cache_position=torch.arange(m_max, device=dev), **keep)
         return out.logits
 
-    def _row_plan(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]]) -> list:
-        """Per row: (slot, width = start + m, m, causal mask of its m new tokens over its width, or None)."""
-        plan = []
-        for slot, start, tokens in zip(slots, starts, inputs):
-            m = len(tokens)
-            mask = None
-            if m > 1:
-                mask = torch.arange(start + m, device=self.device)[None, :] <= \
-                    (start + torch.arange(m, device=self.device))[:, None]             # [m, width]
-            plan.append((int(slot), start + m, m, mask))
-        return plan
+
+
+TargetModel = TransformersTarget  # the name before the runtime seam (benchmarks, evaluation)

@@ -121,6 +121,22 @@ def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
     running.process.wait(timeout=15)
 
 
+@pytest.fixture(scope="session")
+def compiled_verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
+    """The same target served by the compiled runtime (``--runtime compiled``)."""
+    running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("logs"), f"vc-{uuid.uuid4().hex[:6]}",
+                             "--runtime", "compiled")
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=15)
+
+
+@pytest.fixture(params=["transformers", "compiled"])
+def each_verifier(request) -> RunningVerifier:
+    """A verifier process of each runtime: the lossless, sampling and fault tests run against both."""
+    return request.getfixturevalue("verifier" if request.param == "transformers" else "compiled_verifier")
+
+
 @pytest.fixture
 def device_id(request) -> str:
     """A device id unique to the test, so tests never read each other's verdicts."""

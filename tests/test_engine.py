@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from conftest import PROMPTS
@@ -16,12 +17,14 @@ from sled_protocol.vocab import vocab_hash
 from sled_verifier.engine import VerifierEngine
 from sled_verifier.sessions import Admission
 from sled_verifier.stats import VerifierStats
+from sled_verifier.runtime import RUNTIMES, load_target
 from sled_verifier.target import TargetModel
 
 
-@pytest.fixture(scope="module")
-def target(tiny_models):
-    return TargetModel(tiny_models.target, device="cpu")
+@pytest.fixture(scope="module", params=RUNTIMES)
+def target(tiny_models, request):
+    """Every engine test runs on both runtimes: the transformers reference and the compiled forward."""
+    return load_target(tiny_models.target, request.param, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +195,16 @@ def test_kv_growth_is_all_or_nothing(target, monkeypatch):
     """An allocation failure while growing leaves the cache as it was, still usable."""
     from sled_verifier.kvslots import SlotKV
 
-    kv = SlotKV(layers=2, heads=2, head_dim=4, dtype=target.model.dtype, device=target.device, max_slots=8,
+    kv = SlotKV(layers=2, heads=2, head_dim=4, dtype=torch.float32, device=target.device, max_slots=8,
                 max_length=1024, slots=2, length=8)
     calls = {"n": 0}
     original = kv._empty
 
-    def failing(slots, length):
+    def failing(slots, length, device):
         calls["n"] += 1
         if calls["n"] == 3:
             raise MemoryError("simulated")
-        return original(slots, length)
+        return original(slots, length, device)
 
     monkeypatch.setattr(kv, "_empty", failing)
     with pytest.raises(MemoryError):

@@ -150,17 +150,17 @@ def fuzz_messages(rng: random.Random, vocab: str, count: int) -> list[tuple[str,
 
 
 @pytest.mark.asyncio
-async def test_fuzzed_drafts_hurt_no_one(verifier, tiny_models, reference, device_id):
+async def test_fuzzed_drafts_hurt_no_one(each_verifier, tiny_models, reference, device_id):
     rng = random.Random(2026)
-    config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), mqtt_url=verifier.url, device_id=device_id,
-                        verifier=verifier.verifier_id)
+    config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), mqtt_url=each_verifier.url, device_id=device_id,
+                        verifier=each_verifier.verifier_id)
     captured: list[bytes] = []
 
     async def fuzz() -> None:
-        async with make_client(parse_mqtt_url(verifier.url), f"fuzzer-{uuid.uuid4().hex[:6]}") as client:
-            await client.subscribe(f"sled/v1/drafts/{verifier.verifier_id}/{device_id}")
+        async with make_client(parse_mqtt_url(each_verifier.url), f"fuzzer-{uuid.uuid4().hex[:6]}") as client:
+            await client.subscribe(f"sled/v1/drafts/{each_verifier.verifier_id}/{device_id}")
             for index, (device, payload) in enumerate(fuzz_messages(rng, vocab, 3000)):
-                await client.publish(topics.draft_topic(verifier.verifier_id, device), payload)
+                await client.publish(topics.draft_topic(each_verifier.verifier_id, device), payload)
                 if index % 100 == 0:
                     await asyncio.sleep(0.01)
             try:
@@ -173,7 +173,7 @@ async def test_fuzzed_drafts_hurt_no_one(verifier, tiny_models, reference, devic
                 pass
             rng.shuffle(captured)  # ...replayed out of order while its sessions go on
             for payload in captured:
-                await client.publish(topics.draft_topic(verifier.verifier_id, device_id), payload)
+                await client.publish(topics.draft_topic(each_verifier.verifier_id, device_id), payload)
 
     async with EdgeDevice(config) as device:
         vocab = device.vocab
@@ -183,8 +183,8 @@ async def test_fuzzed_drafts_hurt_no_one(verifier, tiny_models, reference, devic
             assert result.token_ids == reference(prompt, 48)
         again = await device.generate(device.encode_prompt("import"), 8)  # still serving afterwards
     assert again.token_ids == reference(device.encode_prompt("import"), 8)
-    assert verifier.process.poll() is None and len(captured) >= 10
-    log = verifier.log_path.read_text()
+    assert each_verifier.process.poll() is None and len(captured) >= 10
+    log = each_verifier.log_path.read_text()
     assert log.count("draft_refused") > 1000 and "batch_failed" not in log
 
 

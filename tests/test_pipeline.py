@@ -57,9 +57,9 @@ async def misbehave(verifier, vocab: str) -> dict[str, object]:
 
 
 @pytest.mark.asyncio
-async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_models, verifier, reference, device_id):
-    jetson = EdgeDevice(edge_config(verifier, tiny_models.target_onnx, f"{device_id}-a"))
-    pi = EdgeDevice(edge_config(verifier, tiny_models.gpt2_onnx, f"{device_id}-b", draft_tokens=3))
+async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_models, each_verifier, reference, device_id):
+    jetson = EdgeDevice(edge_config(each_verifier, tiny_models.target_onnx, f"{device_id}-a"))
+    pi = EdgeDevice(edge_config(each_verifier, tiny_models.gpt2_onnx, f"{device_id}-b", draft_tokens=3))
     max_new = [40, 32, 24]
     async with jetson, pi:
         prompts = [jetson.encode_prompt(PROMPTS[0]), jetson.encode_prompt(PROMPTS[1]), pi.encode_prompt(PROMPTS[3])]
@@ -69,7 +69,7 @@ async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_m
                 group.create_task(jetson.generate(prompts[1], max_new[1])),
                 group.create_task(pi.generate(prompts[2], max_new[2])),
             ]
-            refusals = group.create_task(misbehave(verifier, jetson.vocab))
+            refusals = group.create_task(misbehave(each_verifier, jetson.vocab))
     results = [run.result() for run in runs]
     for result, prompt, n in zip(results, prompts, max_new):
         assert result.token_ids == reference(prompt, n)
@@ -85,15 +85,15 @@ async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_m
     for name, code in expected_errors.items():
         assert answers[name].kind is VerdictKind.ERROR and answers[name].error is code, name
         assert answers[name].reason
-    assert verifier.process.poll() is None
-    log = verifier.log_path.read_text()
+    assert each_verifier.process.poll() is None
+    log = each_verifier.log_path.read_text()
     assert "draft_refused" in log and "vocab_mismatch" in log
 
 
 @pytest.mark.asyncio
-async def test_sampled_sessions_run_end_to_end_and_a_seed_reproduces_them(tiny_models, verifier, reference, device_id):
-    pi = EdgeDevice(edge_config(verifier, tiny_models.gpt2_onnx, f"{device_id}-b", proposal_tokens=8))
-    jetson = EdgeDevice(edge_config(verifier, tiny_models.target_onnx, f"{device_id}-a"))
+async def test_sampled_sessions_run_end_to_end_and_a_seed_reproduces_them(tiny_models, each_verifier, reference, device_id):
+    pi = EdgeDevice(edge_config(each_verifier, tiny_models.gpt2_onnx, f"{device_id}-b", proposal_tokens=8))
+    jetson = EdgeDevice(edge_config(each_verifier, tiny_models.target_onnx, f"{device_id}-a"))
     seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
     async with pi, jetson:
         prompt = pi.encode_prompt(PROMPTS[1])

@@ -1,0 +1,173 @@
+"""The ``compiled`` runtime: one readable forward for the Llama family over the KV slots, compilable.
+
+The same weights as the ``transformers`` runtime (loaded by transformers, never copied), but the forward is
+ours, in the spirit of gpt-fast: embed, then per layer norm -> q/k/v -> rotary -> write the new keys and
+values into the rows' slots -> attention -> o_proj -> MLP, then norm and the vocabulary projection. No
+attention-mask construction, cache objects or keyword plumbing per call, and every shape is ours to fix.
+
+Two ways to attend, chosen by ``compile``:
+
+- eager (``compile="off"``, the default on CPU): each row attends over its own slot in place, over its own
+  length (``attend_rows``, shared with the transformers runtime). Shapes are the batch's own.
+- static (any compile mode, the default on a GPU: ``reduce-overhead``, i.e. CUDA graphs): rows, tokens per
+  row and attended width are padded up to a few buckets (powers of two), padding rows write into the spare
+  slot and are never read, and attention is one SDPA over each row's slot read up to the bucketed width with
+  a boolean mask. Every bucket is one static graph, captured once, replayed after.
+
+Linear layers are batch-invariant in both (``sled_verifier.invariant``). Supported: Llama, Qwen2 and Mistral
+without sliding windows (the family this project builds, and the Qwen2.5 targets of the paper); anything
+else is refused at load with a pointer to ``--runtime transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sled_verifier.invariant import default_tile, make_batch_invariant
+from sled_verifier.kvslots import SlotKV
+from sled_verifier.target import attend_rows, eos_ids_of, load_causal_lm, resolve_device, row_plan
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The next power of two >= n (and >= smallest): few enough shapes to capture each once."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return size
+
+
+class CompiledTarget:
+    name = "compiled"
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32", *,
+                 compile: str = "auto", batch_invariant: bool = True) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.model_dir = Path(model_dir)
+        model_type = json.loads((self.model_dir / "config.json").read_text()).get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"the compiled runtime serves {', '.join(SUPPORTED)} models, not {model_type!r}; "
+                             "use --runtime transformers")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+        self.device = resolve_device(device)
+        self.model = load_causal_lm(self.model_dir, self.device, dtype)
+        if batch_invariant:
+            make_batch_invariant(self.model, default_tile(self.device))
+        config = self.model.config
+        self.vocab_size: int = config.vocab_size
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.eos_ids = torch.tensor(eos_ids_of(self.model_dir), dtype=torch.int64, device=self.device)
+        self.model_id = self.model_dir.name
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self._rotate = apply_rotary_pos_emb
+        self.kv: SlotKV | None = None
+        self.mode = ("reduce-overhead" if self.device.type == "cuda" else "off") if compile == "auto" else compile
+        self.static = self.mode != "off"
+        self._forward = self._forward_eager
+        if self.static:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            self._forward = torch.compile(self._forward_static, mode=None if self.mode == "default" else self.mode,
+                                          dynamic=False, fullgraph=True)
+
+    def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
+        self.kv = SlotKV(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim, self.model.dtype,
+                         self.device, max_slots=max_slots, max_length=min(max_length, self.max_positions or max_length))
+        return self.kv
+
+    @torch.inference_mode()
+    def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                     logits: bool = True) -> torch.Tensor:
+        """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row."""
+        if self.kv is None:
+            self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
+        rows, m_max = len(inputs), max(len(x) for x in inputs)
+        width = max(start + len(x) for start, x in zip(starts, inputs))
+        if self.static:  # pad to the buckets: padding rows are one token written to the spare slot
+            rows_b, m_b = bucket(rows), bucket(m_max)
+            self.kv.ensure_length(max(width, m_b))
+            width_b = min(bucket(width, 64), self.kv.length)
+            slots = [*slots] + [self.kv.trash] * (rows_b - rows)
+            starts = [*starts] + [0] * (rows_b - rows)
+            inputs = [*inputs] + [[0]] * (rows_b - rows)
+        else:
+            m_b, width_b = m_max, width
+            self.kv.ensure_length(max(width, m_max))
+        dev = self.device
+        lens = torch.tensor([len(x) for x in inputs], device=dev)
+        input_ids = torch.tensor([[*x] + [0] * (m_b - len(x)) for x in inputs], dtype=torch.int64, device=dev)
+        starts_t = torch.tensor(list(starts), dtype=torch.int64, device=dev)
+        slots_t = torch.tensor(list(slots), dtype=torch.int64, device=dev)
+        offsets = torch.arange(m_b, device=dev)[None, :]
+        real = offsets < lens[:, None]                                                     # [B, M]
+        # Padding queries repeat the row's last real position (never past the position table) and write
+        # into the spare slot, which no row reads.
+        positions = starts_t[:, None] + torch.minimum(offsets, (lens - 1)[:, None])        # [B, M]
+        write_slots = torch.where(real, slots_t[:, None], self.kv.trash)                    # [B, M]
+        write_positions = torch.where(real, starts_t[:, None] + offsets, offsets)          # [B, M]
+        if self.static:
+            visible = torch.arange(width_b, device=dev)[None, None, :] <= positions[:, :, None]   # [B, M, W]
+            out = self._forward(input_ids, positions, write_slots, write_positions, slots_t, visible, not logits)
+        else:
+            out = self._forward(input_ids, positions, write_slots, write_positions,
+                                row_plan(slots, starts, inputs, dev), not logits)
+        return out[:rows, : (m_max if logits else 1)]
+
+    def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
+        batch, m = hidden.shape[:2]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(batch, m, self.heads, self.head_dim).transpose(1, 2)      # [B, H, M, D]
+        k = attn.k_proj(x).view(batch, m, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, M, D]
+        v = attn.v_proj(x).view(batch, m, self.kv_heads, self.head_dim)                  # [B, M, Hkv, D]
+        q, k = self._rotate(q, k, cos, sin)
+        keys, values = self.kv.keys[index], self.kv.values[index]                           # [S+1, Hkv, L, D]
+        keys[write_slots, :, write_positions] = k.transpose(1, 2)
+        values[write_slots, :, write_positions] = v
+        attended = attend(q, keys, values)                                                  # [B, M, H, D]
+        hidden = hidden + attn.o_proj(attended.reshape(batch, m, self.heads * self.head_dim))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _head(self, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
+        if last_only:  # prefill: only the caches matter; project one position per row
+            hidden = hidden[:, -1:]
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan, last_only: bool):
+        body = self.model.model
+        hidden = body.embed_tokens(input_ids)                                               # [B, M, E]
+        cos, sin = body.rotary_emb(hidden, positions)
+
+        def attend(q, keys, values):
+            return attend_rows(q, keys, values, plan, self.scaling)
+
+        for index, layer in enumerate(body.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)
+        return self._head(hidden, last_only)
+
+    def _forward_static(self, input_ids, positions, write_slots, write_positions, slots, visible, last_only: bool):
+        body = self.model.model
+        hidden = body.embed_tokens(input_ids)
+        cos, sin = body.rotary_emb(hidden, positions)
+        width = visible.shape[-1]
+        mask = visible[:, None]                                                             # [B, 1, M, W]
+
+        def attend(q, keys, values):
+            out = F.scaled_dot_product_attention(q, keys[slots, :, :width], values[slots, :, :width],
+                                                 attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)   # [B, H, M, D]
+            return out.transpose(1, 2)
+
+        for index, layer in enumerate(body.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)
+        return self._head(hidden, last_only)
