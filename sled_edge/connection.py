@@ -1,5 +1,6 @@
 """The device's broker connection: connect, subscribe, dispatch, and reconnect with backoff forever (to the
-next of the configured brokers, when they are a cluster's nodes).
+next of the configured brokers, when they are a cluster's nodes), through the shared loop of
+``sled_protocol.connection`` on whatever transport the URL names (MQTT, or ``memory://`` in tests).
 
 The connection task is its own supervisor: a lost broker and an unexpected error alike (logged with its
 traceback) clear ``connected`` and restart it after a backoff, so a waiting session either sees the
@@ -19,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import aiomqtt
 import structlog
 
 from sled_protocol import ProtocolError, Status, Verdict, VerdictKind, decode_status, decode_verdict
 from sled_protocol import topics
-from sled_protocol.mqtt import BrokerAddress, backoff_s, describe_brokers, make_client
+from sled_protocol.connection import Reconnecting
+from sled_protocol.transport import BrokerAddress, Link, TransportError, describe_brokers, topic_matches, transport_for
 
 log = structlog.get_logger("sled_edge")
 
@@ -45,16 +46,29 @@ class EdgeConnection:
         self.protocol = protocol
         self.verifiers: dict[str, Status] = {}
         self.status_changed = asyncio.Event()
-        self.connected = asyncio.Event()
         self.waiters: dict[str, asyncio.Queue] = {}
         self.session_verifier: dict[str, str] = {}
-        self._client: aiomqtt.Client | None = None
+        # The shared reconnect loop; ``Exception`` in restart_on: this task supervises itself.
+        self.loop = Reconnecting(
+            [transport_for(address, ca_file=ca_file, protocol=protocol) for address in addresses],
+            lambda: f"sled-edge-{device_id}-{uuid.uuid4().hex[:8]}",
+            subscriptions=[(topics.verdict_topic(device_id), topics.QOS_VERDICT),
+                           (topics.STATUS_FILTER, topics.QOS_STATUS)],
+            restart_on=(Exception,), log=log)
+        self.connected = self.loop.connected
         self._task: asyncio.Task | None = None
-        self.reconnects = 0
-        self.last_error: BaseException | None = None  # why the latest attempt failed, for the start-up error
+
+    @property
+    def reconnects(self) -> int:
+        return self.loop.reconnects
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """Why the latest attempt failed, for the start-up error."""
+        return self.loop.last_error
 
     async def start(self, timeout_s: float) -> None:
-        self._task = asyncio.create_task(self._run(), name="mqtt-connection")
+        self._task = asyncio.create_task(self.loop.run(self._serve), name="mqtt-connection")
         try:
             async with asyncio.timeout(timeout_s):
                 await self.connected.wait()
@@ -77,55 +91,32 @@ class EdgeConnection:
         if not self._task.cancelled() and self._task.exception() is not None:
             raise self._task.exception()
 
-    async def _run(self) -> None:
-        attempt = failures = 0
-        while True:
-            address = self.addresses[failures % len(self.addresses)]  # after a failure, the next node
-            try:
-                identifier = f"sled-edge-{self.device_id}-{uuid.uuid4().hex[:8]}"
-                async with make_client(address, identifier, ca_file=self.ca_file, protocol=self.protocol) as client:
-                    await client.subscribe(topics.verdict_topic(self.device_id), qos=topics.QOS_VERDICT)
-                    await client.subscribe(topics.STATUS_FILTER, qos=topics.QOS_STATUS)
-                    self._client = client
-                    self.connected.set()
-                    if attempt:
-                        self.reconnects += 1
-                        log.warning("broker_reconnected", broker=str(address))
-                        self._wake_all(RECONNECTED)
-                    attempt = 0
-                    async for message in client.messages:
-                        self._dispatch(str(message.topic), bytes(message.payload))
-            except Exception as exc:  # supervision: any failure, expected or not, restarts the connection
-                self.connected.clear()
-                self._client = None
-                self.last_error = exc
-                delay = backoff_s(attempt)
-                attempt += 1
-                failures += 1
-                if isinstance(exc, aiomqtt.MqttError):
-                    log.warning("broker_connection_lost", broker=str(address), error=str(exc),
-                                retry_in_s=round(delay, 2))
-                else:
-                    log.exception("broker_connection_failed", broker=str(address), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+    async def _serve(self, link: Link) -> None:
+        """One live connection: tell waiting sessions about a reconnect, then dispatch every message."""
+        if self.loop.connections > 1:
+            self._wake_all(RECONNECTED)  # in-flight rounds may be lost: resend now, not after a timeout
+        async for message in link.messages():
+            self._dispatch(message.topic, message.payload)
 
     async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
         """Publish once connected; TimeoutError when the broker stays away (the caller resends later)."""
         async with asyncio.timeout(timeout_s):
             while True:
                 await self.connected.wait()
-                client = self._client
+                link = self.loop.link
+                if link is None:  # woken by a connection that is already gone again
+                    continue
                 try:
-                    await client.publish(topic, payload, qos=topics.QOS_DRAFT)
+                    await link.publish(topic, payload, qos=topics.QOS_DRAFT)
                     return
-                except aiomqtt.MqttError:
+                except TransportError:
                     await asyncio.sleep(0.05)  # the connection task owns `connected` and reconnects
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
             if topic == topics.verdict_topic(self.device_id):
                 self._route(decode_verdict(payload))
-            elif aiomqtt.Topic(topic).matches(topics.STATUS_FILTER):
+            elif topic_matches(topic, topics.STATUS_FILTER):
                 status = decode_status(payload)
                 was_online = self.verifiers.get(status.verifier, status).online
                 self.verifiers[status.verifier] = status

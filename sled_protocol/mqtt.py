@@ -1,4 +1,5 @@
-"""The one way SLED connects to a broker: URL parsing, TCP_NODELAY at our end, the MQTT version, backoff.
+"""The MQTT transport (aiomqtt, the only module that imports it): TCP_NODELAY at our end, the MQTT version,
+TLS, and ``MqttTransport``/``MqttLink`` behind the Protocol of ``sled_protocol.transport``.
 
 TCP_NODELAY matters: without it at both ends (the broker's ``set_tcp_nodelay true`` and the client's
 socket option) Nagle's algorithm holds small draft messages back and a round trip costs ~90 ms
@@ -14,51 +15,21 @@ from __future__ import annotations
 
 import socket
 import ssl
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiomqtt
+
+from sled_protocol.connection import backoff_s  # noqa: F401 (its former home; imported from here by callers)
+from sled_protocol.transport import (BrokerAddress, Message, TransportError, Will, describe_brokers,  # noqa: F401
+                                     parse_broker_url, parse_broker_urls)
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
 
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_mqtt_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS, default port 8883)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ValueError(f"MQTT URL {url!r} has an invalid port") from None
-    return BrokerAddress(
-        host=parts.hostname, port=port, tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
-
-
-def parse_mqtt_urls(urls: str) -> list[BrokerAddress]:
-    """One URL or several separated by commas (the nodes of a cluster), in the order they are tried."""
-    return [parse_mqtt_url(url.strip()) for url in urls.split(",")]
-
-
-def describe_brokers(addresses: list[BrokerAddress]) -> str:
-    return ",".join(map(str, addresses))
+# The names callers know; the parsing itself is broker-neutral and lives in sled_protocol.transport.
+parse_mqtt_url = parse_broker_url
+parse_mqtt_urls = parse_broker_urls
 
 
 def check_protocol(protocol: str) -> None:
@@ -90,6 +61,55 @@ def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will |
     )
 
 
-def backoff_s(attempt: int, *, base_s: float = 0.2, cap_s: float = 10.0) -> float:
-    """Reconnect delay after ``attempt`` consecutive failures: exponential, capped."""
-    return min(cap_s, base_s * (2 ** min(attempt, 16)))
+class MqttLink:
+    """A connected aiomqtt client behind the ``Link`` Protocol; MqttError becomes TransportError here."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+        try:
+            await self.client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
+        try:
+            await self.client.subscribe(topic_filter, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+    async def messages(self) -> AsyncIterator[Message]:
+        try:
+            async for message in self.client.messages:
+                yield Message(str(message.topic), bytes(message.payload))
+        except aiomqtt.MqttError as exc:
+            raise TransportError(str(exc)) from exc
+
+
+class MqttTransport:
+    """One MQTT broker (a node of a cluster) through aiomqtt: ``make_client`` with Nagle off."""
+
+    def __init__(self, address: BrokerAddress, *, ca_file: str | None = None, protocol: str = "5",
+                 keepalive_s: int = 30) -> None:
+        self.address = address
+        self.ca_file = ca_file
+        self.protocol = protocol
+        self.keepalive_s = keepalive_s
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    @asynccontextmanager
+    async def connect(self, identifier: str, will: Will | None = None) -> AsyncIterator[MqttLink]:
+        mqtt_will = aiomqtt.Will(will.topic, will.payload, qos=will.qos, retain=will.retain) if will else None
+        client = make_client(self.address, identifier, will=mqtt_will, keepalive_s=self.keepalive_s,
+                             ca_file=self.ca_file, protocol=self.protocol)
+        try:
+            async with client:
+                yield MqttLink(client)
+        except aiomqtt.MqttError as exc:  # connecting, or disconnecting from a broker already gone
+            raise TransportError(str(exc)) from exc
+
+
+Transport = MqttTransport  # what sled_protocol.transport.transport_for looks up for mqtt:// and mqtts://

@@ -1,6 +1,7 @@
 """The verifier's asyncio/MQTT shell: receive drafts, batch them, run the engine off the loop, answer.
 
-Tasks (one TaskGroup per broker connection; the outer loop reconnects with backoff):
+Tasks (one TaskGroup per broker connection; ``sled_protocol.connection`` reconnects with backoff, on the
+transport the URL names: MQTT, or ``memory://`` in tests):
   receive  - decode and validate each draft; refuse bad ones with an error verdict at once
   schedule - ask the scheduler (``sled_verifier.scheduler``) when to step; run ``VerifierEngine.step`` in the
              model thread; drafts whose prefill did not fit the step go back to the head of the queue
@@ -16,13 +17,13 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-import aiomqtt
 import structlog
 
 from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, encode
 from sled_protocol.messages import decode_inbound
 from sled_protocol import topics
-from sled_protocol.mqtt import backoff_s, make_client, parse_mqtt_urls
+from sled_protocol.connection import Reconnecting
+from sled_protocol.transport import Link, TransportError, Will, parse_broker_urls, transport_for
 from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.config import VerifierConfig
 from sled_verifier.engine import VerifierEngine, error_verdict
@@ -71,30 +72,16 @@ class VerifierService:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled, reconnecting to the broker (the next of a cluster's nodes) with backoff."""
-        addresses = parse_mqtt_urls(self.config.mqtt_url)
-        will = aiomqtt.Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),
-                            qos=topics.QOS_STATUS, retain=topics.RETAIN_STATUS)
-        attempt = failures = 0
-        while True:
-            address = addresses[failures % len(addresses)]
-            failure: Exception | None = None
-            try:
-                async with make_client(address, f"sled-verifier-{self.config.verifier_id}", will=will,
-                                       ca_file=self.config.ca_file or None,
-                                       protocol=self.config.mqtt_protocol) as client:
-                    attempt = 0
-                    await self._serve_connection(client, ready)
-            except* aiomqtt.MqttError as group:
-                failure = group.exceptions[0]
-            delay = backoff_s(attempt)
-            attempt += 1
-            failures += 1
-            log.warning("broker_connection_lost", broker=str(address), error=str(failure), retry_in_s=round(delay, 2))
-            await asyncio.sleep(delay)
+        transports = [transport_for(address, ca_file=self.config.ca_file or None, protocol=self.config.mqtt_protocol)
+                      for address in parse_broker_urls(self.config.mqtt_url)]
+        will = Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),
+                    qos=topics.QOS_STATUS, retain=topics.RETAIN_STATUS)
+        connection = Reconnecting(transports, f"sled-verifier-{self.config.verifier_id}", will=will, log=log,
+                                  subscriptions=[(topics.drafts_filter(self.config.verifier_id), topics.QOS_DRAFT)])
+        await connection.run(lambda link: self._serve_connection(link, ready))
 
-    async def _serve_connection(self, client: aiomqtt.Client, ready: asyncio.Event | None) -> None:
+    async def _serve_connection(self, client: Link, ready: asyncio.Event | None) -> None:
         status_topic = topics.status_topic(self.config.verifier_id)
-        await client.subscribe(topics.drafts_filter(self.config.verifier_id), qos=topics.QOS_DRAFT)
         await client.publish(status_topic, encode(self.status(True)), qos=topics.QOS_STATUS, retain=True)
         log.info("verifier_online", verifier=self.config.verifier_id, model=self.engine.target.model_id,
                  vocab=self.vocab, drafts=topics.drafts_filter(self.config.verifier_id))
@@ -112,18 +99,18 @@ class VerifierService:
                 try:
                     async with asyncio.timeout(1.0):
                         await client.publish(status_topic, encode(self.status(False)), qos=topics.QOS_STATUS, retain=True)
-                except (aiomqtt.MqttError, TimeoutError):
+                except (TransportError, TimeoutError):
                     pass
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            device = topics.device_of_draft_topic(str(message.topic))
+    async def _receive(self, client: Link) -> None:
+        async for message in client.messages():
+            device = topics.device_of_draft_topic(message.topic)
             if device is not None:
                 started = time.perf_counter()
-                await self._accept(client, device, bytes(message.payload), time.monotonic())
+                await self._accept(client, device, message.payload, time.monotonic())
                 self.stats.receive_s += time.perf_counter() - started
 
-    async def _accept(self, client: aiomqtt.Client, device: str, payload: bytes, now_s: float) -> None:
+    async def _accept(self, client: Link, device: str, payload: bytes, now_s: float) -> None:
         if not self.rate.allow(device, now_s):
             await self._refuse(client, device, None, ErrorCode.RATE_LIMITED,
                                f"more than {self.config.max_drafts_per_s:g} drafts/s from this device")
@@ -167,7 +154,7 @@ class VerifierService:
         task.add_done_callback(self._closing.discard)
         log.debug("session_closed", device_id=device, session_id=close.session)
 
-    async def _refuse(self, client, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
+    async def _refuse(self, client: Link, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
                       session: str | None = None, seq: int | None = None) -> None:
         verdict = error_verdict(self.config.verifier_id, draft, code, reason, session=session, seq=seq)
         self.stats.errors[str(code)] += 1
@@ -175,7 +162,7 @@ class VerifierService:
                     error=str(code), reason=reason)
         await self._publish_verdict(client, device, verdict)
 
-    async def _publish_verdict(self, client: aiomqtt.Client, device: str, verdict: Verdict) -> None:
+    async def _publish_verdict(self, client: Link, device: str, verdict: Verdict) -> None:
         try:
             topic = topics.verdict_topic(device)
         except ValueError:
@@ -195,7 +182,7 @@ class VerifierService:
         prefill = min(prefill, self.config.prefill_chunk_tokens)
         return QueueState(len(self.queue), scored + prefill, ready, prefill)
 
-    async def _schedule(self, client: aiomqtt.Client) -> None:
+    async def _schedule(self, client: Link) -> None:
         while True:
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
@@ -274,7 +261,7 @@ class VerifierService:
             await asyncio.sleep(self.config.stats_interval_s)
             log.info("verifier_stats", sessions=self.engine.session_count, **self.stats.summary())
 
-    async def _announce(self, client: aiomqtt.Client) -> None:
+    async def _announce(self, client: Link) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
             await client.publish(topics.status_topic(self.config.verifier_id), encode(self.status(True)),

@@ -5,6 +5,7 @@ task restarts it instead of stranding the sessions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -113,34 +114,35 @@ async def test_a_lone_silent_verifier_is_retried_without_waiting_out_discovery(o
 
 @pytest.mark.asyncio
 async def test_an_unexpected_connection_error_restarts_the_connection(own_broker, tiny_models, monkeypatch):
-    real_make_client = connection_module.make_client
+    real_transport_for = connection_module.transport_for
     injected = []
 
-    class Faulty:
-        """A client whose message stream fails with a non-MQTT error at the first verdict, once."""
+    class FaultyLink:
+        """A link whose message stream fails with a non-transport error at the first verdict, once."""
 
-        def __init__(self, *args, **kwargs) -> None:
-            self.real = real_make_client(*args, **kwargs)
-
-        async def __aenter__(self):
-            await self.real.__aenter__()
-            return self
-
-        async def __aexit__(self, *exc_info):
-            return await self.real.__aexit__(*exc_info)
+        def __init__(self, real) -> None:
+            self.real = real
 
         def __getattr__(self, name):
             return getattr(self.real, name)
 
-        @property
         async def messages(self):
-            async for message in self.real.messages:
-                if not injected and message.topic.value.startswith(f"{topics.PREFIX}/verdicts/"):
+            async for message in self.real.messages():
+                if not injected and message.topic.startswith(f"{topics.PREFIX}/verdicts/"):
                     injected.append(True)
                     raise RuntimeError("injected fault in the connection task")
                 yield message
 
-    monkeypatch.setattr(connection_module, "make_client", Faulty)
+    class FaultyTransport:
+        def __init__(self, *args, **kwargs) -> None:
+            self.real = real_transport_for(*args, **kwargs)
+
+        @contextlib.asynccontextmanager
+        async def connect(self, identifier, will=None):
+            async with self.real.connect(identifier, will) as link:
+                yield FaultyLink(link)
+
+    monkeypatch.setattr(connection_module, "transport_for", FaultyTransport)
     def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
         return verified(draft, verifier_id)
 

@@ -1,34 +1,70 @@
-"""The core stays pure: importing it pulls in no MQTT, no ONNX Runtime and (torch aside) no event loop."""
+"""The core stays pure: importing it pulls in no MQTT, no ONNX Runtime and (torch aside) no event loop; and only
+the protocol package talks to aiomqtt (everything else goes through the transport seam)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 
 import pytest
 
-SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.client"]
+from conftest import ROOT
+
+SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.client", "sled_edge.connection"]
+
+# Every module of the pure core: maths, policies, bookkeeping, the wire agreement and configuration.
+PLAIN = [
+    "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.placement", "sled_edge.proposal",
+    "sled_edge.session",
+    "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes", "sled_protocol.messages",
+    "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
+    "sled_protocol.vocab",
+    "sled_verifier.config", "sled_verifier.identity", "sled_verifier.ratelimit", "sled_verifier.scheduler",
+    "sled_verifier.sessions", "sled_verifier.stats",
+]
+TENSOR = ["sled_verifier.sampling", "sled_verifier.verify"]  # torch itself imports asyncio
+SEAM = ["sled_protocol.connection", "sled_protocol.memory", "sled_protocol.transport"]  # asyncio, but no broker library
 
 
 def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
             + f"print(json.dumps([m for m in {watched!r} if m in sys.modules]))")
-    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
-    [
-        # Plain-Python core: not even asyncio.
-        (["sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats", "sled_edge.session",
-          "sled_edge.drafter", "sled_edge.placement", "sled_protocol.messages", "sled_protocol.topics",
-          "sled_verifier.identity"], ["asyncio", *SHELL]),
-        # torch itself imports asyncio, so the tensor maths is checked for the shell only.
-        (["sled_verifier.verify"], SHELL),
-    ],
-    ids=["plain", "tensor"],
+    [(PLAIN, ["asyncio", "torch", *SHELL]), (TENSOR, SHELL), (SEAM, SHELL)],
+    ids=["plain", "tensor", "transport-seam"],
 )
 def test_core_imports_no_shell(modules, forbidden):
     assert loaded_after_import(modules, forbidden) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", PLAIN)
+def test_each_plain_module_is_pure_on_its_own(module):
+    """One at a time too: a module that is pure only because another was imported first would slip through."""
+    assert loaded_after_import([module], ["asyncio", "torch", *SHELL]) == []
+
+
+def imported_modules(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_protocol_package_imports_aiomqtt():
+    """The transport seam: another broker is a new module in sled_protocol, not an edit to either service."""
+    packages = ["sled_edge", "sled_verifier", "sled_models"]
+    offenders = [str(path.relative_to(ROOT)) for package in packages for path in sorted((ROOT / package).rglob("*.py"))
+                 if {"aiomqtt", "paho"} & imported_modules(path)]
+    assert offenders == []
+    assert "aiomqtt" in imported_modules(ROOT / "sled_protocol" / "mqtt.py")  # the check sees imports at all
