@@ -121,6 +121,8 @@ async def watch(args: argparse.Namespace, url: str, protocol: str) -> None:
     next_stats_s = time.monotonic() + args.interval_s
     async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}", protocol=protocol) as client:
         await client.subscribe(args.filter, qos=1)
+        # On stderr, so stdout stays pure records: scripts (and tests) wait for this line, not for a guess.
+        print(f"sled-inspect: subscribed to {args.filter} on {address}", file=sys.stderr, flush=True)
         messages = aiter(client.messages)
         while True:
             try:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -124,7 +123,8 @@ def test_cli_generate_json_and_inspect(tiny_models, verifier, reference, device_
     drafts = inspector(verifier, "--json", "--count", "4", "--device", device_id, "--type", "draft")
     verdicts = inspector(verifier, "--count", "3", "--device", device_id, "--type", "verdict")
     stats = inspector(verifier, "--stats", "--interval-s", "0.3", "--count", "8", "--device", device_id)
-    time.sleep(1.5)  # let the inspectors subscribe
+    for process in (drafts, verdicts, stats):  # each says when its subscription is in place
+        assert "subscribed to" in process.stderr.readline()
     done = run_cli("-m", "sled_edge", "generate", "--mqtt-url", verifier.url, "--draft", str(tiny_models.gpt2_onnx),
                    "--prompt", PROMPTS[2], "--max-new-tokens", "16", "--device-id", device_id, "--json")
     assert done.returncode == 0, done.stderr
