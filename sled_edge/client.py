@@ -28,7 +28,7 @@ from sled_edge.config import EdgeConfig
 from sled_edge.controller import DraftLengthController
 from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, BrokerUnavailable, EdgeConnection
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import Drafter, Guess, Proposal
+from sled_edge.drafter import AheadPolicy, Drafter, Guess, Proposal
 from sled_edge.placement import Placement, choose, describe
 from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, SamplingParams, Status, Verdict, VerdictKind, encode
@@ -103,6 +103,7 @@ class EdgeDevice:
         except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart
             raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
         self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
+        self.ahead = AheadPolicy()  # whether proactive drafting pays on this device (all sessions)
         self.connection = EdgeConnection(parse_mqtt_urls(config.mqtt_url), config.device_id, config.ca_file or None,
                                          config.mqtt_protocol)
         self.verifiers = self.connection.verifiers
@@ -224,9 +225,14 @@ class EdgeDevice:
                 else:
                     controller.observe(len(draft.tokens), verdict.accepted, proposal.draft_s,
                                        time.perf_counter() - verifying)
+                if draft.context is None:
+                    self.ahead.observe_round(len(draft.tokens), proposal.draft_s, time.perf_counter() - verifying)
                 new_tokens = session.apply(draft, verdict)
                 # 3. Keep the guess if the verdict agrees with it, else drop it and roll the cache back.
-                if not await self._settle(guess, drafting_ahead, drafter, session, verdict):
+                held = await self._settle(guess, drafting_ahead, drafter, session, verdict)
+                if guess is not None:
+                    self.ahead.observe_guess(held)
+                if not held:
                     guess = None
                     drafter.learn(verdict.committed_len, draft.base_len, verdict.accepted)
                 slog.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
@@ -260,7 +266,8 @@ class EdgeDevice:
                      sampling: SamplingParams | None) -> tuple[Guess | None, asyncio.Future | None]:
         """Start drafting the round after ``proposal`` in a worker thread, assuming the verifier accepts all of
         it; the guessed round gets the k this loop would choose after such a verdict. None when proactive
-        drafting is off or such a verdict would end the generation (an EOS drafted, no room left)."""
+        drafting is off or does not pay here (``AheadPolicy``), or such a verdict would end the generation (an
+        EOS drafted, no room left)."""
         tokens = proposal.tokens
         room = min(verifier.max_draft_tokens or 64, session.budget - len(tokens) - 1 - 1)
         if not self.config.proactive or not tokens or tokens[-1] in self.model.eos_ids or room < 1:
@@ -268,9 +275,11 @@ class EdgeDevice:
         if self.config.draft_tokens:
             k_next = min(self.config.draft_tokens, room)
         else:  # what the controller will choose after observing an all-accepted round (as a seeded one does)
-            ahead = copy.deepcopy(controller)
-            ahead.observe(len(tokens), len(tokens), len(tokens) * ahead.draft_s, ahead.round_s)
-            k_next = ahead.choose(room)
+            after = copy.deepcopy(controller)
+            after.observe(len(tokens), len(tokens), len(tokens) * after.draft_s, after.round_s)
+            k_next = after.choose(room)
+        if not self.ahead.pays(k_next):
+            return None, None
         guess = Guess.after(session.committed, tokens, k_next)
         session.stats.guesses += 1
         thread = asyncio.ensure_future(asyncio.to_thread(drafter.draft_ahead, guess, sampling, self.config.proposal_tokens))

@@ -66,6 +66,44 @@ class Guess:
                 and committed[self.base_len :] == self.committed[self.base_len :])
 
 
+@dataclass
+class AheadPolicy:
+    """Whether drafting the next round ahead pays, per device, from what it measures (pure: callers pass
+    measurements in). A guess that holds saves the drafting it overlapped with the round trip,
+    min(round trip, drafting); one that fails costs, when the verdict arrives mid-drafting, the rest of the
+    forward pass under way (half a token on average), and CPU otherwise. Expected gain per round:
+    h x min(t_round, (k+1) t_draft) - (1 - h) x (t_draft / 2 if t_round < (k+1) t_draft else 0), with h the
+    share of guesses that held ((k+1): the guess re-feeds the last draft token). Drafting ahead when the gain
+    is positive and at least ``min_hit_rate`` of guesses hold (below that, the device's CPU and energy go
+    mostly to drafts thrown away); every ``explore_every``-th round regardless, so h stays measured."""
+
+    hit_rate: float = 0.5        # prior, then a moving average over guesses
+    draft_s: float = 0.002       # per draft token
+    round_s: float = 0.010       # publish -> verdict
+    smoothing: float = 0.05      # weight of the newest sample
+    min_hit_rate: float = 0.1
+    explore_every: int = 16
+    rounds: int = 0
+
+    def gain_s(self, k: int) -> float:
+        drafting = (k + 1) * self.draft_s
+        miss = self.draft_s / 2 if self.round_s < drafting else 0.0
+        return self.hit_rate * min(self.round_s, drafting) - (1 - self.hit_rate) * miss
+
+    def pays(self, k: int) -> bool:
+        pays = self.hit_rate >= self.min_hit_rate and self.gain_s(k) > 0
+        return pays or self.rounds % self.explore_every == self.explore_every - 1
+
+    def observe_round(self, k: int, draft_s: float, round_s: float) -> None:
+        self.rounds += 1
+        if k > 0 and draft_s > 0:
+            self.draft_s += self.smoothing * (draft_s / k - self.draft_s)
+        self.round_s += self.smoothing * (round_s - self.round_s)
+
+    def observe_guess(self, held: bool) -> None:
+        self.hit_rate += self.smoothing * (float(held) - self.hit_rate)
+
+
 class Drafter:
     def __init__(self, model: DraftModel) -> None:
         self.model = model

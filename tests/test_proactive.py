@@ -14,7 +14,7 @@ from conftest import PROMPTS
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import Drafter, Guess
+from sled_edge.drafter import AheadPolicy, Drafter, Guess
 from sled_protocol import SamplingParams
 
 SAMPLED = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=4321)
@@ -70,6 +70,36 @@ def test_an_abandoned_guess_stops_before_its_next_forward_pass(gpt2_onnx):
     guess.abandoned = True
     drafter.draft_ahead(guess, None)
     assert guess.next_token is None and guess.proposal is None and drafter.cache.length == length
+
+
+@pytest.mark.parametrize(("hit_rate", "draft_ms", "round_ms", "pays"), [
+    (0.5, 1.0, 20.0, True),     # a round trip longer than a draft round: a guess costs no time, and often holds
+    (0.15, 1.0, 20.0, True),    # ... even rarely holding
+    (0.05, 1.0, 20.0, False),   # hardly ever holding: the device's CPU goes to drafts thrown away
+    (0.3, 40.0, 20.0, False),   # a slow draft behind a fast network: a failed guess delays the fresh draft
+    (0.8, 40.0, 20.0, True),    # ... unless it nearly always holds
+])
+def test_drafting_ahead_where_it_pays(hit_rate, draft_ms, round_ms, pays):
+    policy = AheadPolicy(hit_rate=hit_rate, draft_s=draft_ms / 1000, round_s=round_ms / 1000)
+    assert policy.pays(4) is pays
+    if not pays:  # it keeps looking: every explore_every-th round guesses anyway, so the hit rate stays measured
+        decisions = []
+        for _ in range(policy.explore_every):
+            decisions.append(policy.pays(4))
+            policy.observe_round(4, 4 * draft_ms / 1000, round_ms / 1000)
+        assert decisions.count(True) == 1
+
+
+def test_the_policy_learns_hit_rate_and_timings():
+    policy = AheadPolicy()
+    for _ in range(200):
+        policy.observe_round(4, 0.004, 0.050)
+        policy.observe_guess(False)
+    assert policy.draft_s == pytest.approx(0.001, rel=1e-3) and policy.round_s == pytest.approx(0.050, rel=1e-3)
+    assert policy.hit_rate < 1e-4 and policy.rounds % policy.explore_every == 8 and not policy.pays(4)
+    for _ in range(60):
+        policy.observe_guess(True)
+    assert policy.hit_rate > 0.9 and policy.pays(4)
 
 
 def edge_config(verifier, draft_dir, device_id: str, **overrides) -> EdgeConfig:
