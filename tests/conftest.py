@@ -30,6 +30,18 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", "ignore::torch.jit.TracerWarning")
 
 
+# A test that builds models, starts a broker or a verifier process, or is an integration test, is `slow`:
+# `pytest -m "not slow"` is the quick loop of the pure core, `make test` runs everything.
+SLOW_FIXTURES = {"tiny_models", "reference", "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
+                 "each_verifier", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "integration" in item.keywords or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass
 class Broker:
     url: str

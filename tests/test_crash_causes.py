@@ -108,6 +108,7 @@ def test_a_crash_exits_70_and_logs_its_cause(module, coroutine, args, event, tar
     assert any(frame["name"] == "crash" for frame in exception["frames"])
 
 
+@pytest.mark.slow  # about 10 s or more on a 2-core machine
 def test_verifier_metrics_port_in_use_exits_78(target_dir, taken_port):
     done = run("-m", "sled_verifier", "--target", str(target_dir), "--metrics-port", str(taken_port))
     one_configuration_error(done, f"127.0.0.1:{taken_port}", "metrics", "Address already in use")
@@ -125,6 +126,7 @@ def test_edge_api_port_in_use_exits_78(tiny_models, taken_port):
     one_configuration_error(done, f"127.0.0.1:{taken_port}", "the API", "Address already in use")
 
 
+@pytest.mark.slow  # about 10 s or more on a 2-core machine
 def test_a_target_without_weights_exits_78(target_dir):
     done = run("-m", "sled_verifier", "--target", str(target_dir), "--metrics-port", "0")
     one_configuration_error(done, "cannot load target", str(target_dir))

@@ -41,6 +41,7 @@ def run(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout_s, cwd=ROOT)
 
 
+@pytest.mark.slow  # about 10 s or more on a 2-core machine
 def test_smoke_build_every_stage_then_reuse(tmp_path):
     out = tmp_path / "family"
     first = run("build", "--profile", "smoke", "--out", str(out), "--threads", "1")

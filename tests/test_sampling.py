@@ -155,6 +155,7 @@ def chi_square_p(samples: np.ndarray, p_table: torch.Tensor, position: str) -> f
     return chisquare(pooled_obs, pooled_exp * pooled_obs.sum() / pooled_exp.sum()).pvalue
 
 
+@pytest.mark.slow  # about 10 s or more on a 2-core machine
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_committed_tokens_follow_the_target_distribution(scenario, tables):
     samples, p_table = sample_two_tokens(scenario, tables)
@@ -162,6 +163,7 @@ def test_committed_tokens_follow_the_target_distribution(scenario, tables):
     assert chi_square_p(samples, p_table, "joint") > 0.01
 
 
+@pytest.mark.slow  # about 10 s or more on a 2-core machine
 def test_a_wrong_residual_is_caught(tables, monkeypatch):
     """Prove the test bites: resampling from p instead of max(0, p - q') skews the output detectably."""
     monkeypatch.setattr(sampling_module, "residual_distribution", lambda p, q: p)
