@@ -9,6 +9,8 @@ TORCH_INDEX ?=
 PROFILE     ?= quick
 SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
+# The verifier's runtime for the benches: transformers (the reference) or compiled (bench/fleet.py --runtime)
+RUNTIME     ?= transformers
 
 .PHONY: help setup system-deps test test-edge demo models broker inspect clean load bench bench-quick
 DEVICES      ?= 8
@@ -71,12 +73,12 @@ else
 endif
 
 bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min)
-	$(PY) bench/fleet.py --profile full
+	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME)
 	$(PY) bench/run.py --profile full
 	$(PY) bench/draft_cache.py --family models/build/family-$(PROFILE)
 
-bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min)
-	$(PY) bench/fleet.py --profile quick
+bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min; RUNTIME=compiled)
+	$(PY) bench/fleet.py --profile quick --runtime $(RUNTIME)
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
 	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)

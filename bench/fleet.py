@@ -322,6 +322,8 @@ def main() -> int:
     parser.add_argument("--slo-tokens-per-s", default="5,10",
                         help="per-session rates for capacity, comma-separated [default: 5,10; reading speed is ~5]")
     parser.add_argument("--duration-s", type=float, default=0.0, help="seconds devices keep starting sessions after the ramp [default: the profile's]")
+    parser.add_argument("--runtime", choices=("transformers", "compiled"), default="transformers",
+                        help="the verifier's runtime; the server-only baseline decodes with the same one (fair)")
     parser.add_argument("--verifier-flag", action="append", default=[], help="extra sled-verifier flag (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip server-only and ceiling (quick iteration)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -353,9 +355,9 @@ def main() -> int:
                      workdir / f"pool-{args.profile}.json")
 
     from sled_protocol.vocab import vocab_hash
-    from sled_verifier.target import TargetModel
+    from sled_verifier.runtime import load_target
 
-    target = TargetModel(target_dir, device="cpu")
+    target = load_target(target_dir, args.runtime, device="cpu")
     mean_out = sum(OUTPUT_TOKENS) // 2
     context = sum(PROMPT_TOKENS) // 2 + mean_out // 2
     baselines = {}
@@ -367,7 +369,7 @@ def main() -> int:
     url = f"mqtt://127.0.0.1:{port}"
     rows, wrong = [], 0
     try:
-        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", *args.verifier_flag)
+        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", "--runtime", args.runtime, *args.verifier_flag)
         try:
             for n in ns:
                 ramp_s = max(profile["ramp_s"], n / 25)  # sessions arrive over time, not all at once
@@ -405,12 +407,12 @@ def main() -> int:
     if args.no_baseline:
         return 0 if wrong == 0 else 1
     result = {"profile": args.profile, "target": str(target_dir), "classes": classes, "rows": rows,
-              "verifier_flags": args.verifier_flag, "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
+              "verifier_flags": ["--runtime", args.runtime, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
               "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
                          f"on {sorted(DEVICE_CORES)}"}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"fleet-{args.profile}-{stamp}.json"
+    path = args.out / f"fleet-{args.profile}-{args.runtime}-{stamp}.json"
     path.write_text(json.dumps(result, indent=2))
     plot(result, path.with_suffix(".png"))
     print_table(result)

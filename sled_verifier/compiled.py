@@ -89,6 +89,13 @@ class CompiledTarget:
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
                      logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row."""
+        arguments, rows, m_max = self.prepare(slots, starts, inputs, logits)
+        return self._forward(*arguments)[:rows, : (m_max if logits else 1)]
+
+    def prepare(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                logits: bool = True) -> tuple[tuple, int, int]:
+        """The forward's tensors (padded to the buckets when static), the real row count and longest row. A
+        static forward's arguments can be captured as a CUDA graph and replayed (bench/gpu_server.py)."""
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         rows, m_max = len(inputs), max(len(x) for x in inputs)
@@ -101,7 +108,7 @@ class CompiledTarget:
             starts = [*starts] + [0] * (rows_b - rows)
             inputs = [*inputs] + [[0]] * (rows_b - rows)
         else:
-            m_b, width_b = m_max, width
+            m_b = m_max
             self.kv.ensure_length(max(width, m_max))
         dev = self.device
         lens = torch.tensor([len(x) for x in inputs], device=dev)
@@ -117,11 +124,11 @@ class CompiledTarget:
         write_positions = torch.where(real, starts_t[:, None] + offsets, offsets)          # [B, M]
         if self.static:
             visible = torch.arange(width_b, device=dev)[None, None, :] <= positions[:, :, None]   # [B, M, W]
-            out = self._forward(input_ids, positions, write_slots, write_positions, slots_t, visible, not logits)
+            arguments = (input_ids, positions, write_slots, write_positions, slots_t, visible, not logits)
         else:
-            out = self._forward(input_ids, positions, write_slots, write_positions,
-                                row_plan(slots, starts, inputs, dev), not logits)
-        return out[:rows, : (m_max if logits else 1)]
+            arguments = (input_ids, positions, write_slots, write_positions, row_plan(slots, starts, inputs, dev),
+                         not logits)
+        return arguments, rows, m_max
 
     def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
         batch, m = hidden.shape[:2]
