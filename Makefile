@@ -72,10 +72,11 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min)
+bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min), proactive drafting at 5/20/50 ms round trips (~5 min)
 	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME)
 	$(PY) bench/run.py --profile full
 	$(PY) bench/draft_cache.py --family models/build/family-$(PROFILE)
+	$(PY) bench/proactive.py
 
 bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min; RUNTIME=compiled)
 	$(PY) bench/fleet.py --profile quick --runtime $(RUNTIME)
