@@ -13,8 +13,12 @@ tokens must be the same with and without (greedy: the target's); the bench exits
 
 Uses ``models/build/family-quick`` when built (``make models``), else the tiny random-weight family
 (``sled-models tiny``, seconds to build: drafts that agree with the target ~85%, ~65% and ~0% of the time).
+The family's drafts take about a millisecond a token here; ``--slow NAME=MS`` adds a row for that draft
+slowed by MS per decoding step (a sleep in the worker thread before each forward pass of one or two
+tokens), standing in for a device that drafts at tens of ms a token (a 0.5B draft on a Raspberry Pi 5).
 
 python bench/proactive.py [--family DIR] [--rtt-ms 5,20,50] [--repeats 3] [--sessions 2] [--tokens 48]
+                          [--slow jetson-orin=20]
 """
 
 from __future__ import annotations
@@ -82,12 +86,26 @@ def delay_network(device: EdgeDevice, one_way_s: float) -> None:
     connection.publish, connection._route = delayed_publish, delayed_route
 
 
+def slow_down(device: EdgeDevice, ms_per_step: float) -> None:
+    """A slower drafter: each decoding step (a forward pass of one or two tokens) takes ``ms_per_step`` longer."""
+    feed = device.model.feed
+
+    def slower(cache, tokens):
+        if len(tokens) <= 2:
+            time.sleep(ms_per_step / 1000.0)
+        return feed(cache, tokens)
+
+    device.model.feed = slower
+
+
 async def run_device(url: str, verifier: Verifier, draft: Path, device_id: str, rtt_ms: float, proactive: bool,
-                     prompts: list[str], tokens: int) -> dict:
+                     prompts: list[str], tokens: int, slow_ms: float = 0.0) -> dict:
     config = EdgeConfig(draft=str(draft), mqtt_url=url, device_id=device_id, verifier=verifier.name,
                         proactive=proactive, timeout_s=30.0, threads=1)
     device = EdgeDevice(config)
     delay_network(device, rtt_ms / 2000.0)
+    if slow_ms:
+        slow_down(device, slow_ms)
     async with device:
         await device.choose_verifier()
         ids = [device.encode_prompt(p) for p in prompts]
@@ -113,11 +131,11 @@ def ratio_spread(on: list[dict], off: list[dict], key: str) -> tuple[float, floa
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'draft':<14}{'rtt_ms':>7}{'acc_len':>8}{'hits':>6}  {'tok/s off':>9}{'tok/s on':>9}  {'ratio (min-max)':<18}"
+    print(f"{'draft':<18}{'rtt_ms':>7}{'acc_len':>8}{'hits':>6}  {'tok/s off':>9}{'tok/s on':>9}  {'ratio (min-max)':<18}"
           f"{'cpu ms/tok off':>15}{'on':>7}  {'ratio (min-max)':<18}")
     for row in rows:
         speed, cpu = row["speedup"], row["cpu_ratio"]
-        print(f"{row['draft']:<14}{row['rtt_ms']:>7g}{row['on']['mean_accepted_length']:>8.2f}{row['on']['hit_rate']:>6.0%}  "
+        print(f"{row['draft']:<18}{row['rtt_ms']:>7g}{row['on']['mean_accepted_length']:>8.2f}{row['on']['hit_rate']:>6.0%}  "
               f"{row['off']['tokens_per_s']:>9.1f}{row['on']['tokens_per_s']:>9.1f}  "
               f"{f'{speed[0]:.2f}x ({speed[1]:.2f}-{speed[2]:.2f})':<18}"
               f"{row['off']['verifier_cpu_ms_per_token']:>15.2f}{row['on']['verifier_cpu_ms_per_token']:>7.2f}  "
@@ -131,6 +149,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sessions", type=int, default=2, help="sessions per run, one after another")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per session")
+    parser.add_argument("--slow", action="append", default=None, metavar="NAME=MS",
+                        help="also run draft NAME slowed by MS per decoding step [default: jetson-orin=20]")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     configure_logging("error")
@@ -139,7 +159,10 @@ def main() -> int:
         from sled_models.tiny import build_tiny_family
 
         build_tiny_family(family, log=log)
-    drafts = family_drafts(family)
+    drafts = {name: (path, 0.0) for name, path in family_drafts(family).items()}
+    for spec in args.slow if args.slow is not None else ["jetson-orin=20"]:
+        name, ms = spec.split("=")
+        drafts[f"{name}+{float(ms):g}ms"] = (drafts[name][0], float(ms))
     rtts = [float(r) for r in args.rtt_ms.split(",")]
     prompts = prompt_texts(args.sessions)
     workdir = ROOT / "build" / "bench-proactive"
@@ -152,13 +175,13 @@ def main() -> int:
         verifier = Verifier(url, family / "target", workdir, "bench-proactive")
         os.sched_setaffinity(0, DEVICE_CORES)  # the device (this process) off the verifier's core
         try:
-            for name, draft in drafts.items():
+            for name, (draft, slow_ms) in drafts.items():
                 for rtt_ms in rtts:
                     runs: dict[bool, list[dict]] = {True: [], False: []}
                     for repeat in range(args.repeats):
                         for proactive in ((True, False) if repeat % 2 == 0 else (False, True)):
                             runs[proactive].append(asyncio.run(run_device(
-                                url, verifier, draft, f"bench-{name}", rtt_ms, proactive, prompts, args.tokens)))
+                                url, verifier, draft, f"bench-{name.replace('+', '-')}", rtt_ms, proactive, prompts, args.tokens, slow_ms)))
                     outputs = {json.dumps(run.pop("outputs")) for run in runs[True] + runs[False]}
                     differing += len(outputs) - 1
                     row = {"draft": name, "rtt_ms": rtt_ms, "on": summarise(runs[True]), "off": summarise(runs[False]),

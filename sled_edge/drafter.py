@@ -69,13 +69,15 @@ class Guess:
 @dataclass
 class AheadPolicy:
     """Whether drafting the next round ahead pays, per device, from what it measures (pure: callers pass
-    measurements in). A guess that holds saves the drafting it overlapped with the round trip,
-    min(round trip, drafting); one that fails costs, when the verdict arrives mid-drafting, the rest of the
-    forward pass under way (half a token on average), and CPU otherwise. Expected gain per round:
-    h x min(t_round, (k+1) t_draft) - (1 - h) x (t_draft / 2 if t_round < (k+1) t_draft else 0), with h the
-    share of guesses that held ((k+1): the guess re-feeds the last draft token). Drafting ahead when the gain
-    is positive and at least ``min_hit_rate`` of guesses hold (below that, the device's CPU and energy go
-    mostly to drafts thrown away); every ``explore_every``-th round regardless, so h stays measured."""
+    measurements in). Drafted ahead, the next round takes k+1 forward passes (the guess needs the pass over
+    the last draft token) starting when the round goes out; drafted after the verdict, k passes starting
+    one round trip later. So a guess that holds saves min(k t_draft, t_round - t_draft), and one that fails
+    costs, when the verdict lands mid-drafting (t_round < (k+1) t_draft), the rest of the pass under way
+    (half of one on average), and device CPU either way. Expected gain per round, h the share of guesses
+    that held: h min(k t_draft, t_round - t_draft) - (1 - h) (t_draft / 2 if t_round < (k+1) t_draft).
+    Drafting ahead when it is positive and at least ``min_hit_rate`` of guesses hold (below that, the
+    device's CPU and energy go mostly to drafts thrown away); every ``explore_every``-th round regardless,
+    so h stays measured."""
 
     hit_rate: float = 0.5        # prior, then a moving average over guesses
     draft_s: float = 0.002       # per draft token
@@ -86,9 +88,9 @@ class AheadPolicy:
     rounds: int = 0
 
     def gain_s(self, k: int) -> float:
-        drafting = (k + 1) * self.draft_s
-        miss = self.draft_s / 2 if self.round_s < drafting else 0.0
-        return self.hit_rate * min(self.round_s, drafting) - (1 - self.hit_rate) * miss
+        held = min(k * self.draft_s, self.round_s - self.draft_s)
+        failed = self.draft_s / 2 if self.round_s < (k + 1) * self.draft_s else 0.0
+        return self.hit_rate * held - (1 - self.hit_rate) * failed
 
     def pays(self, k: int) -> bool:
         pays = self.hit_rate >= self.min_hit_rate and self.gain_s(k) > 0

@@ -76,8 +76,9 @@ def test_an_abandoned_guess_stops_before_its_next_forward_pass(gpt2_onnx):
     (0.5, 1.0, 20.0, True),     # a round trip longer than a draft round: a guess costs no time, and often holds
     (0.15, 1.0, 20.0, True),    # ... even rarely holding
     (0.05, 1.0, 20.0, False),   # hardly ever holding: the device's CPU goes to drafts thrown away
-    (0.3, 40.0, 20.0, False),   # a slow draft behind a fast network: a failed guess delays the fresh draft
-    (0.8, 40.0, 20.0, True),    # ... unless it nearly always holds
+    (0.3, 10.0, 20.0, False),   # a slow draft behind a fast network: a failed guess delays the fresh draft
+    (0.8, 10.0, 20.0, True),    # ... unless it nearly always holds
+    (0.9, 40.0, 20.0, False),   # a round trip shorter than one draft step: the guess's extra pass is never won back
 ])
 def test_drafting_ahead_where_it_pays(hit_rate, draft_ms, round_ms, pays):
     policy = AheadPolicy(hit_rate=hit_rate, draft_s=draft_ms / 1000, round_s=round_ms / 1000)
