@@ -74,6 +74,20 @@ def prod_broker(tmp_path_factory):
     broker.process.wait(timeout=10)
 
 
+LINE_BUFFERED = ["stdbuf", "-oL"]  # a CLI's stdout into a pipe is block-buffered: its debug lines would wait
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> str:
+    """Read a ``-d`` (debug) mosquitto CLI's output until a line holds ``text``: the CLI's own signal that it got
+    that far (e.g. "SUBACK": its subscription is in place). Returns what it read."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{process.args[0]} ended before printing {text!r}:\n{''.join(seen)}")
+
+
 async def received_within(client: aiomqtt.Client, seconds: float) -> list[tuple[str, bytes]]:
     got = []
     try:
@@ -95,22 +109,23 @@ async def test_a_device_cannot_publish_as_another(prod_broker):
         cli = prod_broker.cli("mosquitto_pub", "dev-a", "-t", topics.draft_topic("vsec", "dev-b"), "-m", "cli-spoofed", "-q", "1")
         got = await received_within(verifier, 1.5)
     assert got == [(topics.draft_topic("vsec", "dev-a"), b"own")]
-    assert "cli-spoofed" not in str(got) and cli.returncode in (0, 1)  # refused by the broker, not delivered
+    assert "cli-spoofed" not in str(got)  # not delivered...
+    assert cli.returncode == 0 and "Not authorized" in cli.stderr  # ...because the broker refused it (MQTT 5 PUBACK)
 
 
 @pytest.mark.asyncio
 async def test_a_device_cannot_read_another_devices_verdicts(prod_broker):
-    spy = subprocess.Popen(["mosquitto_sub", "-h", "localhost", "-p", str(prod_broker.port), "--cafile",
+    spy = subprocess.Popen([*LINE_BUFFERED, "mosquitto_sub", "-h", "localhost", "-p", str(prod_broker.port), "--cafile",
                             str(prod_broker.dir / "ca.crt"), "-u", "dev-a", "-P", prod_broker.password("dev-a"),
-                            "-V", "mqttv5", "-t", topics.verdict_topic("dev-b"), "-C", "1", "-W", "3"],
+                            "-V", "mqttv5", "-t", topics.verdict_topic("dev-b"), "-C", "1", "-W", "5", "-d"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     async with prod_broker.client("dev-b") as owner, prod_broker.client("vsec") as verifier:
         await owner.subscribe(topics.verdict_topic("dev-b"))
-        await asyncio.sleep(0.5)
+        spied = await asyncio.to_thread(wait_for_line, spy, "SUBACK")  # the spy is subscribed: now publish
         await verifier.publish(topics.verdict_topic("dev-b"), b"for dev-b only", qos=1)
         assert await received_within(owner, 1.5) == [(topics.verdict_topic("dev-b"), b"for dev-b only")]
     out, _ = spy.communicate(timeout=10)
-    assert "for dev-b only" not in out  # the spy's subscription delivered nothing
+    assert "for dev-b only" not in spied + out  # the spy's subscription delivered nothing
     # and a device cannot pose as the verifier either
     async with prod_broker.client("dev-a") as device, prod_broker.client("dev-b") as victim:
         await victim.subscribe(topics.verdict_topic("dev-b"))
@@ -168,13 +183,13 @@ async def test_a_devices_will_cannot_mark_a_verifier_offline(prod_broker):
         await verifier.publish(status, b"online", qos=1, retain=True)
         await watcher.subscribe(status, qos=1)
         assert await received_within(watcher, 1.0) == [(status, b"online")]
-        hostile = subprocess.Popen(prod_broker.cli_args(
+        hostile = subprocess.Popen([*LINE_BUFFERED, *prod_broker.cli_args(
             "mosquitto_sub", "dev-a", "-t", topics.verdict_topic("dev-a"), "--will-topic", status,
-            "--will-payload", "forged offline", "--will-retain", "--will-qos", "1"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await asyncio.sleep(1.0)
+            "--will-payload", "forged offline", "--will-retain", "--will-qos", "1", "-d")],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        await asyncio.to_thread(wait_for_line, hostile, "SUBACK")  # connected, will registered
         hostile.kill()  # no DISCONNECT: the broker publishes the will, if it may
-        hostile.wait(timeout=10)
+        hostile.communicate(timeout=10)  # reaped, its pipe read and closed
         assert await received_within(watcher, 1.5) == []
     retained = prod_broker.cli("mosquitto_sub", "dev-b", "-t", status, "-C", "1", "-W", "3")
     assert retained.stdout.strip() == "online"
