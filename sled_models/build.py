@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,9 @@ def bar(stage: str, total: int):
 
 
 def build_family(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
+    """Build (or bring up to date) the family in ``out``: each stage below runs only when its key changed."""
     import torch
-
-    from sled_models.export import export_draft
-    from sled_models.train import continuations, distill, make_model, pretrain, random_batches
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads or torch.get_num_threads())
     out.mkdir(parents=True, exist_ok=True)
@@ -72,126 +72,152 @@ def build_family(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
 
     # 1. Tokenizer and token arrays.
     tok_key = stage_key(corpus.sha256, recipe.vocab_size, recipe.version)
-
-    def build_tokenizer() -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=[EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        train_texts = read_texts(corpus.train)
-        tokenizer.train_from_iterator(train_texts, trainer=trainer)
-        # model_input_names: without it GPT-2 style models silently receive token_type_ids.
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                model_input_names=["input_ids", "attention_mask"]).save_pretrained(out / "tokenizer")
-        eos_id = tokenizer.token_to_id(EOS)
-        for split, paths in (("train", corpus.train), ("held_out", corpus.held_out)):
-            ids = [e.ids + [eos_id] for e in tokenizer.encode_batch(read_texts(paths))]
-            np.save(out / f"tokens_{split}.npy", np.concatenate(ids).astype(np.uint16))
-
     stages.run("tokenizer", tok_key, [out / "tokenizer", out / "tokens_train.npy", out / "tokens_held_out.npy"],
-               build_tokenizer)
+               partial(build_tokenizer, out, recipe, corpus))
     train_tokens = np.load(out / "tokens_train.npy")
     held_out = np.load(out / "tokens_held_out.npy")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     eos_id = tokenizer.eos_token_id
 
     # 2. The target.
     target_key = stage_key(tok_key, recipe.target_arch, recipe.target_train)
-
-    def build_target() -> None:
-        model = make_model(recipe.target_arch, len(tokenizer), eos_id, recipe.target_train.seed)
-        with bar("target", recipe.target_train.steps) as progress:
-            pretrain(model, train_tokens, recipe.target_train,
-                     lambda step, logs: (progress.update(1), progress.set_postfix(logs)))
-        model.save_pretrained(out / "target")
-        tokenizer.save_pretrained(out / "target")
-
-    stages.run("target", target_key, [out / "target"], build_target)
+    stages.run("target", target_key, [out / "target"], partial(build_target, out, recipe, tokenizer, train_tokens))
     target = AutoModelForCausalLM.from_pretrained(out / "target", local_files_only=True).eval()
 
     # 3. Distillation on the corpus, all drafts on the same batches (one teacher pass each).
     distill_key = stage_key(target_key, [(d.name, d.arch, d.distill) for d in recipe.drafts])
-
-    def build_distilled() -> None:
-        students = [make_model(d.arch, len(tokenizer), eos_id, d.distill.seed) for d in recipe.drafts]
-        schedules = [d.distill for d in recipe.drafts]
-        first = schedules[0]
-        with bar("distill", max(s.steps for s in schedules)) as progress:
-            distill(target, students, schedules, random_batches(train_tokens, first.batch, first.seq_len, first.seed),
-                    lambda step, logs: (progress.update(1), progress.set_postfix({k: round(v, 3) for k, v in logs.items()})))
-        for draft, student in zip(recipe.drafts, students):
-            student.save_pretrained(out / "hf-distilled" / draft.name)
-
-    stages.run("distill", distill_key, [out / "hf-distilled"], build_distilled)
+    stages.run("distill", distill_key, [out / "hf-distilled"],
+               partial(build_distilled, out, recipe, target, tokenizer, train_tokens))
 
     # 4. On-policy: the target's own continuations (half greedy, half sampled), KL on the continuation.
     policy_key = stage_key(distill_key, [(d.name, d.on_policy) for d in recipe.drafts], recipe.on_policy_sequences,
                            recipe.continuation_tokens, recipe.prompt_tokens)
-
-    def build_on_policy() -> None:
-        import torch
-
-        from sled_models.evaluate import _windows
-
-        prompts = torch.tensor(_windows(train_tokens, recipe.on_policy_sequences, recipe.prompt_tokens, seed=7))
-        chunks = []
-        with bar("continuations", len(prompts)) as progress:
-            for start in range(0, len(prompts), 32):
-                chunk = prompts[start : start + 32]
-                chunks.append(continuations(target, chunk, recipe.continuation_tokens, sample=(start // 32) % 2 == 1,
-                                            seed=start, pad_id=eos_id))
-                progress.update(len(chunk))
-        pool = torch.cat(chunks)                                                       # [S, P + C]
-        students = [AutoModelForCausalLM.from_pretrained(out / "hf-distilled" / d.name) for d in recipe.drafts]
-        schedules = [d.on_policy for d in recipe.drafts]
-        generator = np.random.default_rng(schedules[0].seed)
-
-        def batches():
-            while True:
-                yield pool[generator.integers(0, len(pool), size=schedules[0].batch)]
-
-        def continuation_mask(x):
-            mask = torch.zeros(x.shape, dtype=torch.float32)
-            mask[:, recipe.prompt_tokens - 1 :] = 1.0
-            return mask
-
-        with bar("on-policy", max(s.steps for s in schedules)) as progress:
-            distill(target, students, schedules, batches(),
-                    lambda step, logs: (progress.update(1), progress.set_postfix({k: round(v, 3) for k, v in logs.items()})),
-                    mask_fn=continuation_mask)
-        for draft, student in zip(recipe.drafts, students):
-            student.save_pretrained(out / "hf" / draft.name)
-            tokenizer.save_pretrained(out / "hf" / draft.name)
-
-    stages.run("on-policy", policy_key, [out / "hf"], build_on_policy)
+    stages.run("on-policy", policy_key, [out / "hf"], partial(build_on_policy, out, recipe, target, tokenizer, train_tokens))
 
     # 5. ONNX exports, fp32 and int8.
-    def build_exports() -> None:
-        for draft in recipe.drafts:
-            print(f"  export {draft.name} (fp32, int8)", file=sys.stderr)
-            export_draft(out / "hf" / draft.name, out / "drafts" / draft.name)
-            export_draft(out / "hf" / draft.name, out / "drafts" / f"{draft.name}-int8", int8=True)
-
-    stages.run("export", stage_key(policy_key, "onnx-v1"), [out / "drafts"], build_exports)
+    stages.run("export", stage_key(policy_key, "onnx-v1"), [out / "drafts"], partial(build_exports, out, recipe))
 
     # 6. Evaluation.
-    from sled_models.evaluate import evaluate_family
-
-    eval_paths = {f"{d.name}{suffix}": out / "drafts" / f"{d.name}{suffix}" for d in recipe.drafts for suffix in ("", "-int8")}
     eval_key = stage_key(policy_key, recipe.eval_prompts, recipe.eval_tokens, "eval-v1")
-    stages.run("eval", eval_key, [out / "eval.json"], lambda: (out / "eval.json").write_text(json.dumps(
-        evaluate_family(out, held_out, eval_paths, recipe.prompt_tokens, recipe.eval_prompts, recipe.eval_tokens,
-                        progress=lambda message: print(f"  {message}", file=sys.stderr)), indent=2)))
+    stages.run("eval", eval_key, [out / "eval.json"], partial(build_evaluation, out, recipe, held_out))
 
     manifest = write_manifest(out, recipe, corpus, target, eos_id, stages, time.monotonic() - started)
     print_evaluation(json.loads((out / "eval.json").read_text()))
     return manifest
+
+
+def build_tokenizer(out: Path, recipe: Recipe, corpus) -> None:
+    """A byte-level BPE tokenizer trained on the corpus, and the corpus as token arrays (EOS after each file)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    train_texts = read_texts(corpus.train)
+    tokenizer.train_from_iterator(train_texts, trainer=trainer)
+    # model_input_names: without it GPT-2 style models silently receive token_type_ids.
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                            model_input_names=["input_ids", "attention_mask"]).save_pretrained(out / "tokenizer")
+    eos_id = tokenizer.token_to_id(EOS)
+    for split, paths in (("train", corpus.train), ("held_out", corpus.held_out)):
+        ids = [e.ids + [eos_id] for e in tokenizer.encode_batch(read_texts(paths))]
+        np.save(out / f"tokens_{split}.npy", np.concatenate(ids).astype(np.uint16))
+
+
+def build_target(out: Path, recipe: Recipe, tokenizer, train_tokens: np.ndarray) -> None:
+    from sled_models.train import make_model, pretrain
+
+    model = make_model(recipe.target_arch, len(tokenizer), tokenizer.eos_token_id, recipe.target_train.seed)
+    with bar("target", recipe.target_train.steps) as progress:
+        pretrain(model, train_tokens, recipe.target_train,
+                 lambda step, logs: (progress.update(1), progress.set_postfix(logs)))
+    model.save_pretrained(out / "target")
+    tokenizer.save_pretrained(out / "target")
+
+
+def _show(progress):
+    """A training callback that advances ``progress`` and shows the step's losses."""
+    return lambda step, logs: (progress.update(1), progress.set_postfix({k: round(v, 3) for k, v in logs.items()}))
+
+
+def build_distilled(out: Path, recipe: Recipe, target, tokenizer, train_tokens: np.ndarray) -> None:
+    from sled_models.train import distill, make_model, random_batches
+
+    students = [make_model(d.arch, len(tokenizer), tokenizer.eos_token_id, d.distill.seed) for d in recipe.drafts]
+    schedules = [d.distill for d in recipe.drafts]
+    first = schedules[0]
+    with bar("distill", max(s.steps for s in schedules)) as progress:
+        distill(target, students, schedules, random_batches(train_tokens, first.batch, first.seq_len, first.seed),
+                _show(progress))
+    for draft, student in zip(recipe.drafts, students):
+        student.save_pretrained(out / "hf-distilled" / draft.name)
+
+
+def target_continuations(recipe: Recipe, target, eos_id: int, train_tokens: np.ndarray):
+    """``on_policy_sequences`` prompts from the corpus, each continued by the target, alternating greedy and
+    sampled chunks of 32: [S, P + C]."""
+    import torch
+
+    from sled_models.evaluate import _windows
+    from sled_models.train import continuations
+
+    prompts = torch.tensor(_windows(train_tokens, recipe.on_policy_sequences, recipe.prompt_tokens, seed=7))
+    chunks = []
+    with bar("continuations", len(prompts)) as progress:
+        for start in range(0, len(prompts), 32):
+            chunk = prompts[start : start + 32]
+            chunks.append(continuations(target, chunk, recipe.continuation_tokens, sample=(start // 32) % 2 == 1,
+                                        seed=start, pad_id=eos_id))
+            progress.update(len(chunk))
+    return torch.cat(chunks)
+
+
+def build_on_policy(out: Path, recipe: Recipe, target, tokenizer, train_tokens: np.ndarray) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sled_models.train import distill
+
+    pool = target_continuations(recipe, target, tokenizer.eos_token_id, train_tokens)   # [S, P + C]
+    students = [AutoModelForCausalLM.from_pretrained(out / "hf-distilled" / d.name) for d in recipe.drafts]
+    schedules = [d.on_policy for d in recipe.drafts]
+    generator = np.random.default_rng(schedules[0].seed)
+
+    def batches():
+        while True:
+            yield pool[generator.integers(0, len(pool), size=schedules[0].batch)]
+
+    def continuation_mask(x):
+        mask = torch.zeros(x.shape, dtype=torch.float32)
+        mask[:, recipe.prompt_tokens - 1 :] = 1.0
+        return mask
+
+    with bar("on-policy", max(s.steps for s in schedules)) as progress:
+        distill(target, students, schedules, batches(), _show(progress), mask_fn=continuation_mask)
+    for draft, student in zip(recipe.drafts, students):
+        student.save_pretrained(out / "hf" / draft.name)
+        tokenizer.save_pretrained(out / "hf" / draft.name)
+
+
+def build_exports(out: Path, recipe: Recipe) -> None:
+    from sled_models.export import export_draft
+
+    for draft in recipe.drafts:
+        print(f"  export {draft.name} (fp32, int8)", file=sys.stderr)
+        export_draft(out / "hf" / draft.name, out / "drafts" / draft.name)
+        export_draft(out / "hf" / draft.name, out / "drafts" / f"{draft.name}-int8", int8=True)
+
+
+def build_evaluation(out: Path, recipe: Recipe, held_out: np.ndarray) -> None:
+    from sled_models.evaluate import evaluate_family
+
+    eval_paths = {f"{d.name}{suffix}": out / "drafts" / f"{d.name}{suffix}" for d in recipe.drafts for suffix in ("", "-int8")}
+    results = evaluate_family(out, held_out, eval_paths, recipe.prompt_tokens, recipe.eval_prompts, recipe.eval_tokens,
+                              progress=lambda message: print(f"  {message}", file=sys.stderr))
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
 
 
 def write_manifest(out: Path, recipe: Recipe, corpus, target, eos_id: int, stages: Stages, seconds: float) -> dict:
