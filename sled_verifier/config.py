@@ -2,7 +2,8 @@
 
 Its defaults are the only defaults: the wire limits (message bytes, draft and context tokens) are
 ``sled_protocol.Limits``'s, which receivers without a configuration of their own also use; the batch limits are the ones
-the scheduler runs with (``SchedulePolicy`` is built from them in the service).
+the scheduler runs with (``SchedulePolicy`` takes its defaults from here, ``SchedulePolicy.from_config`` converts a
+config), and ``VerifierEngine`` takes its context and prefill defaults from here too.
 """
 
 from __future__ import annotations

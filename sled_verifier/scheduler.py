@@ -30,13 +30,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+from sled_verifier.config import VerifierConfig
+
 
 @dataclass(frozen=True)
 class SchedulePolicy:
-    max_wait_s: float = 0.050     # longest a queued draft waits for others to join its step (the SLO)
-    min_gain: float = 0.02        # waiting must cut the server cost per draft by at least this fraction
-    max_drafts: int = 256
-    max_tokens: int = 4096
+    """The batching limits, in the scheduler's units; the defaults are ``VerifierConfig``'s (the one source)."""
+
+    max_wait_s: float = VerifierConfig.max_wait_ms / 1000.0  # longest a queued draft waits for others (the SLO)
+    min_gain: float = VerifierConfig.min_wait_gain           # waiting must cut the cost per draft by this fraction
+    max_drafts: int = VerifierConfig.max_batch_drafts
+    max_tokens: int = VerifierConfig.max_batch_tokens
+
+    @classmethod
+    def from_config(cls, config: VerifierConfig) -> SchedulePolicy:
+        return cls(config.max_wait_ms / 1000.0, config.min_wait_gain, config.max_batch_drafts, config.max_batch_tokens)
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,28 @@ def test_rate_limiter_refuses_a_flooding_device_only():
     for device in ("a", "b", "c", "d"):
         limiter.allow(device, 1.0)
     assert len(limiter) == 3                     # bounded
+
+
+def test_limits_and_batch_defaults_have_one_source(tmp_path):
+    """VerifierConfig's defaults are the only defaults: its wire limits are Limits', the scheduler's batch
+    limits and the engine's context and prefill budget are its own; and they are the documented figures."""
+    import inspect
+
+    from sled_protocol import Limits
+    from sled_verifier.config import VerifierConfig
+    from sled_verifier.engine import VerifierEngine
+
+    (tmp_path / "config.json").write_text("{}")
+    config = VerifierConfig(target=str(tmp_path), verifier_id="v")
+    assert (config.max_batch_drafts, config.max_batch_tokens, config.max_draft_tokens, config.max_context_tokens) \
+        == (256, 4096, 16, 4096)
+    limits = Limits()
+    assert (config.max_message_bytes, config.max_draft_tokens, config.max_context_tokens) \
+        == (limits.max_message_bytes, limits.max_draft_tokens, limits.max_context_tokens)
+    assert SchedulePolicy() == SchedulePolicy.from_config(config) == SchedulePolicy(0.050, 0.02, 256, 4096)
+    engine_defaults = inspect.signature(VerifierEngine).parameters
+    assert engine_defaults["max_context"].default == config.max_context_tokens
+    assert engine_defaults["prefill_chunk"].default == config.prefill_chunk_tokens
+    custom = VerifierConfig(target=str(tmp_path), verifier_id="v", max_wait_ms=12.5, min_wait_gain=0.1,
+                            max_batch_drafts=7, max_batch_tokens=99)
+    assert SchedulePolicy.from_config(custom) == SchedulePolicy(0.0125, 0.1, 7, 99)
