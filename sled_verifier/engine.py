@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, VerdictKind
-from sled_protocol.messages import STREAM_VERIFY, round_seed
+from sled_verifier.config import VerifierConfig
+from sled_verifier.decide import decide
+from sled_verifier.runtime import TargetRuntime
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
-from sled_verifier.runtime import TargetRuntime
-from sled_verifier.sampling import rejection_sample, warp_probs
-from sled_verifier.verify import VerifyResult, greedy_verify
+from sled_verifier.verify import NO_TOKEN, VerifyResult
+
+Runnable = tuple[Draft, SessionState]  # a draft admitted to this step, and its session
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class Outcome:
 
 class VerifierEngine:
     def __init__(self, target: TargetRuntime, verifier_id: str, max_sessions: int, stats: VerifierStats,
-                 max_context: int = 4096, prefill_chunk: int = 256) -> None:
+                 max_context: int = VerifierConfig.max_context_tokens,
+                 prefill_chunk: int = VerifierConfig.prefill_chunk_tokens) -> None:
         self.target = target
         self.prefill_chunk = prefill_chunk  # prefill tokens per step, all new sessions together
         # A few spare slots: a batch may briefly open sessions before their LRU victims are released.
@@ -63,12 +66,31 @@ class VerifierEngine:
         return [outcomes[id(d)] for d in drafts]
 
     def _step(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        # 1. Admit: answer what needs no model (retries, stale rounds, unknown or diverged sessions, a second
+        #    draft of a session in this step); open sessions that bring a context.
+        outcomes, runnable = self._admit(drafts)
+        # 2. Prefill opened sessions (their cache covers x[0:n-1]) within this step's budget; a draft whose
+        #    prefill is not complete comes back DEFERRED, the others go on now.
+        runnable, deferred = self._prefill(runnable)
+        outcomes += deferred
+        if runnable:
+            # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session, written into its slot.
+            logits = self._forward(runnable)                                             # [B, K+1, V]
+            # 4. Decide each row: greedy rows by argmax, sampled rows by rejection sampling (never both).
+            started = time.perf_counter()
+            result = decide([d for d, _ in runnable], [s.budget for _, s in runnable], logits, self.target.eos_ids)
+            # 5. Commit and answer; the cache now covers committed[:-1] by moving a count.
+            outcomes += self._commit(runnable, result)
+            self.stats.decide_s += time.perf_counter() - started
+        self._snapshot()
+        return outcomes
+
+    def _admit(self, drafts: Sequence[Draft]) -> tuple[list[Outcome], list[Runnable]]:
+        """Outcomes of the drafts answered without the model, and the (draft, session) pairs to verify."""
         outcomes: list[Outcome] = []
-        runnable: list[tuple[Draft, SessionState]] = []
+        runnable: list[Runnable] = []
         batch_keys = frozenset((d.device, d.session) for d in drafts)
         seen: set[tuple[str, str]] = set()
-        # 1. Answer what needs no model: a second draft of a session in this step, retries, stale rounds,
-        #    unknown or diverged sessions.
         for draft in drafts:
             if (draft.device, draft.session) in seen:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.MALFORMED,
@@ -96,49 +118,17 @@ class VerifierEngine:
                         self._release(old)
                 self.sessions.touch(state)
                 runnable.append((draft, state))
-        if not runnable:
-            self._snapshot()
-            return outcomes
-        # 2. Prefill sessions that were just opened or rebuilt (their cache covers x[0:n-1]), within this
-        #    step's prefill budget; those not complete wait for a later step, the others go on now.
-        incomplete = self._prefill([state for _, state in runnable])
-        if incomplete:
-            self.stats.deferred += len(incomplete)
-            outcomes += [Outcome(d.device, None, Admission.DEFERRED, d) for d, s in runnable if id(s) in incomplete]
-            runnable = [(d, s) for d, s in runnable if id(s) not in incomplete]
-            if not runnable:
-                self._snapshot()
-                return outcomes
-        # 3. One batched forward over [x[n-1], d_1..d_k] of every runnable session, written into its slot.
-        inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
-        started = time.perf_counter()
-        logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
-        if logits.is_cuda:
-            torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
-        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
-        # 4. Verification, vectorised over the batch: greedy rows by argmax, sampled rows by rejection sampling.
-        started = time.perf_counter()
-        result = self._decide(runnable, logits)
-        # 5. Commit and answer; the cache now covers committed[:-1] by moving a count.
-        accepted = result.accepted.tolist()
-        next_tokens = result.next_token.tolist()
-        for row, (draft, state) in enumerate(runnable):
-            verdict = self._commit(draft, state, accepted[row], next_tokens[row],
-                                   bool(result.is_bonus[row]), bool(result.hit_eos[row]))
-            outcomes.append(Outcome(draft.device, verdict, Admission.RUN, draft))
-        self.stats.decide_s += time.perf_counter() - started
-        self._snapshot()
-        return outcomes
+        return outcomes, runnable
 
-    def _prefill(self, states: list[SessionState]) -> set[int]:
+    def _prefill(self, runnable: list[Runnable]) -> tuple[list[Runnable], list[Outcome]]:
         """Move sessions' caches towards committed[:-1] in ONE forward of at most ``prefill_chunk`` tokens in
         all (oldest first; a long context takes several steps), so a step's time stays bounded and new
-        sessions never stall the fleet. Returns the ``id`` of every state still incomplete."""
-        for state in states:
+        sessions never stall the fleet. Returns the pairs ready to verify, and DEFERRED outcomes of the rest."""
+        for _, state in runnable:
             if state.slot is None:
                 state.slot, state.cached = self.kv.acquire(), 0
         budget, rows, chunks = self.prefill_chunk, [], []
-        for state in states:
+        for _, state in runnable:
             missing = len(state.committed) - 1 - state.cached
             if missing > 0 and budget > 0:
                 rows.append(state)
@@ -151,7 +141,21 @@ class VerifierEngine:
             for state, chunk in zip(rows, chunks):
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
-        return {id(s) for s in states if s.cached < len(s.committed) - 1}
+        ready = [(draft, state) for draft, state in runnable if state.prefilled]
+        deferred = [Outcome(draft.device, None, Admission.DEFERRED, draft) for draft, state in runnable if not state.prefilled]
+        self.stats.deferred += len(deferred)
+        return ready, deferred
+
+    def _forward(self, runnable: list[Runnable]) -> torch.Tensor:
+        """Logits ``[B, K+1, V]`` of every row's ``[x[n-1], d_1..d_k]`` after its cache; keys and values land in
+        the slot at positions n-1..n-1+k."""
+        inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
+        started = time.perf_counter()
+        logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
+        if logits.is_cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
+        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
+        return logits
 
     def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), draft_tokens: int = 4,
                   context: int = 32) -> list[tuple[int, int, float]]:
@@ -207,10 +211,18 @@ class VerifierEngine:
         self._snapshot()
         return outcomes
 
-    def _commit(self, draft: Draft, state: SessionState, accepted: int, next_token: int,
-                is_bonus: bool, hit_eos: bool) -> Verdict:
+    def _commit(self, runnable: list[Runnable], result: VerifyResult) -> list[Outcome]:
+        accepted, next_tokens = result.accepted.tolist(), result.next_token.tolist()
+        is_bonus, hit_eos = result.is_bonus.tolist(), result.hit_eos.tolist()
+        return [Outcome(draft.device, self._commit_row(draft, state, accepted[row], next_tokens[row], is_bonus[row],
+                                                       hit_eos[row]), Admission.RUN, draft)
+                for row, (draft, state) in enumerate(runnable)]
+
+    def _commit_row(self, draft: Draft, state: SessionState, accepted: int, next_token: int,
+                    is_bonus: bool, hit_eos: bool) -> Verdict:
+        has_next = next_token != NO_TOKEN
         state.committed.extend(draft.tokens[:accepted])
-        if next_token >= 0:
+        if has_next:
             state.committed.append(next_token)
         # The forward wrote x[n-1], d_1..d_k at positions n-1..n-1+k; committed[:-1] is a prefix of them.
         state.cached = len(state.committed) - 1
@@ -221,84 +233,17 @@ class VerifierEngine:
         self.stats.record_draft(len(draft.tokens), accepted)
         state.last_verdict = Verdict(
             kind=VerdictKind.VERIFIED, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
-            accepted=accepted, next_token=next_token if next_token >= 0 else None,
-            next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if next_token >= 0 else None,
+            accepted=accepted, next_token=next_token if has_next else None,
+            next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if has_next else None,
             committed_len=len(state.committed), finish=finish,
         )
         if state.finished:
             self._release(state)  # keep the bookkeeping for retries of the last round, not the memory
         return state.last_verdict
 
-    def _decide(self, runnable, logits: torch.Tensor) -> VerifyResult:
-        draft_ids, lens = self._padded(runnable)
-        budgets, eos_ids = self._budgets(runnable), self.target.eos_ids
-        result = greedy_verify(draft_ids, lens, logits.argmax(dim=-1), budgets, eos_ids)
-        sampled = [row for row, (draft, _) in enumerate(runnable) if _is_sampled(draft)]
-        if not sampled:
-            return result
-        drafts = [runnable[row][0] for row in sampled]
-        rows = torch.tensor(sampled, device=self.target.device)
-        k_max = max(1, draft_ids.shape[1])
-        logits = logits[rows, : k_max + 1]                                            # [R, K+1, V]
-        positions = logits.shape[1]
-        params = [torch.tensor([getattr(d.sampling, name) for d in drafts], device=self.target.device)
-                  for name in ("temperature", "top_k", "top_p")]
-        probs = warp_probs(logits.reshape(-1, logits.shape[-1]),
-                           *(param.repeat_interleave(positions) for param in params)).reshape(logits.shape)
-        q_ids, q_probs = self._proposals(drafts, k_max)
-        uniforms = torch.stack([
-            torch.rand(k_max + 1, dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(round_seed(d.sampling.seed, d.base_len, STREAM_VERIFY)))
-            for d in drafts
-        ]).to(self.target.device)                                                      # [R, K+1]
-        padded_ids = draft_ids if draft_ids.shape[1] else draft_ids.new_full((len(runnable), 1), -1)
-        sampled_result = rejection_sample(probs, padded_ids[rows], lens[rows], q_ids, q_probs, uniforms,
-                                          budgets[rows], eos_ids)
-        merged = {}
-        for name in ("accepted", "next_token", "is_bonus", "hit_eos"):
-            value = getattr(result, name).clone()
-            value[rows] = getattr(sampled_result, name)
-            merged[name] = value
-        return VerifyResult(**merged)
-
-    def _proposals(self, drafts: Sequence[Draft], k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded sparse proposals [R, K, M]; q' = the sent float32 values over their sum (as the edge
-        sampled); a draft without one is the point mass on its token (token-only rule)."""
-        m = max((len(row) for d in drafts if d.q_ids for row in d.q_ids), default=1)
-        no_row = ([0] * m, [0.0] * m)
-        id_rows, prob_rows = [], []
-        for draft in drafts:
-            if draft.q_ids is None:  # point mass: q'(d_j) = 1
-                rows = [([t] + [0] * (m - 1), [1.0] + [0.0] * (m - 1)) for t in draft.tokens]
-            else:
-                rows = [(list(i) + [0] * (m - len(i)), list(q) + [0.0] * (m - len(q)))
-                        for i, q in zip(draft.q_ids, draft.q_probs)]
-            rows += [no_row] * (k_max - len(rows))
-            id_rows.append([row[0] for row in rows])
-            prob_rows.append([row[1] for row in rows])
-        ids = torch.tensor(id_rows, dtype=torch.int64)                                  # [R, K, M]
-        probs = torch.tensor(prob_rows, dtype=torch.float32).double()                   # [R, K, M]
-        probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-300)
-        return ids.to(self.target.device), probs.to(self.target.device)
-
-    def _padded(self, runnable) -> tuple[torch.Tensor, torch.Tensor]:
-        k_max = max(len(draft.tokens) for draft, _ in runnable)
-        padded = [[*draft.tokens] + [-1] * (k_max - len(draft.tokens)) for draft, _ in runnable]
-        draft_ids = torch.tensor(padded, dtype=torch.int64, device=self.target.device).reshape(len(runnable), k_max)
-        lens = torch.tensor([len(draft.tokens) for draft, _ in runnable], dtype=torch.int64, device=self.target.device)
-        return draft_ids, lens
-
-    def _budgets(self, runnable) -> torch.Tensor:
-        budgets = [state.max_len - len(state.committed) for _, state in runnable]
-        return torch.tensor(budgets, dtype=torch.int64, device=self.target.device)
-
     def _resync(self, draft: Draft) -> Verdict:
         return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
                        reason="verifier holds no matching state for this session; resend with context")
-
-
-def _is_sampled(draft: Draft) -> bool:
-    return draft.sampling is not None and draft.sampling.temperature > 0
 
 
 def error_verdict(verifier_id: str, draft: Draft | None, code: ErrorCode, reason: str, *,

@@ -68,7 +68,7 @@ def sample_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.T
 
 def rejection_sample(
     probs: torch.Tensor,        # [B, K+1, V] target p after warping; row j scores the token after d_1..d_j
-    draft_ids: torch.Tensor,    # [B, K] right-padded draft tokens
+    draft_ids: torch.Tensor,    # [B, K] draft tokens, right-padded with verify.NO_TOKEN
     draft_lens: torch.Tensor,   # [B] k_i
     q_ids: torch.Tensor,        # [B, K, M] sparse proposal ids (padding: any id with probability 0)
     q_probs: torch.Tensor,      # [B, K, M] proposal probabilities, each real row summing to 1
@@ -84,7 +84,7 @@ def rejection_sample(
         raise ValueError("the target's logits hold no finite value at a verified position; cannot sample")
     positions = torch.arange(k_max, device=probs.device)
     valid = positions[None, :] < draft_lens[:, None]                                     # [B, K]
-    safe_ids = draft_ids.clamp(min=0)
+    safe_ids = draft_ids.clamp(min=0)  # NO_TOKEN padding is no id: read any id there, ``valid`` masks it
     p_d = probs[:, :k_max].gather(2, safe_ids[..., None]).squeeze(-1).double()          # [B, K] p_i(d_i)
     q_d = (q_probs * (q_ids == draft_ids[..., None])).sum(dim=-1).double()              # [B, K] q'_i(d_i)
     ratio = torch.where(q_d > 0, p_d / q_d.clamp(min=torch.finfo(torch.float64).tiny), 0.0)

@@ -26,6 +26,16 @@ class SessionState:
     finished: bool = False
     rounds: int = 0
 
+    @property
+    def prefilled(self) -> bool:
+        """The cache covers committed[:-1]: the session can be verified."""
+        return self.cached >= len(self.committed) - 1
+
+    @property
+    def budget(self) -> int:
+        """Tokens this session may still commit (max_len - n)."""
+        return self.max_len - len(self.committed)
+
 
 class Admission(Enum):
     RUN = "run"            # verify this draft

@@ -1,6 +1,7 @@
 """Greedy speculative verification over a padded ragged batch (Leviathan et al. 2023, arXiv 2211.17192).
 
-(Sampled sessions use ``sled_verifier.sampling.rejection_sample``; both share ``apply_stops``.)
+(Sampled sessions use ``sled_verifier.sampling.rejection_sample``; both share ``apply_stops`` and
+``NO_TOKEN``. ``sled_verifier.decide`` sends each row to exactly one of the two.)
 
 For each session i the target scored ``[x[n-1], d_1..d_k]``, so ``target_ids[i, j]`` is the target's
 argmax after ``d_1..d_j``. The longest prefix where ``d_j == target_ids[j-1]`` is accepted; the next
@@ -16,24 +17,29 @@ from dataclasses import dataclass
 
 import torch
 
+# Not a token id (ids are >= 0): the padding after a draft's last token in a [B, K] batch, and the next
+# token of a row that gets none (an accepted EOS, a spent budget). It never reaches the wire: a verdict
+# without a next token says ``next_token=None``.
+NO_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class VerifyResult:
     accepted: torch.Tensor    # [B] accepted draft tokens a_i
-    next_token: torch.Tensor  # [B] recovered or bonus token, -1 where there is none
+    next_token: torch.Tensor  # [B] recovered or bonus token, NO_TOKEN where there is none
     is_bonus: torch.Tensor    # [B] True where all k_i draft tokens were accepted
     hit_eos: torch.Tensor     # [B] True where the committed tokens end with EOS
 
 
 def greedy_verify(
-    draft_ids: torch.Tensor,    # [B, K] right-padded draft tokens
+    draft_ids: torch.Tensor,    # [B, K] draft tokens, right-padded with NO_TOKEN
     draft_lens: torch.Tensor,   # [B] k_i <= K
     target_ids: torch.Tensor,   # [B, K+1] target argmax at each scored position
     budgets: torch.Tensor,      # [B] tokens session i may still commit (max_len - n), >= 1
     eos_ids: torch.Tensor,      # [E] end-of-sequence ids
 ) -> VerifyResult:
     if draft_ids.shape[1] == 0:  # every draft empty: keep one all-padding column so reductions have width
-        draft_ids = draft_ids.new_full((draft_ids.shape[0], 1), -1)
+        draft_ids = draft_ids.new_full((draft_ids.shape[0], 1), NO_TOKEN)
     k_max = draft_ids.shape[1]
     positions = torch.arange(k_max, device=draft_ids.device)                  # [K]
     valid = positions[None, :] < draft_lens[:, None]                           # [B, K]
@@ -60,7 +66,7 @@ def finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_
     next_is_eos = torch.isin(next_token, eos_ids) & has_next
     return VerifyResult(
         accepted=accepted,
-        next_token=torch.where(has_next, next_token, torch.full_like(next_token, -1)),
+        next_token=torch.where(has_next, next_token, torch.full_like(next_token, NO_TOKEN)),
         is_bonus=has_next & (accepted == draft_lens),
         hit_eos=eos_in_draft | next_is_eos,
     )

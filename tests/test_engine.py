@@ -246,3 +246,58 @@ def test_two_drafts_of_one_session_in_one_step_are_refused(tiny_models, target):
     outcomes = engine.step([first, first])
     assert outcomes[0].verdict.kind is VerdictKind.ERROR and outcomes[0].verdict.error is ErrorCode.MALFORMED
     assert outcomes[1].verdict.kind is VerdictKind.VERIFIED and outcomes[1].draft is first
+
+
+def test_a_greedy_batch_never_touches_sampling_code(tiny_models, target, drafts, reference, monkeypatch):
+    """Greedy sessions (no sampling settings, or temperature 0) through the real engine with every sampling
+    function made to raise: still exact, so the greedy path never reached them."""
+    import sled_verifier.decide as decide_module
+    from sled_protocol import SamplingParams
+    from sled_verifier import sampling
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a greedy batch reached sampling code")
+
+    for name in ("warp_probs", "rejection_sample", "residual_distribution", "sample_inverse_cdf"):
+        monkeypatch.setattr(sampling, name, boom)
+    monkeypatch.setattr(decide_module, "sampling_inputs", boom)
+    engine = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats())
+    vocab = vocab_hash(tiny_models.target)
+    prompts = [encode(tiny_models, p) for p in PROMPTS[:3]]
+    sessions = [EdgeSession(f"g{i}", "dev", vocab, list(ids), len(ids) + 12) for i, ids in enumerate(prompts)]
+    sessions[1].sampling = SamplingParams(0.0, seed=4)  # greedy by temperature: sent without settings
+    greedy_by_params = sessions[2]
+    for session, drafter_name, k in zip(sessions, ("self", "gpt2", "self"), (3, 2, 4)):
+        drafter = Drafter(drafts[drafter_name])
+        while session.finish is None:
+            draft = session.draft(drafter.propose(session.committed, min(k, session.budget - 1)))
+            if session is greedy_by_params:  # settings sent anyway, temperature 0: still the greedy path
+                draft = replace(draft, sampling=SamplingParams(0.0, seed=4))
+            [outcome] = engine.step_until_answered([draft])
+            session.apply(draft, outcome.verdict)
+            drafter.learn(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
+    for session, ids in zip(sessions, prompts):
+        assert session.committed[len(ids):] == reference(ids, 12)
+
+
+def test_a_mixed_step_answers_each_draft_as_alone(tiny_models, target):
+    """Greedy and sampled drafts (with and without a proposal, empty ones too) in one step: each verdict is
+    the one its draft gets stepped alone on another engine."""
+    from sled_protocol import SamplingParams
+
+    vocab = vocab_hash(tiny_models.target)
+    ids = encode(tiny_models, PROMPTS[3])
+    plan = [([5, 6, 7], None, None), ([9, 3], SamplingParams(0.8, top_k=20, seed=1), [([9, 4], [0.6, 0.4]), ([3], [1.0])]),
+            ([], None, None), ([11, 12, 13, 14], SamplingParams(1.2, top_p=0.9, seed=2), None),
+            ([], SamplingParams(0.6, seed=3), None)]
+    batch = []
+    for index, (tokens, params, q) in enumerate(plan):
+        session = EdgeSession(f"m{index}", "dev", vocab, list(ids[: 4 + index]), 4 + index + 20)
+        draft = session.draft(list(tokens))
+        batch.append(replace(draft, sampling=params, q_ids=tuple(tuple(i) for i, _ in q) if q else None,
+                             q_probs=tuple(tuple(p) for _, p in q) if q else None))
+    together = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats()).step_until_answered(batch)
+    alone = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats())
+    for draft, outcome in zip(batch, together):
+        [single] = alone.step_until_answered([draft])
+        assert outcome.verdict.kind is VerdictKind.VERIFIED and outcome.verdict == single.verdict
