@@ -3,8 +3,9 @@
 Tasks (one TaskGroup per broker connection; ``sled_protocol.connection`` reconnects with backoff, on the
 transport the URL names: MQTT, or ``memory://`` in tests):
   receive  - decode and validate each draft; refuse bad ones with an error verdict at once
-  schedule - ask the scheduler (``sled_verifier.scheduler``) when to step; run ``VerifierEngine.step`` in the
-             model thread; drafts whose prefill did not fit the step go back to the head of the queue
+  schedule - ask the scheduler (``sled_verifier.scheduler``) when to step; take drafts from the queue
+             (``sled_verifier.draft_queue``); run ``VerifierEngine.step`` in the model thread; answer, and put
+             drafts whose prefill did not fit the step back at the head of the queue
   report   - log aggregated stats every ``stats_interval_s``
   announce - republish the retained Status every ``status_interval_s``: where retained messages are
              node-local (a RabbitMQ cluster), edges on other nodes learn of this verifier only this way
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -24,9 +24,10 @@ from sled_protocol.messages import decode_inbound
 from sled_protocol import topics
 from sled_protocol.connection import Reconnecting
 from sled_protocol.transport import Link, TransportError, Will, parse_broker_urls, transport_for
-from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.config import VerifierConfig
-from sled_verifier.engine import VerifierEngine, error_verdict
+from sled_verifier.draft_queue import DraftQueue, Offer, Queued
+from sled_verifier.engine import Outcome, VerifierEngine, error_verdict
+from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.sessions import Admission
 from sled_verifier.ratelimit import RateLimiter
 
@@ -43,8 +44,7 @@ class VerifierService:
         self.vocab = vocab
         self.target_identity = target_identity  # announced in every Status; edges pin sessions to it
         self.stats = engine.stats
-        self.policy = SchedulePolicy(config.max_wait_ms / 1000.0, config.min_wait_gain, config.max_batch_drafts,
-                                     config.max_batch_tokens)
+        self.policy = SchedulePolicy.from_config(config)
         self.cost = StepCost()
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
@@ -54,8 +54,7 @@ class VerifierService:
         if max_context < config.max_context_tokens:
             log.warning("max_context_capped", configured=config.max_context_tokens, model_positions=max_context)
         self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, max_context, engine.target.vocab_size)
-        # Bounded: one queued draft per session (a newer round replaces an older one).
-        self.queue: OrderedDict[tuple[str, str], tuple[Draft, float]] = OrderedDict()
+        self.queue = DraftQueue(max_drafts=config.max_sessions)  # one per session: a newer round replaces an older
         self.arrived = asyncio.Event()
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
@@ -131,22 +130,19 @@ class VerifierService:
             await self._refuse(client, device, draft, ErrorCode.VOCAB_MISMATCH,
                                f"draft vocabulary {draft.vocab} differs from the target's {self.vocab}")
             return
-        key = (device, draft.session)
-        queued = self.queue.get(key)
-        if queued is not None and queued[0].seq > draft.seq:
-            return  # an older round arrived late; the newer one is already queued
-        if queued is None and len(self.queue) >= self.config.max_sessions:
+        offer = self.queue.offer(draft, now_s)
+        if offer is Offer.FULL:
             await self._refuse(client, device, draft, ErrorCode.OVERLOADED, "verification queue is full; retry later")
-            return
-        self.queue[key] = (draft, queued[1] if queued else now_s)
-        self.arrivals.arrived(key, now_s)
-        self.arrived.set()
+        elif offer is Offer.QUEUED:
+            self.arrivals.arrived((device, draft.session), now_s)
+            self.arrived.set()
+        # Offer.LATE: an older round arrived late; the newer one is already queued.
 
     def _close(self, device: str, close: Close) -> None:
         if close.device != device:
             return  # a device closes only its own sessions
         key = (device, close.session)
-        self.queue.pop(key, None)
+        self.queue.drop(key)
         self.arrivals.forget(key)  # no draft is coming: the scheduler need not wait for it
         loop = asyncio.get_running_loop()
         task = loop.run_in_executor(self.model_thread, self.engine.close, device, close.session)
@@ -172,75 +168,70 @@ class VerifierService:
         await client.publish(topic, encode(verdict), qos=topics.QOS_VERDICT)
         self.stats.publish_s += time.perf_counter() - started
 
-    def _queue_state(self) -> QueueState:
-        """The queue as the scheduler sees it: drafts, and the tokens a step over all of them would score
-        (each k + 1, plus prefill of new contexts up to the per-step prefill budget)."""
-        oldest = next(iter(self.queue.values()))[1] if self.queue else None
-        ready = max(oldest, self.idle_since_s) if oldest is not None else None
-        scored = sum(len(draft.tokens) + 1 for draft, _ in self.queue.values())
-        prefill = sum(len(draft.context) for draft, _ in self.queue.values() if draft.context is not None)
-        prefill = min(prefill, self.config.prefill_chunk_tokens)
-        return QueueState(len(self.queue), scored + prefill, ready, prefill)
-
     async def _schedule(self, client: Link) -> None:
         while True:
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
             started = time.perf_counter()
-            delay = delay_s(self.policy, self._queue_state(), self.arrivals.expected(now_s), self.cost, now_s,
-                            slack_s=self.wake_lag_s)
+            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.prefill_chunk_tokens),
+                            self.arrivals.expected(now_s), self.cost, now_s, slack_s=self.wake_lag_s)
             self.stats.schedule_s += time.perf_counter() - started
             if delay is None or delay > 0:
-                self.arrived.clear()
-                try:
-                    async with asyncio.timeout(delay):
-                        await self.arrived.wait()
-                except TimeoutError:  # learn how late the loop wakes us, and wake that much earlier
-                    lag_s = max(0.0, time.monotonic() - now_s - delay)
-                    self.wake_lag_s = 0.9 * self.wake_lag_s + 0.1 * min(lag_s, self.policy.max_wait_s / 2)
+                await self._wait_for_arrivals(delay, now_s)
                 continue
             # 2. Take the oldest drafts (one per session) that fit a step; the model thread owns session state.
             busy_from = time.perf_counter()
-            count = take_batch(self.policy, [len(d.tokens) + 1 for d, _ in self.queue.values()])
-            batch = [self.queue.popitem(last=False) for _ in range(count)]
-            arrivals = {key: arrival_s for key, (_, arrival_s) in batch}
+            batch = self.queue.take(take_batch(self.policy, self.queue.scored_tokens()))
             prefill_before = self.stats.prefill_tokens
-            outcomes = await self._run_step([draft for _, (draft, _) in batch])
+            outcomes = await self._run_step([queued.draft for queued in batch])
             # 3. Teach the cost model what this step cost.
             step_s = time.perf_counter() - busy_from
             verified = [o for o in outcomes if o.admission is Admission.RUN]
             tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
-            # 4. Answer; deferred drafts go back to the head of the queue with their arrival time.
-            for outcome in reversed(outcomes):
-                key = (outcome.device, outcome.draft.session)
-                if outcome.admission is Admission.DEFERRED and key not in self.queue:
-                    self.queue[key] = (outcome.draft, arrivals[key])
-                    self.queue.move_to_end(key, last=False)
-            sent_s = time.monotonic()
-            for outcome in outcomes:
-                if outcome.admission is not Admission.DEFERRED:
-                    arrival_s = arrivals[(outcome.device, outcome.draft.session)]
-                    self.stats.record_queue_delay(now_s - arrival_s, now_s - max(arrival_s, self.idle_since_s))
-                if outcome.verdict is None:
-                    continue
-                verdict = outcome.verdict
-                key = (outcome.device, verdict.session)
-                if verdict.kind is VerdictKind.ERROR:
-                    self.stats.errors[str(verdict.error)] += 1
-                    self.arrivals.forget(key)
-                elif verdict.kind is VerdictKind.VERIFIED and verdict.finish is None:
-                    self.arrivals.verdict_sent(key, sent_s)
-                else:
-                    self.arrivals.forget(key)
-                await self._publish_verdict(client, outcome.device, verdict)
+            # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
+            taken = {queued.key: queued for queued in batch}
+            self.queue.requeue([taken[o.device, o.draft.session] for o in outcomes if o.admission is Admission.DEFERRED])
+            await self._answer(client, outcomes, taken, now_s)
             self.stats.busy_s += time.perf_counter() - busy_from
             self.idle_since_s = time.monotonic()
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
                       step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
 
-    async def _run_step(self, drafts: list[Draft]):
+    async def _wait_for_arrivals(self, delay: float | None, now_s: float) -> None:
+        """Wait ``delay`` seconds (None: until a draft arrives), woken early by any arrival."""
+        self.arrived.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self.arrived.wait()
+        except TimeoutError:  # learn how late the loop wakes us, and wake that much earlier
+            lag_s = max(0.0, time.monotonic() - now_s - delay)
+            self.wake_lag_s = 0.9 * self.wake_lag_s + 0.1 * min(lag_s, self.policy.max_wait_s / 2)
+
+    async def _answer(self, client: Link, outcomes: list[Outcome], taken: dict[tuple[str, str], Queued],
+                      stepped_s: float) -> None:
+        """Publish each outcome's verdict; record queue delays (as of ``stepped_s``) and tell the arrival
+        predictor which sessions will draft again."""
+        sent_s = time.monotonic()
+        for outcome in outcomes:
+            key = (outcome.device, outcome.draft.session)
+            if outcome.admission is not Admission.DEFERRED:
+                arrival_s = taken[key].arrival_s
+                self.stats.record_queue_delay(stepped_s - arrival_s, stepped_s - max(arrival_s, self.idle_since_s))
+            verdict = outcome.verdict
+            if verdict is None:
+                continue
+            if verdict.kind is VerdictKind.ERROR:
+                self.stats.errors[str(verdict.error)] += 1
+                self.arrivals.forget(key)
+            elif verdict.kind is VerdictKind.VERIFIED and verdict.finish is None:
+                self.arrivals.verdict_sent(key, sent_s)
+            else:
+                self.arrivals.forget(key)
+            await self._publish_verdict(client, outcome.device, verdict)
+
+    async def _run_step(self, drafts: list[Draft]) -> list[Outcome]:
         """``engine.step`` in the model thread. A failing batch is split in halves until the draft that
         fails on its own is found; only that one is refused (a failed step changes no committed state,
         so retrying the others is safe and they never notice)."""

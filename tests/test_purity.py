@@ -21,10 +21,11 @@ PLAIN = [
     "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes", "sled_protocol.messages",
     "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
     "sled_protocol.vocab",
-    "sled_verifier.config", "sled_verifier.identity", "sled_verifier.ratelimit", "sled_verifier.scheduler",
-    "sled_verifier.sessions", "sled_verifier.stats",
+    "sled_verifier.config", "sled_verifier.draft_queue", "sled_verifier.identity", "sled_verifier.ratelimit",
+    "sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats",
 ]
-TENSOR = ["sled_verifier.sampling", "sled_verifier.verify"]  # torch itself imports asyncio
+# The verification maths and its batch assembly (torch itself imports asyncio).
+TENSOR = ["sled_verifier.batch", "sled_verifier.decide", "sled_verifier.sampling", "sled_verifier.verify"]
 SEAM = ["sled_protocol.connection", "sled_protocol.memory", "sled_protocol.transport"]  # asyncio, but no broker library
 
 
