@@ -91,7 +91,7 @@ class EdgeDevice:
     """``async with EdgeDevice(config) as device: await device.generate(...)``."""
 
     def __init__(self, config: EdgeConfig, model: OnnxDraftModel | None = None,
-                 observer: RoundObserver | None = None) -> None:
+                 observer: RoundObserver | None = None, ahead: AheadPolicy | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.config = config
@@ -103,7 +103,7 @@ class EdgeDevice:
         except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart
             raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
         self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
-        self.ahead = AheadPolicy()  # whether proactive drafting pays on this device (all sessions)
+        self.ahead = ahead or AheadPolicy()  # whether proactive drafting pays on this device (all sessions)
         self.connection = EdgeConnection(parse_mqtt_urls(config.mqtt_url), config.device_id, config.ca_file or None,
                                          config.mqtt_protocol)
         self.verifiers = self.connection.verifiers
