@@ -26,27 +26,30 @@ def is_sampled(draft: Draft) -> bool:
     return draft.sampling is not None and not draft.sampling.greedy
 
 
-def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
+def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits: torch.Tensor,
+           eos_ids: torch.Tensor) -> VerifyResult:
     """``logits`` [B, >=K+1, V]: the target's scores of each row's ``[x[n-1], d_1..d_k]``; ``budgets`` [B]:
     tokens each session may still commit; ``eos_ids`` [E]. One result row per draft, in order."""
     batch = draft_batch(drafts, budgets, logits.device)
     sampled = [row for row, draft in enumerate(drafts) if is_sampled(draft)]
     if not sampled:
-        return decide_greedy(batch, logits, eos_ids)
+        return decide_greedy(batch, logits.argmax(dim=-1), eos_ids)
     if len(sampled) == len(drafts):
         return decide_sampled(batch, drafts, logits, eos_ids)
     greedy = [row for row, draft in enumerate(drafts) if not is_sampled(draft)]
     greedy_rows, sampled_rows = (torch.tensor(rows, device=logits.device) for rows in (greedy, sampled))
+    # The argmax of every row, then the greedy rows' [G, K+1]: indexing the logits first would copy [G, K+1, V].
+    target_ids = logits.argmax(dim=-1)[greedy_rows]
     return scatter(len(drafts), [
-        (greedy_rows, decide_greedy(batch.take(greedy_rows), logits[greedy_rows], eos_ids)),
+        (greedy_rows, decide_greedy(batch.take(greedy_rows), target_ids, eos_ids)),
         (sampled_rows, decide_sampled(batch.take(sampled_rows), [drafts[row] for row in sampled],
                                       logits[sampled_rows], eos_ids)),
     ])
 
 
-def decide_greedy(batch: DraftBatch, logits: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
-    """Greedy rows: accept the longest prefix matching the target's argmax."""
-    return greedy_verify(batch.draft_ids, batch.lens, logits.argmax(dim=-1), batch.budgets, eos_ids)
+def decide_greedy(batch: DraftBatch, target_ids: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
+    """Greedy rows: accept the longest prefix matching the target's argmax ``target_ids`` [B, K+1]."""
+    return greedy_verify(batch.draft_ids, batch.lens, target_ids, batch.budgets, eos_ids)
 
 
 def decide_sampled(batch: DraftBatch, drafts: Sequence[Draft], logits: torch.Tensor,

@@ -142,7 +142,7 @@ class VerifierEngine:
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
         ready = [(draft, state) for draft, state in runnable if state.prefilled]
-        deferred = [Outcome(draft.device, None, Admission.DEFERRED, draft) for draft, state in runnable if not state.prefilled]
+        deferred = [Outcome(d.device, None, Admission.DEFERRED, d) for d, state in runnable if not state.prefilled]
         self.stats.deferred += len(deferred)
         return ready, deferred
 

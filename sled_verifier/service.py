@@ -192,7 +192,8 @@ class VerifierService:
                 self.cost.observe(len(verified), tokens, step_s)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
-            self.queue.requeue([taken[o.device, o.draft.session] for o in outcomes if o.admission is Admission.DEFERRED])
+            self.queue.requeue([taken[o.device, o.draft.session] for o in outcomes
+                                if o.admission is Admission.DEFERRED])
             await self._answer(client, outcomes, taken, now_s)
             self.stats.busy_s += time.perf_counter() - busy_from
             self.idle_since_s = time.monotonic()

@@ -287,8 +287,10 @@ def test_a_mixed_step_answers_each_draft_as_alone(tiny_models, target):
 
     vocab = vocab_hash(tiny_models.target)
     ids = encode(tiny_models, PROMPTS[3])
-    plan = [([5, 6, 7], None, None), ([9, 3], SamplingParams(0.8, top_k=20, seed=1), [([9, 4], [0.6, 0.4]), ([3], [1.0])]),
-            ([], None, None), ([11, 12, 13, 14], SamplingParams(1.2, top_p=0.9, seed=2), None),
+    plan = [([5, 6, 7], None, None),
+            ([9, 3], SamplingParams(0.8, top_k=20, seed=1), [([9, 4], [0.6, 0.4]), ([3], [1.0])]),
+            ([], None, None),
+            ([11, 12, 13, 14], SamplingParams(1.2, top_p=0.9, seed=2), None),  # token only: q' a point mass
             ([], SamplingParams(0.6, seed=3), None)]
     batch = []
     for index, (tokens, params, q) in enumerate(plan):
