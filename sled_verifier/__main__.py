@@ -63,6 +63,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     vocab = vocab_hash(config.target)
     identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
     log.info("target_loaded", model=target.model_id, target=identity, runtime=target.name,
+             batch_invariance=target.batch_invariance,
              device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
     engine = VerifierEngine(target, config.verifier_id, config.max_sessions, stats,

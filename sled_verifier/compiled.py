@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sled_verifier.invariant import default_tile, make_batch_invariant
+from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 from sled_verifier.target import attend_rows, eos_ids_of, load_causal_lm, resolve_device, row_plan
 
@@ -60,8 +60,7 @@ class CompiledTarget:
             raise ValueError(f"unknown compile mode {compile!r}; expected one of {', '.join(COMPILE_MODES)}")
         self.device = resolve_device(device)
         self.model = load_causal_lm(self.model_dir, self.device, dtype)
-        if batch_invariant:
-            make_batch_invariant(self.model, default_tile(self.device))
+        self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)

@@ -46,6 +46,7 @@ class TargetRuntime(Protocol):
     vocab_size: int
     max_positions: int | None
     eos_ids: torch.Tensor         # int64 ids on ``device``
+    batch_invariance: str         # how products are kept batch-invariant: rows-of-<g>, tiles-<n>, or off
     kv: KVSlots | None
 
     def init_kv(self, max_slots: int, max_length: int) -> KVSlots: ...

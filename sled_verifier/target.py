@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sled_verifier.invariant import default_tile, make_batch_invariant
+from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 
 SLOT_ATTENTION = "sled_slots"
@@ -138,9 +138,7 @@ class TransformersTarget:
         self.model = load_causal_lm(self.model_dir, resolve_device(device), dtype, device_map)
         self.device = self.model.get_input_embeddings().weight.device  # inputs go in here; logits come back
         self.layer_devices = layer_devices(self.model)
-        self.batch_invariant = batch_invariant
-        if batch_invariant:
-            make_batch_invariant(self.model, default_tile(self.device))
+        self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

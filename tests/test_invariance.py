@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sled_verifier.compiled import CompiledTarget
-from sled_verifier.invariant import invariant_linear
+from sled_verifier.invariant import make_batch_invariant, padded_linear, tiled_linear
 from sled_verifier.runtime import load_target
 
 SESSIONS = 10
@@ -29,9 +29,17 @@ def static_eager(model_dir):
     return target
 
 
+def tiled(model_dir):
+    """The fallback for a BLAS without a stable regime: every product in fixed blocks of rows."""
+    target = load_target(model_dir, "compiled", "cpu", batch_invariant=False)
+    target.batch_invariance = make_batch_invariant(target.model, target.device, mode="tiles")
+    return target
+
+
 RUNTIMES = {
     "transformers": lambda d: load_target(d, "transformers", "cpu"),
     "compiled": lambda d: load_target(d, "compiled", "cpu"),
+    "compiled-tiles": tiled,
 }
 
 
@@ -82,10 +90,17 @@ def test_the_check_sees_the_kernels_batch_dependence(tiny_models):
     assert any(differs)
 
 
-def test_invariant_linear_is_the_linear():
+def test_the_probe_finds_this_cpus_regime(tiny_models):
+    """MKL here: a lone row and rows past the last full group of 4 meet other kernels; in products of a
+    multiple of 4 rows every row's result is fixed."""
+    assert load_target(tiny_models.target, "transformers", "cpu").batch_invariance == "rows-of-4"
+
+
+@pytest.mark.parametrize("product", [lambda x, w, b: padded_linear(x, w, b, 4), lambda x, w, b: tiled_linear(x, w, b, 8)],
+                         ids=["padded", "tiled"])
+def test_the_invariant_products_are_the_linear(product):
     torch.manual_seed(0)
     x, weight, bias = torch.randn(3, 5, 40), torch.randn(24, 40), torch.randn(24)
-    assert torch.allclose(invariant_linear(x, weight, bias, tile=8), torch.nn.functional.linear(x, weight, bias),
-                          atol=1e-5)
-    rows = [invariant_linear(x.reshape(-1, 40)[i : i + 1], weight, None, tile=8) for i in range(15)]
-    assert torch.equal(torch.cat(rows), invariant_linear(x.reshape(-1, 40), weight, None, tile=8))
+    assert torch.allclose(product(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+    rows = [product(x.reshape(-1, 40)[i : i + 1], weight, bias) for i in range(15)]
+    assert torch.equal(torch.cat(rows), product(x.reshape(-1, 40), weight, bias))
