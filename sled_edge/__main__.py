@@ -13,7 +13,7 @@ import sys
 import structlog
 
 from sled_edge.config import EdgeConfig
-from sled_protocol import SamplingParams
+from sled_protocol import ProtocolError, SamplingParams
 from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
 from sled_protocol.exitcodes import EX_CONFIG, EX_DATAERR, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging
@@ -98,17 +98,13 @@ async def run_serve(config: EdgeConfig) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams | None:
-    if not (0.0 <= args.temperature <= 100.0):
-        raise ConfigError("--temperature must be in [0, 100]")
-    if not (0.0 < args.top_p <= 1.0):
-        raise ConfigError("--top-p must be in (0, 1]")
-    if args.top_k < 0:
-        raise ConfigError("--top-k must be >= 0")
+    """The command line's sampling, checked by SamplingParams (the one place its ranges live); None: greedy."""
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    if not 0 <= seed < 2**63:
-        raise ConfigError("--seed must be in [0, 2**63)")
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, seed)
-    return sampling if sampling.temperature > 0 else None  # 0, or too small to differ from greedy
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, seed)
+    except ProtocolError as exc:
+        raise ConfigError(f"sampling (--temperature, --top-k, --top-p, --seed): {exc}") from None
+    return None if sampling.greedy else sampling  # 0, or too small to differ from greedy
 
 
 async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_json: bool,

@@ -32,12 +32,19 @@ from aiohttp import web
 
 from sled_edge.chat_template import ChatFormat, ChatTemplateError, load_chat_format
 from sled_edge.client import EdgeDevice, EdgeError
-from sled_protocol import SamplingParams
+from sled_protocol import ProtocolError, SamplingParams
 from sled_protocol.config import ConfigError
 
 log = structlog.get_logger("sled_edge")
 
 REQUEST_ERRORS = ("too_large",)  # EdgeError codes that mean the request itself cannot be served: 400
+# OpenAI's documented temperature range, which its clients expect an OpenAI-compatible API to enforce; the
+# system samples exactly at any temperature SamplingParams accepts (up to 100, as the CLI and the wire do).
+OPENAI_MAX_TEMPERATURE = 2
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class BadRequest(ValueError):
@@ -92,22 +99,19 @@ def parse_request(body: object, chat: bool, default_max_tokens: int,
     seed, stop = body.get("seed"), body.get("stop") or ()
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 100_000:
         raise BadRequest("'max_tokens' must be a positive integer")
-    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise BadRequest("'temperature' must be in [0, 2]")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise BadRequest("'top_p' must be in (0, 1]")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise BadRequest("'top_k' must be a non-negative integer")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise BadRequest("'seed' must be a non-negative integer")
+    if _number(temperature) and temperature > OPENAI_MAX_TEMPERATURE:
+        raise BadRequest(f"'temperature' must be in [0, {OPENAI_MAX_TEMPERATURE}]")
+    seed = seed if seed is not None else secrets.randbelow(2**31)
+    try:  # the ranges of temperature, top_p, top_k and seed live in SamplingParams, and only there
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+    except ProtocolError as exc:
+        raise BadRequest(str(exc)) from None
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, list | tuple) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("'stop' must be a string or a list of up to 4 strings")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
-    seed = seed if seed is not None else secrets.randbelow(2**31)
-    sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
-    return CompletionRequest(prompt, max_tokens, sampling if sampling.temperature > 0 else None,  # 0 or ~0: greedy
+    return CompletionRequest(prompt, max_tokens, None if sampling.greedy else sampling,  # 0 or ~0: greedy
                              tuple(stop), bool(body.get("stream", False)), prompt_format, add_special_tokens)
 
 

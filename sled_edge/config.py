@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sled_protocol import Limits
 from sled_protocol.config import described as _help
 from sled_protocol.config import ConfigError, require, require_connection, require_duration
 
@@ -20,7 +21,9 @@ class EdgeConfig:
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
     draft_tokens: int = field(default=0, metadata=_help("draft tokens k per round; 0: adaptive (best expected tokens/s)"))
-    max_draft_tokens: int = field(default=8, metadata=_help("the most draft tokens the adaptive k may choose"))
+    max_draft_tokens: int = field(default=8, metadata=_help(
+        f"the most draft tokens the adaptive k may choose, 1..{Limits.max_draft_tokens} (what a verifier accepts by "
+        "default; each announces its own limit, which caps k)"))
     proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
     proactive: bool = field(default=True, metadata=_help(
         "draft the next round while a round is verified, assuming all its tokens are accepted (sent at once when "
@@ -52,8 +55,11 @@ class EdgeConfig:
         require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
                            device_id=self.device_id, verifier_id=self.verifier)
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
-        require(1 <= self.proposal_tokens <= 64, "proposal_tokens must be 1..64")
-        require(1 <= self.max_draft_tokens <= 64, "max_draft_tokens must be 1..64")
+        # The wire's limits (what a verifier accepts by default; each announces its own, and k is capped by it).
+        require(1 <= self.proposal_tokens <= Limits.max_proposal_tokens,
+                f"proposal_tokens must be 1..{Limits.max_proposal_tokens}")
+        require(1 <= self.max_draft_tokens <= Limits.max_draft_tokens,
+                f"max_draft_tokens must be 1..{Limits.max_draft_tokens}")
         for name in ("timeout_s", "outage_timeout_s", "discovery_timeout_s"):
             require_duration(getattr(self, name), name)
         require(self.retries >= 0, "retries must be >= 0")

@@ -76,7 +76,7 @@ class EdgeSession:
 
     def draft(self, tokens: list[int], proposals=None) -> Draft:
         """This round's Draft; ``proposals`` are the SparseProposals the tokens were sampled from."""
-        sampled = self.sampling is not None and self.sampling.temperature > 0
+        sampled = self.sampling is not None and not self.sampling.greedy
         return Draft(
             device=self.device, session=self.session_id, seq=self.seq, base_len=len(self.committed),
             tokens=tuple(tokens), max_len=self.max_len, vocab=self.vocab,
