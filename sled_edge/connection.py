@@ -9,7 +9,8 @@ that fails to dispatch is logged and dropped, never the connection.
 
 Verdicts go to the waiting session's queue (by session id) when they come from the verifier holding that
 session (``session_verifier``; a former holder's late answers are dropped); verifier statuses update
-``verifiers``.
+``verifiers`` and set ``status_changed``. A session's round trip (``sled_edge.round_trip``) registers its
+queue with ``expect``, follows its moves with ``reassign`` and leaves with ``forget``.
 Sessions learn of events that need a resend now rather than after a timeout through sentinels put
 in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and VERIFIER_DOWN
 (the verifier serving that session published offline, e.g. its last will after a crash).
@@ -66,6 +67,19 @@ class EdgeConnection:
     def last_error(self) -> BaseException | None:
         """Why the latest attempt failed, for the start-up error."""
         return self.loop.last_error
+
+    def expect(self, session_id: str, verifier_id: str) -> asyncio.Queue:
+        """The queue that ``session_id``'s verdicts from ``verifier_id`` (and the sentinels) will arrive in."""
+        self.waiters[session_id] = asyncio.Queue()
+        self.session_verifier[session_id] = verifier_id
+        return self.waiters[session_id]
+
+    def reassign(self, session_id: str, verifier_id: str) -> None:
+        """The session has moved: from now on only ``verifier_id``'s verdicts reach it."""
+        self.session_verifier[session_id] = verifier_id
+
+    def forget(self, session_id: str) -> None:
+        del self.waiters[session_id], self.session_verifier[session_id]
 
     async def start(self, timeout_s: float) -> None:
         self._task = asyncio.create_task(self.loop.run(self._serve), name="mqtt-connection")

@@ -1,12 +1,16 @@
-"""The edge's half of speculative decoding, as a two-call drafter: ``propose`` then ``learn``; and
+"""The edge's half of speculative decoding, as a two-call drafter: ``propose`` then ``rollback``; and
 proactive drafting (SpecEdge, Park et al. 2025, arXiv 2505.17052): ``draft_ahead`` drafts the next round
 while this one is being verified, as if the verifier will accept every draft token and its next token will
 be the draft's own most likely token after them.
 
+``propose`` keeps the greedy and sampled paths apart, as vLLM's rejection sampler does: a greedy round takes
+the argmax and never touches warping, proposals or random numbers; a sampled one draws from the top-m
+proposal q', which goes on the wire with its tokens.
+
 Invariant: the draft cache only ever covers a prefix of the committed tokens plus the current round's draft
-tokens (and, while a guess is drafted, the guessed next token and the guessed round's drafts); ``learn``
-rolls it back to the committed prefix, so the next ``propose`` feeds just the tokens it has not seen.
-A guess proposes exactly what ``propose_sampled`` would once the verdict agrees with it: the same committed
+tokens (and, while a guess is drafted, the guessed next token and the guessed round's drafts); ``rollback``
+truncates it to the committed prefix, so the next ``propose`` feeds just the tokens it has not seen.
+A guess proposes exactly what ``propose`` would once the verdict agrees with it: the same committed
 tokens, the same k (the caller's), the same random numbers (seeded by the committed length). So it changes
 only when a round is sent, never what is sent, and output stays the target's.
 """
@@ -23,6 +27,9 @@ import numpy as np
 from sled_edge.proposal import SparseProposal, sample_proposal, sparse_proposal, warp_probs
 from sled_protocol import SamplingParams
 from sled_protocol.messages import STREAM_DRAFT, round_seed
+
+
+UNGUESSED = -1  # a Guess's assumed next token until the drafting thread has guessed it (never a token id)
 
 
 class DraftModel(Protocol):
@@ -58,7 +65,7 @@ class Guess:
 
     @classmethod
     def after(cls, committed: list[int], draft_tokens: list[int], k: int) -> Guess:
-        return cls(len(committed), [*committed, *draft_tokens, -1], k)  # -1: next_token, once guessed
+        return cls(len(committed), [*committed, *draft_tokens, UNGUESSED], k)
 
     def agrees(self, committed: list[int]) -> bool:
         """Whether the verdict committed what the guess assumed (the first ``base_len`` are shared)."""
@@ -105,34 +112,43 @@ class Drafter:
         self.model = model
         self.cache = model.new_cache()
 
-    def propose(self, committed: list[int], k: int) -> list[int]:
-        """Up to ``k`` greedy draft tokens after ``committed``; stops after drafting an EOS."""
-        return self.propose_sampled(committed, k, None).tokens
-
-    def propose_sampled(self, committed: list[int], k: int, sampling: SamplingParams | None,
-                        proposal_tokens: int = 16, abandoned: Callable[[], bool] | None = None) -> Proposal:
-        """Up to ``k`` draft tokens: argmax when ``sampling`` is None or at temperature 0, else drawn from
-        the top-``proposal_tokens`` proposal q', which is returned with them (it goes on the wire).
-        ``abandoned`` is asked before each forward pass; when it says so, raises ``Abandoned``."""
+    def propose(self, committed: list[int], k: int, sampling: SamplingParams | None = None,
+                proposal_tokens: int = 16, abandoned: Callable[[], bool] | None = None) -> Proposal:
+        """Up to ``k`` draft tokens after ``committed``, stopping after an EOS: the argmax when ``sampling`` is
+        None or greedy, else drawn from the top-``proposal_tokens`` proposal q', which is returned with them
+        (it goes on the wire). ``abandoned`` is asked before each forward pass; when it says so, raises
+        ``Abandoned``."""
         started = time.perf_counter()
-        greedy = sampling is None or sampling.temperature == 0
+        greedy = sampling is None or sampling.greedy
         if k <= 0:
             return Proposal([], None if greedy else [])
         assert self.cache.length < len(committed), "cache must lag the committed tokens"
-        rng = None if greedy else np.random.default_rng(round_seed(sampling.seed, len(committed), STREAM_DRAFT))
-        logits = self._feed(committed[self.cache.length :], abandoned)
+        logits = self._feed(committed[self.cache.length :], abandoned)  # [V]
+        if greedy:
+            tokens = self._greedy(logits, k, abandoned)
+            return Proposal(tokens, None, time.perf_counter() - started)
+        tokens, sparse = self._sampled(logits, k, sampling, proposal_tokens, len(committed), abandoned)
+        return Proposal(tokens, sparse, time.perf_counter() - started)
+
+    def _greedy(self, logits: np.ndarray, k: int, abandoned: Callable[[], bool] | None) -> list[int]:
+        tokens: list[int] = []
+        while True:
+            tokens.append(int(np.argmax(logits)))
+            if len(tokens) == k or tokens[-1] in self.model.eos_ids:
+                return tokens
+            logits = self._feed(tokens[-1:], abandoned)
+
+    def _sampled(self, logits: np.ndarray, k: int, sampling: SamplingParams, proposal_tokens: int, base_len: int,
+                 abandoned: Callable[[], bool] | None) -> tuple[list[int], list[SparseProposal]]:
+        rng = np.random.default_rng(round_seed(sampling.seed, base_len, STREAM_DRAFT))
         tokens: list[int] = []
         sparse: list[SparseProposal] = []
         while True:
-            if greedy:
-                token = int(np.argmax(logits))
-            else:
-                sparse.append(sparse_proposal(warp_probs(logits, sampling), proposal_tokens))
-                token = sample_proposal(sparse[-1], rng)
-            tokens.append(token)
-            if len(tokens) == k or token in self.model.eos_ids:
-                return Proposal(tokens, None if greedy else sparse, time.perf_counter() - started)
-            logits = self._feed([token], abandoned)
+            sparse.append(sparse_proposal(warp_probs(logits, sampling), proposal_tokens))
+            tokens.append(sample_proposal(sparse[-1], rng))
+            if len(tokens) == k or tokens[-1] in self.model.eos_ids:
+                return tokens, sparse
+            logits = self._feed(tokens[-1:], abandoned)
 
     def draft_ahead(self, guess: Guess, sampling: SamplingParams | None, proposal_tokens: int = 16) -> None:
         """In a worker thread while a round is verified: feed the round's last draft token, guess the next
@@ -148,7 +164,7 @@ class Drafter:
             # feeds it and the next token in one pass, and the guess must match it to the last bit.
             self.cache.truncate(len(guess.committed) - 2)
             if guess.next_token not in self.model.eos_ids:
-                guess.proposal = self.propose_sampled(guess.committed, guess.k, sampling, proposal_tokens, stop)
+                guess.proposal = self.propose(guess.committed, guess.k, sampling, proposal_tokens, stop)
         except Abandoned:
             pass
 
@@ -157,8 +173,8 @@ class Drafter:
             raise Abandoned
         return self.model.feed(self.cache, tokens)
 
-    def learn(self, committed_len: int, base_len: int, accepted: int) -> None:
-        """KV rollback: keep only positions now known to be committed (prefix + accepted drafts)."""
+    def rollback(self, committed_len: int, base_len: int, accepted: int) -> None:
+        """KV rollback after a verdict: keep only positions now known to be committed (prefix + accepted drafts)."""
         self.cache.truncate(min(base_len + accepted, committed_len - 1))
 
     def reset(self) -> None:

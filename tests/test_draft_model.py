@@ -55,21 +55,21 @@ def test_same_greedy_drafts_round_after_round(pair):
     committed = [5, 17, 99, 3, 42]
     drafters = {mode: Drafter(model) for mode, model in pair.items()}
     for accepted in [4, 0, 2, 6]:
-        drafts = {mode: drafter.propose(committed, 6) for mode, drafter in drafters.items()}
+        drafts = {mode: drafter.propose(committed, 6).tokens for mode, drafter in drafters.items()}
         assert drafts["bound"] == drafts["copy"]
         base_len = len(committed)
         committed = committed + drafts["copy"][:accepted] + [7]
         for drafter in drafters.values():
-            drafter.learn(len(committed), base_len, accepted)
+            drafter.rollback(len(committed), base_len, accepted)
 
 
 def test_concurrent_sessions_keep_their_own_cache(pair):
     """Sessions drafting in threads at once each get what they would alone."""
     model = pair["bound"]
     prompts = [[i, i + 1, i + 2, 30 + i] for i in range(6)]
-    alone = [Drafter(model).propose(prompt, 8) for prompt in prompts]
+    alone = [Drafter(model).propose(prompt, 8).tokens for prompt in prompts]
     with ThreadPoolExecutor(max_workers=6) as pool:
-        together = list(pool.map(lambda prompt: Drafter(model).propose(prompt, 8), prompts))
+        together = list(pool.map(lambda prompt: Drafter(model).propose(prompt, 8).tokens, prompts))
     assert together == alone
 
 

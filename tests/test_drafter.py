@@ -20,21 +20,21 @@ def test_rollback_equals_fresh_prefill(gpt2_onnx, accepted):
     """After a verdict the truncated cache drafts exactly what a drafter with no history would."""
     committed = [5, 17, 99, 3, 42]
     drafter = Drafter(gpt2_onnx)
-    draft = drafter.propose(committed, 5)
+    draft = drafter.propose(committed, 5).tokens
     base_len = len(committed)
     committed = committed + draft[:accepted] + [7]  # verifier: accept a, then its own next token
-    drafter.learn(len(committed), base_len, accepted)
+    drafter.rollback(len(committed), base_len, accepted)
     assert drafter.cache.length <= len(committed) - 1
-    assert drafter.propose(committed, 4) == Drafter(gpt2_onnx).propose(committed, 4)
+    assert drafter.propose(committed, 4).tokens == Drafter(gpt2_onnx).propose(committed, 4).tokens
 
 
 def test_cache_is_kept_between_rounds(gpt2_onnx):
     """No re-prefill per round: the second round feeds only the tokens the cache has not seen."""
     drafter = Drafter(gpt2_onnx)
     committed = list(range(10, 40))
-    draft = drafter.propose(committed, 3)
+    draft = drafter.propose(committed, 3).tokens
     assert drafter.cache.length == len(committed) + 2            # prefix + d1, d2 (d3 not yet fed)
-    drafter.learn(len(committed) + 4, len(committed), 3)        # all accepted + bonus
+    drafter.rollback(len(committed) + 4, len(committed), 3)        # all accepted + bonus
     fed: list[int] = []
     original_feed = gpt2_onnx.feed
 
@@ -44,7 +44,7 @@ def test_cache_is_kept_between_rounds(gpt2_onnx):
 
     gpt2_onnx.feed = spy
     try:
-        drafter.propose(committed + draft + [1], 2)
+        drafter.propose(committed + draft + [1], 2).tokens
     finally:
         del gpt2_onnx.feed
     assert fed == [2, 1]  # d3 and the bonus token, then one token per further draft step

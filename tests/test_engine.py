@@ -41,13 +41,14 @@ def run_lockstep(engine, sessions, drafters, ks):
     steps = 0
     while any(s.finish is None for s in sessions):
         live = [i for i, s in enumerate(sessions) if s.finish is None]
-        drafts = [sessions[i].draft(drafters[i].propose(sessions[i].committed, min(ks[i], sessions[i].budget - 1)))
+        drafts = [sessions[i].draft(drafters[i].propose(sessions[i].committed,
+                                                        min(ks[i], sessions[i].budget - 1)).tokens)
                   for i in live]
         outcomes = engine.step_until_answered(drafts)  # prefill longer than one step's budget takes several
         assert [o.admission for o in outcomes] == [Admission.RUN] * len(live)
         for i, draft, outcome in zip(live, drafts, outcomes):
             sessions[i].apply(draft, outcome.verdict)
-            drafters[i].learn(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
+            drafters[i].rollback(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
         steps += 1
     return steps
 
@@ -108,13 +109,13 @@ def test_admission_resync_resend_stale_finished_and_eviction(tiny_models, target
     session.send_context = True
     rounds = []
     for _ in range(2):
-        draft = session.draft(drafter.propose(session.committed, 1))
+        draft = session.draft(drafter.propose(session.committed, 1).tokens)
         [result] = engine.step([draft])
         assert result.verdict.kind is VerdictKind.VERIFIED and result.verdict.accepted == 1
         [again] = engine.step([draft])  # a retry of the same round: the same answer, applied once
         assert again.admission is Admission.RESEND and again.verdict == result.verdict
         session.apply(draft, result.verdict)
-        drafter.learn(result.verdict.committed_len, draft.base_len, result.verdict.accepted)
+        drafter.rollback(result.verdict.committed_len, draft.base_len, result.verdict.accepted)
         rounds.append(draft)
     assert engine.step([rounds[0]])[0].admission is Admission.STALE  # an older round, late: dropped
     assert engine.step([rounds[0]])[0].verdict is None
@@ -270,12 +271,12 @@ def test_a_greedy_batch_never_touches_sampling_code(tiny_models, target, drafts,
     for session, drafter_name, k in zip(sessions, ("self", "gpt2", "self"), (3, 2, 4)):
         drafter = Drafter(drafts[drafter_name])
         while session.finish is None:
-            draft = session.draft(drafter.propose(session.committed, min(k, session.budget - 1)))
+            draft = session.draft(drafter.propose(session.committed, min(k, session.budget - 1)).tokens)
             if session is greedy_by_params:  # settings sent anyway, temperature 0: still the greedy path
                 draft = replace(draft, sampling=SamplingParams(0.0, seed=4))
             [outcome] = engine.step_until_answered([draft])
             session.apply(draft, outcome.verdict)
-            drafter.learn(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
+            drafter.rollback(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
     for session, ids in zip(sessions, prompts):
         assert session.committed[len(ids):] == reference(ids, 12)
 

@@ -29,16 +29,16 @@ def gpt2_onnx(tiny_models):
 def test_a_guess_is_what_the_drafter_proposes_after_an_all_accepted_verdict(gpt2_onnx, sampling):
     committed = [5, 17, 99, 3, 42, 8, 250]
     ahead, plain = Drafter(gpt2_onnx), Drafter(gpt2_onnx)
-    first = ahead.propose_sampled(committed, 4, sampling)
+    first = ahead.propose(committed, 4, sampling)
     guess = Guess.after(committed, first.tokens, 3)
     ahead.draft_ahead(guess, sampling)
     assert guess.next_token is not None and guess.proposal is not None
 
     # The drafter without a guess, after the verdict "all 4 accepted, next token = the guess":
-    assert plain.propose_sampled(committed, 4, sampling).tokens == first.tokens
+    assert plain.propose(committed, 4, sampling).tokens == first.tokens
     committed = committed + first.tokens + [guess.next_token]
-    plain.learn(len(committed), len(committed) - 5, 4)
-    expected = plain.propose_sampled(committed, 3, sampling)
+    plain.rollback(len(committed), len(committed) - 5, 4)
+    expected = plain.propose(committed, 3, sampling)
     assert guess.agrees(committed)
     assert guess.proposal.tokens == expected.tokens
     if sampling is not None:  # the very proposal q' that goes on the wire, bit for bit
@@ -51,20 +51,20 @@ def test_a_guess_is_what_the_drafter_proposes_after_an_all_accepted_verdict(gpt2
 def test_a_disagreeing_verdict_drops_the_guess_and_rolls_the_cache_back(gpt2_onnx, accepted):
     committed = [5, 17, 99, 3, 42]
     drafter = Drafter(gpt2_onnx)
-    draft = drafter.propose(committed, 4)
+    draft = drafter.propose(committed, 4).tokens
     guess = Guess.after(committed, draft, 4)
     drafter.draft_ahead(guess, None)
     other = (guess.next_token + 1) % gpt2_onnx.vocab_size  # the verifier's next token is not the guess
     after = committed + draft[:accepted] + [other]
     assert not guess.agrees(after)
-    drafter.learn(len(after), len(committed), accepted)
-    assert drafter.propose(after, 4) == Drafter(gpt2_onnx).propose(after, 4)
+    drafter.rollback(len(after), len(committed), accepted)
+    assert drafter.propose(after, 4).tokens == Drafter(gpt2_onnx).propose(after, 4).tokens
 
 
 def test_an_abandoned_guess_stops_before_its_next_forward_pass(gpt2_onnx):
     committed = [5, 17, 99, 3, 42]
     drafter = Drafter(gpt2_onnx)
-    draft = drafter.propose(committed, 3)
+    draft = drafter.propose(committed, 3).tokens
     length = drafter.cache.length
     guess = Guess.after(committed, draft, 4)
     guess.abandoned = True
