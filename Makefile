@@ -44,7 +44,7 @@ EDGE_VENV     ?= .venv-edge
 EDGE_FIXTURES ?= build/edge-fixtures
 EDGE_TESTS    := $(wildcard tests/test_draft_model.py tests/test_providers.py tests/test_drafter.py \
                    tests/test_controller.py tests/test_protocol.py tests/test_chat_template.py \
-                   tests/test_edge_resilience.py)
+                   tests/test_edge_resilience.py tests/test_edge_requests.py)
 
 $(EDGE_VENV)/.installed: pyproject.toml
 	@./scripts/system-deps.sh

@@ -53,3 +53,24 @@ def test_cache_is_kept_between_rounds(gpt2_onnx):
 def test_empty_cache_logits_shape(gpt2_onnx):
     logits = gpt2_onnx.feed(gpt2_onnx.new_cache(), [1, 2, 3])
     assert logits.shape == (gpt2_onnx.vocab_size,) and np.isfinite(logits).all()
+
+
+def test_a_greedy_proposal_never_touches_sampling(gpt2_onnx, monkeypatch):
+    """Greedy and sampled paths apart: with every sampling function made to raise, a greedy round (None, or
+    SamplingParams at temperature 0) drafts the argmax and carries no proposal."""
+    import sled_edge.drafter as drafter_module
+    from sled_protocol import SamplingParams
+
+    committed = [5, 17, 99, 3, 42]
+    expected = Drafter(gpt2_onnx).propose(committed, 4).tokens
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a greedy round reached sampling code")
+
+    for name in ("warp_probs", "sparse_proposal", "sample_proposal", "round_seed"):
+        monkeypatch.setattr(drafter_module, name, forbidden)
+    for sampling in (None, SamplingParams(temperature=0.0, top_k=5, seed=3)):
+        proposal = Drafter(gpt2_onnx).propose(committed, 4, sampling)
+        assert proposal.tokens == expected and proposal.sparse is None
+    with pytest.raises(AssertionError, match="reached sampling code"):  # and the spies do see a sampled round
+        Drafter(gpt2_onnx).propose(committed, 4, SamplingParams(temperature=0.8, seed=3))

@@ -14,7 +14,7 @@ import pytest
 
 import sled_edge.connection as connection_module
 from conftest import PROMPTS, Broker, running_broker
-from sled_edge.client import EdgeDevice
+from sled_edge.client import EdgeDevice, EdgeError
 from sled_edge.config import EdgeConfig
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
@@ -149,3 +149,34 @@ async def test_an_unexpected_connection_error_restarts_the_connection(own_broker
     result, _, device = await generate_against(own_broker, tiny_models.gpt2_onnx, answer, timeout_s=1.0)
     assert injected and device.connection.reconnects == 1
     assert len(result.token_ids) == MAX_NEW and result.finish_reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_ends_the_generation_and_the_session_leaves_the_connection(own_broker, tiny_models):
+    """A refusal that is not "retry later" ends the generation with the verifier's reason; the round trip takes
+    the session's verdict queue and routing out of the connection (after a success too)."""
+    verifier_id = f"s-{uuid.uuid4().hex[:6]}"
+    config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), mqtt_url=own_broker.url,
+                        device_id=f"d-{uuid.uuid4().hex[:6]}", verifier=verifier_id, draft_tokens=2)
+
+    def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
+        if n == 1:  # the second generation's first round
+            return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id, session=draft.session, seq=draft.seq,
+                           error=ErrorCode.BAD_TOKEN, reason="token 99999 is outside the vocabulary")
+        return verified(draft, verifier_id)
+
+    ready = asyncio.Event()
+    server = asyncio.create_task(scripted_verifier(own_broker, verifier_id, vocab_hash(tiny_models.gpt2_onnx),
+                                                   answer, ready))
+    try:
+        await ready.wait()
+        async with EdgeDevice(config) as device:
+            prompt = device.encode_prompt(PROMPTS[0])
+            done = await device.generate(prompt, 3)  # one round of 2 accepted + 1: length
+            assert done.finish_reason == "length" and device.connection.waiters == {}
+            with pytest.raises(EdgeError, match="bad_token: token 99999 is outside the vocabulary"):
+                await device.generate(prompt, MAX_NEW)
+            assert device.connection.waiters == {} and device.connection.session_verifier == {}
+    finally:
+        server.cancel()
+        await asyncio.wait([server])
