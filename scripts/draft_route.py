@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dis
+import functools
 import inspect
 import io
 import os
@@ -33,6 +35,12 @@ RESUMABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENER
 COMPREHENSIONS = ("<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>")  # expressions, not calls a reader follows
 
 
+@functools.cache
+def first_resume(code) -> int:
+    """Offset of a code object's first RESUME: where a fresh coroutine frame stands at its first entry."""
+    return next(i.offset for i in dis.get_instructions(code) if i.opname == "RESUME")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(HERE), help="source tree to trace [default: this one]")
@@ -45,10 +53,9 @@ def main() -> None:
     sys.path.insert(0, str(root))
     os.chdir(root)
     prefixes = tuple(str(root / package) + os.sep for package in PACKAGES)
-    events: list[tuple[str, str]] = []   # (file, qualname) per call, every thread, in order
+    events: list[tuple[tuple[str, str], bool]] = []  # ((file, qualname), a call not a resume), every thread
     applied: list[int] = []              # index into events after each EdgeSession.apply returned
     stacks: dict[int, list[tuple[str, str]]] = {}  # the edge's project frames above apply, per round
-    resumable: set[int] = set()          # coroutine frames already entered (a resume is not a call)
 
     def profile(frame, event, arg):
         if event not in ("call", "return"):
@@ -58,11 +65,9 @@ def main() -> None:
             return
         name = (filename[len(str(root)) + 1 :], frame.f_code.co_qualname)
         if event == "call" and not name[1].endswith(COMPREHENSIONS):
-            if frame.f_code.co_flags & RESUMABLE:  # a coroutine's or generator's frame: count its first entry only
-                if id(frame) in resumable:
-                    return
-                resumable.add(id(frame))
-            events.append(name)
+            # A coroutine's or generator's frame is entered again at each resume: on the route, not a new call.
+            fresh = not frame.f_code.co_flags & RESUMABLE or frame.f_lasti <= first_resume(frame.f_code)
+            events.append((name, fresh))
         elif frame.f_code.co_qualname == "EdgeSession.apply":
             applied.append(len(events))
             outer, above = frame.f_back, []
@@ -75,9 +80,9 @@ def main() -> None:
     asyncio.run(run(root, profile, False if args.no_proactive else None))
     start, end = applied[args.round - 1], applied[args.round]
     window = events[start:end]
-    route: dict[tuple[str, str], int] = {}
-    for name in [*reversed(stacks[args.round]), *window]:
-        route[name] = route.get(name, 0) + 1
+    route: dict[tuple[str, str], int] = {}  # function -> calls (a function only resumed here counts 0)
+    for name, fresh in [*((name, True) for name in reversed(stacks[args.round])), *window]:
+        route[name] = route.get(name, 0) + fresh
     files = sorted({file for file, _ in route})
     if args.list:
         for (file, function), count in route.items():
