@@ -6,7 +6,8 @@ event loop against a real Mosquitto (the transport every version of the code has
 ``sys.setprofile``, and reports round ``--round`` (seq; round 0 carries the context and the prefill): the
 functions entered between the verdict of the round before being applied and this round's being applied, plus
 the edge's frames above them (run_generate, generate). Only functions in sled_edge, sled_protocol and
-sled_verifier count (not torch, onnxruntime, aiomqtt or the standard library).
+sled_verifier count (not torch, onnxruntime, aiomqtt or the standard library), and no comprehensions; a
+coroutine resumed in the round is on the route but not a new call.
 
     python scripts/draft_route.py [--root TREE] [--round 2] [--no-proactive] [--list]
 
