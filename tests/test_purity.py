@@ -12,12 +12,13 @@ import pytest
 
 from conftest import ROOT
 
-SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.client", "sled_edge.connection"]
+SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.client", "sled_edge.connection",
+         "sled_edge.round_trip", "sled_edge.directory"]
 
 # Every module of the pure core: maths, policies, bookkeeping, the wire agreement and configuration.
 PLAIN = [
-    "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.placement", "sled_edge.proposal",
-    "sled_edge.session",
+    "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.errors", "sled_edge.placement",
+    "sled_edge.proposal", "sled_edge.session",
     "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes", "sled_protocol.messages",
     "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
     "sled_protocol.vocab",
@@ -25,7 +26,8 @@ PLAIN = [
     "sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats",
 ]
 # The verification maths and its batch assembly (torch itself imports asyncio).
-TENSOR = ["sled_verifier.batch", "sled_verifier.decide", "sled_verifier.sampling", "sled_verifier.verify"]
+TENSOR = ["sled_verifier.batch", "sled_verifier.decide", "sled_verifier.invariant", "sled_verifier.sampling",
+          "sled_verifier.verify"]
 SEAM = ["sled_protocol.connection", "sled_protocol.memory", "sled_protocol.transport"]  # asyncio, but no broker library
 
 
