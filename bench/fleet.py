@@ -167,15 +167,27 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
 
 def step_times(plain, verifying, n: int, k: int, context: int) -> dict:
     """T(N x 1) of server-only's forward (``plain``) and T(N x (k+1)) of the verifier's (``verifying``) at
-    ``context``: the ceiling compares what each side would really run."""
-    times = {}
-    for key, target, width in (("t_n_x_1_s", plain, 1), ("t_n_x_k1_s", verifying, k + 1)):
+    ``context``: the ceiling compares what each side would really run. The two are timed in alternation and
+    the pass-cost ratio is the median of back-to-back pairs, so the machine's drift (up to 50% between runs
+    here) cancels in the ratio the ceiling depends on."""
+    runs = []
+    for target, width in ((plain, 1), (verifying, k + 1)):
         kv = target.init_kv(max_slots=n, max_length=context + k + 8)
         slots = [kv.acquire() for _ in range(n)]
         rng = np.random.default_rng(0)
         target.forward_rows(slots, [0] * n, [rng.integers(1, 1000, context).tolist() for _ in range(n)])
-        times[key] = timed(lambda: target.forward_rows(slots, [context] * n, [[1] * width] * n), 3 if n >= 64 else 7)
-    return times
+        runs.append(lambda target=target, slots=slots, width=width:
+                    target.forward_rows(slots, [context] * n, [[1] * width] * n))
+    for run in runs:  # warm-up
+        run()
+    one, wide = [], []
+    for _ in range(5 if n >= 64 else 11):
+        for run, samples in zip(runs, (one, wide)):
+            started = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - started)
+    t1 = float(np.median(one))
+    return {"t_n_x_1_s": t1, "t_n_x_k1_s": t1 * float(np.median(np.array(wide) / np.array(one)))}
 
 
 def cpu_seconds(pid: int) -> float:
