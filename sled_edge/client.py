@@ -152,7 +152,7 @@ class EdgeDevice:
                         self.ahead.observe_guess(held)
                     if not held:
                         guess = None
-                        drafter.rollback(verdict.committed_len, draft.base_len, verdict.accepted)
+                        drafter.rollback(verdict.committed_len, draft.base_len, verdict.accepted, len(draft.tokens))
                     trip.log.debug("round_verified", seq=draft.seq, k=len(draft.tokens), accepted=verdict.accepted,
                                    next_kind=str(verdict.next_kind), guessed=guess is not None)
                     if on_tokens is not None and on_tokens(new_tokens):

@@ -173,9 +173,15 @@ class Drafter:
             raise Abandoned
         return self.model.feed(self.cache, tokens)
 
-    def rollback(self, committed_len: int, base_len: int, accepted: int) -> None:
-        """KV rollback after a verdict: keep only positions now known to be committed (prefix + accepted drafts)."""
-        self.cache.truncate(min(base_len + accepted, committed_len - 1))
+    def rollback(self, committed_len: int, base_len: int, accepted: int, drafted: int | None = None) -> None:
+        """KV rollback after a verdict: keep only positions now known to be committed (prefix + accepted drafts).
+        ``drafted`` (the round's draft length) also drops what a dropped guess fed beyond the round: a round's
+        own drafting never feeds its last token, so the cache ends where it would have without the guess and
+        the next round's passes - and a sampled round's q', bit for bit - are the same."""
+        keep = min(base_len + accepted, committed_len - 1)
+        if drafted is not None:
+            keep = min(keep, base_len + max(drafted - 1, 0))
+        self.cache.truncate(keep)
 
     def reset(self) -> None:
         self.cache = self.model.new_cache()

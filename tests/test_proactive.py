@@ -61,6 +61,30 @@ def test_a_disagreeing_verdict_drops_the_guess_and_rolls_the_cache_back(gpt2_onn
     assert drafter.propose(after, 4).tokens == Drafter(gpt2_onnx).propose(after, 4).tokens
 
 
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("accepted", [2, 4])
+def test_after_a_dropped_guess_the_next_round_is_the_one_without_a_guess(tiny_models, model, accepted):
+    """A dropped guess fed the round's last draft token and more; the rollback must leave the cache where the
+    round alone would have, or the next round's passes differ and a seeded sample's q' differs in its low bits
+    (found on the Llama export: the token ids agreed, q' did not)."""
+    draft_model = OnnxDraftModel(tiny_models.gpt2_onnx if model == "gpt2" else tiny_models.target_onnx)
+    committed = [5, 17, 99, 3, 42, 8, 250]
+    guessing, alone = Drafter(draft_model), Drafter(draft_model)
+    draft = guessing.propose(committed, 4, SAMPLED)
+    assert alone.propose(committed, 4, SAMPLED).tokens == draft.tokens
+    guess = Guess.after(committed, draft.tokens, 4)
+    guessing.draft_ahead(guess, SAMPLED)
+    other = (guess.next_token + 1) % draft_model.vocab_size  # the verifier's next token is not the guess
+    after = committed + draft.tokens[:accepted] + [other]
+    for drafter in (guessing, alone):
+        drafter.rollback(len(after), len(committed), accepted, len(draft.tokens))
+    assert guessing.cache.length == alone.cache.length
+    got, want = guessing.propose(after, 4, SAMPLED), alone.propose(after, 4, SAMPLED)
+    assert got.tokens == want.tokens
+    for mine, theirs in zip(got.sparse, want.sparse):
+        assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.probs, theirs.probs)
+
+
 def test_an_abandoned_guess_stops_before_its_next_forward_pass(gpt2_onnx):
     committed = [5, 17, 99, 3, 42]
     drafter = Drafter(gpt2_onnx)
