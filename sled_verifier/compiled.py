@@ -100,7 +100,9 @@ class CompiledTarget:
         rows, m_max = len(inputs), max(len(x) for x in inputs)
         width = max(start + len(x) for start, x in zip(starts, inputs))
         if self.static:  # pad to the buckets: padding rows are one token written to the spare slot
-            rows_b, m_b = bucket(rows), bucket(m_max)
+            # Tokens per row are bucketed up to the KV capacity at most (a context limit need not be a power
+            # of two, and padding queries only write into the spare slot).
+            rows_b, m_b = bucket(rows), min(bucket(m_max), self.kv.max_length)
             self.kv.ensure_length(max(width, m_b))
             width_b = min(bucket(width, 64), self.kv.length)
             slots = [*slots] + [self.kv.trash] * (rows_b - rows)

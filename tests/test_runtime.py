@@ -53,3 +53,20 @@ def test_device_map_places_the_target_with_accelerate(tiny_models, device_map):
     reference = scores(load_target(tiny_models.target, "transformers", "cpu"), CONTEXTS, ROUNDS)
     assert torch.equal(scores(placed, CONTEXTS, ROUNDS), reference)
     assert [k.device for k in placed.kv.keys] == placed.layer_devices
+
+
+def test_the_static_forward_serves_a_context_limit_that_is_not_a_power_of_two(tiny_models):
+    """Buckets round a 33-token prefill up to 64 tokens; with a 40-position limit the bucket is capped there
+    (padding only writes the spare slot) instead of the step failing, and the logits match the eager forward."""
+    from sled_verifier.compiled import CompiledTarget
+
+    eager, static = load_target(tiny_models.target, "compiled", "cpu"), CompiledTarget(tiny_models.target, "cpu")
+    static.static, static._forward = True, static._forward_static
+    prompt = list(range(3, 36))
+    results = []
+    for target in (eager, static):
+        target.init_kv(max_slots=2, max_length=40)
+        slot = target.kv.acquire()
+        target.forward_rows([slot], [0], [prompt[:-1]], logits=False)
+        results.append(target.forward_rows([slot], [len(prompt) - 1], [prompt[-1:]])[0, 0])
+    assert torch.allclose(results[0], results[1], atol=1e-4)
