@@ -12,8 +12,9 @@ session (``session_verifier``; a former holder's late answers are dropped); veri
 ``verifiers`` and set ``status_changed``. A session's round trip (``sled_edge.round_trip``) registers its
 queue with ``expect``, follows its moves with ``reassign`` and leaves with ``forget``.
 Sessions learn of events that need a resend now rather than after a timeout through sentinels put
-in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and VERIFIER_DOWN
-(the verifier serving that session published offline, e.g. its last will after a crash).
+in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and ``VerifierDown``
+(the verifier serving that session published offline, e.g. its last will after a crash; it names that
+verifier, so a session that has meanwhile moved elsewhere ignores it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from sled_protocol.transport import BrokerAddress, Link, TransportError, describ
 log = structlog.get_logger("sled_edge")
 
 RECONNECTED = object()
-VERIFIER_DOWN = object()
+
+
+class VerifierDown:
+    """Queued for a session when ``verifier``, which held it, published offline."""
+
+    __slots__ = ("verifier",)
+
+    def __init__(self, verifier: str) -> None:
+        self.verifier = verifier
 
 
 class BrokerUnavailable(ConnectionError):
@@ -139,7 +148,7 @@ class EdgeConnection:
                     log.warning("verifier_offline", verifier=status.verifier)
                     for session_id, verifier in list(self.session_verifier.items()):
                         if verifier == status.verifier and session_id in self.waiters:
-                            self.waiters[session_id].put_nowait(VERIFIER_DOWN)
+                            self.waiters[session_id].put_nowait(VerifierDown(status.verifier))
         except ProtocolError as exc:
             log.warning("message_undecodable", topic=topic, error=str(exc))
         except Exception:  # a bug handling one message must not take the connection (and every session) down

@@ -27,7 +27,7 @@ from typing import Protocol
 import structlog
 
 from sled_edge.config import EdgeConfig
-from sled_edge.connection import RECONNECTED, VERIFIER_DOWN, EdgeConnection
+from sled_edge.connection import RECONNECTED, EdgeConnection, VerifierDown
 from sled_edge.directory import VerifierDirectory
 from sled_edge.drafter import Proposal
 from sled_edge.errors import EdgeError
@@ -99,8 +99,8 @@ class RoundTrip:
             except TimeoutError:
                 continue  # the connection dropped while publishing: wait for it above
             verdict = await self._verdict_for(draft.seq)
-            if verdict is None or verdict is VERIFIER_DOWN:
-                await self._unanswered(draft, verdict is VERIFIER_DOWN, tries)
+            if verdict is None or isinstance(verdict, VerifierDown):
+                await self._unanswered(draft, verdict is not None, tries)
             elif verdict is RECONNECTED:
                 continue  # the broker came back: the draft or its verdict may be lost, resend now
             elif verdict.kind is VerdictKind.VERIFIED:
@@ -202,8 +202,11 @@ class RoundTrip:
             async with asyncio.timeout(self.config.timeout_s):
                 while True:
                     item = await self._verdicts.get()
-                    if item is RECONNECTED or item is VERIFIER_DOWN or \
-                            (item.seq == seq and item.verifier == self.verifier.verifier):
+                    if isinstance(item, VerifierDown):
+                        if item.verifier == self.verifier.verifier:
+                            return item
+                        continue  # the session has moved since its former verifier went offline
+                    if item is RECONNECTED or (item.seq == seq and item.verifier == self.verifier.verifier):
                         return item  # anything else is a duplicate, a stale round's or a former verifier's answer
         except TimeoutError:
             return None

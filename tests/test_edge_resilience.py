@@ -180,3 +180,34 @@ async def test_a_refusal_ends_the_generation_and_the_session_leaves_the_connecti
     finally:
         server.cancel()
         await asyncio.wait([server])
+
+
+@pytest.mark.asyncio
+async def test_a_former_verifiers_offline_notice_does_not_move_the_session_again(tiny_models):
+    """A session that left verifier A for B may still find A's offline notice in its queue (A went down while
+    the session was drafting or backing off). It names A, so the round on B ignores it and takes B's verdict;
+    B's own notice still ends the wait at once."""
+    from sled_edge.connection import EdgeConnection, VerifierDown
+    from sled_edge.directory import VerifierDirectory
+    from sled_edge.round_trip import RoundTrip
+    from sled_edge.session import EdgeSession
+
+    config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), device_id="d-moved", timeout_s=2.0)
+    from sled_protocol.transport import parse_broker_urls
+
+    connection = EdgeConnection(parse_broker_urls(config.mqtt_url), config.device_id)  # never started: no broker
+    session = EdgeSession("s-moved", config.device_id, "v", [1, 2, 3], 20)
+    a, b = Status("a", True, vocab="v"), Status("b", True, vocab="v")
+    async with RoundTrip(connection, VerifierDirectory(connection, "v"), config, session, a) as trip:
+        trip.verifier = b  # moved to b
+        connection.reassign(session.session_id, "b")
+        connection._dispatch(topics.status_topic("a"), encode(Status("a", True, vocab="v")))
+        connection._dispatch(topics.status_topic("a"), encode(Status("a", False, vocab="v")))  # a's will
+        assert connection.waiters[session.session_id].qsize() == 0  # a holds no session of ours now
+        trip._verdicts.put_nowait(VerifierDown("a"))  # queued before the move
+        answer = Verdict(kind=VerdictKind.VERIFIED, verifier="b", session=session.session_id, seq=0, accepted=0,
+                         next_token=7, committed_len=4)
+        trip._verdicts.put_nowait(answer)
+        assert await trip._verdict_for(0) is answer
+        trip._verdicts.put_nowait(VerifierDown("b"))
+        assert isinstance(await trip._verdict_for(0), VerifierDown)
