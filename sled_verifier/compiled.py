@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 from sled_verifier.target import attend_rows, eos_ids_of, load_causal_lm, resolve_device, row_plan
 
 SUPPORTED = ("llama", "qwen2", "mistral")
-COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 
 def bucket(n: int, smallest: int = 1) -> int:

@@ -18,6 +18,9 @@ from sled_protocol.config import described as _help
 from sled_protocol.config import require, require_connection, require_duration
 
 
+RUNTIMES = ("transformers", "compiled")  # sled_verifier.runtime
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # sled_verifier.compiled
+
 @dataclass(frozen=True)
 class VerifierConfig:
     target: str = field(metadata=_help("directory of a Hugging Face causal LM (config, weights, tokenizer.json)"))
@@ -75,11 +78,9 @@ class VerifierConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")
-        require(self.runtime in ("transformers", "compiled"), "runtime must be transformers or compiled")
-        require(self.compile in ("auto", "off", "default", "reduce-overhead", "max-autotune"),
-                "compile must be auto, off, default, reduce-overhead or max-autotune")
-        require(self.runtime == "compiled" or self.compile in ("auto", "off"), "compile needs runtime compiled")
-        require(self.runtime == "transformers" or not self.device_map, "device_map needs runtime transformers")
+        # Which runtime takes which options is checked once, by sled_verifier.runtime.load_target (exit 78 too).
+        require(self.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}")
+        require(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}")
         require(math.isfinite(self.max_drafts_per_s) and self.max_drafts_per_s >= 0,
                 "max_drafts_per_s must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")

@@ -22,7 +22,8 @@ from typing import Protocol
 
 import torch
 
-RUNTIMES = ("transformers", "compiled")
+from sled_verifier.config import RUNTIMES
+
 
 
 class KVSlots(Protocol):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 
 import os
@@ -175,3 +177,15 @@ def reference(tiny_models):
 
 
 PROMPTS = ["import os", "def main(argv):\n    parser = argparse.", "class", "    return self._loop.run_until_complete(fut)"]
+
+
+class RoundCounter:
+    """An EdgeDevice observer that lets a test act once sessions are ``after`` rounds under way."""
+
+    def __init__(self, after: int) -> None:
+        self.rounds, self.after, self.reached = 0, after, asyncio.Event()
+
+    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None:
+        self.rounds += 1
+        if self.rounds >= self.after:
+            self.reached.set()

@@ -12,7 +12,7 @@ import uuid
 import msgpack
 import pytest
 
-from conftest import PROMPTS, Broker, start_verifier
+from conftest import PROMPTS, Broker, start_verifier, RoundCounter
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, SamplingParams, encode
@@ -21,18 +21,6 @@ from sled_protocol.devbroker import start_dev_broker
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 
 pytestmark = pytest.mark.integration
-
-
-class RoundCounter:
-    """An EdgeDevice observer that lets a test act after the sessions are under way."""
-
-    def __init__(self, after: int) -> None:
-        self.rounds, self.after, self.reached = 0, after, asyncio.Event()
-
-    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None:
-        self.rounds += 1
-        if self.rounds >= self.after:
-            self.reached.set()
 
 
 async def three_sessions(device: EdgeDevice, max_new: int, disrupt) -> list:

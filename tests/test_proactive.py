@@ -10,7 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import PROMPTS
+from conftest import PROMPTS, RoundCounter
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
@@ -177,20 +177,10 @@ async def test_a_sampled_session_is_the_same_sample_with_and_without_proactive_d
         assert on.proactive_hits > 0  # the comparison covered guessed rounds
 
 
-class Rounds:
-    def __init__(self, after: int) -> None:
-        self.count, self.after, self.reached = 0, after, asyncio.Event()
-
-    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None:
-        self.count += 1
-        if self.count >= self.after:
-            self.reached.set()
-
-
 @pytest.mark.integration
 @pytest.mark.asyncio
 async def test_a_generation_cancelled_mid_guess_leaves_the_device_exact(tiny_models, verifier, reference, device_id):
-    rounds = Rounds(after=3)
+    rounds = RoundCounter(after=3)
     config = edge_config(verifier, tiny_models.target_onnx, device_id, draft_tokens=2)
     async with EdgeDevice(config, observer=rounds, ahead=ALWAYS()) as device:
         prompt = device.encode_prompt(PROMPTS[3])

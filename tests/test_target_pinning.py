@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import PROMPTS, Broker, running_broker, start_verifier
+from conftest import PROMPTS, Broker, running_broker, start_verifier, RoundCounter
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_edge.config import EdgeConfig
 from sled_verifier.identity import target_identity
@@ -70,17 +70,7 @@ async def announced(device: EdgeDevice, *verifier_ids: str) -> None:
             await device.connection.status_changed.wait()
 
 
-class AfterRounds:
-    def __init__(self, rounds: int) -> None:
-        self.rounds, self.after, self.reached = 0, rounds, asyncio.Event()
-
-    def round_done(self, k: int, accepted: int, committed: int, round_trip_s: float) -> None:
-        self.rounds += 1
-        if self.rounds >= self.after:
-            self.reached.set()
-
-
-async def freeze_then_kill(pid: int, counter: AfterRounds) -> None:
+async def freeze_then_kill(pid: int, counter: RoundCounter) -> None:
     await counter.reached.wait()
     os.kill(pid, signal.SIGSTOP)   # silent: the broker still thinks it is online
     await asyncio.sleep(1.5)
@@ -114,7 +104,7 @@ async def test_with_only_another_target_left_the_session_fails_naming_both(
     target, _, other = targets
     tag = uuid.uuid4().hex[:6]
     [holder] = start_together(pinning_broker, tmp_path, (f"a-{tag}", target))
-    counter, committed = AfterRounds(8), []
+    counter, committed = RoundCounter(8), []
     try:
         async with EdgeDevice(edge_config(tiny_models, pinning_broker, tag), observer=counter) as device:
             await announced(device, holder.verifier_id, other_target_verifier.verifier_id)
@@ -146,7 +136,7 @@ async def test_a_replica_of_the_same_target_takes_the_session_over_exactly(
     target, replica, _ = targets
     tag = uuid.uuid4().hex[:6]
     holder, same = start_together(pinning_broker, tmp_path, (f"a-{tag}", target), (f"c-{tag}", replica))
-    counter = AfterRounds(8)
+    counter = RoundCounter(8)
     try:
         async with EdgeDevice(edge_config(tiny_models, pinning_broker, tag), observer=counter) as device:
             await announced(device, holder.verifier_id, same.verifier_id, other_target_verifier.verifier_id)
