@@ -8,7 +8,9 @@ past and present key/value may be one buffer ``[1, H_kv, capacity, D]``: bound t
 with IOBinding, a step writes only its new positions and attends over the first ``total_length`` ones.
 
 Inputs added: ``sled_seqlens_k`` ``[1]`` int32 (total length - 1) and ``sled_total_length`` (scalar int32).
-Projections, rotary embeddings and everything else stay as exported; ``attention_mask`` becomes unused
+Grouped-query exports (Llama, Qwen2 with fewer key/value heads than query heads) repeat each key/value head
+before ``Q K^T`` (Unsqueeze, Expand, Reshape); GroupQueryAttention reads the shared heads as they are, so the
+repeat goes too. Projections, rotary embeddings and everything else stay as exported; ``attention_mask`` becomes unused
 (batch 1, no padding: GQA's causal mask is the same mask). Anything the rewrite does not recognise raises
 ``UnsupportedGraph`` and the caller keeps the exported graph.
 """
@@ -63,9 +65,21 @@ class _Graph:
         return float(value.reshape(()))
 
 
+def _past_repeat_kv(g: _Graph, present: str) -> str:
+    """``present`` as attention reads it: past the grouped-query ``repeat_kv`` (Unsqueeze, Expand,
+    Reshape: each key/value head copied for its query heads) when the export has one. GroupQueryAttention
+    reads the ``kv_num_heads`` heads as they are, so the copies go with the rest of the old core."""
+    readers = [node for node in g.consumers.get(present, []) if node.op_type != "Shape"]
+    if len(readers) != 1 or readers[0].op_type != "Unsqueeze":
+        return present
+    expand = g.only(readers[0].output[0], ("Expand",))
+    return g.only(expand.output[0], ("Reshape",)).output[0]
+
+
 def _attention_core(g: _Graph, key_present: str, value_present: str) -> tuple[str, float, str]:
     """From one layer's presents: the query as it enters ``Q K^T``, the scale applied to the product
     (constant factors on K^T and on the scores), and the attention output ``[B, H, S, D]``."""
+    key_present, value_present = _past_repeat_kv(g, key_present), _past_repeat_kv(g, value_present)
     transpose = g.only(key_present, ("Transpose",))
     if list(next(a for a in transpose.attribute if a.name == "perm").ints) != [0, 1, 3, 2]:
         raise UnsupportedGraph(f"{transpose.name}: not K^T")
