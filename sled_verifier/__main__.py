@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sled-verifier",
         description="SLED verifier: batches draft tokens from many edge devices and verifies them with one "
                     "target model (greedy speculative decoding), answering each device on MQTT.",
-        epilog="Example: sled-verifier --mqtt-url mqtt://127.0.0.1:1883 --target models/tiny/target",
+        epilog="Example: sled-verifier --mqtt-url mqtt://127.0.0.1:1883 --target models/tiny/target "
+               "(or --target SmolLM2-135M-Instruct.Q4_1.gguf: dequantized once into a cached float32 directory)",
     )
     add_config_arguments(parser, VerifierConfig)
     return parser
@@ -37,6 +38,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
     from sled_protocol.vocab import vocab_hash
     from sled_verifier.engine import VerifierEngine
+    from sled_verifier.gguf import model_directory
     from sled_verifier.identity import target_identity
     from sled_verifier.service import VerifierService
     from sled_verifier.stats import VerifierStats
@@ -60,7 +62,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
                                          batch_invariant=config.batch_invariant)
     except (ValueError, OSError) as exc:  # not a loadable causal LM: a configuration problem, not a crash
         raise ConfigError(f"cannot load target {config.target!r}: {exc}") from None
-    vocab = vocab_hash(config.target)
+    vocab = vocab_hash(model_directory(config.target))  # a .gguf target: its converted tokenizer
     identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
     log.info("target_loaded", model=target.model_id, target=identity, runtime=target.name,
              batch_invariance=target.batch_invariance,

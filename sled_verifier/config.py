@@ -23,7 +23,9 @@ COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  #
 
 @dataclass(frozen=True)
 class VerifierConfig:
-    target: str = field(metadata=_help("directory of a Hugging Face causal LM (config, weights, tokenizer.json)"))
+    target: str = field(metadata=_help(
+        "directory of a Hugging Face causal LM (config, weights, tokenizer.json), or a .gguf file (dequantized "
+        "once to float32 and cached in $SLED_CACHE, default ~/.cache/sled)"))
     mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help(
         "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
     mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
@@ -67,8 +69,11 @@ class VerifierConfig:
     def __post_init__(self) -> None:
         if not self.verifier_id:
             object.__setattr__(self, "verifier_id", socket.gethostname().split(".")[0] or "verifier")
-        require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory")
-        require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
+        if Path(self.target).suffix.lower() == ".gguf" and not Path(self.target).is_dir():
+            require(Path(self.target).is_file(), f"target {self.target!r} does not exist")
+        else:
+            require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory (nor a .gguf file)")
+            require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
         require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
                            verifier_id=self.verifier_id)
         require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)

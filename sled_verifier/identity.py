@@ -13,6 +13,11 @@ directory (which is often read-only): ``$XDG_CACHE_HOME/sled/target-identity/`` 
 ``~/.cache/sled/target-identity/``), one small JSON file per resolved directory path, valid while every
 hashed file keeps its name, size and mtime. A restart then costs one ``stat`` per file. The cache is an
 optimisation only: an unreadable or unwritable cache means hashing again, never a failure.
+
+A GGUF target (a single ``.gguf`` file) is identified by that file's bytes (its name is no part of it) and
+the dtype it is run in, cached the same way by its resolved path, size and mtime. Its float32 conversion
+(``sled_verifier.gguf``) is derived from it and not hashed again; served as a directory of its own, the
+conversion is a different identity (conservative: sessions never move between the two).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ def default_cache_dir() -> Path:
 
 
 def hashed_files(model_dir: Path) -> list[Path]:
-    """The files the identity covers: configuration first, then the weights by name."""
+    """The files the identity covers: configuration first, then the weights by name; a GGUF file alone."""
+    if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
+        return [model_dir]
     configs = [model_dir / name for name in CONFIG_FILES if (model_dir / name).is_file()]
     weights = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not weights:
@@ -55,12 +62,14 @@ def content_digest(files: list[Path]) -> str:
         else:
             with path.open("rb") as stream:
                 inner = hashlib.file_digest(stream, "sha256").hexdigest()
-        outer.update(f"{path.name}\0{inner}\n".encode())
+        name = "model.gguf" if path.suffix.lower() == ".gguf" else path.name  # a renamed GGUF keeps its identity
+        outer.update(f"{name}\0{inner}\n".encode())
     return outer.hexdigest()
 
 
 def target_identity(model_dir: str | Path, dtype: str, cache_dir: Path | None = None) -> str:
-    """16 hex digits naming the exact target in ``model_dir`` run in ``dtype`` (see the module docstring)."""
+    """16 hex digits naming the exact target in ``model_dir`` (or a .gguf file) run in ``dtype`` (see the module
+    docstring)."""
     model_dir = Path(model_dir).resolve()
     files = hashed_files(model_dir)
     stamps = [[p.name, (s := p.stat()).st_size, s.st_mtime_ns] for p in files]

@@ -62,7 +62,15 @@ class TargetRuntime(Protocol):
 def load_target(model_dir: str | Path, runtime: str = "transformers", device: str = "auto",
                 dtype: str = "float32", *, device_map: str = "", compile: str = "auto",
                 batch_invariant: bool = True) -> TargetRuntime:
-    """The target in the chosen runtime. ``ValueError`` for a model or option the runtime cannot serve."""
+    """The target in the chosen runtime. ``ValueError`` for a model or option the runtime cannot serve.
+    ``model_dir`` may be a ``.gguf`` file: its cached float32 conversion is loaded (``sled_verifier.gguf``)."""
+    from sled_verifier.gguf import is_gguf, model_directory
+
+    if is_gguf(model_dir):
+        target = load_target(model_directory(model_dir), runtime, device, dtype, device_map=device_map,
+                             compile=compile, batch_invariant=batch_invariant)
+        target.model_id = Path(model_dir).name
+        return target
     if runtime == "transformers":
         from sled_verifier.target import TransformersTarget
 

