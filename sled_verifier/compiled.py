@@ -14,6 +14,12 @@ Two ways to attend, chosen by ``compile``:
   slot and are never read, and attention is one SDPA over each row's slot read up to the bucketed width with
   a boolean mask. Every bucket is one static graph, captured once, replayed after.
 
+A serving process sees many buckets (rows x tokens x width x KV capacity: hundreds over a long uptime), and
+past dynamo's recompile limits a ``fullgraph`` function raises on every new shape. So the compiled shapes are
+bounded (``ShapeBudget``: the first ``max_compiled_shapes`` buckets met, 64 by default, within dynamo's limits,
+which are raised to fit): a bucket past the budget, or one dynamo refuses anyway, runs the same static forward
+eagerly. A step never fails for its shape; ``shapes`` counts what was compiled and what ran eager.
+
 Linear layers are batch-invariant in both (``sled_verifier.invariant``). Supported: Llama, Qwen2 and Mistral
 without sliding windows (the family this project builds, and the Qwen2.5 targets of the paper); anything
 else is refused at load with a pointer to ``--runtime transformers``.
@@ -34,6 +40,7 @@ from sled_verifier.kvslots import SlotKV
 from sled_verifier.target import attend_rows, eos_ids_of, load_causal_lm, resolve_device, row_plan
 
 SUPPORTED = ("llama", "qwen2", "mistral")
+MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
 
 
 def bucket(n: int, smallest: int = 1) -> int:
@@ -44,11 +51,45 @@ def bucket(n: int, smallest: int = 1) -> int:
     return size
 
 
+class ShapeBudget:
+    """The static shapes compiled so far, at most ``limit``; a shape past it runs eagerly instead of compiling."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.compiled: set[tuple] = set()
+        self.eager_steps = 0  # forwards that ran eagerly because their shape had no graph
+
+    def admit(self, shape: tuple) -> bool:
+        """True: run ``shape`` compiled (it has a graph, or the budget has room for one)."""
+        if shape in self.compiled:
+            return True
+        if len(self.compiled) < self.limit:
+            self.compiled.add(shape)
+            return True
+        self.eager_steps += 1
+        return False
+
+    def refused(self, shape: tuple) -> None:
+        """Dynamo would not compile ``shape`` (its own limits, shared by every target in the process): compile
+        nothing more; the graphs already built keep serving their shapes."""
+        self.compiled.discard(shape)
+        self.limit = len(self.compiled)
+        self.eager_steps += 1
+
+
+def static_shape(arguments: tuple, kv: SlotKV) -> tuple:
+    """What a static forward's graph is specialised on: the bucketed rows, tokens and width, prefill or not,
+    and the KV store's size (a grown store is new tensors of a new shape)."""
+    input_ids, visible, last_only = arguments[0], arguments[5], arguments[6]
+    return (*input_ids.shape, visible.shape[-1], last_only, kv.capacity, kv.length)
+
+
 class CompiledTarget:
     name = "compiled"
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32", *,
-                 compile: str = "auto", batch_invariant: bool = True) -> None:
+                 compile: str = "auto", batch_invariant: bool = True,
+                 max_compiled_shapes: int = MAX_COMPILED_SHAPES) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model_dir = Path(model_dir)
@@ -73,11 +114,14 @@ class CompiledTarget:
         self.kv: SlotKV | None = None
         self.mode = ("reduce-overhead" if self.device.type == "cuda" else "off") if compile == "auto" else compile
         self.static = self.mode != "off"
-        self._forward = self._forward_eager
+        self.shapes = ShapeBudget(max_compiled_shapes)
+        self._compiled = None
         if self.static:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            self._forward = torch.compile(self._forward_static, mode=None if self.mode == "default" else self.mode,
-                                          dynamic=False, fullgraph=True)
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, max_compiled_shapes)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, max_compiled_shapes)
+            self._compiled = torch.compile(self._forward_static, mode=None if self.mode == "default" else self.mode,
+                                           dynamic=False, fullgraph=True)
 
     def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
         self.kv = SlotKV(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim, self.model.dtype,
@@ -89,7 +133,20 @@ class CompiledTarget:
                      logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row."""
         arguments, rows, m_max = self.prepare(slots, starts, inputs, logits)
-        return self._forward(*arguments)[:rows, : (m_max if logits else 1)]
+        return self._run(arguments)[:rows, : (m_max if logits else 1)]
+
+    def _run(self, arguments: tuple) -> torch.Tensor:
+        """The compiled graph of the arguments' bucket if the budget holds it, else the same forward eagerly."""
+        if not self.static:
+            return self._forward_eager(*arguments)
+        if self._compiled is not None:
+            shape = static_shape(arguments, self.kv)
+            if self.shapes.admit(shape):
+                try:
+                    return self._compiled(*arguments)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the graph runs: nothing written
+                    self.shapes.refused(shape)
+        return self._forward_static(*arguments)
 
     def prepare(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
                 logits: bool = True) -> tuple[tuple, int, int]:

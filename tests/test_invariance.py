@@ -25,7 +25,7 @@ def static_eager(model_dir):
     """The compiled runtime's static-shape forward (buckets, one masked SDPA per layer), run without
     torch.compile: the code a GPU captures as graphs, checked here on CPU."""
     target = CompiledTarget(model_dir, "cpu")
-    target.static, target._forward = True, target._forward_static
+    target.static = True  # no graph (compile off): the static forward runs eagerly
     return target
 
 
