@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from sled_edge.config import EdgeConfig
-from sled_edge.controller import DraftLengthController
+from sled_edge.controller import DraftLengthController, StepPrice
 from sled_edge.connection import BrokerUnavailable, EdgeConnection
 from sled_edge.directory import VerifierDirectory
 from sled_edge.draft_model import OnnxDraftModel
@@ -137,7 +137,8 @@ class EdgeDevice:
             try:
                 while session.finish is None:
                     limit = max(0, min(self._max_draft_tokens(trip.verifier), session.budget - 1))
-                    k = min(self.config.draft_tokens, limit) if self.config.draft_tokens else controller.choose(limit)
+                    price = self._price(trip.verifier, seeded)
+                    k = min(self.config.draft_tokens, limit) if self.config.draft_tokens else controller.choose(limit, price)
                     # 1. This round's draft: the one drafted ahead if the verdict agreed with it, else drafted now.
                     proposal = await self._this_round(drafter, session, guess, k, limit, seeded)
                     # 2. While the round trip carries it to the verifier, draft the next round as if all is accepted.
@@ -197,6 +198,11 @@ class EdgeDevice:
         return await asyncio.to_thread(drafter.propose, session.committed, k, session.sampling,
                                        self.config.proposal_tokens)
 
+    def _price(self, verifier: Status, seeded: bool) -> StepPrice | None:
+        """The verifier's announced step cost, when k is priced: never for a seeded sample, whose k sequence (and
+        so its realisation) must follow from the seed alone, not from the server's load."""
+        return None if seeded or not self.config.priced else StepPrice.from_wire(verifier.step_cost)
+
     def _observe(self, controller: DraftLengthController, draft: Draft, verdict: Verdict, proposal: Proposal,
                  seeded: bool, round_s: float) -> None:
         """Feed the round's acceptance and timings to the draft-length controller and the proactive policy."""
@@ -243,8 +249,9 @@ class EdgeDevice:
         else:  # what the controller will choose after observing an all-accepted round (as a seeded one does)
             after = copy.deepcopy(controller)
             after.observe(len(tokens), len(tokens), len(tokens) * after.draft_s, after.round_s)
-            k_next = after.choose(room)
-        if not self.ahead.pays(k_next):
+            k_next = after.choose(room, self._price(verifier, seeded=session.sampling is not None
+                                                    and not session.sampling.greedy))
+        if k_next < 1 or not self.ahead.pays(k_next):
             return None, None
         guess = Guess.after(session.committed, tokens, k_next)
         session.stats.guesses += 1

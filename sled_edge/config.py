@@ -24,6 +24,9 @@ class EdgeConfig:
     max_draft_tokens: int = field(default=8, metadata=_help(
         f"the most draft tokens the adaptive k may choose, 1..{Limits.max_draft_tokens} (what a verifier accepts by "
         "default; each announces its own limit, which caps k)"))
+    priced: bool = field(default=True, metadata=_help(
+        "adaptive k against the verifier's announced step cost: the k (0: the server decodes one token) that costs "
+        "it least per committed token, never slower than k = 0; off: the best tokens/s for this device alone"))
     proposal_tokens: int = field(default=16, metadata=_help("m: top-m draft probabilities sent per token when sampling"))
     proactive: bool = field(default=True, metadata=_help(
         "draft the next round while a round is verified, assuming all its tokens are accepted (sent at once when "

@@ -8,12 +8,44 @@ argmax_k E(k) / T(k). A position rarely tested (k seldom reaches it) borrows the
 all positions, and every ``explore_every``-th round drafts one token more than the best k, so a
 position's estimate keeps being revised even when it looks unprofitable (else two unlucky early
 rounds could keep a good draft short for ever).
+
+The server's price (issue 22, items 3 and 4): a verifier announces its step cost (``StepPrice``: seconds a step
+costs whatever it holds, per draft, per scored token, and its recent drafts per step). A round of k drafts then
+costs the server about fixed / drafts_per_step + per_draft + (k + 1) x per_token and commits E(k) tokens; with a
+price the controller picks the k (0 included: the server decodes one token, as server-only would) that costs the
+server least per committed token, among the k that keep the device at least as fast as k = 0 would (its own
+pace: a slow draft never makes its user wait longer than server-only), preferring the faster of near-equal ones.
+A memory-bound server (per-token price ~0) gets long drafts; a compute-bound one short drafts or none. Without a
+price (a verifier that announces none) it maximises the device's own tokens per second, as before.
 Pure: the caller passes measurements in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+NEAR_EQUAL = 0.03  # server costs per token within this fraction of the cheapest count as equal: then the faster k
+
+
+@dataclass(frozen=True)
+class StepPrice:
+    """What a verifier's step costs it now, as it announces (``Status.step_cost``)."""
+
+    fixed_s: float
+    per_draft_s: float
+    per_token_s: float
+    drafts_per_step: float = 1.0
+
+    @classmethod
+    def from_wire(cls, step_cost) -> StepPrice | None:
+        """From ``Status.step_cost`` (fixed, per draft, per token, drafts per step), or None when not announced."""
+        if not step_cost or len(step_cost) < 4:
+            return None
+        return cls(*(max(0.0, float(v)) for v in step_cost[:4]))
+
+    def round_s(self, k: int) -> float:
+        """The server's seconds for one round of k drafts: its share of a step."""
+        return self.fixed_s / max(1.0, self.drafts_per_step) + self.per_draft_s + (k + 1) * self.per_token_s
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -47,19 +79,30 @@ class DraftLengthController:
         pooled = (sum(self.accepted) + self.prior_weight * self.prior_acceptance) / (sum(self.offered) + self.prior_weight)
         return [(a + self.prior_weight * pooled) / (o + self.prior_weight) for a, o in zip(self.accepted, self.offered)]
 
-    def best(self, limit: int | None = None) -> int:
-        """The k in [1, min(k_max, limit)] with the most expected tokens per second (0 if the limit is 0)."""
+    def best(self, limit: int | None = None, price: StepPrice | None = None) -> int:
+        """Without ``price``: the k in [1, min(k_max, limit)] with the most expected tokens per second. With it: the
+        k in [0, ...] that costs the server least per committed token within the device's pace (module doc)."""
         upper = self.k_max if limit is None else max(0, min(self.k_max, limit))
         if upper == 0:
             return 0
         acceptance = self.acceptance()
-        return max(range(1, upper + 1), key=lambda k: expected_tokens(acceptance, k) / (k * self.draft_s + self.round_s))
 
-    def choose(self, limit: int | None = None) -> int:
-        """This round's k: the best one, or one more on exploration rounds."""
-        best = self.best(limit)
-        if best and self.rounds % self.explore_every == self.explore_every - 1:
-            return min(best + 1, self.k_max if limit is None else min(self.k_max, limit))
+        def rate(k: int) -> float:
+            return expected_tokens(acceptance, k) / (k * self.draft_s + self.round_s)
+
+        if price is None:
+            return max(range(1, upper + 1), key=rate)
+        paced = [k for k in range(upper + 1) if rate(k) >= rate(0)]  # never slower than the server decoding alone
+        cost = {k: price.round_s(k) / expected_tokens(acceptance, k) for k in paced}
+        cheapest = min(cost.values())
+        return max((k for k in paced if cost[k] <= cheapest * (1 + NEAR_EQUAL)), key=rate)
+
+    def choose(self, limit: int | None = None, price: StepPrice | None = None) -> int:
+        """This round's k: the best one, or one more on exploration rounds (so a k of 0 keeps measuring)."""
+        best = self.best(limit, price)
+        upper = self.k_max if limit is None else min(self.k_max, limit)
+        if upper > 0 and self.rounds % self.explore_every == self.explore_every - 1:
+            return min(best + 1, upper)
         return best
 
     def observe(self, k: int, accepted: int, draft_s: float, round_s: float) -> None:

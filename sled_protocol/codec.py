@@ -232,7 +232,19 @@ def _status_body(body: dict[str, Any], limits: Limits) -> Status:
         max_draft_tokens=_count(body, "max_draft_tokens", 0, required=False) or 0,
         max_context_tokens=_count(body, "max_context_tokens", 0, required=False) or 0,
         target=_name(body, "target", required=False),
+        step_cost=_step_cost(body),
     )
+
+
+def _step_cost(body: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """Four finite, non-negative numbers, or None when absent (a peer that announces no price)."""
+    value = _field(body, "step_cost", list, required=False)
+    if value is None:
+        return None
+    if len(value) != 4 or not all(isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                                  for v in value):
+        raise ProtocolError(ErrorCode.MALFORMED, "field 'step_cost' must be 4 finite non-negative numbers")
+    return tuple(float(v) for v in value)
 
 
 def decode_close(data: bytes, limits: Limits = Limits()) -> Close:

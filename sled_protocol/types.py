@@ -194,6 +194,9 @@ class Status:
     # Identity of the exact target (a hash over its configuration and weights, sled_verifier.identity);
     # sessions move only between verifiers announcing the same one. None: a peer that announces none.
     target: str | None = None
+    # The server's price (issue 22): its fitted step cost now, (seconds a step costs whatever it holds, seconds
+    # per draft, seconds per scored token, drafts per step recently); edges choose k against it. None: not announced.
+    step_cost: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,11 @@ class StepCost:
         x = (1.0, float(drafts), float(tokens))
         return max(1e-6, sum(c * v for c, v in zip(self.coef, x)))
 
+    def price(self, drafts_per_step: float) -> tuple[float, float, float, float]:
+        """What ``Status.step_cost`` announces (issue 22): (fixed, per draft, per scored token) in seconds, each
+        clamped at 0 (a fit may dip below), and the drafts a step has recently held."""
+        return (*(max(0.0, c) for c in self.coef), max(1.0, drafts_per_step))
+
     def observe(self, drafts: int, tokens: int, seconds: float) -> None:
         x = (1.0, float(drafts), float(tokens))
         px = [sum(self._p[i][j] * x[j] for j in range(3)) for i in range(3)]

@@ -46,6 +46,7 @@ class VerifierService:
         self.stats = engine.stats
         self.policy = SchedulePolicy.from_config(config)
         self.cost = StepCost()
+        self.drafts_per_step = 1.0  # recent mean, announced with the step cost (edges price their k with it)
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
@@ -67,6 +68,7 @@ class VerifierService:
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.config.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
+            step_cost=self.cost.price(self.drafts_per_step),
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -190,6 +192,7 @@ class VerifierService:
             tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
+                self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
             self.queue.requeue([taken[o.device, o.draft.session] for o in outcomes

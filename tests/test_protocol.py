@@ -227,3 +227,15 @@ def test_the_split_modules_are_one_agreement():
     assert messages.Draft is types.Draft and messages.decode_draft is codec.decode_draft
     assert messages.round_seed is seeding.round_seed and messages.SamplingParams is SamplingParams
     assert all(hasattr(messages, name) for name in messages.__all__)
+
+
+def test_status_step_cost_is_optional_both_ways_and_checked():
+    # The server's price (issue 22): four non-negative numbers; an older verifier announces none (None), an
+    # older edge skips the field as unknown; anything else is a malformed status.
+    assert decode_status(encode(STATUS)).step_cost is None
+    priced = Status(verifier="v", online=True, step_cost=(0.125, 0.0, 0.001953125, 12.0))  # float32-exact
+    assert decode_status(encode(priced)) == priced
+    body = msgpack.unpackb(encode(priced))
+    for bad in ([0.1, 0.0, 0.002], [0.1, -0.5, 0.002, 1.0], [0.1, 0.0, float("nan"), 1.0], [True, 0, 0, 1], "0.1"):
+        with pytest.raises(ProtocolError):
+            decode_status(msgpack.packb({**body, "step_cost": bad}))
