@@ -119,7 +119,7 @@ class EdgeConnection:
         if self.loop.connections > 1:
             self._wake_all(RECONNECTED)  # in-flight rounds may be lost: resend now, not after a timeout
         async for message in link.messages():
-            self._dispatch(message.topic, message.payload)
+            self._dispatch(message.topic, message.payload, message.retain)
 
     async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
         """Publish once connected; TimeoutError when the broker stays away (the caller resends later)."""
@@ -135,12 +135,18 @@ class EdgeConnection:
                 except TransportError:
                     await asyncio.sleep(0.05)  # the connection task owns `connected` and reconnects
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, retain: bool = False) -> None:
         try:
             if topic == topics.verdict_topic(self.device_id):
+                if retain:  # verdicts are never retained: one that is was planted, or is stale
+                    log.warning("verdict_retained_ignored", topic=topic)
+                    return
                 self._route(decode_verdict(payload))
             elif topic_matches(topic, topics.STATUS_FILTER):
                 status = decode_status(payload)
+                if not _speaks_for_itself(topic, status):
+                    log.warning("status_topic_mismatch", topic=topic, verifier=status.verifier[:80])
+                    return
                 was_online = self.verifiers.get(status.verifier, status).online
                 self.verifiers[status.verifier] = status
                 self.status_changed.set()
@@ -171,3 +177,11 @@ class EdgeConnection:
     def _wake_all(self, sentinel: object) -> None:
         for queue in self.waiters.values():
             queue.put_nowait(sentinel)
+
+
+def _speaks_for_itself(topic: str, status: Status) -> bool:
+    """A status names the verifier of its own topic, by an id we can address (not another verifier's)."""
+    try:
+        return topics.status_topic(status.verifier) == topic
+    except ValueError:  # an id that is no topic level: nothing could ever be sent to it
+        return False

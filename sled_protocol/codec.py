@@ -45,7 +45,7 @@ def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, 
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"expected a msgpack map, got {type(body).__name__}")
     version = body.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # True and 1.0 equal 1 but are not a version
         raise ProtocolError(ErrorCode.MALFORMED, f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
     if expected_tag is not None:
         _expect_tag(body, expected_tag)
@@ -115,10 +115,40 @@ def _draft_body(body: dict[str, Any], limits: Limits) -> Draft:
     try:
         return _draft_from(body, limits)
     except ProtocolError as exc:
-        session, seq = body.get("session"), body.get("seq")
-        exc.session = session if isinstance(session, str) and 0 < len(session) <= 128 else None
-        exc.seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**53 else None
+        exc.session, exc.seq = _session_of(body.get("session")), _seq_of(body.get("seq"))
         raise
+
+
+def _session_of(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
+
+
+def _seq_of(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else None
+
+
+PEEK_BYTES = 512  # the encoder writes t, v, device, session and seq first: well inside this
+
+
+def peek_ids(data: bytes) -> tuple[str | None, str | None, int | None]:
+    """The type tag, session and seq of a message that is not decoded whole (too large, rate limited, or failing
+    anywhere), read from its first ``PEEK_BYTES`` alone so its refusal can reach its session; cheap and never
+    raising: (None, None, None) for what cannot be read."""
+    fields: dict[str, Any] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=PEEK_BYTES)
+        unpacker.feed(data[:PEEK_BYTES])
+        for _ in range(min(unpacker.read_map_header(), 32)):
+            key = unpacker.unpack()
+            if key in ("t", "session", "seq"):
+                fields[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # noqa: BLE001 - a partial or hostile message: keep what was read
+        pass
+    tag = fields.get("t")
+    return (tag if isinstance(tag, str) and len(tag) <= 16 else None, _session_of(fields.get("session")),
+            _seq_of(fields.get("seq")))
 
 
 def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
@@ -177,8 +207,10 @@ def _proposal(body: dict[str, Any], k: int, limits: Limits):
             raise ProtocolError(ErrorCode.BAD_TOKEN, f"proposal row {position} has an id outside [0, {upper})")
         if len(set(ids)) != len(ids):
             raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} repeats a token id")
-        if not all(isinstance(q, float | int) and not isinstance(q, bool) and math.isfinite(q) and q >= 0 for q in probs):
-            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} has a negative or non-finite probability")
+        # Each probability in [0, 1] before any arithmetic: finite values near float max overflow math.fsum.
+        if not all(isinstance(q, float | int) and not isinstance(q, bool) and 0 <= q <= 1 for q in probs):
+            raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} has a probability outside [0, 1] "
+                                "(negative, above 1, NaN or not a number)")
         if abs(math.fsum(probs) - 1.0) > PROBABILITY_SUM_TOLERANCE:
             raise ProtocolError(ErrorCode.BAD_PROPOSAL, f"proposal row {position} sums to {math.fsum(probs):.6f}, not 1")
         ids_rows.append(tuple(ids))
@@ -268,6 +300,6 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
     """Decode any SLED message by its type tag (used by sled-inspect)."""
     body = _unpack(data, limits, None)
     tag = body.get("t")
-    if tag not in _BODY_DECODERS:
+    if not isinstance(tag, str) or tag not in _BODY_DECODERS:  # a list or map tag is unhashable
         raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {tag!r}")
     return _BODY_DECODERS[tag](body, limits)

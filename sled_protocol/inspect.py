@@ -33,10 +33,13 @@ MAX_PENDING_DRAFTS = 10_000
 OBSERVER_LIMITS = Limits(max_message_bytes=1 << 20, max_draft_tokens=1 << 16, max_context_tokens=1 << 31)
 
 
-def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]:
-    """One message as a flat dict: time, topic, message type, device and every field that is set."""
+def describe(topic: str, payload: bytes, received_s: float, retain: bool = False) -> dict[str, object]:
+    """One message as a flat dict: time, topic, message type, device and every field that is set. Never raises:
+    a message that cannot be decoded (for any reason) is described as ``undecodable`` with the cause."""
     record: dict[str, object] = {"time": datetime.fromtimestamp(received_s).isoformat(timespec="milliseconds"),
                                  "topic": topic, "bytes": len(payload)}
+    if retain:
+        record["retained"] = True
     parts = topic.split("/")
     if len(parts) >= 4 and parts[2] == "verdicts":
         record["device"] = parts[3]
@@ -44,6 +47,9 @@ def describe(topic: str, payload: bytes, received_s: float) -> dict[str, object]
         message = decode(payload, OBSERVER_LIMITS)
     except ProtocolError as exc:
         record.update(type="undecodable", error=str(exc.code), reason=str(exc))
+        return record
+    except Exception as exc:  # noqa: BLE001 - an observer shows the poison message, it does not die of it
+        record.update(type="undecodable", error="internal", reason=f"{exc.__class__.__name__}: {exc}"[:500])
         return record
     record["type"] = type(message).__name__.lower()
     for name, value in message.__dict__.items():
@@ -133,7 +139,7 @@ async def watch(args: argparse.Namespace, url: str, protocol: str) -> None:
                 next_stats_s = time.monotonic() + args.interval_s
                 continue
             now_s = time.time()
-            record = describe(str(message.topic), bytes(message.payload), now_s)
+            record = describe(str(message.topic), bytes(message.payload), now_s, bool(message.retain))
             matcher.observe(record, time.monotonic())
             if not wanted(record, args.device, args.session, args.type):
                 continue

@@ -1,7 +1,8 @@
 """An in-process broker behind the transport seam, for tests: ``memory://<name>`` in any service's URL.
 
 It keeps the MQTT behaviour SLED relies on: topic filters with ``+`` and ``#``, retained messages
-(delivered on subscribe; an empty retained payload clears one), a last will published when a connection
+(delivered on subscribe with the retain flag set, live ones without it, as MQTT does; an empty retained payload
+clears one), a last will published when a connection
 is dropped rather than closed, one connection per client id (a second one takes over and the first is
 dropped, as a broker does), and delivery in publish order. It adds no latency, loses nothing and ignores
 QoS; ``drop`` and ``drop_all`` stand in for a lost connection or a broker restart. Every service in one
@@ -50,7 +51,7 @@ class MemoryLink:
         self.filters.append(topic_filter)
         for topic, payload in list(self.broker.retained.items()):
             if topic_matches(topic, topic_filter):
-                self.inbox.put_nowait(Message(topic, payload))
+                self.inbox.put_nowait(Message(topic, payload, retain=True))
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:

@@ -82,7 +82,7 @@ class MqttLink:
     async def messages(self) -> AsyncIterator[Message]:
         try:
             async for message in self.client.messages:
-                yield Message(str(message.topic), bytes(message.payload))
+                yield Message(str(message.topic), bytes(message.payload), retain=bool(message.retain))
         except aiomqtt.MqttError as exc:
             raise TransportError(str(exc)) from exc
 

@@ -32,8 +32,13 @@ class TransportError(ConnectionError):
 
 @dataclass(frozen=True)
 class Message:
+    """One inbound message. ``retain``: the broker delivered it from its store of retained messages (sent
+    before this subscription), not live; a receiver that must never act on stale or planted input (a
+    verifier's drafts) drops it."""
+
     topic: str
     payload: bytes
+    retain: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ class VerifierCollector(Collector):
         for kind, count in dict(s.errors).items():
             errors.add_metric([kind], count)
         yield errors
+        yield CounterMetricFamily("sled_verifier_refusals_suppressed", "Refusals over a device's refusal budget, "
+                                  "neither answered nor logged", value=s.refusals_suppressed)
+        yield CounterMetricFamily("sled_verifier_retained_ignored", "Retained messages on drafts topics, never "
+                                  "processed", value=s.retained_ignored)
         yield GaugeMetricFamily("sled_verifier_sessions", "Sessions held", value=self.sessions())
         yield CounterMetricFamily("sled_verifier_busy_seconds", "Time from taking a batch to its verdicts published",
                                   value=s.busy_s)

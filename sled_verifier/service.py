@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
 from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, encode
-from sled_protocol.messages import decode_inbound
+from sled_protocol.messages import decode_inbound, peek_ids
 from sled_protocol import topics
 from sled_protocol.connection import Reconnecting
 from sled_protocol.transport import Link, TransportError, Will, parse_broker_urls, transport_for
@@ -34,6 +35,22 @@ from sled_verifier.ratelimit import RateLimiter
 log = structlog.get_logger("sled_verifier")
 
 EXPECT_FORGET_S = 60.0  # a session silent this long is no longer waited for
+# Refusals answered and logged per device: an honest device (a few sessions, backing off) stays well inside;
+# a flood beyond it is only counted (VerifierStats.refusals_suppressed).
+REFUSALS_PER_S = 5.0
+REFUSAL_BURST = 20.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one inbound message is refused, and whom to tell: its draft when decoded, else the ids read from it."""
+
+    code: ErrorCode
+    reason: str
+    session: str | None = None
+    seq: int | None = None
+    draft: Draft | None = None
+    cause: Exception | None = None  # an unexpected failure: its traceback goes with the log line
 
 
 class VerifierService:
@@ -60,6 +77,7 @@ class VerifierService:
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
                                 max_devices=4 * config.max_sessions)
+        self.refusals = RateLimiter(REFUSALS_PER_S, burst=REFUSAL_BURST, max_devices=4 * config.max_sessions)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
 
     def status(self, online: bool) -> Status:
@@ -106,39 +124,56 @@ class VerifierService:
     async def _receive(self, client: Link) -> None:
         async for message in client.messages():
             device = topics.device_of_draft_topic(message.topic)
-            if device is not None:
-                started = time.perf_counter()
-                await self._accept(client, device, message.payload, time.monotonic())
-                self.stats.receive_s += time.perf_counter() - started
+            if device is None:
+                continue
+            if message.retain:
+                # Planted before we subscribed (a device may retain on its own drafts topic): never acted on, or
+                # one poisoned message would be replayed to every verifier at every start.
+                self.stats.retained_ignored += 1
+                self._log_refusal(device, "retained_draft_ignored", time.monotonic(), bytes=len(message.payload))
+                continue
+            started = time.perf_counter()
+            await self._accept(client, device, message.payload, time.monotonic())
+            self.stats.receive_s += time.perf_counter() - started
 
     async def _accept(self, client: Link, device: str, payload: bytes, now_s: float) -> None:
+        """Admit one inbound message, or refuse it. Any failure here is this message's refusal (its sender is
+        told, with its session and seq where they can be read), never the service's end."""
+        try:
+            refusal = self._admit(device, payload, now_s)
+        except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: refuse this message only
+            refusal = Refusal(ErrorCode.MALFORMED, f"message refused: {exc.__class__.__name__}: {exc}"[:500],
+                              *peek_ids(payload)[1:], cause=exc)
+        if refusal is not None:
+            await self._refuse(client, device, refusal.draft, refusal.code, refusal.reason, session=refusal.session,
+                               seq=refusal.seq, cause=refusal.cause)
+
+    def _admit(self, device: str, payload: bytes, now_s: float) -> Refusal | None:
+        """Decode, check and queue one message; the refusal to send, if any."""
         if not self.rate.allow(device, now_s):
-            await self._refuse(client, device, None, ErrorCode.RATE_LIMITED,
-                               f"more than {self.config.max_drafts_per_s:g} drafts/s from this device")
-            return
+            return Refusal(ErrorCode.RATE_LIMITED, f"more than {self.config.max_drafts_per_s:g} drafts/s from this "
+                           "device", *peek_ids(payload)[1:])
         try:
             draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
-            await self._refuse(client, device, None, exc.code, str(exc), session=exc.session, seq=exc.seq)
-            return
+            session, seq = (exc.session, exc.seq) if exc.session is not None else peek_ids(payload)[1:]
+            return Refusal(exc.code, str(exc), session, seq)
         if isinstance(draft, Close):
             self._close(device, draft)
-            return
+            return None
         if draft.device != device:
-            await self._refuse(client, device, draft, ErrorCode.WRONG_DEVICE,
-                               f"draft names device {draft.device!r} but was published on {device!r}'s topic")
-            return
+            return Refusal(ErrorCode.WRONG_DEVICE, f"draft names device {draft.device!r} but was published on "
+                           f"{device!r}'s topic", draft=draft)
         if draft.vocab != self.vocab:
-            await self._refuse(client, device, draft, ErrorCode.VOCAB_MISMATCH,
-                               f"draft vocabulary {draft.vocab} differs from the target's {self.vocab}")
-            return
+            return Refusal(ErrorCode.VOCAB_MISMATCH, f"draft vocabulary {draft.vocab} differs from the target's "
+                           f"{self.vocab}", draft=draft)
         offer = self.queue.offer(draft, now_s)
         if offer is Offer.FULL:
-            await self._refuse(client, device, draft, ErrorCode.OVERLOADED, "verification queue is full; retry later")
-        elif offer is Offer.QUEUED:
+            return Refusal(ErrorCode.OVERLOADED, "verification queue is full; retry later", draft=draft)
+        if offer is Offer.QUEUED:
             self.arrivals.arrived((device, draft.session), now_s)
             self.arrived.set()
-        # Offer.LATE: an older round arrived late; the newer one is already queued.
+        return None  # Offer.LATE: an older round arrived late; the newer one is already queued.
 
     def _close(self, device: str, close: Close) -> None:
         if close.device != device:
@@ -153,12 +188,23 @@ class VerifierService:
         log.debug("session_closed", device_id=device, session_id=close.session)
 
     async def _refuse(self, client: Link, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
-                      session: str | None = None, seq: int | None = None) -> None:
+                      session: str | None = None, seq: int | None = None, cause: Exception | None = None) -> None:
         verdict = error_verdict(self.config.verifier_id, draft, code, reason, session=session, seq=seq)
         self.stats.errors[str(code)] += 1
-        log.warning("draft_refused", device_id=device, session_id=verdict.session, seq=verdict.seq,
-                    error=str(code), reason=reason)
+        if not self._log_refusal(device, "draft_refused", time.monotonic(), session_id=verdict.session,
+                                 seq=verdict.seq, error=str(code), reason=reason,
+                                 **({"exc_info": cause} if cause is not None else {})):
+            return  # over this device's refusal budget: counted, neither logged nor answered
         await self._publish_verdict(client, device, verdict)
+
+    def _log_refusal(self, device: str, event: str, now_s: float, **fields) -> bool:
+        """One warning line per refusal while ``device`` is within its refusal budget; beyond it the refusal is only
+        counted (``refusals_suppressed``), so a flood of bad messages floods neither the journal nor the broker."""
+        if not self.refusals.allow(device, now_s):
+            self.stats.refusals_suppressed += 1
+            return False
+        log.warning(event, device_id=device[:80], **fields)
+        return True
 
     async def _publish_verdict(self, client: Link, device: str, verdict: Verdict) -> None:
         try:

@@ -61,6 +61,8 @@ class VerifierStats:
     prefill_tokens: int = 0
     resyncs: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    refusals_suppressed: int = 0       # refusals over a device's refusal budget: counted, not answered or logged
+    retained_ignored: int = 0          # retained messages on drafts topics (planted, stale): never processed
     batch_size_hist: Histogram = field(default_factory=lambda: Histogram(SIZE_BOUNDS))
     batch_tokens_hist: Histogram = field(default_factory=lambda: Histogram(TOKEN_BOUNDS))
     forward_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
@@ -123,4 +125,6 @@ class VerifierStats:
             "prefill_tokens": self.prefill_tokens,
             "resyncs": self.resyncs,
             "errors": dict(self.errors),
+            "refusals_suppressed": self.refusals_suppressed,
+            "retained_ignored": self.retained_ignored,
         }

@@ -41,7 +41,7 @@ async def test_filters_retained_messages_and_wills_behave_as_on_a_broker(broker_
     async with transport.connect("watcher") as watcher, transport.connect("verifier", will) as verifier:
         await verifier.publish("sled/v1/verifiers/v", b"online", retain=True)
         await watcher.subscribe("sled/v1/verifiers/+")  # subscribed after the publish: gets the retained one
-        assert await next_message(watcher) == Message("sled/v1/verifiers/v", b"online")
+        assert await next_message(watcher) == Message("sled/v1/verifiers/v", b"online", retain=True)
         await verifier.publish("sled/v1/verdicts/d", b"not for the watcher")
         await verifier.publish("sled/v1/verifiers/v/extra", b"one level too deep")
         memory_broker(broker_name).drop("verifier")  # lost, not closed: the broker publishes its will
