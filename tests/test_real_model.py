@@ -101,3 +101,131 @@ def test_gguf_identity_is_its_bytes_and_survives_restarts_and_renames(tmp_path):
     write_gguf(renamed, "llama", {"x": (weights + 1, None)})
     os.utime(renamed, ns=(1, 1))
     assert target_identity(renamed, "float32", cache) == target_identity(changed, "float32", cache)
+
+
+# ---- the real model: SmolLM2-135M-Instruct (slow: a 135M target, its own ONNX export as the draft) --------------
+QUESTIONS = ["What is the capital of France? Answer in one word.", "Name a primary colour."]
+PLAIN = ["The capital of France is", "def fibonacci(n):"]
+EOS = 2  # <|im_end|>: config and generation_config's eos_token_id; the GGUF tokenizer's eos_token reads <|im_start|>
+
+
+@pytest.mark.slow
+def test_conversion_is_transformers_own_gguf_load(smollm2):
+    """The cached float32 directory holds bitwise the weights transformers dequantizes from the GGUF itself, the same
+    vocabulary and chat template, and an ``eos_token`` that is the model's EOS id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    direct = AutoModelForCausalLM.from_pretrained(smollm2.gguf.parent, gguf_file=smollm2.gguf.name, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32)
+    converted_state = converted.state_dict()
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(tensor, converted_state[name]), name
+    assert converted.generation_config.eos_token_id == EOS == converted.config.eos_token_id
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.hf_dir)
+    direct_tokenizer = AutoTokenizer.from_pretrained(smollm2.gguf.parent, gguf_file=smollm2.gguf.name)
+    assert tokenizer.get_vocab() == direct_tokenizer.get_vocab() and len(tokenizer) == 49152
+    assert direct_tokenizer.eos_token == "<|im_start|>"      # the GGUF's own reading, which nothing stops on
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == EOS
+    assert tokenizer.chat_template == direct_tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+@pytest.mark.slow
+def test_bos_once_for_plain_prompts_and_not_again_for_chat(smollm2_draft, smollm2_reference):
+    """Plain prompts get ``<|im_start|>`` as BOS on the device as in transformers; a chat-templated prompt,
+    which starts with ``<|im_start|>system``, does not get it twice (again as ``apply_chat_template``)."""
+    from tokenizers import Tokenizer
+
+    from sled_edge.chat_template import load_chat_format
+
+    edge = Tokenizer.from_file(str(smollm2_draft / "tokenizer.json"))
+    hf = smollm2_reference.tokenizer
+    for prompt in PLAIN:
+        ids = edge.encode(prompt).ids
+        assert ids == hf(prompt)["input_ids"]
+        assert ids[0] == 1 and ids[1] != 1
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    rendered = load_chat_format(smollm2_draft).render(messages)
+    assert rendered.text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.prompt_format == "chat_template" and not rendered.add_special_tokens
+    ids = edge.encode(rendered.text, add_special_tokens=rendered.add_special_tokens).ids
+    assert ids == list(hf.apply_chat_template(messages, add_generation_prompt=True))
+    assert ids[:2] == [1, hf.convert_tokens_to_ids("system")]       # one <|im_start|>, then the system turn
+    assert edge.encode(rendered.text).ids[:2] == [1, 1]             # what adding special tokens would have done
+
+
+def smollm2_edge(verifier, draft, device_id: str, **overrides):
+    from sled_edge.client import EdgeDevice
+    from sled_edge.config import EdgeConfig
+
+    return EdgeDevice(EdgeConfig(draft=str(draft), mqtt_url=verifier.url, device_id=device_id,
+                                 verifier=verifier.verifier_id, timeout_s=30, **overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_greedy_plain_and_chat_exact_and_stop_at_im_end(smollm2_verifier, smollm2_draft, smollm2_reference,
+                                                              device_id):
+    """Through the real broker and verifier serving the GGUF: token for token transformers ``generate``; the chat
+    answer ends on ``<|im_end|>`` (id 2) as the target's does, not on the tokenizer's ``eos_token``."""
+    from sled_edge.chat_template import load_chat_format
+
+    chat = load_chat_format(smollm2_draft).render([{"role": "user", "content": QUESTIONS[0]}])
+    async with smollm2_edge(smollm2_verifier, smollm2_draft, device_id) as device:
+        prompts = [device.encode_prompt(p) for p in PLAIN] + [device.encode_prompt(chat.text, add_special_tokens=False)]
+        budgets = [10, 10, 24]
+        results = [await device.generate(ids, n) for ids, n in zip(prompts, budgets)]
+    for ids, n, result in zip(prompts, budgets, results):
+        assert result.token_ids == smollm2_reference(ids, n), device.decode(ids)
+        assert result.target is not None
+    assert [r.finish_reason for r in results[:2]] == ["length", "length"]
+    assert results[2].finish_reason == "eos" and results[2].token_ids[-1] == EOS and "Paris" in results[2].text
+    # The target's own export drafts: every greedy token is accepted.
+    assert all(r.acceptance_rate == 1.0 for r in results)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_sampled_with_a_seed_reproduces(smollm2_verifier, smollm2_draft, device_id):
+    from sled_protocol import SamplingParams
+
+    async with smollm2_edge(smollm2_verifier, smollm2_draft, device_id) as device:
+        prompt = device.encode_prompt(PLAIN[0])
+        runs = [await device.generate(prompt, 12, sampling=SamplingParams(0.8, 0, 0.95, seed)) for seed in (5, 5, 6)]
+    assert runs[0].token_ids == runs[1].token_ids and runs[0].seed == 5
+    assert len(runs[0].token_ids) == 12 and all(0 <= t < 49152 for t in runs[0].token_ids)
+    assert runs[0].accepted_tokens > 0
+
+
+@pytest.mark.slow
+def test_chat_through_the_device_api_equals_the_target_on_its_template(smollm2_verifier, smollm2_draft,
+                                                                       smollm2_reference, tmp_path):
+    """``sled-edge serve`` with the exported draft (tokenizer and chat template beside it) answers a chat
+    completion, streamed, with the target's own answer to ``apply_chat_template``'s prompt."""
+    import openai
+
+    from sled_protocol.devbroker import free_port, wait_for_port
+
+    http_port = free_port()
+    with (tmp_path / "api.log").open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sled_edge", "serve", "--mqtt-url", smollm2_verifier.url, "--draft",
+             str(smollm2_draft), "--device-id", f"api-{os.getpid()}", "--verifier", smollm2_verifier.verifier_id,
+             "--http-port", str(http_port), "--metrics-port", "0", "--model-name", "smollm2"],
+            stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for_port(http_port, timeout_s=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none", timeout=120)
+        messages = [{"role": "user", "content": QUESTIONS[1]}]
+        stream = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0,
+                                                stream=True)
+        chunks = list(stream)
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected_ids = smollm2_reference(list(smollm2_reference.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True)), 16)
+    expected = smollm2_reference.tokenizer.decode(expected_ids, skip_special_tokens=True)
+    assert text.removesuffix("<|im_end|>") == expected  # the API may still carry the EOS text (issue 20, item 4)
+    assert chunks[-1].usage.completion_tokens == len(expected_ids)
