@@ -103,6 +103,8 @@ class RoundTrip:
                 await self._unanswered(draft, verdict is not None, tries)
             elif verdict is RECONNECTED:
                 continue  # the broker came back: the draft or its verdict may be lost, resend now
+            elif verdict.kind is VerdictKind.VERIFIED and not self._computed_by_our_target(verdict):
+                await self._leave_a_foreign_target(verdict)
             elif verdict.kind is VerdictKind.VERIFIED:
                 if self.observer is not None:
                     committed = verdict.accepted + (verdict.next_token is not None)
@@ -136,6 +138,21 @@ class RoundTrip:
             raise EdgeError("target_unavailable", f"verifier {self.verifier.verifier} now serves target "
                             f"{announced.target}, not the session's {self.session.target}; {refusal.detail}")
         return True
+
+    def _computed_by_our_target(self, verdict: Verdict) -> bool:
+        """A verdict naming a target computed it there: it must be the one the session is pinned to (a verifier
+        restarted with another model under the same id answers before its new Status arrives). None: a verifier
+        that names no target, which only the announced Status can be checked for."""
+        return verdict.target is None or verdict.target == self.session.target
+
+    async def _leave_a_foreign_target(self, verdict: Verdict) -> None:
+        """Never apply tokens another target chose: move to a verifier of ours (resending with context), or fail."""
+        self.log.warning("verdict_target_mismatch", seq=verdict.seq, verifier=verdict.verifier, target=verdict.target,
+                         pinned=self.session.target)
+        refusal = await self._move()
+        if refusal is not None:
+            raise EdgeError("target_unavailable", f"verifier {verdict.verifier} answered with target {verdict.target}, "
+                            f"not the session's {self.session.target}; {refusal.detail}")
 
     async def _unanswered(self, draft: Draft, verifier_down: bool, tries: _Tries) -> None:
         """No verdict in ``timeout_s`` (or the verifier went offline): count it, give up or move."""

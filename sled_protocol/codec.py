@@ -37,11 +37,12 @@ def encode(message: Message) -> bytes:
 
 def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, Any]:
     if len(data) > limits.max_message_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
+        raise ProtocolError(ErrorCode.TOO_LARGE, too_large(len(data), limits))
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
-        raise ProtocolError(ErrorCode.MALFORMED, f"not a msgpack message: {exc.__class__.__name__}") from None
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits.unpack_limits())
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes (ValueError for its limits)
+        raise ProtocolError(ErrorCode.MALFORMED, f"not a SLED msgpack message: {exc.__class__.__name__}: "
+                            f"{str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"expected a msgpack map, got {type(body).__name__}")
     version = body.get("v")
@@ -50,6 +51,15 @@ def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, 
     if expected_tag is not None:
         _expect_tag(body, expected_tag)
     return body
+
+
+def too_large(size: int, limits: Limits) -> str:
+    """The refusal of an oversized message, naming the limit and where it comes from."""
+    if limits.max_message_bytes == limits.derived_message_bytes:
+        return (f"message of {size} bytes exceeds {limits.max_message_bytes}, the most a draft needs at the context "
+                f"limit of {limits.max_context_tokens} tokens with {limits.max_draft_tokens} draft tokens and "
+                f"proposals of {limits.max_proposal_tokens}")
+    return f"message of {size} bytes exceeds the configured max_message_bytes {limits.max_message_bytes}"
 
 
 def _expect_tag(body: dict[str, Any], tag: str) -> None:
@@ -245,6 +255,7 @@ def _verdict_body(body: dict[str, Any], limits: Limits) -> Verdict:
         finish=_enum(body, "finish", FinishReason),
         error=_enum(body, "error", ErrorCode),
         reason=_field(body, "reason", str, required=False),
+        target=_name(body, "target", required=False),
     )
 
 

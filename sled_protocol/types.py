@@ -57,19 +57,47 @@ class FinishReason(StrEnum):
     STOP = "stop"  # the edge stopped at an app's stop sequence (never sent by a verifier)
 
 
+def message_bytes_for(max_context_tokens: int, max_draft_tokens: int, max_proposal_tokens: int) -> int:
+    """The most bytes a valid draft can take: the full context and k draft tokens as uint32 (5 bytes each), k rows of
+    m proposal ids and float64 probabilities (5 + 9 bytes each; our encoder sends float32), three names of 128
+    characters, and 1 KiB for keys, sampling and headers. 36.6 KiB at the defaults (4096, 16, 64)."""
+    tokens = 5 * (max_context_tokens + max_draft_tokens)
+    proposal = max_draft_tokens * (14 * max_proposal_tokens + 6)
+    return tokens + proposal + 3 * 131 + 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a receiver accepts; the verifier's limits are published in its Status.
 
     These defaults are the verifier's defaults too: ``VerifierConfig`` takes its ``max_message_bytes``,
     ``max_draft_tokens`` and ``max_context_tokens`` defaults from here, so the two cannot disagree.
+    ``max_message_bytes`` 0 (the default) is derived from the others (``message_bytes_for``): no byte more than
+    a draft at the context limit needs. The msgpack decoder is held to the same limits before it allocates
+    (``unpack_limits``): no array longer than the context, no map or string longer than a message needs.
     """
 
-    max_message_bytes: int = 262_144
+    max_message_bytes: int = 0
     max_draft_tokens: int = 16
     max_context_tokens: int = 4096
     vocab_size: int | None = None  # when known, every token id must be below it
     max_proposal_tokens: int = 64  # m: entries of the sparse proposal per draft position
+    max_map_entries: int = 64      # keys of one map: a draft has 16, room is left for a newer peer's fields
+    max_str_bytes: int = 8192      # one string (or binary): names are 128 characters, a verdict's reason a line
+
+    def __post_init__(self) -> None:
+        if not self.max_message_bytes:
+            object.__setattr__(self, "max_message_bytes", self.derived_message_bytes)
+
+    @property
+    def derived_message_bytes(self) -> int:
+        return message_bytes_for(self.max_context_tokens, self.max_draft_tokens, self.max_proposal_tokens)
+
+    def unpack_limits(self) -> dict[str, int]:
+        """msgpack's own bounds, checked as it reads each header (before it allocates the container)."""
+        array = max(self.max_context_tokens, self.max_draft_tokens, self.max_proposal_tokens)
+        return {"max_array_len": array, "max_map_len": self.max_map_entries, "max_str_len": self.max_str_bytes,
+                "max_bin_len": self.max_str_bytes, "max_ext_len": self.max_str_bytes}
 
 
 def float32(value: float) -> float:
@@ -163,7 +191,8 @@ class Draft:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The verifier's answer to one Draft (or to an undecodable message, with session None)."""
+    """The verifier's answer to one Draft (or to a message it could not read, with whatever session and seq it
+    could read from it, else None)."""
 
     kind: VerdictKind
     verifier: str
@@ -176,6 +205,9 @@ class Verdict:
     finish: FinishReason | None = None
     error: ErrorCode | None = None
     reason: str | None = None
+    # On a VERIFIED verdict: the identity of the target that computed it (Status.target), which the edge checks
+    # against the one its session is pinned to. None: a verifier that announces none (optional both ways).
+    target: str | None = None
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,11 @@ class VerifierConfig:
     max_context_tokens: int = field(default=Limits.max_context_tokens, metadata=_help("longest committed context accepted"))
     prefill_chunk_tokens: int = field(default=256, metadata=_help(
         "prefill tokens per step, all new sessions together; a longer context takes several steps"))
-    max_message_bytes: int = field(default=Limits.max_message_bytes, metadata=_help("largest draft message accepted"))
+    max_message_bytes: int = field(default=Limits.max_message_bytes, metadata=_help(
+        "largest draft message accepted; 0: what a draft at max_context_tokens needs (36 KiB at 4096)"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
+    max_bytes_per_s: float = field(default=1_048_576.0, metadata=_help(
+        "per-device inbound byte rate limit (burst: 2 s worth, at least one largest message); 0: off"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines"))
     status_interval_s: float = field(default=3.0, metadata=_help(
@@ -79,15 +82,16 @@ class VerifierConfig:
         require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)
         require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
-                     "max_context_tokens", "max_message_bytes", "prefill_chunk_tokens"):
+                     "max_context_tokens", "prefill_chunk_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        require(self.max_message_bytes >= 0, "max_message_bytes must be >= 0 (0: derived from max_context_tokens)")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
         require(self.threads >= 0, "threads must be >= 0")
         # Which runtime takes which options is checked once, by sled_verifier.runtime.load_target (exit 78 too).
         require(self.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}")
         require(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}")
-        require(math.isfinite(self.max_drafts_per_s) and self.max_drafts_per_s >= 0,
-                "max_drafts_per_s must be a finite number >= 0")
+        for name in ("max_drafts_per_s", "max_bytes_per_s"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
         require_duration(self.stats_interval_s, "stats_interval_s")
         require_duration(self.status_interval_s, "status_interval_s")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -77,6 +77,8 @@ class VerifierService:
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
                                 max_devices=4 * config.max_sessions)
+        self.byte_rate = RateLimiter(config.max_bytes_per_s, max_devices=4 * config.max_sessions,
+                                     burst=max(float(self.limits.max_message_bytes), 2 * config.max_bytes_per_s))
         self.refusals = RateLimiter(REFUSALS_PER_S, burst=REFUSAL_BURST, max_devices=4 * config.max_sessions)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
 
@@ -153,6 +155,9 @@ class VerifierService:
         if not self.rate.allow(device, now_s):
             return Refusal(ErrorCode.RATE_LIMITED, f"more than {self.config.max_drafts_per_s:g} drafts/s from this "
                            "device", *peek_ids(payload)[1:])
+        if not self.byte_rate.allow(device, now_s, cost=len(payload)):
+            return Refusal(ErrorCode.RATE_LIMITED, f"more than {self.config.max_bytes_per_s:g} bytes/s from this "
+                           "device", *peek_ids(payload)[1:])
         try:
             draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
@@ -212,6 +217,8 @@ class VerifierService:
         except ValueError:
             log.warning("verdict_undeliverable", device_id=device[:80], reason="device id is not a valid topic level")
             return
+        if verdict.kind is VerdictKind.VERIFIED and self.target_identity is not None:
+            verdict = replace(verdict, target=self.target_identity)  # what the edge checks against its session's pin
         started = time.perf_counter()
         await client.publish(topic, encode(verdict), qos=topics.QOS_VERDICT)
         self.stats.publish_s += time.perf_counter() - started

@@ -18,9 +18,10 @@ VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session="s1", seq=3,
 STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
                 capacity=256, max_draft_tokens=16, max_context_tokens=4096)
 STATUS_WITH_TARGET = Status(**{**STATUS.__dict__, "target": "fedcba9876543210"})
+VERDICT_WITH_TARGET = Verdict(**{**VERDICT.__dict__, "target": "fedcba9876543210"})
 
 # Golden bytes: a change here is a wire-format change and needs a new SCHEMA_VERSION. An optional field
-# that older decoders ignore (Status.target) only adds an entry: the existing bytes stay as they were.
+# that older decoders ignore (Status.target, Verdict.target) only adds an entry: the existing bytes stay as they were.
 GOLDEN = {
     "draft": (DRAFT, "89a174a56472616674a17601a6646576696365a86a6574736f6e2d31a773657373696f6ea27331a373657103a862"
                      "6173655f6c656e05a6746f6b656e73930a0b0ca76d61785f6c656e28a5766f636162b03031323334353637383961"
@@ -28,6 +29,11 @@ GOLDEN = {
     "verdict": (VERDICT, "8aa174a776657264696374a17601a46b696e64a87665726966696564a87665726966696572a27631a7736573"
                          "73696f6ea27331a373657103a8616363657074656402aa6e6578745f746f6b656e07a96e6578745f6b696e64"
                          "a97265636f7665726564ad636f6d6d69747465645f6c656e08"),
+    "verdict_with_target": (VERDICT_WITH_TARGET,
+                            "8ba174a776657264696374a17601a46b696e64a87665726966696564a87665726966696572a27631a77365"
+                            "7373696f6ea27331a373657103a8616363657074656402aa6e6578745f746f6b656e07a96e6578745f6b69"
+                            "6e64a97265636f7665726564ad636f6d6d69747465645f6c656e08a6746172676574b06665646362613938"
+                            "3736353433323130"),
     "status": (STATUS, "8ba174a6737461747573a17601a87665726966696572a27631a66f6e6c696e65c3a56d6f64656ca6746172676574"
                        "a5766f636162b030313233343536373839616263646566aa766f6361625f73697a65cd0200a46c6f616402a8"
                        "6361706163697479cd0100b06d61785f64726166745f746f6b656e7310b26d61785f636f6e746578745f746f"

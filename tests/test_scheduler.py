@@ -206,9 +206,7 @@ def test_limits_and_batch_defaults_have_one_source(tmp_path):
     config = VerifierConfig(target=str(tmp_path), verifier_id="v")
     assert (config.max_batch_drafts, config.max_batch_tokens, config.max_draft_tokens, config.max_context_tokens) \
         == (256, 4096, 16, 4096)
-    limits = Limits()
-    assert (config.max_message_bytes, config.max_draft_tokens, config.max_context_tokens) \
-        == (limits.max_message_bytes, limits.max_draft_tokens, limits.max_context_tokens)
+    assert Limits(config.max_message_bytes, config.max_draft_tokens, config.max_context_tokens) == Limits()
     assert SchedulePolicy() == SchedulePolicy.from_config(config) == SchedulePolicy(0.050, 0.02, 256, 4096)
     engine_defaults = inspect.signature(VerifierEngine).parameters
     assert engine_defaults["max_context"].default == config.max_context_tokens
