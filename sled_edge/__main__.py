@@ -65,7 +65,8 @@ async def run_serve(config: EdgeConfig) -> None:
     from aiohttp import web
 
     from sled_edge.api import Api, chat_format_of
-    from sled_edge.client import EdgeDevice
+    from sled_edge.api_guard import ApiGuard, allowed_hosts
+    from sled_edge.client import EdgeDevice, EdgeError
 
     chat_format = chat_format_of(config.draft)  # the model's chat template, or plain
     metrics = None
@@ -79,9 +80,12 @@ async def run_serve(config: EdgeConfig) -> None:
             raise bind_failed("metrics", config.metrics_host, config.metrics_port, exc) from None
         log.info("metrics_serving", url=f"http://{config.metrics_host}:{port}/metrics")
     device = EdgeDevice(config, observer=metrics)
+    guard = ApiGuard(config.api_key, allowed_hosts(config.http_host, config.allowed_hosts),
+                     config.max_concurrent_requests)
+    api = Api(device, config.model_name, config.default_max_tokens, metrics, chat_format, guard,
+              request_timeout_s=config.request_timeout_s)
     # handler_cancellation: a request whose client went away stops generating for it.
-    runner = web.AppRunner(Api(device, config.model_name, config.default_max_tokens, metrics, chat_format).app(),
-                           access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(api.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         try:  # the port before the broker: a port in use is a configuration error, found at once
@@ -89,9 +93,14 @@ async def run_serve(config: EdgeConfig) -> None:
         except OSError as exc:
             raise bind_failed("the API", config.http_host, config.http_port, exc) from None
         async with device:
-            verifier = await device.choose_verifier()  # fail at start, not at the first request, if none fits
+            try:  # say at start whether a verifier fits; without one, requests wait for it (a target loading)
+                verifier = (await device.choose_verifier()).verifier
+            except EdgeError as exc:
+                log.warning("no_verifier_yet", error=str(exc), request_timeout_s=config.request_timeout_s)
+                verifier = None
             log.warning("edge_serving", url=f"http://{config.http_host}:{config.http_port}/v1",
-                        model=config.model_name, device_id=config.device_id, verifier=verifier.verifier)
+                        model=config.model_name, device_id=config.device_id, verifier=verifier,
+                        api_key=bool(config.api_key), max_concurrent_requests=config.max_concurrent_requests)
             await device.wait_closed()
     finally:
         await runner.cleanup()

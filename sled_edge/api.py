@@ -12,9 +12,17 @@ num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos, mean_accepta
 draft_acceptance_rate; a stream sends ``usage`` in its final chunk), and in ``sled`` the rounds, mean
 accepted length, acceptance rate, proactive rounds, verifier, seed and the prompt format used.
 
+Text leaves special tokens (an EOS such as ``<|im_end|>``) out, as vLLM's ``skip_special_tokens`` does by
+default; a request may keep them with ``"skip_special_tokens": false``. A request that arrives while no
+verifier is online waits for one up to its deadline (``--request-timeout-s``, or its own ``"timeout"`` in
+seconds) before it is answered 503 no_verifier: a verifier loading its target comes online meanwhile.
+
+What may come in at all (a bearer token, JSON bodies, the Host header, a cap on concurrent generations) is
+``sled_edge.api_guard``'s; a chat template renders in a worker thread under a time limit.
+
 Errors are OpenAI-shaped JSON: 400 only for a request that is wrong (bad JSON or parameters, a prompt
-that encodes to nothing or fills the verifier's context); 503 when no verifier can serve it now; 500,
-logged with its traceback, for anything that fails on our side.
+that encodes to nothing or fills the verifier's context); 401, 415, 429 from the guard; 503 when no
+verifier can serve it now; 500, logged with its traceback, for anything that fails on our side.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ import json
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 from aiohttp import web
 
-from sled_edge.chat_template import ChatFormat, ChatTemplateError, load_chat_format
+from sled_edge.api_guard import ApiGuard, allowed_hosts
+from sled_edge.chat_template import RENDER_TIMEOUT_S, ChatFormat, ChatTemplateError, load_chat_format
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_protocol import ProtocolError, SamplingParams
 from sled_protocol.config import ConfigError
@@ -41,6 +50,10 @@ REQUEST_ERRORS = ("too_large",)  # EdgeError codes that mean the request itself 
 # OpenAI's documented temperature range, which its clients expect an OpenAI-compatible API to enforce; the
 # system samples exactly at any temperature SamplingParams accepts (up to 100, as the CLI and the wire do).
 OPENAI_MAX_TEMPERATURE = 2
+# OpenAI's error types by status
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 415: "invalid_request_error",
+               429: "rate_limit_error"}
+MAX_TIMEOUT_S = 3600  # a request's own "timeout": the longest it may wait for a verifier
 
 
 def _number(value: object) -> bool:
@@ -71,23 +84,22 @@ class CompletionRequest:
     stream: bool
     prompt_format: str = "completion"  # chat: "chat_template" or "plain"
     add_special_tokens: bool = True    # False for a chat template's text, which holds them already
+    skip_special_tokens: bool = True   # leave special tokens (an EOS) out of the text, as vLLM does
+    timeout_s: float | None = None     # the request's own deadline for a verifier; None: the server's
+    messages: tuple[dict, ...] = ()    # chat: rendered into ``prompt`` by ``render_chat``
 
 
-def parse_request(body: object, chat: bool, default_max_tokens: int,
-                  chat_format: ChatFormat = ChatFormat(None)) -> CompletionRequest:
+def parse_request(body: object, chat: bool, default_max_tokens: int) -> CompletionRequest:
+    """The request as sent, checked; a chat request's prompt is rendered afterwards (``render_chat``)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    prompt_format, add_special_tokens = "completion", True
+    messages: list = []
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-        try:
-            rendered = chat_format.render(messages)
-        except ChatTemplateError as exc:
-            raise BadRequest(str(exc)) from None
-        prompt, prompt_format, add_special_tokens = rendered.text, rendered.prompt_format, rendered.add_special_tokens
+        prompt = ""
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -111,21 +123,46 @@ def parse_request(body: object, chat: bool, default_max_tokens: int,
         raise BadRequest("'stop' must be a string or a list of up to 4 strings")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
+    skip_special_tokens, timeout_s = body.get("skip_special_tokens", True), body.get("timeout")
+    if not isinstance(skip_special_tokens, bool):
+        raise BadRequest("'skip_special_tokens' must be true or false")
+    if timeout_s is not None and not (_number(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise BadRequest(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
     return CompletionRequest(prompt, max_tokens, None if sampling.greedy else sampling,  # 0 or ~0: greedy
-                             tuple(stop), bool(body.get("stream", False)), prompt_format, add_special_tokens)
+                             tuple(stop), bool(body.get("stream", False)), skip_special_tokens=skip_special_tokens,
+                             timeout_s=timeout_s, messages=tuple(messages))
+
+
+async def render_chat(request: CompletionRequest, chat_format: ChatFormat,
+                      timeout_s: float = RENDER_TIMEOUT_S) -> CompletionRequest:
+    """A chat request with its messages laid out by the model's chat template, rendered in a worker thread
+    (a long conversation never stalls the event loop) that stops itself after ``timeout_s`` (a 400)."""
+    try:
+        rendered = await asyncio.to_thread(chat_format.render, list(request.messages), timeout_s=timeout_s)
+    except ChatTemplateError as exc:
+        raise BadRequest(str(exc)) from None
+    return replace(request, prompt=rendered.text, prompt_format=rendered.prompt_format,
+                   add_special_tokens=rendered.add_special_tokens)
 
 
 class Api:
     def __init__(self, device: EdgeDevice, model_name: str, default_max_tokens: int = 128, metrics=None,
-                 chat_format: ChatFormat | None = None) -> None:
+                 chat_format: ChatFormat | None = None, guard: ApiGuard | None = None,
+                 request_timeout_s: float | None = None, template_timeout_s: float = RENDER_TIMEOUT_S) -> None:
         self.device = device
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.metrics = metrics
         self.chat_format = chat_format or ChatFormat(None)
+        # Loopback only and no cap unless told: what the tests' bare Api(device, name) gets.
+        self.guard = guard or ApiGuard("", allowed_hosts("127.0.0.1"), 0)
+        self.request_timeout_s = request_timeout_s  # None: the device's discovery_timeout_s
+        self.template_timeout_s = template_timeout_s
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 20)
+        generating = ("/v1/completions", "/v1/chat/completions")
+        guard = self.guard.middleware(self._guard_error, lambda request: request.path in generating)
+        app = web.Application(client_max_size=1 << 20, middlewares=[guard])
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", functools.partial(self.complete, chat=False))
         app.router.add_post("/v1/chat/completions", functools.partial(self.complete, chat=True))
@@ -143,15 +180,22 @@ class Api:
         if self.metrics is not None:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    def _error(self, endpoint: str, status: int, message: str, code: str | None = None) -> web.Response:
+    def _error(self, endpoint: str, status: int, message: str, code: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
         self._count(endpoint, status)
-        kind = "invalid_request_error" if status == 400 else "server_error"
-        return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
+        kind = ERROR_TYPES.get(status, "server_error")
+        return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status,
+                                 headers=headers)
+
+    def _guard_error(self, status: int, message: str, code: str, headers: dict[str, str]) -> web.Response:
+        return self._error("guard", status, message, code, headers)
 
     async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         endpoint = "chat" if chat else "completions"
         try:
-            parsed = parse_request(await request.json(), chat, self.default_max_tokens, self.chat_format)
+            parsed = parse_request(await request.json(), chat, self.default_max_tokens)
+            if chat:
+                parsed = await render_chat(parsed, self.chat_format, self.template_timeout_s)
         except ValueError as exc:  # BadRequest, JSONDecodeError, a body that is not UTF-8
             return self._error(endpoint, 400, str(exc))
         run: Generation | None = None
@@ -161,7 +205,8 @@ class Api:
             prompt_ids = encode(self.device, parsed)
             if not prompt_ids:
                 raise BadRequest("the prompt encodes to no tokens")
-            run = Generation(self.device, parsed, chat, self.model_name, prompt_ids)
+            wait_s = parsed.timeout_s if parsed.timeout_s is not None else self.request_timeout_s
+            run = Generation(self.device, parsed, chat, self.model_name, prompt_ids, verifier_wait_s=wait_s)
             response = await run.stream(request) if parsed.stream else web.json_response(await run.complete())
             self._count(endpoint, 200)
             return response
@@ -189,9 +234,10 @@ class Generation:
     """One request: generate, stream text deltas, stop at a stop sequence, build OpenAI-shaped bodies."""
 
     def __init__(self, device: EdgeDevice, request: CompletionRequest, chat: bool, model: str,
-                 prompt_ids: list[int] | None = None) -> None:
+                 prompt_ids: list[int] | None = None, verifier_wait_s: float | None = None) -> None:
         self.device, self.request, self.chat, self.model = device, request, chat, model
         self.prompt_ids = prompt_ids  # None: encoded when generating
+        self.verifier_wait_s = verifier_wait_s  # how long to wait for a verifier; None: the device's default
         self.streaming = False  # headers sent: failures can only be reported inside the stream
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -202,7 +248,7 @@ class Generation:
 
     def _on_tokens(self, new_tokens: list[int]) -> bool:
         self.tokens.extend(new_tokens)
-        text = self.device.decode(self.tokens)
+        text = self.device.decode(self.tokens, skip_special_tokens=self.request.skip_special_tokens)
         hits = [at for at in (text.find(stop) for stop in self.request.stop) if at >= 0]
         if hits:  # the earliest stop sequence wins, whatever its place in the list
             self.text, self.stopped = text[: min(hits)], True
@@ -254,7 +300,7 @@ class Generation:
             return stop
 
         return await self.device.generate(prompt_ids, self.request.max_tokens, on_tokens=observe,
-                                          sampling=self.request.sampling)
+                                          sampling=self.request.sampling, verifier_wait_s=self.verifier_wait_s)
 
     def _chunk(self, delta: str | None, finish_reason: str | None, first: bool = False, result=None) -> bytes:
         """One event; the last one (``result`` given) carries ``usage`` and ``sled``, as vLLM's final chunk does."""

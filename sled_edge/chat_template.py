@@ -9,11 +9,18 @@ The template comes from ``chat_template.jinja`` beside the tokenizer, else ``cha
 without one (like the demo family's) gets the plain layout: "role: content" lines, then "assistant:".
 A prompt rendered from a template already holds its special tokens (a BOS, say), so it is encoded without
 adding them again (``ChatPrompt.add_special_tokens``), as ``apply_chat_template(tokenize=True)`` does.
+
+A render has a time limit and an output limit (``render(..., timeout_s=)``, ``MAX_RENDERED_CHARS``): the
+sandbox checks its deadline at every call, attribute and item lookup and every piece of output, so a render
+that runs over stops itself (``ChatTemplateError``) and a worker thread running it is free again. The API
+renders in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -23,7 +30,12 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatFormat", "ChatPrompt", "ChatTemplateError", "load_chat_format", "plain_prompt"]
+__all__ = ["MAX_RENDERED_CHARS", "RENDER_TIMEOUT_S", "ChatFormat", "ChatPrompt", "ChatTemplateError",
+           "load_chat_format", "plain_prompt"]
+
+RENDER_TIMEOUT_S = 2.0             # a chat template renders in milliseconds; far beyond that it is refused
+MAX_RENDERED_CHARS = 4 << 20       # the prompt a template may write (the API takes bodies up to 1 MiB)
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("chat_template_deadline", default=None)
 
 # The attributes transformers' ``special_tokens_map`` offers a template (when set).
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
@@ -56,16 +68,29 @@ class ChatFormat:
     def name(self) -> str:
         return "plain" if self.template is None else "chat_template"
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               timeout_s: float | None = RENDER_TIMEOUT_S) -> ChatPrompt:
+        """The prompt for ``messages``; ChatTemplateError when the template refuses them, or runs past
+        ``timeout_s`` (None: no limit) or ``MAX_RENDERED_CHARS``."""
         if self.template is None:
             return ChatPrompt(plain_prompt(messages), "plain", add_special_tokens=True)
+        deadline = _DEADLINE.set(None if timeout_s is None else time.monotonic() + timeout_s)
         try:
-            text = _compile(self.template).render(messages=messages, tools=None, documents=None,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  **dict(self.special_tokens))
+            pieces, size = [], 0
+            for piece in _compile(self.template).generate(messages=messages, tools=None, documents=None,
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          **dict(self.special_tokens)):
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise ChatTemplateError(f"the model's chat template wrote more than {MAX_RENDERED_CHARS} "
+                                            "characters for these messages")
+                _check_deadline()
+                pieces.append(piece)
         except jinja2.TemplateError as exc:  # raise_exception, or a template that does not fit these messages
             raise ChatTemplateError(f"the model's chat template refused the messages: {exc}") from None
-        return ChatPrompt(text, "chat_template", add_special_tokens=False)
+        finally:
+            _DEADLINE.reset(deadline)
+        return ChatPrompt("".join(pieces), "chat_template", add_special_tokens=False)
 
 
 def load_chat_format(tokenizer_dir: str | Path) -> ChatFormat:
@@ -150,9 +175,32 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
+def _check_deadline() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise ChatTemplateError("the model's chat template ran past its time limit for these messages")
+
+
+class _TimedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, checking the render's deadline at every call and lookup (a loop calls range,
+    reads a message's fields), so a render that runs over stops itself wherever it is."""
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        _check_deadline()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_deadline()
+        return super().getitem(obj, argument)
+
+
 @cache
 def _compile(template: str) -> jinja2.Template:
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    environment = _TimedSandbox(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[_Generation, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception

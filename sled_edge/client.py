@@ -111,8 +111,9 @@ class EdgeDevice:
         """Token ids of ``prompt``; a prompt rendered from the chat template holds its special tokens already."""
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``token_ids``; the API leaves special tokens (an EOS) out unless a request keeps them."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     async def choose_verifier(self) -> Status:
         """The verifier a new session would open on now (``VerifierDirectory.choose``)."""
@@ -120,13 +121,15 @@ class EdgeDevice:
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                        on_tokens: Callable[[list[int]], bool | None] | None = None,
-                       sampling: SamplingParams | None = None) -> GenerationResult:
+                       sampling: SamplingParams | None = None,
+                       verifier_wait_s: float | None = None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, exactly as the target would:
         its greedy output when ``sampling`` is None (or greedy), else a sample from its distribution (the
         same seed gives the same output). ``on_tokens`` sees each round's newly committed tokens; returning
-        True stops the generation there (finish reason "stop")."""
+        True stops the generation there (finish reason "stop"). With no verifier online the session waits
+        ``verifier_wait_s`` for one (default ``discovery_timeout_s``), then fails with no_verifier."""
         started = time.perf_counter()
-        session, verifier = await self._open(prompt_ids, max_new_tokens, sampling)
+        session, verifier = await self._open(prompt_ids, max_new_tokens, sampling, verifier_wait_s)
         drafter = Drafter(self.model)
         # A sampled session's realisation depends on where drafts start and stop, so a seed reproduces it
         # only if k does not depend on timing: it gets its own controller that learns from acceptance alone.
@@ -169,10 +172,10 @@ class EdgeDevice:
         return verifier.max_draft_tokens or Limits.max_draft_tokens
 
     async def _open(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                    sampling: SamplingParams | None) -> tuple[EdgeSession, Status]:
+                    sampling: SamplingParams | None, wait_s: float | None = None) -> tuple[EdgeSession, Status]:
         """A new session on the verifier chosen for it, pinned to that verifier's target from now on; its length
         capped at the verifier's context limit (EdgeError when the prompt alone fills it)."""
-        verifier = await self.directory.choose()
+        verifier = await self.directory.choose(timeout_s=wait_s)
         max_len = len(prompt_ids) + max_new_tokens
         if verifier.max_context_tokens and max_len > verifier.max_context_tokens:
             if len(prompt_ids) >= verifier.max_context_tokens:

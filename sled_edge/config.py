@@ -46,6 +46,16 @@ class EdgeConfig:
     http_port: int = field(default=8080, metadata=_help("serve: port of the OpenAI-compatible API"))
     model_name: str = field(default="", metadata=_help("serve: model id in the API; empty: sled-<draft dir name>"))
     default_max_tokens: int = field(default=128, metadata=_help("serve: max_tokens when a request names none"))
+    api_key: str = field(default="", metadata=_help(
+        "serve: require 'Authorization: Bearer <key>' on /v1 (401 otherwise); empty: no key"))
+    allowed_hosts: str = field(default="", metadata=_help(
+        "serve: Host header names the API answers besides its bound address (and loopback names when bound to "
+        "loopback), comma-separated; '*': any (DNS rebinding protection off)"))
+    max_concurrent_requests: int = field(default=8, metadata=_help(
+        "serve: generations served at once (each a session and a draft KV cache); more are answered 429"))
+    request_timeout_s: float = field(default=60.0, metadata=_help(
+        "serve: how long a request waits for a verifier to come online before 503 no_verifier; a request's own "
+        "'timeout' (seconds) overrides it"))
     metrics_host: str = field(default="127.0.0.1", metadata=_help("serve: address of the Prometheus /metrics endpoint"))
     metrics_port: int = field(default=9465, metadata=_help("serve: port of the Prometheus /metrics endpoint; 0: off"))
     log_level: str = field(default="warning", metadata=_help("debug, info, warning or error"))
@@ -63,7 +73,7 @@ class EdgeConfig:
                 f"proposal_tokens must be 1..{Limits.max_proposal_tokens}")
         require(1 <= self.max_draft_tokens <= Limits.max_draft_tokens,
                 f"max_draft_tokens must be 1..{Limits.max_draft_tokens}")
-        for name in ("timeout_s", "outage_timeout_s", "discovery_timeout_s"):
+        for name in ("timeout_s", "outage_timeout_s", "discovery_timeout_s", "request_timeout_s"):
             require_duration(getattr(self, name), name)
         require(self.retries >= 0, "retries must be >= 0")
         require(self.threads >= 1, "threads must be >= 1")
@@ -75,5 +85,8 @@ class EdgeConfig:
             raise ConfigError(str(exc)) from None
         require(0 < self.http_port < 65536 and 0 <= self.metrics_port < 65536, "ports must be 1..65535 (metrics: 0 = off)")
         require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        require(self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1")
+        require(self.api_key == self.api_key.strip() and all(" " < c < "\x7f" for c in self.api_key),
+                "api_key must be printable ASCII without spaces (it travels in an HTTP header)")
         if not self.model_name:
             object.__setattr__(self, "model_name", f"sled-{Path(self.draft).resolve().name}")

@@ -35,14 +35,16 @@ class VerifierDirectory:
         return self.statuses.get(verifier_id)
 
     async def choose(self, exclude: str | None = None, min_context: int = 0,
-                     session: EdgeSession | None = None) -> Status:
+                     session: EdgeSession | None = None, timeout_s: float | None = None) -> Status:
         """The least loaded online verifier whose vocabulary is ours (or the configured one), not ``exclude``,
         that can hold ``min_context`` tokens and, for an open ``session``, serves the very target the session
-        opened on. Waits up to ``discovery_timeout_s`` for one; EdgeError when none came."""
+        opened on. Waits up to ``timeout_s`` (default ``discovery_timeout_s``; an API request passes what is
+        left of its own deadline) for one; EdgeError when none came."""
         need = self._placement(exclude, min_context, session)
-        chosen = await self._await_status(lambda: choose(self.statuses.values(), need))
+        waited_s = self.discovery_timeout_s if timeout_s is None else timeout_s
+        chosen = await self._await_status(lambda: choose(self.statuses.values(), need), waited_s)
         if chosen is None:
-            raise self._unplaced(need, session)
+            raise self._unplaced(need, session, waited_s)
         return chosen
 
     async def move(self, session: EdgeSession, current: Status) -> tuple[Status, EdgeError | None]:
@@ -65,22 +67,25 @@ class VerifierDirectory:
         return Placement(self.vocab, min_context, self.only, exclude, pinned=session is not None,
                          target=session.target if session is not None else None)
 
-    def _unplaced(self, need: Placement, session: EdgeSession | None) -> EdgeError:
-        """Why no verifier fits ``need`` (after waiting ``discovery_timeout_s`` for one)."""
+    def _unplaced(self, need: Placement, session: EdgeSession | None, waited_s: float | None = None) -> EdgeError:
+        """Why no verifier fits ``need`` (after waiting ``waited_s``, default ``discovery_timeout_s``, for one)."""
+        waited_s = self.discovery_timeout_s if waited_s is None else waited_s
         seen = describe(self.statuses.values())
         if session is not None and choose(self.statuses.values(), replace(need, pinned=False)):
             return EdgeError("target_unavailable", f"session {session.session_id} is pinned to target "
                              f"{session.target or '(none announced)'} (it was on {need.exclude}) and no other verifier "
-                             f"serving that target came online within {self.discovery_timeout_s} s; available: {seen}")
+                             f"serving that target came online within {waited_s:g} s; available: {seen}")
         wanted = f"verifier {self.only!r}" if self.only else "a verifier"
         return EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
-                         f"{self.discovery_timeout_s} s; seen: {seen}")
+                         f"{waited_s:g} s; seen: {seen}")
 
-    async def _await_status(self, pick: Callable[[], Status | None]) -> Status | None:
-        """``pick()`` re-evaluated on every status change until it finds one, or None after ``discovery_timeout_s``."""
+    async def _await_status(self, pick: Callable[[], Status | None],
+                            timeout_s: float | None = None) -> Status | None:
+        """``pick()`` re-evaluated on every status change until it finds one, or None after ``timeout_s``
+        (default ``discovery_timeout_s``)."""
         changed = self.connection.status_changed
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.discovery_timeout_s
+        deadline = loop.time() + (self.discovery_timeout_s if timeout_s is None else timeout_s)
         while (chosen := pick()) is None and loop.time() < deadline:
             changed.clear()
             try:

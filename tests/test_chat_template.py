@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sled_edge.chat_template import ChatTemplateError, load_chat_format
+from sled_edge.chat_template import MAX_RENDERED_CHARS, ChatTemplateError, load_chat_format
 
 CHATML_QWEN25 = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -223,6 +223,18 @@ def test_the_template_runs_in_a_sandbox(tmp_path):
     with pytest.raises(ChatTemplateError):
         load_chat_format(saved_tokenizer(tmp_path / "b", escaping, {})).render(ALONE)
     assert ALONE == [{"role": "user", "content": "hi"}]
+
+
+def test_a_render_stops_at_its_time_limit_and_its_size_limit(tmp_path):
+    """A render that would run for hours (no output, no end) stops itself at its deadline, so the worker thread
+    running it is free again; one that writes too much stops at MAX_RENDERED_CHARS."""
+    endless = ("{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
+               "{% endfor %}{% endfor %}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="time limit"):
+        load_chat_format(saved_tokenizer(tmp_path / "a", endless, {})).render(ALONE, timeout_s=0.1)
+    huge = "{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=f"more than {MAX_RENDERED_CHARS}"):
+        load_chat_format(saved_tokenizer(tmp_path / "b", huge, {})).render([{"role": "user", "content": "x" * 100}])
 
 
 def test_named_templates_and_legacy_special_tokens(tmp_path):

@@ -151,7 +151,8 @@ class FakeDevice:
 async def post(failure: BaseException, body: object, path: str = "/v1/completions", raw: bytes | None = None):
     app = Api(FakeDevice(failure), "m").app()
     async with TestClient(TestServer(app)) as client:
-        response = await client.post(path, json=body) if raw is None else await client.post(path, data=raw)
+        response = await client.post(path, json=body) if raw is None else await client.post(
+            path, data=raw, headers={"Content-Type": "application/json"})  # a JSON request whose body is not
         return response.status, await response.json()
 
 

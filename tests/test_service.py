@@ -154,7 +154,7 @@ def test_the_earliest_stop_sequence_wins():
     from sled_edge.api import CompletionRequest, Generation
 
     class Text:  # just enough of a device for the text bookkeeping: token ids are characters here
-        def decode(self, tokens):
+        def decode(self, tokens, skip_special_tokens=False):
             return "".join(chr(t) for t in tokens)
 
     run = Generation(Text(), CompletionRequest("p", 10, None, ("b", "a"), False), chat=False, model="m")
