@@ -102,7 +102,8 @@ clean: ## remove the venv, builds and caches
 # ---- installation and deployment -------------------------------------------------------------------
 # make install [ROLE=verifier|edge] [PREFIX=/opt/sled] [SYSCONFDIR=/etc/sled] [DESTDIR=staging]
 # make deploy-edge HOST=user@device [INSTANCE=main]    make deploy-verifier HOST=user@server
-# DRY_RUN=1 prints every command instead of running it.
+# DRY_RUN=1 prints every command instead of running it. Deploy copies what `make deploy-files` lists: never
+# a secret (deploy/exclude), into a fresh root-owned `mktemp -d` on the host (deploy/deploy.sh).
 PREFIX     ?= /opt/sled
 SYSCONFDIR ?= /etc/sled
 UNITDIR    ?= /etc/systemd/system
@@ -110,14 +111,13 @@ DESTDIR    ?=
 ROLE       ?= verifier
 INSTANCE   ?= main
 HOST       ?=
-REMOTE_SRC ?= /tmp/sled-src
 RUN        := $(if $(DRY_RUN),@echo '+',)
 # The edge needs no torch: onnxruntime, aiomqtt, msgpack, tokenizers (+ the HTTP API); the verifier adds torch.
 EXTRAS_verifier := verifier,service
 EXTRAS_edge     := service
 SSH_HOST    = $(if $(HOST),ssh $(HOST),sh -c)
 
-.PHONY: install install-units deploy-edge deploy-verifier logs status
+.PHONY: install install-units deploy-edge deploy-verifier deploy-files logs status
 
 install: ## install venv, package, systemd units and example env files (ROLE=verifier|edge, PREFIX, DESTDIR)
 	$(RUN) install -d $(DESTDIR)$(PREFIX) $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(UNITDIR)
@@ -136,11 +136,11 @@ install-units: ## render the systemd units for PREFIX/SYSCONFDIR into DESTDIR/UN
 
 define deploy_to
 	$(if $(HOST),,$(error HOST=user@host is required))
-	$(RUN) rsync -az --delete --exclude .venv --exclude .git --exclude build --exclude models/build ./ $(HOST):$(REMOTE_SRC)/
-	$(RUN) ssh $(HOST) 'cd $(REMOTE_SRC) && sudo make install ROLE=$(1) INSTANCE=$(INSTANCE) PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR)'
-	$(RUN) ssh $(HOST) 'sudo systemctl daemon-reload && sudo systemctl enable $(2) && sudo systemctl restart $(2)'
-	$(RUN) ssh $(HOST) 'systemctl --no-pager --lines=5 status $(2)'
+	@DRY_RUN=$(DRY_RUN) INSTANCE=$(INSTANCE) PREFIX=$(PREFIX) SYSCONFDIR=$(SYSCONFDIR) ./deploy/deploy.sh $(HOST) $(1) $(2)
 endef
+
+deploy-files: ## list the files make deploy-* copies to a host (rsync --dry-run; never a secret: deploy/exclude)
+	@rsync -rlptn --out-format='%n' --exclude-from=deploy/exclude ./ /nonexistent/sled-deploy-files/ | grep -v '/$$'
 
 deploy-edge: ## rsync to HOST, install ROLE=edge, enable + restart sled-edge@INSTANCE (DRY_RUN=1 to preview)
 	$(call deploy_to,edge,sled-edge@$(INSTANCE))
@@ -156,7 +156,8 @@ status: ## systemctl status of the SLED units (HOST=user@host for a remote one)
 	$(RUN) $(if $(HOST),ssh $(HOST)) systemctl --no-pager status 'sled-verifier' 'sled-edge@*'
 
 # ---- production broker -----------------------------------------------------------------------------
-BROKER_DIR  ?= broker/prod
+# Keys and passwords live outside the checkout (the scripts refuse a directory inside it): root's by default.
+BROKER_DIR  ?= /etc/sled/broker
 BROKER_HOST ?= broker.local
 .PHONY: broker-certs device-credentials verifier-credentials
 

@@ -1,10 +1,12 @@
 #!/bin/sh
 # A private CA and a server certificate for the production broker.
 #   broker-certs.sh DIR HOSTNAME   ->  DIR/ca.crt, DIR/ca.key, DIR/server.crt, DIR/server.key
+# DIR must lie outside this checkout (empty: $SLED_BROKER_DIR, else /etc/sled/broker); it is made mode 0700.
 # Devices and verifiers get ca.crt (SLED_CA_FILE) to check the broker.
 set -eu
-dir=$1 host=$2
-mkdir -p "$dir"
+. "$(dirname "$0")/broker-common.sh"
+host=$2
+secrets_dir "$1"
 openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=SLED broker CA" \
     -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null

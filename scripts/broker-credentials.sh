@@ -1,11 +1,14 @@
 #!/bin/sh
 # Add an account to the production broker's password file (and ACL for verifiers).
 #   broker-credentials.sh device|verifier|inspector NAME DIR [BROKER_HOST]
-# Prints the SLED_MQTT_URL line for the account's env file. Re-running for a name replaces its password.
+# DIR must lie outside this checkout (empty: $SLED_BROKER_DIR, else /etc/sled/broker); it is made mode 0700.
+# Prints the SLED_MQTT_URL line for the account's env file (to stdout only: the one place the password is
+# shown). Re-running for a name replaces its password.
 set -eu
-kind=$1 name=$2 dir=$3 host=${4:-broker.local}
+. "$(dirname "$0")/broker-common.sh"
+kind=$1 name=$2 host=${4:-broker.local}
 case "$name" in *[!A-Za-z0-9._-]*|"") echo "name must be letters, digits, '.', '_' or '-'" >&2; exit 78;; esac
-mkdir -p "$dir"
+secrets_dir "$3"
 [ -f "$dir/acl" ] || cp "$(dirname "$0")/../broker/acl.base" "$dir/acl"
 password=$(openssl rand -hex 16)
 if [ -f "$dir/passwords" ]; then

@@ -22,7 +22,7 @@ from datetime import datetime
 from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
-from sled_protocol.logs import configure_logging
+from sled_protocol.logs import configure_logging, redact
 from sled_protocol.mqtt import check_protocol, make_client, parse_mqtt_urls
 from sled_protocol.run import run_until_signal
 
@@ -125,7 +125,8 @@ async def watch(args: argparse.Namespace, url: str, protocol: str) -> None:
     address = parse_mqtt_urls(url)[0]  # any node of a cluster routes every live message
     matcher, seen = Matcher(), 0
     next_stats_s = time.monotonic() + args.interval_s
-    async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}", protocol=protocol) as client:
+    async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}", protocol=protocol,
+                           ca_file=getattr(args, "ca_file", None) or os.environ.get("SLED_CA_FILE") or None) as client:
         await client.subscribe(args.filter, qos=1)
         # On stderr, so stdout stays pure records: scripts (and tests) wait for this line, not for a guess.
         print(f"sled-inspect: subscribed to {args.filter} on {address}", file=sys.stderr, flush=True)
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mqtt-url", default=None, help="broker URL [env SLED_MQTT_URL; default mqtt://127.0.0.1:1883]")
     parser.add_argument("--mqtt-protocol", default=None,
                         help="MQTT version, 5 or 3.1.1 [env SLED_MQTT_PROTOCOL; default 5]")
+    parser.add_argument("--ca-file", default=None,
+                        help="CA certificate for mqtts:// [env SLED_CA_FILE; default: the system's CAs]")
     parser.add_argument("--filter", default=topics.ALL, help=f"MQTT topic filter [default {topics.ALL}]")
     parser.add_argument("--device", default=None, help="only this device's drafts and verdicts")
     parser.add_argument("--session", default=None, help="only this session")
@@ -177,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning")
     try:
         run_until_signal(watch(args, url, protocol))
-    except ValueError as exc:
-        print(f"sled-inspect: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a URL in the message keeps its account, not its password
+        print(f"sled-inspect: {redact(str(exc))}", file=sys.stderr)
         return EX_CONFIG
     except Exception as exc:
-        print(f"sled-inspect: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"sled-inspect: {exc.__class__.__name__}: {redact(str(exc))}", file=sys.stderr)
         return EX_UNAVAILABLE
     return EX_OK
 

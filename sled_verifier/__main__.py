@@ -13,7 +13,7 @@ import structlog
 
 from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
-from sled_protocol.logs import configure_logging
+from sled_protocol.logs import configure_logging, redacted_config
 from sled_protocol.run import run_until_signal
 from sled_verifier.config import VerifierConfig
 
@@ -67,7 +67,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     log.info("target_loaded", model=target.model_id, target=identity, runtime=target.name,
              batch_invariance=target.batch_invariance,
              device=str(target.device), vocab=vocab,
-             vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=config.__dict__)
+             vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=redacted_config(config))
     engine = VerifierEngine(target, config.verifier_id, config.max_sessions, stats,
                             max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)
     service = VerifierService(config, engine, vocab, identity)

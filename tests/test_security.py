@@ -5,13 +5,16 @@ whole generation over it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import aiomqtt
+import openai
 import pytest
 
 from conftest import PROMPTS, ROOT, start_verifier
@@ -232,3 +235,46 @@ async def test_generation_over_tls_with_credentials(prod_broker, tiny_models, re
     finally:
         running.process.terminate()
         running.process.wait(timeout=15)
+
+
+def test_no_password_or_key_in_any_log_line(prod_broker, tiny_models, tmp_path):
+    """Issue 19 item 7: a verifier, a device's API and sled-inspect run with passwords in their URLs (and the API
+    with a key), serve a request, fail a login; not one line of their logs holds a password or the key, while the
+    URLs are logged, account names kept, passwords masked."""
+    ca, api_key, wrong = str(prod_broker.dir / "ca.crt"), "key-" + uuid.uuid4().hex, uuid.uuid4().hex
+    secrets = [prod_broker.password(name) for name in ("vsec", "dev-a", "ops")] + [api_key, wrong]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLED_LOG_LEVEL": "debug", "SLED_CA_FILE": ca}
+    running = start_verifier(type("B", (), {"url": prod_broker.urls["vsec"]})(), tiny_models.target, tmp_path, "vsec",
+                             "--ca-file", ca)
+    http_port, logs = free_port(), [running.log_path]
+    with (tmp_path / "edge.log").open("wb") as edge_log:
+        edge = subprocess.Popen([sys.executable, "-m", "sled_edge", "serve", "--mqtt-url", prod_broker.urls["dev-a"],
+                                 "--draft", str(tiny_models.target_onnx), "--device-id", "dev-a", "--verifier", "vsec",
+                                 "--http-port", str(http_port), "--metrics-port", "0", "--api-key", api_key],
+                                stdout=subprocess.DEVNULL, stderr=edge_log, cwd=ROOT, env=env)
+    logs.append(tmp_path / "edge.log")
+    try:
+        wait_for_port(http_port, timeout_s=60)
+        inspect = subprocess.Popen([sys.executable, "-m", "sled_protocol.inspect", "--count", "2"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                   env={**env, "SLED_MQTT_URL": prod_broker.urls["ops"]})
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=api_key, max_retries=0) as client:
+            for _ in range(3):  # until sled-inspect has seen two messages
+                client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+                if inspect.poll() is not None:
+                    break
+        inspected = inspect.communicate(timeout=60)
+        refused = [subprocess.run([sys.executable, "-m", *tool], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                  env={**env, "SLED_MQTT_URL": prod_broker.urls["dev-b"].replace(
+                                      prod_broker.password("dev-b"), wrong)})
+                   for tool in (["sled_edge", "generate", "--draft", str(tiny_models.target_onnx), "--prompt", "x",
+                                 "--device-id", "dev-b", "--discovery-timeout-s", "2"], ["sled_protocol.inspect"])]
+    finally:
+        for process in (edge, running.process):
+            process.terminate()
+            process.wait(timeout=15)
+    text = "\n".join(path.read_text(errors="replace") for path in logs) + "".join(inspected)
+    text += "".join(done.stdout + done.stderr for done in refused)
+    assert [secret for secret in secrets if secret in text] == []
+    assert "vsec:***@localhost" in text and "target_loaded" in text  # the verifier's config was logged, masked
+    assert all(done.returncode != 0 for done in refused) and "broker_unreachable" in text  # the failed logins logged
