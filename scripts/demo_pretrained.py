@@ -21,11 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# device -> (draft classes it prefers, in order; its question)
+# device -> (the draft it runs among distill's: the larger fp32, the smaller fp32, the smaller int8; its question)
 DEVICES = {
-    "jetson-orin": (("large", "large-fp32"), "Explain in two sentences why the sky is blue."),
-    "rpi5": (("small", "small-fp32"), "Give me three short tips for writing clear Python code."),
-    "rpi4": (("small-int8", "small"), "What is the capital of Japan, and what is it famous for?"),
+    "jetson-orin": ("largest fp32", "Explain in two sentences why the sky is blue."),
+    "rpi5": ("smallest fp32", "Give me three short tips for writing clear Python code."),
+    "rpi4": ("smallest int8", "What is the capital of Japan, and what is it famous for?"),
 }
 EOS_TEXT = "<|im_end|>"
 
@@ -44,19 +44,24 @@ def build_drafts(gguf: Path, out: Path) -> tuple[dict[str, Path], str]:
     if importlib.util.find_spec("sled_models.distill") is not None:
         subprocess.run([sys.executable, "-m", "sled_models", "distill", "--target", str(gguf), "--out", str(out)],
                        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        found = {d.name: d for d in sorted(out.iterdir()) if (d / "model.onnx").is_file()}
-        if not found:
-            raise RuntimeError(f"sled-models distill wrote no ONNX draft under {out}")
-        chosen = {}
-        for device, (classes, _) in DEVICES.items():
-            name = next((c for c in classes if c in found), next(iter(found)))
-            chosen[device] = found[name]
-        return chosen, "distilled for the target (sled-models distill)"
+        return choose_drafts(out), "distilled for the target (sled-models distill)"
     from sled_models.pretrained import self_draft
 
     draft = self_draft(gguf, log=lambda message: print(f"      {message}", flush=True))
     return {device: draft for device in DEVICES}, \
         "the target's own ONNX export (sled-models distill is not available here: every greedy token is accepted)"
+
+
+def choose_drafts(out: Path) -> dict[str, Path]:
+    """Each device's draft among the ONNX directories under ``out``, by its rule in DEVICES (size = ONNX bytes)."""
+    found = sorted((d for d in out.iterdir() if (d / "model.onnx").is_file()),
+                   key=lambda d: sum(f.stat().st_size for f in d.glob("model.onnx*")))
+    if not found:
+        raise RuntimeError(f"sled-models distill wrote no ONNX draft under {out}")
+    int8 = [d for d in found if d.name.endswith("int8")] or found
+    fp32 = [d for d in found if not d.name.endswith("int8")] or found
+    pick = {"largest fp32": fp32[-1], "smallest fp32": fp32[0], "smallest int8": int8[0]}
+    return {device: pick[rule] for device, (rule, _) in DEVICES.items()}
 
 
 class Printer:
