@@ -78,9 +78,10 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min), proactive drafting at 5/20/50 ms round trips (~5 min)
+bench: setup pretrained ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min), proactive drafting at 5/20/50 ms round trips (~5 min)
 	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME)
 	$(PY) bench/run.py --profile full
+	$(PY) bench/run.py --profile quick --pretrained smollm2  # the real pair: SmolLM2-135M-Instruct and its distilled drafts
 	$(PY) bench/draft_cache.py --family models/build/family-$(PROFILE)
 	$(PY) bench/proactive.py
 

