@@ -103,3 +103,16 @@ def test_broker_secrets_are_kept_outside_the_checkout(tmp_path):
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
     for name in ("ca.key", "server.key", "passwords"):
         assert stat.S_IMODE((secrets / name).stat().st_mode) == 0o600, name
+
+
+def test_the_units_cap_their_memory(tmp_path):
+    """MemoryMax in both units (a runaway is killed and restarted, the host keeps its broker and sshd); the
+    broker host's drop-in caps Mosquitto above its own memory_limit. systemd-analyze checks the syntax
+    (tests/test_service.py)."""
+    done = make(ROOT, "install-units", f"DESTDIR={tmp_path}", "PREFIX=/opt/sled", "SYSCONFDIR=/etc/sled")
+    assert done.returncode == 0, done.stderr
+    units = tmp_path / "etc" / "systemd" / "system"
+    for unit in ("sled-verifier.service", "sled-edge@.service"):
+        assert any(line.startswith("MemoryMax=") for line in (units / unit).read_text().splitlines()), unit
+    drop_in = (ROOT / "deploy" / "systemd" / "mosquitto.service.d" / "sled.conf").read_text()
+    assert "[Service]" in drop_in and "MemoryMax=1536M" in drop_in

@@ -5,6 +5,7 @@ whole generation over it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import ssl
@@ -20,7 +21,7 @@ import pytest
 from conftest import PROMPTS, ROOT, start_verifier
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
-from sled_protocol import topics
+from sled_protocol import Limits, topics
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.devbroker import free_port, wait_for_port
 
@@ -278,3 +279,76 @@ def test_no_password_or_key_in_any_log_line(prod_broker, tiny_models, tmp_path):
     assert [secret for secret in secrets if secret in text] == []
     assert "vsec:***@localhost" in text and "target_loaded" in text  # the verifier's config was logged, masked
     assert all(done.returncode != 0 for done in refused) and "broker_unreachable" in text  # the failed logins logged
+
+
+# -- broker settings for a hostile fleet (issue 19, item 9) ---------------------------------------------------
+
+TOPIC_AND_HEADER = 1024  # a draft topic (two names of at most 128 characters) and the MQTT header, with room
+
+
+def broker_settings(path: Path) -> dict[str, int]:
+    """The numeric settings of a Mosquitto config, or of EMQX's/VerneMQ's (``key = 64KB``)."""
+    units = {"KB": 1024, "MB": 1 << 20, "GB": 1 << 30}
+    found = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^\s*(?:mqtt\.)?(\w+)\s*=?\s*(\d+)(KB|MB|GB)?\b", line)
+        if match:
+            found[match[1]] = int(match[2]) * units.get(match[3] or "", 1)
+    return found
+
+
+@pytest.mark.parametrize("conf", ["mosquitto-dev.conf", "mosquitto-prod.conf"])
+def test_mosquitto_limits_are_sized_to_the_protocol(conf):
+    settings, largest = broker_settings(ROOT / "broker" / conf), Limits().max_message_bytes + TOPIC_AND_HEADER
+    assert largest <= settings["max_packet_size"] <= 2 * largest  # the largest valid draft passes, little more
+    assert settings["max_packet_size"] <= settings["max_queued_bytes"] <= 64 * settings["max_packet_size"]
+    assert settings["memory_limit"] >= 1024 * settings["max_packet_size"]
+
+
+def test_the_untested_brokers_examples_are_sized_and_bind_ids():
+    largest = Limits().max_message_bytes + TOPIC_AND_HEADER
+    emqx, vernemq = (ROOT / "broker" / "emqx.conf").read_text(), (ROOT / "broker" / "vernemq.conf").read_text()
+    assert largest <= broker_settings(ROOT / "broker" / "emqx.conf")["max_packet_size"] <= 2 * largest
+    assert largest <= broker_settings(ROOT / "broker" / "vernemq.conf")["max_message_size"] <= 2 * largest
+    assert "use_username_as_clientid = true" in emqx and "vernemq-sled.lua" in vernemq
+    acl = (ROOT / "broker" / "emqx-acl.conf").read_text().splitlines()
+    first_rule = next(line for line in acl if line.startswith("{"))
+    assert first_rule == '{deny, all, {publish, {retain, true}}, ["sled/v1/drafts/#"]}.'  # before any allow
+    lua = (ROOT / "broker" / "vernemq-sled.lua").read_text()
+    assert "reg.client_id ~= reg.username" in lua and "pub.retain" in lua
+
+
+async def publish_largest_and_larger(publisher, subscriber, topic: str, max_packet_size: int) -> list[int]:
+    """The largest valid message, then one past the broker's packet limit: the sizes the subscriber got."""
+    await publisher.publish(topic, b"x" * Limits().max_message_bytes, qos=0)
+    with contextlib.suppress(aiomqtt.MqttError):  # the broker drops the connection of whoever sends it
+        await publisher.publish(topic, b"y" * max_packet_size, qos=0)
+        await asyncio.sleep(0.5)
+    return [len(payload) for _, payload in await received_within(subscriber, 1.5)]
+
+
+@pytest.mark.asyncio
+async def test_the_largest_draft_passes_the_production_broker_and_more_does_not(prod_broker):
+    limit = broker_settings(ROOT / "broker" / "mosquitto-prod.conf")["max_packet_size"]
+    async with prod_broker.client("vsec") as verifier:
+        await verifier.subscribe(topics.drafts_filter("vsec"))
+        device = prod_broker.client("dev-a")
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with device:
+                sizes = await publish_largest_and_larger(device, verifier, topics.draft_topic("vsec", "dev-a"), limit)
+    assert sizes == [Limits().max_message_bytes]
+
+
+@pytest.mark.asyncio
+async def test_the_largest_draft_passes_the_dev_broker_and_more_does_not(broker):
+    limit = broker_settings(ROOT / "broker" / "mosquitto-dev.conf")["max_packet_size"]
+    address = parse_mqtt_url(broker.url)
+    verifier_id, device_id = f"v-{uuid.uuid4().hex[:6]}", f"d-{uuid.uuid4().hex[:6]}"
+    async with make_client(address, verifier_id) as verifier:
+        await verifier.subscribe(topics.drafts_filter(verifier_id))
+        device = make_client(address, device_id)
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with device:
+                sizes = await publish_largest_and_larger(device, verifier, topics.draft_topic(verifier_id, device_id),
+                                                         limit)
+    assert sizes == [Limits().max_message_bytes]
