@@ -148,11 +148,12 @@ def server_only(target, prompts: list[list[int]], tokens: int) -> tuple[dict, li
 
 def sled_engine(target, prompts, continuations, tokens: int, k: int, alpha: float) -> dict:
     from sled_edge.session import EdgeSession
-    from sled_verifier.engine import VerifierEngine
+    from sled_verifier.engine import Quotas, VerifierEngine
     from sled_verifier.stats import VerifierStats
 
     rng = random.Random(1)
     engine = VerifierEngine(target, "gpu", max_sessions=len(prompts) + 1, stats=VerifierStats(),
+                            quotas=Quotas(device_max_sessions=len(prompts) + 1),  # one emulated device holds all
                             max_context=len(prompts[0]) + 2 * tokens + 16)
     sessions = [EdgeSession(f"s{i}", "d", "v", list(p), len(p) + tokens) for i, p in enumerate(prompts)]
     # Open and prefill every session in a first round (timed below only from the second round on).

@@ -276,6 +276,7 @@ def _status_body(body: dict[str, Any], limits: Limits) -> Status:
         max_context_tokens=_count(body, "max_context_tokens", 0, required=False) or 0,
         target=_name(body, "target", required=False),
         step_cost=_step_cost(body),
+        free_sessions=_count(body, "free_sessions", 0, required=False),
     )
 
 

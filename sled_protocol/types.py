@@ -229,6 +229,9 @@ class Status:
     # The server's price (issue 22): its fitted step cost now, (seconds a step costs whatever it holds, seconds
     # per draft, seconds per scored token, drafts per step recently); edges choose k against it. None: not announced.
     step_cost: tuple[float, float, float, float] | None = None
+    # Sessions it can still open without evicting any (its KV memory budget and session table allow);
+    # None: a peer that does not say.
+    free_sessions: int | None = None
 
 
 @dataclass(frozen=True)

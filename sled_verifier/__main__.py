@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import structlog
@@ -15,7 +16,7 @@ from sled_protocol.config import ConfigError, add_config_arguments, bind_failed,
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
 from sled_protocol.logs import configure_logging, redacted_config
 from sled_protocol.run import run_until_signal
-from sled_verifier.config import VerifierConfig
+from sled_verifier.config import VerifierConfig, parse_memory
 
 log = structlog.get_logger("sled_verifier")
 
@@ -37,7 +38,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     import torch
 
     from sled_protocol.vocab import vocab_hash
-    from sled_verifier.engine import VerifierEngine
+    from sled_verifier.engine import KVBudgetError, Quotas, VerifierEngine
     from sled_verifier.gguf import model_directory
     from sled_verifier.identity import target_identity
     from sled_verifier.service import VerifierService
@@ -68,8 +69,15 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
              batch_invariance=target.batch_invariance,
              device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=redacted_config(config))
-    engine = VerifierEngine(target, config.verifier_id, config.max_sessions, stats,
-                            max_context=config.max_context_tokens, prefill_chunk=config.prefill_chunk_tokens)
+    budget = parse_memory(config.kv_memory, free_bytes=free_memory_bytes(target.device))
+    try:
+        engine = await asyncio.to_thread(VerifierEngine, target, config.verifier_id, config.max_sessions, stats,
+                                         config.max_context_tokens, Quotas.from_config(config), budget)
+    except KVBudgetError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info("kv_reserved", budget_bytes=budget, kv_memory=config.kv_memory, slots=engine.kv.max_slots,
+             max_length=engine.kv.max_length, bytes_per_token=engine.kv.bytes_per_token(),
+             sessions=engine.sessions.max_sessions, device_max_sessions=config.device_max_sessions)
     service = VerifierService(config, engine, vocab, identity)
     samples = await asyncio.to_thread(engine.calibrate)
     for drafts, tokens, seconds in samples:
@@ -77,6 +85,19 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     log.info("step_cost_calibrated", samples=[(d, t, round(1000 * s, 2)) for d, t, s in samples],
              coef=[round(c, 6) for c in service.cost.coef])
     await service.run(ready)
+
+
+def free_memory_bytes(device) -> int:
+    """Memory the KV store may draw on: a GPU's free memory, else the machine's available memory."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ config), and ``VerifierEngine`` takes its context and prefill defaults from here
 from __future__ import annotations
 
 import math
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,23 @@ from sled_protocol.config import require, require_connection, require_duration
 
 RUNTIMES = ("transformers", "compiled")  # sled_verifier.runtime
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")  # sled_verifier.compiled
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(text: str, free_bytes: int) -> int:
+    """Bytes of a size such as ``2GiB``, ``512MB``, ``1000000`` or ``40%`` (of ``free_bytes``); ConfigError if not."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(%|[kmgt]?i?b?)\s*", text.lower())
+    require(match is not None and match.group(2) in (*_UNITS, "%"),
+            f"kv_memory {text!r} is not a size (2GiB, 512MiB, bytes) or a percentage of free memory (50%)")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        require(0 < number <= 100, f"kv_memory {text!r}: a percentage must be in (0, 100]")
+        return int(free_bytes * number / 100)
+    require(number >= 1, f"kv_memory {text!r} must be at least one byte")
+    return int(number * _UNITS[unit])
+
 
 @dataclass(frozen=True)
 class VerifierConfig:
@@ -50,11 +68,29 @@ class VerifierConfig:
         "waiting for predicted drafts must cut the step cost per draft by at least this fraction"))
     max_batch_drafts: int = field(default=256, metadata=_help("most drafts verified in one step"))
     max_batch_tokens: int = field(default=4096, metadata=_help("most tokens scored in one step (drafts and prefill)"))
-    max_sessions: int = field(default=256, metadata=_help("sessions kept; the least recently used is evicted"))
+    max_sessions: int = field(default=256, metadata=_help(
+        "sessions kept (at most what the KV memory holds); when full, a new one evicts a finished or idle session, "
+        "else it is refused as overloaded"))
+    device_max_sessions: int = field(default=16, metadata=_help(
+        "sessions one device holds (a Pi's worth of concurrent API sessions); another is refused as overloaded "
+        "unless one of its own has finished or is idle"))
+    device_max_drafts: int = field(default=16, metadata=_help(
+        "drafts of one device waiting in the queue; more are refused as overloaded"))
+    device_step_tokens: int = field(default=32, metadata=_help(
+        "tokens one device's drafts add to a step (k + 1 each; its first draft always goes), so one device's "
+        "many sessions cannot lengthen every step for the others"))
+    session_idle_s: float = field(default=60.0, metadata=_help(
+        "a session silent this long may be evicted for another device's (its device vanished without a Close)"))
     max_draft_tokens: int = field(default=Limits.max_draft_tokens, metadata=_help("longest draft accepted from an edge"))
     max_context_tokens: int = field(default=Limits.max_context_tokens, metadata=_help("longest committed context accepted"))
-    prefill_chunk_tokens: int = field(default=256, metadata=_help(
-        "prefill tokens per step, all new sessions together; a longer context takes several steps"))
+    prefill_chunk_tokens: int = field(default=64, metadata=_help(
+        "a context is prefilled in chunks of this many tokens at multiples of it in its own positions, one chunk a "
+        "step, so its cache never depends on the sessions beside it"))
+    max_prefill_tokens: int = field(default=256, metadata=_help("prefill tokens per step, all sessions together"))
+    device_prefill_tokens: int = field(default=64, metadata=_help("prefill tokens per step of one device's sessions"))
+    kv_memory: str = field(default="50%", metadata=_help(
+        "KV cache budget, fixed at start: a size (2GiB, 512MiB, bytes) or a percentage of the device's free "
+        "memory; sessions beyond it are refused as overloaded"))
     max_message_bytes: int = field(default=Limits.max_message_bytes, metadata=_help(
         "largest draft message accepted; 0: what a draft at max_context_tokens needs (36 KiB at 4096)"))
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
@@ -82,10 +118,15 @@ class VerifierConfig:
         require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)
         require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
-                     "max_context_tokens", "prefill_chunk_tokens"):
+                     "max_context_tokens", "prefill_chunk_tokens", "max_prefill_tokens",
+                     "device_max_sessions", "device_max_drafts", "device_prefill_tokens", "device_step_tokens"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1")
         require(self.max_message_bytes >= 0, "max_message_bytes must be >= 0 (0: derived from max_context_tokens)")
         require(self.max_batch_tokens > self.max_draft_tokens, "max_batch_tokens must exceed max_draft_tokens")
+        require(self.device_prefill_tokens >= self.prefill_chunk_tokens <= self.max_prefill_tokens,
+                "device_prefill_tokens and max_prefill_tokens must each hold one prefill_chunk_tokens chunk")
+        require_duration(self.session_idle_s, "session_idle_s")
+        parse_memory(self.kv_memory, free_bytes=1)  # the form only; the size is resolved at start
         require(self.threads >= 0, "threads must be >= 0")
         # Which runtime takes which options is checked once, by sled_verifier.runtime.load_target (exit 78 too).
         require(self.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}")

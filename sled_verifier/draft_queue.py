@@ -7,15 +7,21 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
 - one queued draft per session, keyed by (device, session): a newer round replaces the queued one in
   place and keeps its arrival time (its place in line and its wait budget); an older round arriving
   late is dropped;
-- bounded: a draft of a session with nothing queued is refused while ``max_drafts`` are queued;
-- taken oldest first; a draft the engine deferred (its prefill did not fit the step) goes back to the
-  head with its arrival time, in the order it was taken, unless a newer round of its session arrived
-  meanwhile (that one is verified instead).
+- bounded: a draft of a session with nothing queued is refused while ``max_drafts`` are queued, or while
+  its device has ``device_max_drafts`` queued (one device cannot fill the queue for the others);
+- taken fairly: round robin across devices (each device's oldest draft, devices in the order of their
+  oldest draft; then each one's second oldest; ...), so when a step cannot take everything, a device with
+  200 queued drafts gets one place per round like a device with one; and one device's drafts add at most
+  ``device_step_tokens`` tokens to a step (its first always goes), so a device running many sessions cannot
+  make every step long for the others: its sessions share its part of each step;
+- a draft the engine deferred (its prefill did not fit the step) goes back to the head with its arrival
+  time, in the order it was taken, unless a newer round of its session arrived meanwhile (that one is
+  verified instead), or its session was closed during the step (it must not reopen it).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -30,12 +36,14 @@ class Offer(Enum):
     QUEUED = "queued"  # queued, or replaced the session's older queued round
     LATE = "late"      # an older round than the one already queued: dropped, nothing to answer
     FULL = "full"      # a new session's draft while the queue is full: refuse it
+    DEVICE_FULL = "device_full"  # a new session's draft while its device has its quota queued: refuse it
 
 
 @dataclass(frozen=True)
 class Queued:
     draft: Draft
-    arrival_s: float   # when the session's queued round first arrived (monotonic clock)
+    arrival_s: float     # when the session's queued round first arrived (monotonic clock)
+    arrival_step: int = 0  # how many steps the verifier had begun by then (fairness is counted in steps)
 
     @property
     def key(self) -> SessionKey:
@@ -43,9 +51,15 @@ class Queued:
 
 
 class DraftQueue:
-    def __init__(self, max_drafts: int) -> None:
+    def __init__(self, max_drafts: int, device_max_drafts: int | None = None,
+                 device_step_tokens: int | None = None) -> None:
         self.max_drafts = max_drafts
+        self.device_max_drafts = device_max_drafts or max_drafts
+        self.device_step_tokens = device_step_tokens  # None: no per-device limit on a step
         self._queued: OrderedDict[SessionKey, Queued] = OrderedDict()
+        self._per_device: Counter[str] = Counter()
+        self._in_flight: set[SessionKey] = set()  # taken by the step now running
+        self._closed: set[SessionKey] = set()     # of those, closed meanwhile: never requeued
 
     def __len__(self) -> int:
         return len(self._queued)
@@ -53,42 +67,84 @@ class DraftQueue:
     def __contains__(self, key: SessionKey) -> bool:
         return key in self._queued
 
-    def offer(self, draft: Draft, now_s: float) -> Offer:
+    def offer(self, draft: Draft, now_s: float, step: int = 0) -> Offer:
         key = (draft.device, draft.session)
         queued = self._queued.get(key)
         if queued is not None and queued.draft.seq > draft.seq:
             return Offer.LATE
         if queued is None and len(self._queued) >= self.max_drafts:
             return Offer.FULL
+        if queued is None and self._per_device[draft.device] >= self.device_max_drafts:
+            return Offer.DEVICE_FULL
         # Assigning to an existing key keeps its position: the newer round waits where the older one did.
-        self._queued[key] = Queued(draft, queued.arrival_s if queued is not None else now_s)
+        self._queued[key] = Queued(draft, now_s, step) if queued is None else \
+            Queued(draft, queued.arrival_s, queued.arrival_step)
+        if queued is None:
+            self._per_device[draft.device] += 1
         return Offer.QUEUED
 
+    def queued_of(self, device: str) -> int:
+        return self._per_device[device]
+
     def drop(self, key: SessionKey) -> None:
-        """The session ended: its queued draft, if any, will never be verified."""
-        self._queued.pop(key, None)
+        """The session ended: its queued draft, if any, will never be verified, nor one the step now running
+        defers."""
+        if self._queued.pop(key, None) is not None:
+            self._uncount(key[0])
+        if key in self._in_flight:
+            self._closed.add(key)
+
+    def _uncount(self, device: str) -> None:
+        self._per_device[device] -= 1
+        if self._per_device[device] <= 0:
+            del self._per_device[device]
+
+    def fair_order(self) -> list[Queued]:
+        """The queued drafts one step may take, in the order it takes them: round robin across devices, each
+        device's drafts oldest first, devices in the order of their oldest draft; of each device, the drafts
+        within ``device_step_tokens`` (k + 1 each; the first always)."""
+        by_device: dict[str, list[Queued]] = {}
+        tokens: Counter[str] = Counter()
+        for queued in self._queued.values():
+            device, cost = queued.draft.device, len(queued.draft.tokens) + 1
+            if self.device_step_tokens is None or not tokens[device] or tokens[device] + cost <= self.device_step_tokens:
+                by_device.setdefault(device, []).append(queued)
+                tokens[device] += cost
+        rounds = max((len(drafts) for drafts in by_device.values()), default=0)
+        return [drafts[i] for i in range(rounds) for drafts in by_device.values() if i < len(drafts)]
 
     def scored_tokens(self) -> list[int]:
-        """Tokens each queued draft adds to a step's forward (k + 1), oldest first: what ``take_batch`` weighs."""
-        return [len(queued.draft.tokens) + 1 for queued in self._queued.values()]
+        """Tokens each queued draft adds to a step's forward (k + 1), in ``fair_order``: what ``take_batch`` weighs."""
+        return [len(queued.draft.tokens) + 1 for queued in self.fair_order()]
 
     def take(self, count: int) -> list[Queued]:
-        """The ``count`` oldest drafts, removed from the queue."""
-        return [self._queued.popitem(last=False)[1] for _ in range(min(count, len(self._queued)))]
+        """The first ``count`` drafts of ``fair_order``, removed from the queue."""
+        taken = self.fair_order()[:count]
+        for queued in taken:
+            del self._queued[queued.key]
+            self._uncount(queued.draft.device)
+        self._in_flight, self._closed = {queued.key for queued in taken}, set()
+        return taken
 
     def requeue(self, deferred: Sequence[Queued]) -> None:
-        """Put drafts the engine deferred back at the head, in their order, with their arrival times."""
+        """Put drafts the engine deferred back at the head, in their order, with their arrival times; ends the
+        step that took them."""
         for queued in reversed(deferred):
-            if queued.key not in self._queued:  # else a newer round arrived during the step: it goes instead
+            # A newer round that arrived during the step goes instead; a session closed during it stays closed.
+            if queued.key not in self._queued and queued.key not in self._closed:
                 self._queued[queued.key] = queued
                 self._queued.move_to_end(queued.key, last=False)
+                self._per_device[queued.draft.device] += 1
+        self._in_flight, self._closed = set(), set()
 
     def state(self, idle_since_s: float, prefill_budget: int) -> QueueState:
         """The queue as the scheduler sees it: drafts, and the tokens a step over all of them would score
         (each k + 1, plus prefill of new contexts up to the per-step ``prefill_budget``). A draft could first
         run at its arrival or when the model went idle, whichever is later."""
+        takeable = self.fair_order()  # the globally oldest draft is always among them (its device's first)
         oldest = next(iter(self._queued.values()), None)
         ready_s = max(oldest.arrival_s, idle_since_s) if oldest is not None else None
-        prefill = sum(len(q.draft.context) for q in self._queued.values() if q.draft.context is not None)
+        prefill = sum(len(q.draft.context) for q in takeable if q.draft.context is not None)
         prefill = min(prefill, prefill_budget)
-        return QueueState(len(self._queued), sum(self.scored_tokens()) + prefill, ready_s, prefill)
+        scored = sum(len(q.draft.tokens) + 1 for q in takeable)
+        return QueueState(len(takeable), scored + prefill, ready_s, prefill)

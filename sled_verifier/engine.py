@@ -9,18 +9,23 @@ once prefilled), so committing a round is moving that count, and a rejected draf
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, VerdictKind
 from sled_verifier.config import VerifierConfig
 from sled_verifier.decide import decide
+from sled_verifier.kvslots import slots_within
 from sled_verifier.runtime import TargetRuntime
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
 from sled_verifier.verify import NO_TOKEN, VerifyResult
+
+log = structlog.get_logger("sled_verifier")
 
 Runnable = tuple[Draft, SessionState]  # a draft admitted to this step, and its session
 
@@ -33,19 +38,54 @@ class Outcome:
     draft: Draft             # the draft this answers (a deferred one goes back to the queue as it is)
 
 
+class KVBudgetError(ValueError):
+    """The KV memory budget cannot hold one session at the context limit: a configuration that cannot work."""
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one step and one device may take; the defaults are ``VerifierConfig``'s."""
+
+    prefill_chunk: int = VerifierConfig.prefill_chunk_tokens    # a context is prefilled in chunks of this
+    max_prefill: int = VerifierConfig.max_prefill_tokens        # prefill tokens per step, all sessions
+    device_prefill: int = VerifierConfig.device_prefill_tokens  # prefill tokens per step, one device's sessions
+    device_max_sessions: int = VerifierConfig.device_max_sessions
+    session_idle_s: float = VerifierConfig.session_idle_s
+
+    @classmethod
+    def from_config(cls, config: VerifierConfig) -> Quotas:
+        return cls(config.prefill_chunk_tokens, config.max_prefill_tokens, config.device_prefill_tokens,
+                   config.device_max_sessions, config.session_idle_s)
+
+
 class VerifierEngine:
     def __init__(self, target: TargetRuntime, verifier_id: str, max_sessions: int, stats: VerifierStats,
-                 max_context: int = VerifierConfig.max_context_tokens,
-                 prefill_chunk: int = VerifierConfig.prefill_chunk_tokens) -> None:
+                 max_context: int = VerifierConfig.max_context_tokens, quotas: Quotas = Quotas(),
+                 kv_budget_bytes: int | None = None) -> None:
+        """``kv_budget_bytes``: reserve the KV store now within this budget (``KVBudgetError`` if it cannot
+        hold one session of ``max_context`` tokens); None: a store that grows as used (tests, benchmarks)."""
         self.target = target
-        self.prefill_chunk = prefill_chunk  # prefill tokens per step, all new sessions together
-        # A few spare slots: a batch may briefly open sessions before their LRU victims are released.
-        self.kv = target.init_kv(max_slots=max_sessions + 64, max_length=max_context)
+        self.quotas = quotas
+        self.kv = target.init_kv(max_slots=max_sessions, max_length=max_context)
+        if kv_budget_bytes is not None:
+            per_session = self.kv.bytes_per_token() * self.kv.max_length
+            slots = slots_within(kv_budget_bytes, self.kv.bytes_per_token(), self.kv.max_length)
+            if slots < 1:
+                raise KVBudgetError(
+                    f"KV memory budget of {kv_budget_bytes} bytes cannot hold one session of {self.kv.max_length} "
+                    f"tokens ({per_session} bytes, plus as much for padding); raise --kv-memory or lower "
+                    "--max-context-tokens")
+            self.kv = target.init_kv(max_slots=min(max_sessions, slots), max_length=max_context)
+            self.kv.reserve()
         self.verifier_id = verifier_id
-        self.sessions = SessionTable(max_sessions=max_sessions)
+        # No more sessions than KV slots: a session that would need one more is refused, never half-opened.
+        self.sessions = SessionTable(max_sessions=min(max_sessions, self.kv.max_slots),
+                                     device_max_sessions=quotas.device_max_sessions, idle_s=quotas.session_idle_s)
         self.stats = stats
         self.active_sessions = 0
         self.session_count = 0
+        self.free_sessions = self.sessions.max_sessions  # sessions that can still open without evicting anyone
+        self.full_devices: dict[str, frozenset[str]] = {}
 
     def step(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
@@ -89,6 +129,7 @@ class VerifierEngine:
         """Outcomes of the drafts answered without the model, and the (draft, session) pairs to verify."""
         outcomes: list[Outcome] = []
         runnable: list[Runnable] = []
+        now_s = time.monotonic()
         batch_keys = frozenset((d.device, d.session) for d in drafts)
         seen: set[tuple[str, str]] = set()
         for draft in drafts:
@@ -113,27 +154,35 @@ class VerifierEngine:
                 outcomes.append(Outcome(draft.device, verdict, admission, draft))
             else:
                 if admission is Admission.REBUILD:
-                    state, dropped = self.sessions.open(draft, protected=batch_keys)
+                    state, dropped = self.sessions.open(draft, now_s, protected=batch_keys)
                     for old in dropped:
                         self._release(old)
-                self.sessions.touch(state)
+                        if (old.device, old.session_id) != (draft.device, draft.session):
+                            log.debug("session_evicted", device_id=old.device, session_id=old.session_id,
+                                      for_device=draft.device)
+                    if state is None:
+                        outcomes.append(Outcome(draft.device, self._overloaded(draft), Admission.REFUSED, draft))
+                        continue
+                self.sessions.touch(state, now_s)
                 runnable.append((draft, state))
         return outcomes, runnable
 
+    def _overloaded(self, draft: Draft) -> Verdict:
+        self.stats.refused_sessions += 1
+        held = self.sessions.held_by(draft.device)
+        return error_verdict(self.verifier_id, draft, ErrorCode.OVERLOADED,
+                             f"verifier holds its {len(self.sessions)} sessions (this device {held}), none evictable; "
+                             "retry later or elsewhere")
+
     def _prefill(self, runnable: list[Runnable]) -> tuple[list[Runnable], list[Outcome]]:
-        """Move sessions' caches towards committed[:-1] in ONE forward of at most ``prefill_chunk`` tokens in
-        all (oldest first; a long context takes several steps), so a step's time stays bounded and new
-        sessions never stall the fleet. Returns the pairs ready to verify, and DEFERRED outcomes of the rest."""
+        """Move sessions' caches towards committed[:-1] in ONE forward, at most one chunk per session, within
+        the step's prefill budgets (``Quotas``), so a step's time stays bounded, new sessions never stall the
+        fleet and no device takes more than its share. Returns the pairs ready to verify, and DEFERRED outcomes
+        of the rest."""
         for _, state in runnable:
             if state.slot is None:
                 state.slot, state.cached = self.kv.acquire(), 0
-        budget, rows, chunks = self.prefill_chunk, [], []
-        for _, state in runnable:
-            missing = len(state.committed) - 1 - state.cached
-            if missing > 0 and budget > 0:
-                rows.append(state)
-                chunks.append(state.committed[state.cached : state.cached + min(missing, budget)])
-                budget -= len(chunks[-1])
+        rows, chunks = self._prefill_chunks([state for _, state in runnable])
         if rows:
             started = time.perf_counter()
             self.target.forward_rows([s.slot for s in rows], [s.cached for s in rows], chunks, logits=False)
@@ -145,6 +194,25 @@ class VerifierEngine:
         deferred = [Outcome(d.device, None, Admission.DEFERRED, d) for d, state in runnable if not state.prefilled]
         self.stats.deferred += len(deferred)
         return ready, deferred
+
+    def _prefill_chunks(self, states: list[SessionState]) -> tuple[list[SessionState], list[list[int]]]:
+        """Each session's next chunk, in ``states`` order, while the budgets hold. A chunk is positions
+        ``[c*C, min((c+1)*C, n-1))`` of the session's own context (C = ``prefill_chunk``): its boundaries depend
+        on the session alone, so its cache (and every logit after it) is the same bits whoever prefills beside
+        it, and a rebuild after a resync or failover replays the same chunks. A session whose whole next chunk
+        does not fit what is left of a budget waits for a later step rather than take a leftover."""
+        chunk, budget, device_budget = self.quotas.prefill_chunk, self.quotas.max_prefill, Counter()
+        rows, chunks = [], []
+        for state in states:
+            end = min((state.cached // chunk + 1) * chunk, len(state.committed) - 1)
+            size = end - state.cached
+            if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device]:
+                continue
+            rows.append(state)
+            chunks.append(state.committed[state.cached : end])
+            budget -= size
+            device_budget[state.device] += size
+        return rows, chunks
 
     def _forward(self, runnable: list[Runnable]) -> torch.Tensor:
         """Logits ``[B, K+1, V]`` of every row's ``[x[n-1], d_1..d_k]`` after its cache; keys and values land in
@@ -197,6 +265,15 @@ class VerifierEngine:
         # Read by the event loop thread for Status and stats; plain int assignments, never the table itself.
         self.active_sessions = self.sessions.active()
         self.session_count = len(self.sessions)
+        self.free_sessions = self.sessions.max_sessions - self.session_count
+        self.stats.evictions = self.sessions.evictions
+        self.full_devices = self.sessions.full(time.monotonic())  # replaced whole, never mutated
+
+    def refuses_new(self, draft: Draft) -> bool:
+        """Whether a new session of ``draft``'s device would be refused (its device holds its quota, all live),
+        as of the last step: the service refuses such a draft at once instead of queueing it."""
+        held = self.full_devices.get(draft.device)
+        return held is not None and draft.session not in held
 
     def fail(self, drafts: Sequence[Draft], reason: str) -> list[Outcome]:
         """A draft that fails verification on its own: refuse it and forget its session."""

@@ -6,15 +6,27 @@ and values straight into its slot at its own offset and reads back ``[B, H, widt
 so rolling back a rejected draft is just not counting its positions (no copy), and nothing is
 re-padded or re-split per round. With slot attention (the default where the model allows it) attention
 reads each row's slot in place, over that row's own length; otherwise ``update`` gathers the batch's
-slots into ``[B, H, width, D]`` (a copy of every row's cache, padded to the longest). Capacity grows by
-doubling (slots up to ``max_slots``, positions up to ``max_length``). One extra slot takes the writes of padding queries, so a short row padded to a
-long one never writes past its own tokens (nor past the position limit).
+slots into ``[B, H, width, D]`` (a copy of every row's cache, padded to the longest). One extra slot takes
+the writes of padding queries, so a short row padded to a long one never writes past its own tokens (nor past
+the position limit).
+
+Two ways to hold memory. By default capacity grows by doubling (slots up to ``max_slots``, positions up to
+``max_length``), each growth a copy. The verifier instead ``reserve``s the whole store at start, sized from its
+memory budget (``slots_within``), and never allocates again: on a GPU the memory is held at once; on CPU the
+tensors are allocated uncommitted (``torch.empty``) and zeroed up to the longest position used so far, so pages
+are committed as contexts grow and never past the budget. Zeroing matters: attention masks unread positions
+with a zero weight, and zero times a NaN left in fresh memory would still be NaN.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
+
+
+def slots_within(budget_bytes: int, bytes_per_token: int, max_length: int) -> int:
+    """Sessions of ``max_length`` positions a store of ``budget_bytes`` holds, beside its padding slot."""
+    return budget_bytes // (bytes_per_token * max_length) - 1
 
 
 class SlotKV:
@@ -30,6 +42,24 @@ class SlotKV:
         self.keys = [self._empty(self.capacity, self.length, d) for d in self.devices]
         self.values = [self._empty(self.capacity, self.length, d) for d in self.devices]
         self.free = list(range(self.capacity))
+        self.reserved = False
+
+    def reserve(self) -> None:
+        """Allocate the whole store now (``max_slots`` slots of ``max_length`` positions); it never grows after."""
+        lazy = self.device.type == "cpu"  # pages committed when first zeroed (ensure_length), not now
+        allocate = torch.empty if lazy else torch.zeros
+        shape = (self.max_slots + 1, self.shape[0], self.max_length, self.shape[1])
+        self.keys = self.values = []  # the small first store is freed before the large one is allocated
+        self.keys = [allocate(shape, dtype=self.dtype, device=d) for d in self.devices]
+        self.values = [allocate(shape, dtype=self.dtype, device=d) for d in self.devices]
+        self.capacity, self.free, self.reserved = self.max_slots, list(range(self.max_slots)), True
+        self.length = 0 if lazy else self.max_length
+        self.ensure_length(min(256, self.max_length))
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the store holds (reserved) or would hold at ``max_slots`` x ``max_length`` (growing)."""
+        return (self.max_slots + 1) * self.max_length * self.bytes_per_token()
 
     @property
     def trash(self) -> int:
@@ -54,13 +84,20 @@ class SlotKV:
         self.free.append(slot)
 
     def ensure_length(self, needed: int) -> None:
+        """Positions ``[0, needed)`` of every slot are readable (allocated, and never NaN)."""
         if needed > self.length:
             if needed > self.max_length:
                 raise ValueError(f"{needed} positions exceed the KV capacity of {self.max_length}")
-            length = self.length
+            length = max(self.length, 1)
             while length < needed:
                 length *= 2
-            self._resize(self.capacity, min(length, self.max_length))
+            length = min(length, self.max_length)
+            if self.reserved:
+                for table in (*self.keys, *self.values):
+                    table[:, :, self.length : length].zero_()
+                self.length = length
+            else:
+                self._resize(self.capacity, length)
 
     def _resize(self, slots: int, length: int) -> None:
         """Grow every layer, all or nothing: an allocation failure leaves the old tensors in place."""

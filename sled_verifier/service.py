@@ -72,7 +72,10 @@ class VerifierService:
         if max_context < config.max_context_tokens:
             log.warning("max_context_capped", configured=config.max_context_tokens, model_positions=max_context)
         self.limits = Limits(config.max_message_bytes, config.max_draft_tokens, max_context, engine.target.vocab_size)
-        self.queue = DraftQueue(max_drafts=config.max_sessions)  # one per session: a newer round replaces an older
+        # One per session (a newer round replaces an older), at most device_max_drafts of one device.
+        self.queue = DraftQueue(max_drafts=config.max_sessions, device_max_drafts=config.device_max_drafts,
+                                device_step_tokens=config.device_step_tokens)
+        self.steps = 0  # steps begun: the unit fairness is measured in (draft_answered's steps_waited)
         self.arrived = asyncio.Event()
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
@@ -86,9 +89,10 @@ class VerifierService:
         return Status(
             verifier=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
-            capacity=self.config.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
+            capacity=self.engine.sessions.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
             step_cost=self.cost.price(self.drafts_per_step),
+            free_sessions=self.engine.free_sessions,
         )
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -172,9 +176,15 @@ class VerifierService:
         if draft.vocab != self.vocab:
             return Refusal(ErrorCode.VOCAB_MISMATCH, f"draft vocabulary {draft.vocab} differs from the target's "
                            f"{self.vocab}", draft=draft)
-        offer = self.queue.offer(draft, now_s)
+        if draft.context is not None and self.engine.refuses_new(draft):  # the step would refuse it: no queueing
+            return Refusal(ErrorCode.OVERLOADED, f"this device holds its {self.config.device_max_sessions} sessions; "
+                           "retry later", draft=draft)
+        offer = self.queue.offer(draft, now_s, self.steps)
         if offer is Offer.FULL:
             return Refusal(ErrorCode.OVERLOADED, "verification queue is full; retry later", draft=draft)
+        if offer is Offer.DEVICE_FULL:
+            return Refusal(ErrorCode.OVERLOADED, f"this device has {self.config.device_max_drafts} drafts queued; "
+                           "retry later", draft=draft)
         if offer is Offer.QUEUED:
             self.arrivals.arrived((device, draft.session), now_s)
             self.arrived.set()
@@ -228,14 +238,16 @@ class VerifierService:
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
             started = time.perf_counter()
-            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.prefill_chunk_tokens),
+            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.max_prefill_tokens),
                             self.arrivals.expected(now_s), self.cost, now_s, slack_s=self.wake_lag_s)
             self.stats.schedule_s += time.perf_counter() - started
             if delay is None or delay > 0:
                 await self._wait_for_arrivals(delay, now_s)
                 continue
-            # 2. Take the oldest drafts (one per session) that fit a step; the model thread owns session state.
+            # 2. Take drafts (one per session, round robin across devices) that fit a step; the model thread
+            #    owns session state.
             busy_from = time.perf_counter()
+            self.steps += 1
             batch = self.queue.take(take_batch(self.policy, self.queue.scored_tokens()))
             prefill_before = self.stats.prefill_tokens
             outcomes = await self._run_step([queued.draft for queued in batch])
@@ -279,6 +291,9 @@ class VerifierService:
             verdict = outcome.verdict
             if verdict is None:
                 continue
+            log.debug("draft_answered", device_id=outcome.device, session_id=verdict.session, seq=verdict.seq,
+                      kind=str(verdict.kind), error=verdict.error and str(verdict.error),
+                      steps_waited=self.steps - taken[key].arrival_step)
             if verdict.kind is VerdictKind.ERROR:
                 self.stats.errors[str(verdict.error)] += 1
                 self.arrivals.forget(key)

@@ -1,12 +1,19 @@
-"""Per-session bookkeeping on the verifier: committed tokens, round numbers, LRU eviction. Pure.
+"""Per-session bookkeeping on the verifier: committed tokens, round numbers, quotas and eviction. Pure.
 
 A session's committed tokens x[0:n] are all verified; the target's KV cache (owned by the engine,
 opaque here) always covers x[0:n-1], so each round scores ``[x[n-1], d_1..d_k]``.
+
+Eviction never takes a live session from a device within its quota. A new session takes the place of a
+finished session (it holds no KV slot, only the answer to a retry), else of one silent for ``idle_s`` (its
+device vanished without a Close): of its own device's when that device already holds ``device_max_sessions``,
+else (the table is full) from the device holding the most sessions. Failing that, the new session is refused:
+the service answers OVERLOADED and the edge backs off or moves to another verifier. So a device's open
+sessions are limited, and one opening session after session churns nobody's cache, its own included.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -25,6 +32,7 @@ class SessionState:
     last_verdict: Verdict | None = None
     finished: bool = False
     rounds: int = 0
+    used_s: float = 0.0               # when a draft of it last ran (monotonic clock, the engine's)
 
     @property
     def prefilled(self) -> bool:
@@ -45,14 +53,24 @@ class Admission(Enum):
     RESYNC = "resync"      # state missing or diverged: ask the edge for its full context
     FINISHED = "finished"  # the session already ended
     DEFERRED = "deferred"  # its prefill did not fit this step's budget: verify it in a later step
+    REFUSED = "refused"    # a new session with no room for it (overloaded): answered with an error
+
+
+SessionKey = tuple[str, str]  # (device, session)
 
 
 @dataclass
 class SessionTable:
     max_sessions: int
+    device_max_sessions: int = 0      # 0: max_sessions
+    idle_s: float = 60.0
     # Keyed by (device, session): one device cannot reach another's session by guessing its id.
-    _sessions: OrderedDict[tuple[str, str], SessionState] = field(default_factory=OrderedDict)
+    _sessions: OrderedDict[SessionKey, SessionState] = field(default_factory=OrderedDict)  # least recently used first
+    _per_device: Counter[str] = field(default_factory=Counter)
     evictions: int = 0
+
+    def __post_init__(self) -> None:
+        self.device_max_sessions = self.device_max_sessions or self.max_sessions
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -80,31 +98,67 @@ class SessionTable:
             return Admission.RESYNC
         return Admission.RUN
 
-    def open(self, draft: Draft, protected: frozenset[tuple[str, str]] = frozenset()) -> tuple[SessionState, list[SessionState]]:
-        """(Re)create the session from the draft's context; returns it and the sessions it displaced (the
-        one it replaces and any evicted), whose resources the caller frees.
+    def held_by(self, device: str) -> int:
+        return self._per_device[device]
 
-        Eviction takes the least recently used session that is not ``protected`` (the current batch's).
-        """
+    def open(self, draft: Draft, now_s: float, protected: frozenset[SessionKey] = frozenset()
+             ) -> tuple[SessionState | None, list[SessionState]]:
+        """(Re)create the session from the draft's context; returns it (None: refused, no room without taking
+        from a device within its quota) and the sessions it displaced (the one it replaces and any evicted),
+        whose resources the caller frees. Sessions in ``protected`` (the current batch's) are never evicted."""
         assert draft.context is not None
-        replaced = self._sessions.pop((draft.device, draft.session), None)
-        evicted = [replaced] if replaced is not None else []
-        candidates = (key for key in list(self._sessions) if key not in protected)
-        while len(self._sessions) >= self.max_sessions:
-            key = next(candidates, None)
-            if key is None:
-                break  # everything left is in this batch; the table briefly holds one more
-            evicted.append(self._sessions.pop(key))
+        key = (draft.device, draft.session)
+        replaced = self._pop(key)
+        displaced = [replaced] if replaced is not None else []
+        while self._per_device[draft.device] >= self.device_max_sessions or len(self._sessions) >= self.max_sessions:
+            victim = self._victim(draft.device, now_s, protected)
+            if victim is None:
+                return None, displaced
+            displaced.append(self._pop(victim))
             self.evictions += 1
-        state = SessionState(draft.session, draft.device, list(draft.context), draft.max_len)
-        self._sessions[(draft.device, draft.session)] = state
-        return state, evicted
+        state = SessionState(draft.session, draft.device, list(draft.context), draft.max_len, used_s=now_s)
+        self._sessions[key] = state
+        self._per_device[draft.device] += 1
+        return state, displaced
+
+    def _victim(self, device: str, now_s: float, protected: frozenset[SessionKey]) -> SessionKey | None:
+        """Whose session makes room for one of ``device``'s: see the module docstring."""
+        candidates = [key for key in self._sessions if key not in protected]  # least recently used first
+        if self._per_device[device] >= self.device_max_sessions:
+            candidates = [key for key in candidates if key[0] == device]
+        for evictable in (lambda s: s.finished, lambda s: now_s - s.used_s >= self.idle_s):
+            keys = [key for key in candidates if evictable(self._sessions[key])]
+            if keys:
+                most = max(self._per_device[key[0]] for key in keys)
+                return next(key for key in keys if self._per_device[key[0]] == most)
+        return None
+
+    def _pop(self, key: SessionKey) -> SessionState | None:
+        state = self._sessions.pop(key, None)
+        if state is not None:
+            self._per_device[key[0]] -= 1
+            if self._per_device[key[0]] <= 0:
+                del self._per_device[key[0]]
+        return state
 
     def forget(self, device: str, session_id: str) -> None:
-        self._sessions.pop((device, session_id), None)
+        self._pop((device, session_id))
 
-    def touch(self, state: SessionState) -> None:
+    def touch(self, state: SessionState, now_s: float) -> None:
+        state.used_s = now_s
         self._sessions.move_to_end((state.device, state.session_id))
 
     def active(self) -> int:
         return sum(1 for s in self._sessions.values() if not s.finished)
+
+    def full(self, now_s: float) -> dict[str, frozenset[str]]:
+        """Devices at their quota with no session of their own to give up (none finished or idle), and the
+        sessions each holds: a new session of theirs would be refused."""
+        at_quota = {device for device, held in self._per_device.items() if held >= self.device_max_sessions}
+        held: dict[str, set[str]] = {device: set() for device in at_quota}
+        for (device, session_id), state in self._sessions.items():
+            if device in held:
+                held[device].add(session_id)
+                if state.finished or now_s - state.used_s >= self.idle_s:
+                    at_quota.discard(device)
+        return {device: frozenset(held[device]) for device in at_quota}

@@ -58,6 +58,8 @@ class VerifierStats:
     publish_s: float = 0.0             # encoding and publishing verdicts (MQTT and codec)
     schedule_s: float = 0.0            # the scheduler's decisions (arrival prediction, cost model)
     deferred: int = 0                  # drafts held over to the next step while their prefill completes
+    evictions: int = 0                 # sessions evicted for another one (sled_verifier.sessions)
+    refused_sessions: int = 0          # new sessions refused as overloaded: no room without evicting within quota
     prefill_tokens: int = 0
     resyncs: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -124,6 +126,8 @@ class VerifierStats:
             "overhead": round(1 - (self.forward_s + self.prefill_s) / self.busy_s, 3) if self.busy_s else 0.0,
             "prefill_tokens": self.prefill_tokens,
             "resyncs": self.resyncs,
+            "evictions": self.evictions,
+            "refused_sessions": self.refused_sessions,
             "errors": dict(self.errors),
             "refusals_suppressed": self.refusals_suppressed,
             "retained_ignored": self.retained_ignored,

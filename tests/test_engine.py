@@ -14,7 +14,7 @@ from sled_edge.drafter import Drafter
 from sled_edge.session import EdgeSession
 from sled_protocol import ErrorCode, FinishReason, VerdictKind
 from sled_protocol.vocab import vocab_hash
-from sled_verifier.engine import VerifierEngine
+from sled_verifier.engine import Quotas, VerifierEngine
 from sled_verifier.sessions import Admission
 from sled_verifier.stats import VerifierStats
 from sled_verifier.runtime import RUNTIMES, load_target
@@ -180,7 +180,7 @@ def test_long_and_short_sessions_share_a_batch_near_the_position_limit(tiny_mode
 def test_kv_slots_grow_in_count_and_length_without_losing_a_token(tiny_models, target, drafts, reference):
     """More sessions than the first slot allocation, contexts longer than its first length (and a
     prefill in several chunks): the caches grow by copying and every session stays exact."""
-    engine = VerifierEngine(target, "v", max_sessions=16, stats=VerifierStats(), prefill_chunk=64)
+    engine = VerifierEngine(target, "v", max_sessions=16, stats=VerifierStats(), quotas=Quotas(prefill_chunk=64))
     vocab = vocab_hash(tiny_models.target)
     rng = __import__("random").Random(5)
     prompts = [[rng.randrange(1, 500) for _ in range(rng.randrange(200, 320))] for _ in range(6)]

@@ -200,7 +200,7 @@ def test_limits_and_batch_defaults_have_one_source(tmp_path):
 
     from sled_protocol import Limits
     from sled_verifier.config import VerifierConfig
-    from sled_verifier.engine import VerifierEngine
+    from sled_verifier.engine import Quotas, VerifierEngine
 
     (tmp_path / "config.json").write_text("{}")
     config = VerifierConfig(target=str(tmp_path), verifier_id="v")
@@ -210,7 +210,9 @@ def test_limits_and_batch_defaults_have_one_source(tmp_path):
     assert SchedulePolicy() == SchedulePolicy.from_config(config) == SchedulePolicy(0.050, 0.02, 256, 4096)
     engine_defaults = inspect.signature(VerifierEngine).parameters
     assert engine_defaults["max_context"].default == config.max_context_tokens
-    assert engine_defaults["prefill_chunk"].default == config.prefill_chunk_tokens
+    assert Quotas() == Quotas.from_config(config) == engine_defaults["quotas"].default
+    assert (Quotas().prefill_chunk, Quotas().max_prefill, Quotas().device_max_sessions) \
+        == (config.prefill_chunk_tokens, config.max_prefill_tokens, config.device_max_sessions)
     custom = VerifierConfig(target=str(tmp_path), verifier_id="v", max_wait_ms=12.5, min_wait_gain=0.1,
                             max_batch_drafts=7, max_batch_tokens=99)
     assert SchedulePolicy.from_config(custom) == SchedulePolicy(0.0125, 0.1, 7, 99)
