@@ -1,9 +1,9 @@
 """One device floods the verifier while honest devices decode: their time alone and under the flood (issue 19).
 
 A real Mosquitto (the project's dev config), one ``sled-verifier`` process with its default flags (one torch
-thread, pinned to the first core) serving the tiny random-weight target, three honest devices (``EdgeDevice``,
-greedy, a draft of the tiny family) each generating sessions one after another, first alone, then beside a
-flooding device: it opens ``--wave`` sessions with ``--context``-token contexts at once, again every
+thread, pinned to the first core; the devices run on the others) serving the tiny random-weight target, three
+honest devices (``EdgeDevice``, greedy, a draft of the tiny family) each generating sessions one after another,
+first alone, then beside a flooding device (its own process): it opens ``--wave`` sessions with ``--context``-token contexts at once, again every
 ``--pause-s`` (256 a second by default), and answers every verdict of its sessions at once with a next round
 of ``--k`` random tokens (a flood of drafts). The figure is the honest devices' wall time under the flood
 divided by their time alone (issue 19's goal: <= 1.5x; 23x before per-device quotas). Alone and flooded
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import statistics
@@ -119,11 +120,14 @@ async def honest_devices(url: str, draft: Path, verifier_id: str, sessions: int,
     return time.perf_counter() - started, [out for run in runs for out in run.result()]
 
 
-async def flooded(url: str, draft: Path, verifier_id: str, vocab: str, args) -> tuple[float, list[list[int]], dict]:
+async def flooded(url: str, draft: Path, verifier_id: str, vocab: str, args,
+                  flooder_id: str) -> tuple[float, list[list[int]], dict]:
     """The honest devices beside a flooder in its own process (on a real fleet the flood costs the flooder's
-    CPU, not the honest devices': sharing this process's event loop would charge them for it)."""
+    CPU, not the honest devices': sharing this process's event loop would charge them for it). A new device id
+    each repeat: the last one's sessions still hold its quota (live until idle), which would blunt the flood."""
     flooder = subprocess.Popen(
-        [sys.executable, __file__, "--flooder", url, verifier_id, vocab, "--wave", str(args.wave), "--context",
+        [sys.executable, __file__, "--flooder", url, verifier_id, vocab, "--device-id", flooder_id, "--wave",
+         str(args.wave), "--context",
          str(args.context), "--k", str(args.k), "--pause-s", str(args.pause_s)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -140,6 +144,7 @@ def run_flooder(argv: list[str]) -> int:
     parser.add_argument("url")
     parser.add_argument("verifier")
     parser.add_argument("vocab")
+    parser.add_argument("--device-id", default="flood")
     for name, kind in (("--wave", int), ("--context", int), ("--k", int), ("--pause-s", float)):
         parser.add_argument(name, type=kind, required=True)
     args = parser.parse_args(argv)
@@ -147,8 +152,8 @@ def run_flooder(argv: list[str]) -> int:
     async def until_terminated() -> FloodTally:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        return await flood(args.url, args.verifier, args.vocab, stop, wave=args.wave, context=args.context, k=args.k,
-                           pause_s=args.pause_s)
+        return await flood(args.url, args.verifier, args.vocab, stop, device_id=args.device_id, wave=args.wave,
+                           context=args.context, k=args.k, pause_s=args.pause_s)
 
     tally = asyncio.run(until_terminated())
     print(json.dumps({"opened": tally.opened, "drafts": tally.drafts, "verdicts": dict(tally.verdicts)}), flush=True)
@@ -169,7 +174,7 @@ def main() -> int:
     parser.add_argument("--head-start-s", type=float, default=1.0, help="flood before the honest devices start")
     parser.add_argument("--verifier-args", default="", help="extra sled-verifier flags, space-separated")
     args = parser.parse_args()
-    from bench.run import Verifier
+    from bench.run import DEVICE_CORES, Verifier
     from sled_models.tiny import build_tiny_family
     from sled_protocol.devbroker import start_dev_broker
     from sled_protocol.logs import configure_logging
@@ -186,11 +191,12 @@ def main() -> int:
     factors, differing = [], 0
     try:
         verifier = Verifier(url, family / "target", workdir, "bench-flood", *args.verifier_args.split())
+        os.sched_setaffinity(0, DEVICE_CORES)  # the devices (honest ones here, the flooder inherits it) off its core
         vocab = vocab_hash(family / "target")
         asyncio.run(honest_devices(url, draft, verifier.name, 1, 8))  # warm-up: sessions, ONNX, the cost model
         for repeat in range(args.repeats):
             alone_s, alone = asyncio.run(honest_devices(url, draft, verifier.name, args.sessions, args.tokens))
-            flood_s, under, tally = asyncio.run(flooded(url, draft, verifier.name, vocab, args))
+            flood_s, under, tally = asyncio.run(flooded(url, draft, verifier.name, vocab, args, f"flood-{repeat}"))
             differing += sum(a != b for a, b in zip(alone, under))
             factors.append(flood_s / alone_s)
             print(f"repeat {repeat + 1}: honest alone {alone_s:.2f} s, under the flood {flood_s:.2f} s, "

@@ -19,7 +19,7 @@ from sled_edge.session import EdgeSession
 from sled_protocol import VerdictKind
 from sled_protocol.vocab import vocab_hash
 from sled_verifier.compiled import CompiledTarget, ShapeBudget, static_shape
-from sled_verifier.engine import VerifierEngine
+from sled_verifier.engine import Quotas, VerifierEngine
 from sled_verifier.stats import VerifierStats
 
 
@@ -68,7 +68,8 @@ def test_more_shapes_than_dynamo_allows_and_every_verdict_comes_back(tiny_models
         return prepared
 
     monkeypatch.setattr(target, "prepare", spy)
-    engine = VerifierEngine(target, "v", max_sessions=6, stats=VerifierStats(), prefill_chunk=24)
+    engine = VerifierEngine(target, "v", max_sessions=6, stats=VerifierStats(),
+                            quotas=Quotas(prefill_chunk=24, max_prefill=24, device_prefill=24))
     tokenizer = Tokenizer.from_file(str(tiny_models.target / "tokenizer.json"))
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     continuations = [reference(ids, 30) for ids in prompts]
