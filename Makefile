@@ -11,6 +11,11 @@ SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
 PYTEST_ARGS ?=
 # The verifier's runtime for the benches: transformers (the reference) or compiled (bench/fleet.py --runtime)
 RUNTIME     ?= transformers
+# The real target's draft acceptance for the fleet bench: a per-position probability, a comma list, or the JSON
+# `sled-models distill` reports for the distilled draft; K_MODE: how emulated devices choose k (priced: against
+# the verifier's announced step cost, as devices do by default; fixed: k=4; adaptive: their own tokens/s alone)
+ACCEPTANCE  ?= 0.8
+K_MODE      ?= priced
 
 .PHONY: help setup system-deps test test-edge demo models pretrained broker inspect clean load bench bench-quick
 DEVICES      ?= 8
@@ -78,15 +83,19 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup pretrained ## emulated fleet N=1..256 (server cost vs server-only, ceiling; ~16 min), then real devices, k sweep, memory (~8 min), draft cache ms/token (~1 min), proactive drafting at 5/20/50 ms round trips (~5 min)
-	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME)
+bench: setup pretrained ## emulated fleet N=1..256 on the 12M family and on SmolLM2-135M (server cost vs server-only, best-k ceiling), the step at the roofline, llama.cpp side by side (optional), then real devices, k sweep, memory, draft cache, proactive drafting
+	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME) --k-mode $(K_MODE)
+	$(PY) bench/fleet.py --target smollm2 --profile full --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)
+	$(PY) bench/roofline.py --target smollm2 --runtimes transformers,compiled --threads 1,2 --profile-shape 16x5
+	$(PY) bench/llamacpp.py --ns 1,4,16,64,128
 	$(PY) bench/run.py --profile full
 	$(PY) bench/run.py --profile quick --pretrained smollm2  # the real pair: SmolLM2-135M-Instruct and its distilled drafts
 	$(PY) bench/draft_cache.py --family models/build/family-$(PROFILE)
 	$(PY) bench/proactive.py
 
-bench-quick: setup ## the emulated fleet at N=1, 4, 16, 64: server cost vs server-only and the ceiling (~5 min; RUNTIME=compiled)
-	$(PY) bench/fleet.py --profile quick --runtime $(RUNTIME)
+bench-quick: setup pretrained ## the emulated fleet at N=1, 4, 16, 64 on the 12M family, then on SmolLM2-135M: server cost vs server-only and the best-k ceiling (RUNTIME=compiled)
+	$(PY) bench/fleet.py --profile quick --runtime $(RUNTIME) --k-mode $(K_MODE)
+	$(PY) bench/fleet.py --target smollm2 --profile quick --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
 	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.report import best_k_ceiling, ceiling_at  # noqa: E402
 from bench.run import DEVICE_CORES, SERVER_CORES, Verifier, log, pinned  # noqa: E402
 from sled_protocol.devbroker import start_dev_broker  # noqa: E402
 
@@ -47,6 +48,7 @@ PROFILES = {
     "quick": {"ns": [1, 4, 16, 64], "duration_s": 6.0, "ramp_s": 1.5, "pool": 48, "repeats": 1},
     "full": {"ns": [1, 4, 16, 64, 128, 256], "duration_s": 12.0, "ramp_s": 3.0, "pool": 96, "repeats": 1},
 }
+KS = {"quick": [1, 2, 3, 4, 6], "full": [1, 2, 3, 4, 5, 6, 8]}  # draft lengths the best-k ceiling is timed at
 PROMPT_TOKENS = (24, 96)    # each session's prompt length, uniform
 OUTPUT_TOKENS = (32, 96)    # each session's output length, uniform
 RTT_MS = (2.0, 30.0)        # network round trip, uniform per message pair
@@ -115,14 +117,22 @@ def make_pool(target_dir: Path, size: int, cont_tokens: int, held_out: np.ndarra
     return pool
 
 
-def timed(fn, repeat: int = 5) -> float:
-    """The fastest of ``repeat`` runs after a warm-up: the least disturbed by whatever else the machine does."""
-    fn()
+def cpu_clock() -> float:
+    """This process's CPU seconds: the baselines run on one torch thread, so this is their work, and time spent
+    descheduled on a shared machine is not counted (the verifier's cost is its CPU seconds too: like with like)."""
+    return time.process_time()
+
+
+def timed(fn, repeat: int = 5, warm_up: bool = True) -> float:
+    """The fastest of ``repeat`` runs after a warm-up, in CPU seconds: the least disturbed by whatever else the
+    machine does."""
+    if warm_up:
+        fn()
     samples = []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started = cpu_clock()
         fn()
-        samples.append(time.perf_counter() - started)
+        samples.append(cpu_clock() - started)
     return min(samples)
 
 
@@ -155,9 +165,11 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
             target.model.generate(ids, attention_mask=mask, max_new_tokens=out_tokens, min_new_tokens=out_tokens,
                                   do_sample=False, pad_token_id=pad)
 
-    repeat = 1 if n >= 64 else 2
-    engine_s, generate_s = timed(engine_decode, repeat), timed(generate, repeat)
-    prefill_s = timed(engine_prefill, repeat)
+    large = target.vocab_size >= 10_000  # a real target: its long decodes need no whole-run warm-up or repeat
+    repeat = 1 if n >= 64 or large else 2
+    warm_up = not large and n < 16
+    prefill_s = timed(engine_prefill, repeat)        # ... as this one warms its weights first
+    engine_s, generate_s = timed(engine_decode, repeat, warm_up), timed(generate, repeat, warm_up)
     best, name = min((engine_s, "engine"), (generate_s, "generate"))
     tokens = n * out_tokens
     return {"s_per_token": best / tokens, "which": name, "engine_s_per_token": engine_s / tokens,
@@ -165,29 +177,42 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
             "session_tokens_per_s": out_tokens / best}
 
 
-def step_times(plain, verifying, n: int, k: int, context: int) -> dict:
-    """T(N x 1) of server-only's forward (``plain``) and T(N x (k+1)) of the verifier's (``verifying``) at
-    ``context``: the ceiling compares what each side would really run. The two are timed in alternation and
-    the pass-cost ratio is the median of back-to-back pairs, so the machine's drift (up to 50% between runs
-    here) cancels in the ratio the ceiling depends on."""
-    runs = []
-    for target, width in ((plain, 1), (verifying, k + 1)):
-        kv = target.init_kv(max_slots=n, max_length=context + k + 8)
-        slots = [kv.acquire() for _ in range(n)]
-        rng = np.random.default_rng(0)
-        target.forward_rows(slots, [0] * n, [rng.integers(1, 1000, context).tolist() for _ in range(n)])
-        runs.append(lambda target=target, slots=slots, width=width:
-                    target.forward_rows(slots, [context] * n, [[1] * width] * n))
-    for run in runs:  # warm-up
-        run()
-    one, wide = [], []
-    for _ in range(5 if n >= 64 else 11):
-        for run, samples in zip(runs, (one, wide)):
-            started = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - started)
-    t1 = float(np.median(one))
-    return {"t_n_x_1_s": t1, "t_n_x_k1_s": t1 * float(np.median(np.array(wide) / np.array(one)))}
+def step_times(plain, verifying, n: int, ks: list[int], context: int) -> dict:
+    """T(N x 1) of server-only's forward (``plain``) and T(N x (k+1)) of the verifier's (``verifying``) for every
+    k in ``ks`` at ``context``, in CPU seconds: the ceiling compares what each side would really run. All widths are timed in
+    alternation (1, k1+1, 1, k2+1, ...) and each pass-cost ratio is the median of its back-to-back pairs with the
+    1-token step, so the machine's drift (up to 50% between runs here, more on a shared machine) cancels in the
+    ratios the ceiling depends on."""
+    one_kv = plain.init_kv(max_slots=n, max_length=context + 1 + 8)
+    one_slots = [one_kv.acquire() for _ in range(n)]
+    wide_kv = verifying.init_kv(max_slots=n, max_length=context + max(ks) + 1 + 8)
+    wide_slots = [wide_kv.acquire() for _ in range(n)]
+    rng = np.random.default_rng(0)
+    prefix = [rng.integers(1, 1000, context).tolist() for _ in range(n)]
+    plain.forward_rows(one_slots, [0] * n, prefix, logits=False)
+    verifying.forward_rows(wide_slots, [0] * n, prefix, logits=False)
+
+    def one() -> None:
+        plain.forward_rows(one_slots, [context] * n, [[1]] * n)
+
+    def wide(k: int) -> None:
+        verifying.forward_rows(wide_slots, [context] * n, [[1] * (k + 1)] * n)
+
+    one()
+    for k in ks:  # warm-up
+        wide(k)
+    ones, ratios = [], {k: [] for k in ks}
+    for _ in range(5 if n >= 64 else 9):
+        for k in ks:
+            started = cpu_clock()
+            one()
+            middle = cpu_clock()
+            wide(k)
+            ended = cpu_clock()
+            ones.append(middle - started)
+            ratios[k].append((ended - middle) / (middle - started))
+    t1 = float(np.median(ones))
+    return {"t_n_x_1_s": t1, "t_n_x_k1_s": {k: t1 * float(np.median(r)) for k, r in ratios.items()}}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -237,7 +262,7 @@ def run_fleet(url: str, verifier: Verifier, workdir: Path, spec: dict) -> dict:
     return report
 
 
-def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) -> dict:
+def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, acceptance: list[float], k: int) -> dict:
     m = fleet["metrics"]
     committed = fleet["committed"]
     rates = sorted(s["tokens"] / s["seconds"] for s in fleet["sessions"] if s["seconds"] > 0)
@@ -245,13 +270,14 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) ->
     tau = sum(s["tokens"] for s in fleet["sessions"]) / max(1, rounds)      # tokens committed per round
     sled_s = fleet["cpu_s"] / max(1, committed)
     ratio = server["s_per_token"] / sled_s
-    # The model's ceiling: the same prefill share, the decode part replaced by ideal batched verification.
-    decode_server = steps["t_n_x_1_s"] / n
-    decode_sled = steps["t_n_x_k1_s"] / (n * tau)
-    ceiling = server["s_per_token"] / (server["s_per_token"] - decode_server + decode_sled)
+    # The model's ceiling at the fleet's k and measured tau: the same prefill share, the decode part replaced by
+    # ideal batched verification; and the best over k with tau(k) from the acceptance profile (item 6).
+    ceiling = ceiling_at(server["s_per_token"], n, steps["t_n_x_1_s"], steps["t_n_x_k1_s"][k], tau)
+    best = best_k_ceiling(server["s_per_token"], n, steps["t_n_x_1_s"], steps["t_n_x_k1_s"], acceptance)
     batches = m.get("sled_verifier_batch_size_count", 0.0)
     mean_batch = m.get("sled_verifier_batch_size_sum", 0.0) / max(1.0, batches)
-    decode_at_batch = at_batch["t_n_x_k1_s"] / (at_batch["n"] * tau)
+    decode_server = steps["t_n_x_1_s"] / n
+    decode_at_batch = at_batch["t_n_x_k1_s"][k] / (at_batch["n"] * tau)
     ceiling_at_batch = server["s_per_token"] / (server["s_per_token"] - decode_server + decode_at_batch)
     window_s = fleet["window_s"]
     parts = {name: m.get(f"sled_verifier_{name}_seconds_total", m.get(f"sled_verifier_{name}_seconds_sum", 0.0))
@@ -271,6 +297,11 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) ->
         "sled_ms_per_token": round(1000 * sled_s, 4), "server_only_ms_per_token": round(1000 * server["s_per_token"], 4),
         "server_only_which": server["which"], "ratio": round(ratio, 3), "ceiling": round(ceiling, 3),
         "fraction_of_ceiling": round(ratio / ceiling, 3), "tau": round(tau, 3),
+        "k_mean": round(sum(s["drafted"] for s in fleet["sessions"]) / max(1, rounds), 2),
+        "k0_share": round(sum(s.get("k0_rounds", 0) for s in fleet["sessions"]) / max(1, rounds), 3),
+        "best_k": best["best_k"], "ceiling_best_k": round(best["ceiling"], 3),
+        "fraction_of_best_k_ceiling": round(ratio / best["ceiling"], 3),
+        "ceiling_per_k": {str(kk): round(v, 3) for kk, v in best["per_k"].items()},
         "ceiling_at_batch": round(ceiling_at_batch, 3), "fraction_at_batch": round(ratio / ceiling_at_batch, 3),
         "mean_batch": round(mean_batch, 2),
         "session_tokens_per_s_p50": round(rates[len(rates) // 2], 1) if rates else None,
@@ -286,7 +317,8 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict) ->
         "prefill_tokens": int(m.get("sled_verifier_prefill_tokens_total", 0)),
         "deferred": int(m.get("sled_verifier_deferred_drafts_total", 0)), "resyncs": fleet["resyncs"], "retries": fleet["retries"], "sessions": len(fleet["sessions"]),
         "server_only": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in server.items()},
-        "steps_ms": {k: round(1000 * v, 3) for k, v in steps.items()},
+        "steps_ms": {"n_x_1": round(1000 * steps["t_n_x_1_s"], 3),
+                     **{f"n_x_{kk + 1}": round(1000 * v, 3) for kk, v in steps["t_n_x_k1_s"].items()}},
     }
 
 
@@ -306,17 +338,25 @@ def capacity(rows: list[dict], slos: list[float]) -> list[dict]:
 def print_table(result: dict) -> None:
     print(f"\nSLED fleet bench ({result['profile']}): {result['target']}; {result['machine']}")
     print(f"devices: {', '.join(c['name'] + ' ' + str(c['draft_ms_per_token']) + ' ms/token alpha ' + str(round(c['acceptance'][0], 2)) for c in result['classes'])}; "
-          f"k={K}; round trip {RTT_MS[0]:g}-{RTT_MS[1]:g} ms; prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]}, outputs "
+          f"k={result['k'] if result.get('k_mode', 'fixed') == 'fixed' else result['k_mode'] + ' (up to 8)'}; round trip {RTT_MS[0]:g}-{RTT_MS[1]:g} ms; prompts {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]}, outputs "
           f"{OUTPUT_TOKENS[0]}-{OUTPUT_TOKENS[1]} tokens; verifier flags: {' '.join(result['verifier_flags']) or 'defaults'}")
-    print("    N  SLED ms/tok  server-only ms/tok (which)  ratio  ceiling  fraction  (at batch)   tau  batch  tok/s/session p50/p10 "
-          "(server-only)  queue ms p50/p99  added wait p50/p99  cpu   wrong")
+    print(f"ceiling: at the fleet's k={result['k']} and measured tau; best k: max over k of tau(k) x T(N x 1) / T(N x (k+1)) "
+          f"with tau(k) from acceptance {[round(a, 2) for a in result['acceptance'][:4]]}, step times interleaved in this run")
+    print("    N  SLED ms/tok  server-only ms/tok (which)  ratio  ceiling  fraction  (at batch)  best-k ceiling  fraction"
+          "   tau  k mean (k=0)  batch  tok/s/session p50/p10 (server-only)  queue ms p50/p99  added wait p50/p99  cpu   wrong")
     for r in result["rows"]:
         print(f"  {r['n']:>3}  {r['sled_ms_per_token']:>11.3f}  {r['server_only_ms_per_token']:>11.3f} ({r['server_only_which']:>8})  "
-              f"{r['ratio']:>5.2f}x  {r['ceiling']:>6.2f}x  {r['fraction_of_ceiling']:>7.0%}  ({r['fraction_at_batch']:>7.0%})  {r['tau']:>4.2f}  "
+              f"{r['ratio']:>5.2f}x  {r['ceiling']:>6.2f}x  {r['fraction_of_ceiling']:>7.0%}  ({r['fraction_at_batch']:>7.0%})  "
+              f"{r['ceiling_best_k']:>6.2f}x (k={r['best_k']})  {r['fraction_of_best_k_ceiling']:>7.0%}  {r['tau']:>4.2f}  "
+              f"{r['k_mean']:>6.2f} ({r['k0_share']:>4.0%})  "
               f"{r['mean_batch']:>5.1f}  {r['session_tokens_per_s_p50']:>8}/{r['session_tokens_per_s_p10']:<8} "
               f"({r['server_only_session_tokens_per_s']:>6})  {str(r['queue_delay_ms_p50']):>6}/{str(r['queue_delay_ms_p99']):<7} "
               f"{str(r['added_wait_ms_p50']):>6}/{str(r['added_wait_ms_p99']):<7}  "
               f"{r['verifier_cpu_fraction']:>4.2f}  {r['wrong']:>5}")
+    print("\nstep times (ms, interleaved; N x 1 on the plain kernels, N x (k+1) on the verifier's forward) and the ceiling per k:")
+    for r in result["rows"]:
+        print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.1f}" for k, v in r["steps_ms"].items()) + "   ceiling "
+              + "  ".join(f"k={k} {v:.2f}x" for k, v in r["ceiling_per_k"].items()))
     print("\nwhere the verifier's time went (seconds over the run):")
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items()))
@@ -327,12 +367,56 @@ def print_table(result: dict) -> None:
     print(f"verdicts differing from the target's own continuation: {sum(r['wrong'] for r in result['rows'])}")
 
 
+def prepare(args, profile: dict, workdir: Path):
+    """The target's directory, the device classes, the acceptance profile the ceiling assumes, and a function of
+    the verifying runtime returning the pool of prompts with the target's own continuations."""
+    if args.target == "smollm2":
+        from bench.fleet_target import acceptance_profile, engine_pool, smollm2_dir
+
+        target_dir = smollm2_dir(args.smollm2_dir)
+        acceptance = acceptance_profile(args.acceptance or str(args.alpha))
+        classes = [{"name": c["name"], "draft_ms_per_token": c["draft_ms_per_token"], "acceptance": acceptance[: args.k],
+                    "k": args.k} for c in CLASSES]
+        cache = workdir / f"pool-smollm2-{args.profile}.json"
+        return target_dir, classes, acceptance, lambda verifying: engine_pool(
+            verifying, target_dir, profile["pool"], PROMPT_TOKENS, OUTPUT_TOKENS[1] + 1, OUTPUT_TOKENS[0] + 1, cache, log)
+    evals, held_out = {}, None
+    if (args.family / "manifest.json").is_file():
+        target_dir = args.family / "target"
+        held_out = np.load(args.family / "tokens_held_out.npy")
+        if (args.family / "eval.json").is_file():
+            evals = json.loads((args.family / "eval.json").read_text())
+    else:
+        log(f"no model family at {args.family}: a random-initialised target of its shape, acceptance {args.alpha}")
+        target_dir = quick_shape_target(workdir / "quick-shape-target")
+    classes = []
+    for c in CLASSES:
+        measured = evals.get(c["draft"], {}) if c["draft"] else {}
+        alpha = measured.get("alpha_continuations", args.alpha)
+        classes.append({"name": c["name"], "draft_ms_per_token": measured.get("draft_ms_per_token", c["draft_ms_per_token"]),
+                        "acceptance": [alpha] * args.k, "k": args.k})
+    # The ceiling assumes the fleet's mean profile (each class a third of the devices).
+    acceptance = [sum(c["acceptance"][0] for c in classes) / len(classes)]
+    return target_dir, classes, acceptance, lambda verifying: make_pool(
+        target_dir, profile["pool"], OUTPUT_TOKENS[1] + 1, held_out, workdir / f"pool-{args.profile}.json")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--ns", default="", help="comma-separated fleet sizes [default: the profile's]")
     parser.add_argument("--family", type=Path, default=ROOT / "models" / "build" / "family-quick")
+    parser.add_argument("--target", choices=("family", "smollm2"), default="family",
+                        help="family: the 12M family target (or its shape); smollm2: the real SmolLM2-135M-Instruct, float32")
+    parser.add_argument("--smollm2-dir", type=Path, default=None, help="the real target's float32 directory [default: fetched]")
     parser.add_argument("--alpha", type=float, default=0.8, help="per-position acceptance without a family eval.json")
+    parser.add_argument("--acceptance", default="",
+                        help="the real target's draft acceptance per position: a number, a comma list, or the JSON "
+                             "`sled-models distill` reports [default: --alpha]")
+    parser.add_argument("--k", type=int, default=K, help="draft tokens per round of every emulated device")
+    parser.add_argument("--k-mode", choices=("fixed", "adaptive", "priced"), default="fixed",
+                        help="fixed: --k; adaptive: each device's controller for its own tokens/s; priced: against "
+                             "the verifier's announced step cost (k = 0 where drafting cannot pay), up to 8")
     parser.add_argument("--slo-tokens-per-s", default="5,10",
                         help="per-session rates for capacity, comma-separated [default: 5,10; reading speed is ~5]")
     parser.add_argument("--duration-s", type=float, default=0.0, help="seconds devices keep starting sessions after the ramp [default: the profile's]")
@@ -350,24 +434,7 @@ def main() -> int:
     workdir = ROOT / "build" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
 
-    evals, held_out = {}, None
-    if (args.family / "manifest.json").is_file():
-        target_dir = args.family / "target"
-        held_out = np.load(args.family / "tokens_held_out.npy")
-        if (args.family / "eval.json").is_file():
-            evals = json.loads((args.family / "eval.json").read_text())
-    else:
-        log(f"no model family at {args.family}: a random-initialised target of its shape, acceptance {args.alpha}")
-        target_dir = quick_shape_target(workdir / "quick-shape-target")
-    classes = []
-    for c in CLASSES:
-        measured = evals.get(c["draft"], {}) if c["draft"] else {}
-        alpha = measured.get("alpha_continuations", args.alpha)
-        classes.append({"name": c["name"], "draft_ms_per_token": measured.get("draft_ms_per_token", c["draft_ms_per_token"]),
-                        "acceptance": [alpha] * K, "k": K})
-    pool = make_pool(target_dir, profile["pool"], OUTPUT_TOKENS[1] + 1, held_out,
-                     workdir / f"pool-{args.profile}.json")
-
+    target_dir, classes, acceptance, pool_of = prepare(args, profile, workdir)
     from sled_protocol.vocab import vocab_hash
     from sled_verifier.runtime import load_target
 
@@ -376,13 +443,15 @@ def main() -> int:
     target = load_target(target_dir, args.runtime, device="cpu", batch_invariant=False)
     verifying = load_target(target_dir, args.runtime, device="cpu",
                             batch_invariant="--no-batch-invariant" not in args.verifier_flag)
+    pool = pool_of(verifying)
+    ks = sorted({*KS[args.profile], args.k})
     mean_out = sum(OUTPUT_TOKENS) // 2
     context = sum(PROMPT_TOKENS) // 2 + mean_out // 2
     baselines = {}
     if not args.no_baseline:
         for n in ns:
             log(f"server-only and model step times at N={n}")
-            baselines[n] = (server_only(target, pool, n, mean_out), step_times(target, verifying, n, K, context))
+            baselines[n] = (server_only(target, pool, n, mean_out), step_times(target, verifying, n, ks, context))
     broker, port = start_dev_broker(workdir / "broker-fleet")
     url = f"mqtt://127.0.0.1:{port}"
     rows, wrong = [], 0
@@ -399,9 +468,9 @@ def main() -> int:
                 log(f"fleet of {n} devices: arriving over {ramp_s:g} s, warm-up {warmup_s:.1f} s, window {duration_s:.1f} s")
                 spec = {"n": n, "mqtt_url": url, "verifier": "fleet-verifier", "vocab": vocab_hash(target_dir),
                         "vocab_size": target.vocab_size, "eos_ids": target.eos_ids.tolist(), "seed": 1,
-                        "pool": str(workdir / f"pool-{args.profile}.json.pool"), "classes": classes,
+                        "pool": str(workdir / f"pool-{args.target}-{args.profile}.json.pool"), "classes": classes,
                         "rtt_ms": RTT_MS, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
-                        "ramp_s": ramp_s, "warmup_s": warmup_s, "duration_s": duration_s}
+                        "ramp_s": ramp_s, "warmup_s": warmup_s, "duration_s": duration_s, "k_mode": args.k_mode}
                 Path(spec["pool"]).write_text(json.dumps(pool))
                 fleet = run_fleet(url, verifier, workdir, spec)
                 wrong += len(fleet["wrong"])
@@ -413,10 +482,12 @@ def main() -> int:
                     continue
                 m = fleet["metrics"]
                 batch = max(1, round(m.get("sled_verifier_batch_size_sum", 0) / max(1, m.get("sled_verifier_batch_size_count", 0))))
-                at_batch = {"n": batch, **step_times(target, verifying, batch, K, context)}
-                rows.append(summarise(n, fleet, *baselines[n], at_batch))
+                at_batch = {"n": batch, **step_times(target, verifying, batch, [args.k], context)}
+                rows.append(summarise(n, fleet, *baselines[n], at_batch, acceptance, args.k))
                 log(f"N={n}: ratio {rows[-1]['ratio']}x of ceiling {rows[-1]['ceiling']}x "
-                    f"({rows[-1]['fraction_of_ceiling']:.0%}), batch {rows[-1]['mean_batch']}")
+                    f"({rows[-1]['fraction_of_ceiling']:.0%}), best-k ceiling {rows[-1]['ceiling_best_k']}x at "
+                    f"k={rows[-1]['best_k']} ({rows[-1]['fraction_of_best_k_ceiling']:.0%}), batch {rows[-1]['mean_batch']}, "
+                    f"k mean {rows[-1]['k_mean']}, wrong {rows[-1]['wrong']}")
         finally:
             verifier.stop()
     finally:
@@ -424,13 +495,14 @@ def main() -> int:
         broker.wait(timeout=10)
     if args.no_baseline:
         return 0 if wrong == 0 else 1
-    result = {"profile": args.profile, "target": str(target_dir), "classes": classes, "rows": rows,
+    result = {"profile": args.profile, "target": f"{args.target} ({target_dir})", "target_name": args.target,
+              "k": args.k, "k_mode": args.k_mode, "acceptance": acceptance, "classes": classes, "rows": rows,
               "verifier_flags": ["--runtime", args.runtime, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
               "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
                          f"on {sorted(DEVICE_CORES)}"}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"fleet-{args.profile}-{args.runtime}-{stamp}.json"
+    path = args.out / f"fleet-{args.target}-{args.profile}-{args.runtime}-{args.k_mode}-{stamp}.json"
     path.write_text(json.dumps(result, indent=2))
     plot(result, path.with_suffix(".png"))
     print_table(result)

@@ -25,13 +25,15 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sled_protocol import Close, Draft, VerdictKind, encode  # noqa: E402
 from sled_protocol import topics  # noqa: E402
+from sled_edge.controller import DraftLengthController, StepPrice  # noqa: E402
+from sled_protocol.codec import decode_status  # noqa: E402
 from sled_protocol.messages import decode_verdict  # noqa: E402
 from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
 
@@ -56,6 +58,7 @@ class SessionRecord:
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
+    ks: list[int] = field(default_factory=list)
 
 
 class Tally:
@@ -93,12 +96,21 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
     def one_way_s() -> float:  # half a round trip, uniform jitter between the bounds
         return rng.uniform(rtt_lo, rtt_hi) / 2000.0
 
+    # k per round: the class's fixed k, or the device's own controller (``k_mode`` adaptive: its tokens/s alone;
+    # priced: against the verifier's announced step cost, as a real device does by default).
+    controller = None if spec.get("k_mode", "fixed") == "fixed" else DraftLengthController(k_max=spec.get("k_max", 8))
+    price: list[StepPrice | None] = [None]
     async with make_client(parse_mqtt_url(spec["mqtt_url"]), device_id, keepalive_s=60) as client:
         await client.subscribe(topics.verdict_topic(device_id), qos=topics.QOS_VERDICT)
+        if spec.get("k_mode") == "priced":
+            await client.subscribe(topics.status_topic(verifier), qos=topics.QOS_STATUS)
         inbox: asyncio.Queue = asyncio.Queue()
 
         async def receive() -> None:
             async for message in client.messages:
+                if str(message.topic) == topics.status_topic(verifier):
+                    price[0] = StepPrice.from_wire(decode_status(bytes(message.payload)).step_cost)
+                    continue
                 inbox.put_nowait((time.monotonic(), decode_verdict(bytes(message.payload))))
 
         reader = asyncio.create_task(receive(), name=f"receive-{device_id}")
@@ -115,9 +127,12 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                 session, seq, send_context = uuid.uuid4().hex[:12], 0, True
                 while len(committed) < max_len:
                     done = len(committed) - len(prompt)
-                    k = max(0, min(klass.k, max_len - len(committed) - 1))
+                    room = max(0, max_len - len(committed) - 1)
+                    k = min(klass.k, room) if controller is None else controller.choose(room, price[0])
                     tokens = draft_tokens(rng, truth[done:], klass, k, vocab, avoid)
-                    await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0 + one_way_s())
+                    await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0)
+                    sent = time.monotonic()  # a device times its round from publishing to the verdict's arrival
+                    await asyncio.sleep(one_way_s())
                     draft = Draft(device=device_id, session=session, seq=seq, base_len=len(committed),
                                   tokens=tuple(tokens), max_len=max_len, vocab=spec["vocab"],
                                   context=tuple(committed) if send_context else None)
@@ -130,16 +145,20 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                     if verdict.kind is VerdictKind.ERROR:
                         tally.errors[str(verdict.error)] = tally.errors.get(str(verdict.error), 0) + 1
                         break
-                    send_context = False
                     expected = next((j for j, t in enumerate(tokens) if t != truth[done + j]), len(tokens))
+                    if controller is not None and not send_context:  # a round that carried context timed a prefill
+                        controller.observe(k, min(verdict.accepted, k), k * klass.draft_ms_per_token / 1000.0,
+                                           time.monotonic() - sent)
                     if verdict.accepted != expected or verdict.next_token != truth[done + expected]:
                         tally.wrong.append(f"{device_id}/{session} round {seq}: accepted {verdict.accepted} next "
                                            f"{verdict.next_token}, target says {expected} and {truth[done + expected]}")
                         break
+                    send_context = False
                     committed += [*tokens[:expected], verdict.next_token]
                     record.rounds += 1
                     record.accepted += expected
                     record.drafted += len(tokens)
+                    record.ks.append(len(tokens))
                     tally.commits.append((time.monotonic(), expected + 1))
                     seq += 1
                     if verdict.finish is not None:
@@ -183,7 +202,8 @@ async def main_async(spec: dict) -> dict:
         "committed_all": sum(tokens for _, tokens in tally.commits),
         "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
         "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
-                      "accepted": s.accepted, "drafted": s.drafted} for s in sessions],
+                      "accepted": s.accepted, "drafted": s.drafted,
+                      "k_mean": round(sum(s.ks) / max(1, len(s.ks)), 2), "k0_rounds": s.ks.count(0)} for s in sessions],
     }
 
 

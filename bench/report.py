@@ -89,3 +89,33 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(results["machine"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ---- the fleet bench's ceiling (issue 22, item 6) ------------------------------------------------------------
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """Tokens one round of k drafts commits: 1 + sum_i prod_{j<=i} a_j (a_j per position, the last repeated)."""
+    total, survive = 1.0, 1.0
+    for j in range(k):
+        survive *= acceptance[min(j, len(acceptance) - 1)]
+        total += survive
+    return total
+
+
+def ceiling_at(server_s_per_token: float, n: int, t_one_s: float, t_wide_s: float, tau: float) -> float:
+    """What the model allows against server-only: the same prefill share, the decode part (T(N x 1) / N a token)
+    replaced by ideal batched verification (T(N x (k+1)) / (N x tau) a token)."""
+    decode_server = t_one_s / n
+    decode_sled = t_wide_s / (n * tau)
+    return server_s_per_token / max(1e-12, server_s_per_token - decode_server + decode_sled)
+
+
+def best_k_ceiling(server_s_per_token: float, n: int, t_one_s: float, t_wide_s: dict[int, float],
+                   acceptance: list[float]) -> dict:
+    """max over k of the ceiling with tau(k) from the acceptance profile: ``t_wide_s`` maps k to T(N x (k+1))
+    timed in the same run as ``t_one_s``. Returns the best k, its ceiling and every k's."""
+    per_k = {k: ceiling_at(server_s_per_token, n, t_one_s, t, expected_tokens(acceptance, k))
+             for k, t in sorted(t_wide_s.items())}
+    best = max(per_k, key=per_k.get)
+    return {"best_k": best, "ceiling": per_k[best], "per_k": per_k}
