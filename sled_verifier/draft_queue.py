@@ -86,6 +86,10 @@ class DraftQueue:
     def queued_of(self, device: str) -> int:
         return self._per_device[device]
 
+    def devices(self) -> frozenset[str]:
+        """Devices with a draft queued."""
+        return frozenset(self._per_device)
+
     def drop(self, key: SessionKey) -> None:
         """The session ended: its queued draft, if any, will never be verified, nor one the step now running
         defers."""

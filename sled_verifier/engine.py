@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -19,6 +19,7 @@ import torch
 from sled_protocol import Draft, ErrorCode, FinishReason, NextKind, Verdict, VerdictKind
 from sled_verifier.config import VerifierConfig
 from sled_verifier.decide import decide
+from sled_verifier.fairshare import FairShare
 from sled_verifier.kvslots import slots_within
 from sled_verifier.runtime import TargetRuntime
 from sled_verifier.sessions import Admission, SessionState, SessionTable
@@ -86,16 +87,25 @@ class VerifierEngine:
         self.session_count = 0
         self.free_sessions = self.sessions.max_sessions  # sessions that can still open without evicting anyone
         self.full_devices: dict[str, frozenset[str]] = {}
+        self.fair = FairShare()
+        self._active: frozenset[str] = frozenset()   # this step's devices with work
+        self._prefill_s: dict[str, float] = {}       # this step's prefill seconds by device
 
-    def step(self, drafts: Sequence[Draft]) -> list[Outcome]:
+    def step(self, drafts: Sequence[Draft], active: Collection[str] = ()) -> list[Outcome]:
         """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
         opened from a context may exist, consistently, without their prefill), so the batch can be retried.
-        A draft whose session's prefill does not fit this step comes back ``DEFERRED``: step it again."""
+        A draft whose session's prefill does not fit this step comes back ``DEFERRED``: step it again.
+        ``active``: the devices with work besides this step's (queued, or a round expected back), among whom
+        the verifier's time is shared (``FairShare``)."""
         started_step = time.perf_counter()
+        self._active = frozenset(active) | {draft.device for draft in drafts}
+        self._prefill_s: dict[str, float] = {}
         try:
             return self._step(drafts)
         finally:
-            self.stats.step_s += time.perf_counter() - started_step
+            step_s = time.perf_counter() - started_step
+            self.stats.step_s += step_s
+            self.fair.charge(self._active, step_s, self._prefill_s)
 
     def step_until_answered(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """``step``, then again for deferred drafts until each has its outcome; outcomes in ``drafts`` order.
@@ -186,7 +196,11 @@ class VerifierEngine:
         if rows:
             started = time.perf_counter()
             self.target.forward_rows([s.slot for s in rows], [s.cached for s in rows], chunks, logits=False)
-            self.stats.prefill_s += time.perf_counter() - started
+            prefill_s = time.perf_counter() - started
+            self.stats.prefill_s += prefill_s
+            tokens = sum(map(len, chunks))
+            for state, chunk in zip(rows, chunks):  # the forward's time, debited by tokens
+                self._prefill_s[state.device] = self._prefill_s.get(state.device, 0.0) + prefill_s * len(chunk) / tokens
             for state, chunk in zip(rows, chunks):
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
@@ -200,13 +214,15 @@ class VerifierEngine:
         ``[c*C, min((c+1)*C, n-1))`` of the session's own context (C = ``prefill_chunk``): its boundaries depend
         on the session alone, so its cache (and every logit after it) is the same bits whoever prefills beside
         it, and a rebuild after a resync or failover replays the same chunks. A session whose whole next chunk
-        does not fit what is left of a budget waits for a later step rather than take a leftover."""
+        does not fit what is left of a budget waits for a later step rather than take a leftover, and so does
+        one whose device has had more than its share of the verifier's time while others have work."""
         chunk, budget, device_budget = self.quotas.prefill_chunk, self.quotas.max_prefill, Counter()
         rows, chunks = [], []
         for state in states:
             end = min((state.cached // chunk + 1) * chunk, len(state.committed) - 1)
             size = end - state.cached
-            if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device]:
+            if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device] \
+                    or not self.fair.may_prefill(state.device, self._active):
                 continue
             rows.append(state)
             chunks.append(state.committed[state.cached : end])

@@ -156,6 +156,10 @@ class Arrivals:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_rhythms(self) -> frozenset[Hashable]:
+        """The ``rhythm_of`` (the service: devices) of every key whose next arrival is expected."""
+        return frozenset(self.rhythm_of(key) for key in self._waiting)
+
     def expected(self, now_s: float) -> list[float]:
         """Predicted arrival times (>= now) of the sessions still expected, soonest first."""
         times = []

@@ -303,13 +303,17 @@ class VerifierService:
                 self.arrivals.forget(key)
             await self._publish_verdict(client, outcome.device, verdict)
 
+    def _active_devices(self) -> frozenset[str]:
+        """Devices with work: a draft queued, or a round expected back (the verifier's time is shared among them)."""
+        return self.queue.devices() | self.arrivals.waiting_rhythms()
+
     async def _run_step(self, drafts: list[Draft]) -> list[Outcome]:
         """``engine.step`` in the model thread. A failing batch is split in halves until the draft that
         fails on its own is found; only that one is refused (a failed step changes no committed state,
         so retrying the others is safe and they never notice)."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.model_thread, self.engine.step, drafts)
+            return await loop.run_in_executor(self.model_thread, self.engine.step, drafts, self._active_devices())
         except Exception as exc:
             if len(drafts) > 1:
                 log.warning("batch_failed_retrying_halves", drafts=len(drafts), error=repr(exc))

@@ -87,12 +87,12 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def step(self, drafts):
+    def step(self, drafts, active=()):
         self.steps += 1
         if self.steps == 3:
             self.entered.set()
             self.gate.wait(30)
-        return self.engine.step(drafts)
+        return self.engine.step(drafts, active)
 
 
 @pytest.mark.asyncio

@@ -22,7 +22,7 @@ PLAIN = [
     "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes", "sled_protocol.messages",
     "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
     "sled_protocol.vocab",
-    "sled_verifier.config", "sled_verifier.draft_queue", "sled_verifier.identity", "sled_verifier.ratelimit",
+    "sled_verifier.config", "sled_verifier.draft_queue", "sled_verifier.fairshare", "sled_verifier.identity", "sled_verifier.ratelimit",
     "sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats",
 ]
 # The verification maths and its batch assembly (torch itself imports asyncio).

@@ -8,6 +8,7 @@ from sled_protocol import Draft
 from sled_verifier.config import VerifierConfig, parse_memory
 from sled_protocol.config import ConfigError
 from sled_verifier.draft_queue import DraftQueue, Offer
+from sled_verifier.fairshare import FairShare
 from sled_verifier.scheduler import SchedulePolicy, take_batch
 from sled_verifier.sessions import SessionTable
 
@@ -134,3 +135,22 @@ def test_the_quota_defaults_and_the_memory_sizes(tmp_path):
         VerifierConfig(target=str(tmp_path), verifier_id="v", prefill_chunk_tokens=128, device_prefill_tokens=64)
     with pytest.raises(ConfigError, match="kv_memory"):
         VerifierConfig(target=str(tmp_path), verifier_id="v", kv_memory="a lot")
+
+
+def test_a_device_that_spent_more_than_its_share_of_time_on_prefill_waits_while_others_have_work():
+    """Deficit round robin over seconds: each active device is credited an equal part of every step; prefill
+    seconds are debited. The flooder's 30 ms chunk buys it a wait of 8 steps of 10 ms among four devices."""
+    fair = FairShare()
+    active = {"flood", "a", "b", "c"}
+    assert fair.may_prefill("flood", active)                        # nobody has spent anything yet
+    fair.charge(active, step_s=0.040, prefill_s={"flood": 0.030})   # its chunk made the step 4x longer
+    waited = 0
+    while not fair.may_prefill("flood", active):
+        assert fair.may_prefill("a", active)                        # an honest device's own prefill goes at once
+        fair.charge(active, step_s=0.010, prefill_s={})
+        waited += 1
+    assert waited == 8  # 30 ms of debt at 2.5 ms a step, after the 10 ms it earned in its own step
+    fair.charge(active, step_s=0.040, prefill_s={"flood": 0.030})
+    assert not fair.may_prefill("flood", active) and fair.may_prefill("flood", {"flood"})  # alone: all its own
+    fair.charge({"a"}, step_s=10.0, prefill_s={})
+    assert fair.credit("a") == fair.cap_s                           # a quiet device banks a bounded credit
