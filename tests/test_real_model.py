@@ -229,3 +229,18 @@ def test_chat_through_the_device_api_equals_the_target_on_its_template(smollm2_v
     expected = smollm2_reference.tokenizer.decode(expected_ids, skip_special_tokens=True)
     assert text.removesuffix("<|im_end|>") == expected  # the API may still carry the EOS text (issue 20, item 4)
     assert chunks[-1].usage.completion_tokens == len(expected_ids)
+
+
+@pytest.mark.slow
+def test_check_takes_the_gguf_and_its_export(smollm2, smollm2_draft):
+    """``sled-models check`` with the GGUF as the target: the draft exported from it shares its vocabulary, and the
+    verifier's vocabulary hash of the GGUF is the device's of the export."""
+    import json
+
+    from sled_protocol.vocab import vocab_hash
+    from sled_verifier.gguf import model_directory
+
+    check = run_command("sled_models", "check", "--draft", str(smollm2_draft), "--target", str(smollm2.gguf))
+    assert check.returncode == 0, check.stderr
+    assert json.loads(check.stdout) == {"vocab_hash": vocab_hash(smollm2_draft), "match": True}
+    assert vocab_hash(model_directory(smollm2.gguf)) == vocab_hash(smollm2_draft)
