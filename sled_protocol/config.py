@@ -14,7 +14,6 @@ import os
 import typing
 from typing import Any
 
-from sled_protocol.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE  # noqa: F401 (re-exported for old imports)
 
 
 class ConfigError(ValueError):
@@ -39,6 +38,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is dataclasses.MISSING else field.default
         help_text = f"{field.metadata.get('help', '')} [env {env_name(field.name)}; default {default!r}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help: a literal "50%" would break --help
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -180,3 +180,18 @@ async def test_api_answers_failures_with_json_and_the_right_status(failure, stat
 async def test_api_answers_bad_requests_with_400(body, raw):
     answered, answer = await post(RuntimeError("never reached"), body, raw=raw)
     assert answered == 400 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_every_help_renders():
+    """argparse %-formats help text: one literal '%' in a field's help or default (--kv-memory's "50%") made
+    ``sled-verifier --help`` raise instead of printing."""
+    import argparse
+
+    from sled_edge.__main__ import build_parser as edge_parser
+    from sled_verifier.__main__ import build_parser as verifier_parser
+
+    assert "default '50%'" in " ".join(verifier_parser().format_help().split())
+    edge = edge_parser()
+    [commands] = [action for action in edge._actions if isinstance(action, argparse._SubParsersAction)]
+    for command in commands.choices.values():
+        assert "--mqtt-url" in command.format_help()
