@@ -7,7 +7,7 @@ PIP         := $(VENV)/bin/pip
 TORCH_INDEX ?=
 # quick (~10 min to build on 2 cores, once), full (~1 h, better drafts), tiny (random weights, seconds)
 PROFILE     ?= quick
-SLED_MQTT_URL ?= mqtt://127.0.0.1:1883
+SLED_MQTT_URL ?= mqtt://127.0.0.1:1884
 PYTEST_ARGS ?=
 # The verifier's runtime for the benches: transformers (the reference) or compiled (bench/fleet.py --runtime)
 RUNTIME     ?= transformers

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate", help="generate a completion for one prompt",
         description="Generate a completion for one prompt, printing text as it is committed.",
-        epilog="Example: sled-edge generate --draft models/tiny/draft-gpt2-onnx --prompt 'def main(' "
+        epilog="Example: sled-edge generate --draft models/build/tiny/drafts/rpi5 --prompt 'def main(' "
                "--max-new-tokens 64",
     )
     generate.add_argument("--prompt", required=True, help="prompt text")

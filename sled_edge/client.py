@@ -34,7 +34,7 @@ from sled_edge.round_trip import RoundObserver, RoundTrip
 from sled_edge.session import EdgeSession
 from sled_protocol import Draft, FinishReason, Limits, SamplingParams, Status, Verdict
 from sled_protocol.config import ConfigError
-from sled_protocol.mqtt import parse_mqtt_urls
+from sled_protocol.transport import parse_broker_urls
 from sled_protocol.vocab import vocab_hash
 
 __all__ = ["EdgeDevice", "EdgeError", "GenerationResult", "RoundObserver"]
@@ -88,7 +88,7 @@ class EdgeDevice:
             raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
         self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
         self.ahead = ahead or AheadPolicy()  # whether proactive drafting pays on this device (all sessions)
-        self.connection = EdgeConnection(parse_mqtt_urls(config.mqtt_url), config.device_id, config.ca_file or None,
+        self.connection = EdgeConnection(parse_broker_urls(config.mqtt_url), config.device_id, config.ca_file or None,
                                          config.mqtt_protocol)
         self.directory = VerifierDirectory(self.connection, self.vocab, config.verifier, config.discovery_timeout_s)
         self.verifiers = self.directory.statuses

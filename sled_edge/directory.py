@@ -75,7 +75,7 @@ class VerifierDirectory:
             return EdgeError("target_unavailable", f"session {session.session_id} is pinned to target "
                              f"{session.target or '(none announced)'} (it was on {need.exclude}) and no other verifier "
                              f"serving that target came online within {waited_s:g} s; available: {seen}")
-        wanted = f"verifier {self.only!r}" if self.only else "a verifier"
+        wanted = f"verifier {self.only!r}" if self.only else "verifier"
         return EdgeError("no_verifier", f"found no {wanted} with vocabulary {self.vocab} within "
                          f"{waited_s:g} s; seen: {seen}")
 

@@ -80,10 +80,10 @@ class AheadPolicy:
     from the moment the round goes out; drafted after the verdict, k passes one round trip later. When the
     round trip covers the k+1 passes, a guess that holds saves k passes and one that fails costs nothing but
     device CPU; when it does not, a failed guess delays the fresh draft by the pass under way and a held one
-    saves less (``bench/proactive.py``, a 20 ms/step draft behind a 20 ms round trip: 0.96x although 57% of
-    guesses held; 1.19x behind 50 ms). So: draft ahead when t_round >= (k+1) t_draft and at least
-    ``min_hit_rate`` of guesses hold (below that the CPU and energy go mostly to drafts thrown away); every
-    ``explore_every``-th round regardless, so the hit rate stays measured."""
+    saves less (``bench/proactive.py`` measures both cases; its figures are in the README). So: draft ahead
+    when t_round >= (k+1) t_draft and at least ``min_hit_rate`` of guesses hold (below that the CPU and energy
+    go mostly to drafts thrown away); every ``explore_every``-th round regardless, so the hit rate stays
+    measured."""
 
     hit_rate: float = 0.5        # prior, then a moving average over guesses
     draft_s: float = 0.002       # per draft token

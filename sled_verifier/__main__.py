@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sled-verifier",
         description="SLED verifier: batches draft tokens from many edge devices and verifies them with one "
-                    "target model (greedy speculative decoding), answering each device on MQTT.",
-        epilog="Example: sled-verifier --mqtt-url mqtt://127.0.0.1:1883 --target models/tiny/target "
+                    "target model (speculative decoding, greedy or sampled; the output is the target's own), "
+                    "answering each device on MQTT.",
+        epilog="Example: sled-verifier --mqtt-url mqtt://127.0.0.1:1883 --target models/build/tiny/target "
                "(or --target SmolLM2-135M-Instruct.Q4_1.gguf: dequantized once into a cached float32 directory)",
     )
     add_config_arguments(parser, VerifierConfig)
