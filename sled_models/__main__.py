@@ -1,5 +1,5 @@
 """``sled-models``: build the model family, fetch the pretrained target, export any Hugging Face or GGUF draft to
-ONNX, check vocabularies.
+ONNX, distil a draft for any target, check vocabularies.
 
 Wherever a model goes in, a ``.gguf`` file does too (dequantized once into a cached float32 directory,
 ``sled_verifier.gguf``). Exit status: 0 ok, 65 vocabularies differ or a download's checksum is wrong,
@@ -17,7 +17,7 @@ from sled_protocol.exitcodes import EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_OK, EX
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sled_models.recipe import PROFILES
+    from sled_models.recipe import DISTILL_RECIPES, PROFILES
 
     parser = argparse.ArgumentParser(prog="sled-models", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true",
                            help="float16 weights and KV cache, for GPU providers (sled-edge --provider cuda)")
     export.add_argument("--target", type=Path, default=None, help="also check the vocabulary against this target")
+    distill = commands.add_parser("distill", help="distil a draft per device class for any target (HF directory or .gguf)",
+                                  description="The target's greedy answers to chat prompts, drafts of its own layers "
+                                              "trained on them, ONNX fp32 + int8 per device class under --out with "
+                                              "report.json (acceptance at k, ms/token); cached stage by stage.")
+    distill.add_argument("--target", type=Path, required=True, help="Hugging Face model directory or .gguf file")
+    distill.add_argument("--out", type=Path, required=True, help="output directory (one draft directory per device class)")
+    distill.add_argument("--recipe", choices=sorted(DISTILL_RECIPES), default="default")
+    distill.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
     check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
     check.add_argument("--draft", type=Path, required=True, help="draft directory (or .gguf)")
     check.add_argument("--target", type=Path, required=True, help="target directory or .gguf file")
@@ -74,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             out = export_draft(args.hf_dir, args.out, int8=args.int8, fp16=args.fp16)
             print(json.dumps({"onnx": str(out / "model.onnx"), "int8": args.int8, "fp16": args.fp16,
                               "bytes": (out / "model.onnx").stat().st_size}))
+        elif args.command == "distill":
+            from sled_models.distill import distill_draft
+            from sled_models.recipe import DISTILL_RECIPES
+
+            print(json.dumps(distill_draft(args.target, args.out, DISTILL_RECIPES[args.recipe], args.threads), indent=2))
         elif args.command == "check":
             print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))
         elif args.command == "fetch-smollm2":

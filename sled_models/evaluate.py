@@ -99,3 +99,38 @@ def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path],
         for b in (1, 8)
     }
     return results
+
+
+def draft_ms_per_token(path: Path, context: list[int], steps: int = 16) -> float:
+    """Median ms of a one-token feed after ``context`` (onnxruntime, 1 thread, the device's cache)."""
+    from sled_edge.draft_model import OnnxDraftModel
+
+    model = OnnxDraftModel(path, threads=1)
+    times = []
+    for _ in range(3):
+        cache = model.new_cache()
+        model.feed(cache, context)
+        for token in context[:steps]:
+            started = time.perf_counter()
+            model.feed(cache, [token])
+            times.append(time.perf_counter() - started)
+    return round(1000 * float(np.median(times)), 3)
+
+
+def target_ms_per_token(target, context: list[int], steps: int = 16) -> float:
+    """Median ms of one decode step of the target after ``context`` (torch, 1 thread, its own KV cache)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        with torch.inference_mode():
+            cache = target(input_ids=torch.tensor([context]), use_cache=True).past_key_values
+            for token in context[:steps]:
+                started = time.perf_counter()
+                target(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return round(1000 * float(np.median(times)), 3)

@@ -105,3 +105,45 @@ PROFILES = {
     "full": Recipe("full", 4096, TARGET, Schedule(800, 16, 256, 2e-3, 40, seed=1), _drafts(300, 200),
                    on_policy_sequences=768),
 }
+
+
+@dataclass(frozen=True)
+class DistilledDraft:
+    """One device class's draft for any target: ``layers`` of the target's layers (the first half from its
+    start, the rest from its end), with the target's embeddings, final norm and head, frozen."""
+
+    name: str
+    mimics: str
+    layers: int
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """``sled-models distill``: the target's greedy answers to ``train_prompts`` chat prompts (top-``top_k``
+    logits and final hidden state at every position), the drafts trained on them, acceptance judged on
+    ``eval_prompts`` held-out prompts at ``k``."""
+
+    drafts: tuple[DistilledDraft, ...]
+    train: Schedule
+    train_prompts: int = 256
+    new_tokens: int = 64
+    generate_batch: int = 32
+    top_k: int = 32
+    hidden_weight: float = 1.0       # the final-hidden-state MSE beside the top-k KL
+    eval_prompts: int = 24
+    eval_tokens: int = 96
+    k: int = 4
+    version: int = 1
+
+
+DISTILL_RECIPES = {
+    "default": DistillRecipe(
+        (DistilledDraft("large", "Jetson Orin Nano", 6), DistilledDraft("small", "Raspberry Pi 5", 3)),
+        train=Schedule(steps=80, batch=8, seq_len=0, peak_lr=5e-4, warmup_steps=8, weight_decay=0.0, seed=3),
+        train_prompts=128, eval_prompts=16, eval_tokens=80),
+    # Seconds, for tests on tiny targets: every stage once.
+    "smoke": DistillRecipe(
+        (DistilledDraft("large", "Jetson Orin Nano", 2), DistilledDraft("small", "Raspberry Pi 5", 1)),
+        train=Schedule(steps=6, batch=4, seq_len=0, peak_lr=1e-3, warmup_steps=1, weight_decay=0.0, seed=3),
+        train_prompts=16, new_tokens=12, generate_batch=8, top_k=8, eval_prompts=6, eval_tokens=16),
+}

@@ -1,8 +1,10 @@
 """Training loops of the model family: pre-training the target, distilling drafts from it (KL to its
-logits on the corpus), and on-policy distillation on the target's own continuations."""
+logits on the corpus), and on-policy distillation on the target's own continuations; and the draft of
+``sled-models distill`` (its trained layers on the target's hidden states, top-k logits and answers)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -114,3 +116,78 @@ def continuations(target, prompts: torch.Tensor, new_tokens: int, sample: bool, 
                           min_new_tokens=new_tokens, do_sample=sample, top_k=0, temperature=1.0 if sample else None,
                           top_p=None, pad_token_id=pad_id)
     return out
+
+
+# ---- sled-models distill: a draft of the target's own layers, on the target's answers (sled_models.distill)
+
+def _collate(answers: list, first: int):
+    """Right-padded training batch: the target's hidden states entering layer ``first`` [B, T, H] (each answer
+    but its last token), its final hidden states [B, T, H] with their mask, and its top-k ids / logits at
+    answer positions [B, T, k] with theirs."""
+    width, rows = max(len(a.tokens) - 1 for a in answers), len(answers)
+    k, size = answers[0].top_ids.shape[1], answers[0].hidden[-1].shape[1]
+    inputs, hidden, hidden_mask = torch.zeros(rows, width, size), torch.zeros(rows, width, size), torch.zeros(rows, width)
+    top_ids, top_logits = torch.zeros(rows, width, k, dtype=torch.long), torch.zeros(rows, width, k)
+    top_mask = torch.zeros(rows, width)
+    for row, a in enumerate(answers):
+        n, p = len(a.tokens) - 1, a.prompt_len
+        inputs[row, :n], hidden[row, :n], hidden_mask[row, :n] = a.hidden[first].float(), a.hidden[-1].float(), 1
+        top_ids[row, p - 1 : n], top_logits[row, p - 1 : n], top_mask[row, p - 1 : n] = a.top_ids, a.top_logits.float(), 1
+    return inputs, hidden, hidden_mask, top_ids, top_logits, top_mask
+
+
+def distill_loss(top, batch, hidden_weight: float):
+    """The draft's trained layers ``top`` (and final norm) on the target's hidden states where they start:
+    KL(target top-k || draft on the same ids) over answer positions + ``hidden_weight`` x the mean squared
+    distance to the target's final hidden state (relative to its mean square) over every position."""
+    inputs, hidden, hidden_mask, top_ids, top_logits, top_mask = batch
+    h = top.base_model(inputs_embeds=inputs).last_hidden_state                             # [B, T, H]
+    head = top.get_output_embeddings().weight                                               # [V, H]
+    student = (h.unsqueeze(2) * head[top_ids]).sum(-1)                                       # [B, T, k]
+    teacher = F.log_softmax(top_logits, dim=-1)
+    kl = (teacher.exp() * (teacher - F.log_softmax(student, dim=-1))).sum(-1)                # [B, T]
+    kl = (kl * top_mask).sum() / top_mask.sum()
+    mse = ((h - hidden) ** 2).mean(-1) / (hidden ** 2).mean(-1).clamp(min=1e-6)              # [B, T]
+    mse = (mse * hidden_mask).sum() / hidden_mask.sum()
+    return kl + hidden_weight * mse, {"kl": kl.item(), "mse": mse.item()}
+
+
+def train_draft(top, first: int, answers: list, recipe, held_out: list, progress,
+                curve_every: int) -> list[dict]:
+    """AdamW on the draft's trained layers ``top`` over random batches of answers, from the target's hidden
+    states entering layer ``first`` (the frozen layers below compute exactly those); every ``curve_every``
+    steps (and at both ends) the acceptance on ``held_out`` and the training seconds so far: the curve."""
+    from sled_models.distill import acceptance
+
+    schedule = recipe.train
+    parameters = [p for p in top.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=schedule.peak_lr, betas=(0.9, 0.95), weight_decay=schedule.weight_decay)
+    rng = np.random.default_rng(schedule.seed)
+    curve, seconds = [], 0.0
+
+    def point(step: int) -> None:
+        top.eval()
+        with torch.inference_mode():
+            agree = [top(inputs_embeds=a.hidden[first][None, :].float()).logits[0, a.prompt_len - 1 :].argmax(-1).numpy()
+                     == np.asarray(a.tokens[a.prompt_len :]) for a in held_out]
+        curve.append({"step": step, "train_s": round(seconds, 1), **acceptance(agree, recipe.k)})
+        top.train()
+
+    point(0)
+    for step in range(schedule.steps):
+        started = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, schedule)
+        rows = rng.choice(len(answers), min(schedule.batch, len(answers)), replace=False)
+        loss, logs = distill_loss(top, _collate([answers[i] for i in rows], first), recipe.hidden_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        seconds += time.monotonic() - started
+        progress.update(1)
+        progress.set_postfix({key: round(value, 3) for key, value in logs.items()})
+        if (step + 1) % curve_every == 0 or step + 1 == schedule.steps:
+            point(step + 1)
+    top.eval()
+    return curve

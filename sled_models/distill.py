@@ -1,0 +1,328 @@
+"""``sled-models distill``: a draft for any target, distilled from the target's own answers.
+
+Most targets have no small model of their tokenizer. This builds one per device class: a few of the
+target's own layers (the first half from its start, the rest from its end) between its embeddings, final
+norm and head, which stay frozen, so the draft speaks the target's vocabulary from the first step and
+only the chosen layers learn to do the skipped layers' work. Stages, each cached under a key of the
+target's identity and its part of the recipe (a rerun with both unchanged does nothing):
+
+1. answers: the target's greedy answers to chat prompts (``sled_models.chat_prompts``, chat-templated
+   when the target has a template). One ``generate`` pass keeps, at every position, the target's final
+   hidden state and its top-k logits, so training never runs the target again and never needs the
+   49,152-wide head of the target's full distribution;
+2. train: per draft, KL to the target's top-k distribution (the student's logits on the same k ids)
+   plus the distance to the target's final hidden state (the head is shared, so equal hidden states
+   mean equal logits); acceptance on the held-out answers is recorded along the way (the curve);
+3. export: optimum ONNX with past key values, fp32 and int8, tokenizer and chat template beside it;
+4. eval: mean accepted length simulated exactly for greedy speculative decoding (Leviathan et al. 2023)
+   along the target's answers to held-out prompts, for each ONNX draft; draft ms/token (onnxruntime,
+   1 thread) next to the target's (torch, 1 thread). Written to ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from sled_models.build import Stages, bar
+from sled_models.recipe import DistillRecipe, stage_key
+
+__all__ = ["Answer", "distill_draft", "layer_choice", "load_target", "make_draft"]
+
+_LAYER = re.compile(r"^(.*\.(?:layers|h)\.)(\d+)(\..*)$")  # Llama, Qwen2, Mistral...: layers.N; GPT-2: h.N
+
+
+@dataclass
+class Answer:
+    """One prompt and the target's greedy answer: ``tokens`` [L] (prompt first); the target's hidden states
+    at each of the first L-1 tokens ``hidden[i]`` [L-1, H] (i: the input of layer i; -1: the final, normed
+    one), and its top-k logits ``top_ids`` / ``top_logits`` [L-P, k] at the positions that produced the
+    answer (P-1 .. L-2)."""
+
+    tokens: list[int]
+    prompt_len: int
+    hidden: dict | None = None
+    top_ids: object = None
+    top_logits: object = None
+
+
+def load_target(path: Path):
+    """(model, tokenizer) from a Hugging Face directory or a .gguf file (its cached float32 conversion,
+    ``sled_verifier.gguf``: dequantized once, the configs' EOS id made the tokenizer's)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sled_verifier.gguf import model_directory
+
+    directory = model_directory(path)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def target_stamp(path: Path) -> list:
+    """What identifies the target for the cache: name, size and mtime of its file or of its directory's files."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return [[str(p), (s := p.stat()).st_size, s.st_mtime_ns] for p in files]
+
+
+def eos_ids(model) -> list[int]:
+    """The end-of-answer ids from the model's configs (a GGUF tokenizer may name another eos token)."""
+    eos = model.generation_config.eos_token_id or model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The request as the device sends it: chat-templated with the generation prompt when there is a template."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt).input_ids
+
+
+def target_answers(model, prompts: list[list[int]], new_tokens: int, batch: int, top_k: int, progress,
+                   hidden_layers: tuple[int, ...] = ()) -> list[Answer]:
+    """Greedy answers of ``model`` to token ``prompts``, ``batch`` at a time (left-padded), each cut after its
+    EOS; with ``top_k`` > 0, the top-k logits and the hidden states of ``hidden_layers`` an ``Answer`` carries."""
+    import torch
+
+    stops = eos_ids(model)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stops or [0])[0]
+    answers = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])                      # [B, P]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                 top_k=None, top_p=None, temperature=None, pad_token_id=pad, eos_token_id=stops,
+                                 return_dict_in_generate=True, output_hidden_states=top_k > 0, output_logits=top_k > 0)
+        generated = out.sequences[:, width:]                                                   # [B, G]
+        if top_k > 0:
+            hidden = {i: torch.cat([step[i] for step in out.hidden_states], dim=1) for i in hidden_layers}  # [B, P+G-1, H]
+            top_logits, top_ids = torch.stack(out.logits, dim=1).topk(top_k, dim=-1)          # [B, G, k]
+        for row, prompt in enumerate(chunk):
+            new = generated[row].tolist()
+            end = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
+            answer = Answer(prompt + new[:end], len(prompt))
+            if top_k > 0:
+                answer.hidden = {i: h[row, width - len(prompt) : width + end - 1].half().clone() for i, h in hidden.items()}
+                answer.top_ids = top_ids[row, :end].int().clone()
+                answer.top_logits = top_logits[row, :end].half().clone()
+            answers.append(answer)
+        progress.update(len(chunk))
+    return answers
+
+
+def layer_choice(total: int, keep: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``keep`` of ``total`` layers as (frozen, trained): the first half (rounded down) from the start, kept
+    as they are, and the rest from the end, trained to do the skipped layers' work."""
+    keep = max(1, min(keep, total))
+    first = keep // 2
+    return tuple(range(first)), tuple(range(total - (keep - first), total))
+
+
+def make_draft(target, layers: tuple[int, ...]):
+    """A model of the target's architecture with only ``layers`` (in order), the target's weights copied;
+    every parameter outside those layers (embeddings, final norm, head) frozen."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # Qwen2 and others: one entry per layer
+        config.layer_types = [config.layer_types[i] for i in layers]
+    draft = AutoModelForCausalLM.from_config(config)
+    source = target.state_dict()
+
+    def origin(name: str) -> str:
+        match = _LAYER.match(name)
+        return f"{match[1]}{layers[int(match[2])]}{match[3]}" if match else name
+
+    draft.load_state_dict({name: source[origin(name)] for name in draft.state_dict()})
+    for name, parameter in draft.named_parameters():
+        parameter.requires_grad_(_LAYER.match(name) is not None)
+    return draft.eval()
+
+
+def greedy_agreement(logits_of, answers: list[Answer]) -> list[np.ndarray]:
+    """Per answer: does the draft's argmax equal the target's next token, at every answer position."""
+    agree = []
+    for a in answers:
+        logits = logits_of(a.tokens[:-1])                                                    # [L-1, V]
+        agree.append(np.asarray(logits[a.prompt_len - 1 :]).argmax(-1) == np.asarray(a.tokens[a.prompt_len :]))
+    return agree
+
+
+def acceptance(agree: list[np.ndarray], k: int) -> dict[str, float]:
+    from sled_models.evaluate import mean_accepted_length
+
+    return {"alpha": round(float(np.mean(np.concatenate(agree))), 4),
+            f"mean_accepted_length_k{k}": round(float(np.mean([mean_accepted_length(a, k) for a in agree])), 3)}
+
+
+def torch_logits(model):
+    import torch
+
+    def logits_of(tokens: list[int]):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    return logits_of
+
+
+def _save_answers(path: Path, answers: list[Answer]) -> None:
+    import torch
+
+    torch.save([asdict(a) for a in answers], path)
+
+
+def _load_answers(path: Path) -> list[Answer]:
+    import torch
+
+    return [Answer(**a) for a in torch.load(path, weights_only=True)]
+
+
+def build_answers(work: Path, recipe: DistillRecipe, hidden_layers: tuple[int, ...], target) -> None:
+    from sled_models.chat_prompts import held_out_prompts, train_prompts
+
+    model, tokenizer = target()
+    work.mkdir(parents=True, exist_ok=True)
+    for split, prompts in (("train", train_prompts(recipe.train_prompts)), ("held_out", held_out_prompts(recipe.eval_prompts))):
+        new_tokens = recipe.new_tokens if split == "train" else recipe.eval_tokens
+        with bar(f"answers ({split})", len(prompts)) as progress:
+            answers = target_answers(model, [encode_prompt(tokenizer, p) for p in prompts], new_tokens,
+                                     recipe.generate_batch, recipe.top_k, progress, hidden_layers)
+        _save_answers(work / f"answers_{split}.pt", answers)
+
+
+def build_draft(work: Path, name: str, layers: tuple[tuple[int, ...], tuple[int, ...]], recipe: DistillRecipe,
+                target) -> None:
+    """Train the draft's top layers on the answers, assemble the whole draft, save it with the tokenizer."""
+    model, tokenizer = target()
+    frozen, trained = layers
+    top = make_draft(model, trained)
+    train, held_out = _load_answers(work / "answers_train.pt"), _load_answers(work / "answers_held_out.pt")
+    from sled_models.train import train_draft
+
+    with bar(f"train {name}", recipe.train.steps) as progress:
+        curve = train_draft(top, len(frozen), train, recipe, held_out, progress, max(1, recipe.train.steps // 2))
+    draft = make_draft(model, frozen + trained)
+    state = draft.state_dict()
+    for key, value in top.state_dict().items():
+        match = _LAYER.match(key)
+        if match:
+            state[f"{match[1]}{int(match[2]) + len(frozen)}{match[3]}"] = value
+    draft.load_state_dict(state)
+    draft.save_pretrained(work / "hf" / name)
+    tokenizer.save_pretrained(work / "hf" / name)
+    (work / f"curve_{name}.json").write_text(json.dumps(curve, indent=2))
+
+
+def build_export(out: Path, work: Path, name: str) -> None:
+    from sled_models.export import export_draft, quantize_int8
+
+    with bar(f"export {name}", 2) as progress:
+        export_draft(work / "hf" / name, out / name)
+        progress.update(1)
+        quantize_int8(out / name, out / f"{name}-int8")
+        progress.update(1)
+
+
+def build_report(out: Path, work: Path, target_path: Path, recipe: DistillRecipe, layers: dict, target) -> None:
+    from sled_edge.draft_model import OnnxDraftModel
+    from sled_models.evaluate import draft_ms_per_token, target_ms_per_token
+    from sled_protocol.vocab import vocab_hash
+
+    model, _ = target()
+    held_out = _load_answers(work / "answers_held_out.pt")
+    context = held_out[0].tokens[:64]
+    drafts = {}
+    with bar("eval", 2 * len(recipe.drafts)) as progress:
+        for draft in recipe.drafts:
+            entry = {"mimics": draft.mimics, "frozen_layers": list(layers[draft.name][0]),
+                     "trained_layers": list(layers[draft.name][1]),
+                     "curve": json.loads((work / f"curve_{draft.name}.json").read_text())}
+            for variant in (draft.name, f"{draft.name}-int8"):
+                onnx = OnnxDraftModel(out / variant, threads=1)
+                entry[variant] = {"path": variant, "cache": onnx.cache_mode, "vocab_hash": vocab_hash(out / variant),
+                                  **acceptance(greedy_agreement(onnx.logits_all, held_out), recipe.k),
+                                  "ms_per_token": draft_ms_per_token(out / variant, context)}
+                progress.update(1)
+            drafts[draft.name] = entry
+    seconds = json.loads((work / "seconds.json").read_text()) if (work / "seconds.json").is_file() else {}
+    report = {"target": str(target_path), "target_layers": model.config.num_hidden_layers,
+              "target_ms_per_token": target_ms_per_token(model, context), "k": recipe.k,
+              "held_out": {"prompts": len(held_out), "answer_tokens": sum(len(a.tokens) - a.prompt_len for a in held_out)},
+              "drafts": drafts, "build_seconds": seconds, "recipe": asdict(recipe)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def distill_draft(target_path: Path, out: Path, recipe: DistillRecipe, threads: int | None = None) -> dict:
+    """Build (or bring up to date) the drafts for ``target_path`` in ``out``; the report."""
+    import torch
+
+    from sled_models.build import Stages
+
+    if threads:
+        torch.set_num_threads(threads)
+    target_path, out = Path(target_path), Path(out)
+    if not target_path.exists():
+        raise FileNotFoundError(f"{target_path} not found: give a Hugging Face model directory or a .gguf file")
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    target = cache(lambda: load_target(target_path))  # loaded only by a stage that runs
+    total = _layer_count(target_path)
+    layers = {d.name: layer_choice(total, d.layers) for d in recipe.drafts}
+    hidden_layers = tuple(sorted({len(frozen) for frozen, _ in layers.values()})) + (-1,)
+    answers_key = stage_key(target_stamp(target_path), recipe.train_prompts, recipe.new_tokens, recipe.top_k,
+                            recipe.eval_prompts, recipe.eval_tokens, hidden_layers, recipe.version)
+    cpu_s: dict[str, float] = {}
+
+    def run(name: str, key: str, outputs: list[Path], build) -> None:
+        def timed() -> None:  # CPU seconds of all threads: the figure a shared machine inflates least
+            started = time.process_time()
+            build()
+            cpu_s[name] = round(time.process_time() - started, 1)
+        stages.run(name, key, outputs, timed)
+
+    run("answers", answers_key, [work / "answers_train.pt", work / "answers_held_out.pt"],
+        lambda: build_answers(work, recipe, hidden_layers, target))
+    export_keys = []
+    for draft in recipe.drafts:
+        train_key = stage_key(answers_key, draft, layers[draft.name], recipe.train, recipe.hidden_weight)
+        run(f"train {draft.name}", train_key, [work / "hf" / draft.name, work / f"curve_{draft.name}.json"],
+            lambda draft=draft: build_draft(work, draft.name, layers[draft.name], recipe, target))
+        export_keys.append(stage_key(train_key, "onnx-v1"))
+        run(f"export {draft.name}", export_keys[-1], [out / draft.name, out / f"{draft.name}-int8"],
+            lambda draft=draft: build_export(out, work, draft.name))
+    _record_seconds(work, {name: {"wall_s": wall, "cpu_s": cpu_s[name]} for name, wall in stages.seconds.items()})
+    run("eval", stage_key(export_keys, recipe.k, "eval-v1"), [out / "report.json"],
+        lambda: build_report(out, work, target_path, recipe, layers, target))
+    return json.loads((out / "report.json").read_text())
+
+
+def _layer_count(target_path: Path) -> int:
+    """The target's layer count from its config, without loading the weights (a GGUF's conversion is cached)."""
+    from sled_verifier.gguf import model_directory
+
+    config = json.loads((model_directory(target_path) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config.get("n_layer"))
+
+
+def _record_seconds(work: Path, seconds: dict[str, dict]) -> None:
+    """Each stage's build time (wall and CPU seconds) from the run that built it (a cached stage keeps its own)."""
+    path = work / "seconds.json"
+    if not seconds:
+        return
+    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **seconds}
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2))
