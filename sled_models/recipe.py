@@ -139,8 +139,8 @@ class DistillRecipe:
 DISTILL_RECIPES = {
     "default": DistillRecipe(
         (DistilledDraft("large", "Jetson Orin Nano", 6), DistilledDraft("small", "Raspberry Pi 5", 3)),
-        train=Schedule(steps=80, batch=8, seq_len=0, peak_lr=5e-4, warmup_steps=8, weight_decay=0.0, seed=3),
-        train_prompts=128, eval_prompts=16, eval_tokens=80),
+        train=Schedule(steps=60, batch=8, seq_len=0, peak_lr=5e-4, warmup_steps=6, weight_decay=0.0, seed=3),
+        train_prompts=96, new_tokens=48, eval_prompts=16, eval_tokens=64),
     # Seconds, for tests on tiny targets: every stage once.
     "smoke": DistillRecipe(
         (DistilledDraft("large", "Jetson Orin Nano", 2), DistilledDraft("small", "Raspberry Pi 5", 1)),
