@@ -104,13 +104,18 @@ def hf_directory(gguf_path: str | Path, cache: Path | None = None, log=None) -> 
 def _convert(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its notes on GGUF tokenizer classes; the progress bar stays
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
                                                      local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise GGUFRefused(f"{gguf_path}: transformers cannot load it: {exc}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else model.config.eos_token_id
     eos_id = eos[0] if isinstance(eos, list) and eos else eos
