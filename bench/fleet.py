@@ -306,6 +306,7 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
         "mean_batch": round(mean_batch, 2),
         "session_tokens_per_s_p50": round(rates[len(rates) // 2], 1) if rates else None,
         "session_tokens_per_s_p10": round(rates[len(rates) // 10], 1) if rates else None,
+        "session_tokens_per_s_by_class": per_class_rates(fleet["sessions"]),
         "server_only_session_tokens_per_s": round(server["session_tokens_per_s"], 1),
         "queue_delay_ms_p50": _ms(histogram_quantile(m, "sled_verifier_queue_delay_seconds", 0.5)),
         "queue_delay_ms_p99": _ms(histogram_quantile(m, "sled_verifier_queue_delay_seconds", 0.99)),
@@ -320,6 +321,17 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
         "steps_ms": {"n_x_1": round(1000 * steps["t_n_x_1_s"], 3),
                      **{f"n_x_{kk + 1}": round(1000 * v, 3) for kk, v in steps["t_n_x_k1_s"].items()}},
     }
+
+
+def per_class_rates(sessions: list[dict]) -> dict:
+    """Per device class: p50 and p10 of its sessions' tokens/s (capacity per class, issue 22 item 5)."""
+    out = {}
+    for klass in sorted({s["klass"] for s in sessions}):
+        rates = sorted(s["tokens"] / s["seconds"] for s in sessions if s["klass"] == klass and s["seconds"] > 0)
+        if rates:
+            out[klass] = {"p50": round(rates[len(rates) // 2], 2), "p10": round(rates[len(rates) // 10], 2),
+                          "sessions": len(rates)}
+    return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -357,6 +369,10 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.1f}" for k, v in r["steps_ms"].items()) + "   ceiling "
               + "  ".join(f"k={k} {v:.2f}x" for k, v in r["ceiling_per_k"].items()))
+    print("\nper-session tokens/s by device class, p50/p10 (sessions):")
+    for r in result["rows"]:
+        print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v['p50']}/{v['p10']} ({v['sessions']})"
+                                         for k, v in r.get("session_tokens_per_s_by_class", {}).items()))
     print("\nwhere the verifier's time went (seconds over the run):")
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items()))
@@ -377,7 +393,7 @@ def prepare(args, profile: dict, workdir: Path):
         acceptance = acceptance_profile(args.acceptance or str(args.alpha))
         classes = [{"name": c["name"], "draft_ms_per_token": c["draft_ms_per_token"], "acceptance": acceptance[: args.k],
                     "k": args.k} for c in CLASSES]
-        cache = workdir / f"pool-smollm2-{args.profile}.json"
+        cache = workdir / f"pool-smollm2-{args.profile}-{args.dtype}.json"
         return target_dir, classes, acceptance, lambda verifying: engine_pool(
             verifying, target_dir, profile["pool"], PROMPT_TOKENS, OUTPUT_TOKENS[1] + 1, OUTPUT_TOKENS[0] + 1, cache, log)
     evals, held_out = {}, None
@@ -397,6 +413,12 @@ def prepare(args, profile: dict, workdir: Path):
                         "acceptance": [alpha] * args.k, "k": args.k})
     # The ceiling assumes the fleet's mean profile (each class a third of the devices).
     acceptance = [sum(c["acceptance"][0] for c in classes) / len(classes)]
+    if args.dtype != "float32":  # the continuations must be the verifier's own, in its dtype
+        from bench.fleet_target import engine_pool
+
+        cache = workdir / f"pool-family-{args.profile}-{args.dtype}.json"
+        return target_dir, classes, acceptance, lambda verifying: engine_pool(
+            verifying, target_dir, profile["pool"], PROMPT_TOKENS, OUTPUT_TOKENS[1] + 1, OUTPUT_TOKENS[0] + 1, cache, log)
     return target_dir, classes, acceptance, lambda verifying: make_pool(
         target_dir, profile["pool"], OUTPUT_TOKENS[1] + 1, held_out, workdir / f"pool-{args.profile}.json")
 
@@ -422,6 +444,8 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=0.0, help="seconds devices keep starting sessions after the ramp [default: the profile's]")
     parser.add_argument("--runtime", choices=("transformers", "compiled"), default="transformers",
                         help="the verifier's runtime; the server-only baseline decodes with the same one (fair)")
+    parser.add_argument("--dtype", default="float32",
+                        help="the target's dtype for the verifier and the server-only baseline alike (bfloat16: a user's choice)")
     parser.add_argument("--verifier-flag", action="append", default=[], help="extra sled-verifier flag (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip server-only and ceiling (quick iteration)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -440,25 +464,25 @@ def main() -> int:
 
     # Server-only needs no batch invariance to be the strongest baseline: it decodes with the plain kernels,
     # while the verifier's own forward (invariant by default) is what the ceiling's k+1 pass is timed on.
-    target = load_target(target_dir, args.runtime, device="cpu", batch_invariant=False)
-    verifying = load_target(target_dir, args.runtime, device="cpu",
+    target = load_target(target_dir, args.runtime, device="cpu", dtype=args.dtype, batch_invariant=False)
+    verifying = load_target(target_dir, args.runtime, device="cpu", dtype=args.dtype,
                             batch_invariant="--no-batch-invariant" not in args.verifier_flag)
     pool = pool_of(verifying)
     ks = sorted({*KS[args.profile], args.k})
     mean_out = sum(OUTPUT_TOKENS) // 2
     context = sum(PROMPT_TOKENS) // 2 + mean_out // 2
     baselines = {}
-    if not args.no_baseline:
-        for n in ns:
-            log(f"server-only and model step times at N={n}")
-            baselines[n] = (server_only(target, pool, n, mean_out), step_times(target, verifying, n, ks, context))
     broker, port = start_dev_broker(workdir / "broker-fleet")
     url = f"mqtt://127.0.0.1:{port}"
     rows, wrong = [], 0
     try:
-        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", "--runtime", args.runtime, *args.verifier_flag)
+        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", "--runtime", args.runtime, "--dtype", args.dtype,
+                            *args.verifier_flag)
         try:
             for n in ns:
+                if not args.no_baseline:  # timed while the verifier idles, before its fleet (rows land one by one)
+                    log(f"server-only and model step times at N={n}")
+                    baselines[n] = (server_only(target, pool, n, mean_out), step_times(target, verifying, n, ks, context))
                 ramp_s = max(profile["ramp_s"], n / 25)  # sessions arrive over time, not all at once
                 warmup_s = profile["ramp_s"]
                 if n in baselines:  # a lifetime at server-only's pace: warm up one, measure 1.5
@@ -488,6 +512,7 @@ def main() -> int:
                     f"({rows[-1]['fraction_of_ceiling']:.0%}), best-k ceiling {rows[-1]['ceiling_best_k']}x at "
                     f"k={rows[-1]['best_k']} ({rows[-1]['fraction_of_best_k_ceiling']:.0%}), batch {rows[-1]['mean_batch']}, "
                     f"k mean {rows[-1]['k_mean']}, wrong {rows[-1]['wrong']}")
+                (workdir / f"fleet-{args.target}-{args.profile}-partial.json").write_text(json.dumps(rows, indent=2))
         finally:
             verifier.stop()
     finally:
@@ -497,7 +522,7 @@ def main() -> int:
         return 0 if wrong == 0 else 1
     result = {"profile": args.profile, "target": f"{args.target} ({target_dir})", "target_name": args.target,
               "k": args.k, "k_mode": args.k_mode, "acceptance": acceptance, "classes": classes, "rows": rows,
-              "verifier_flags": ["--runtime", args.runtime, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
+              "verifier_flags": ["--runtime", args.runtime, "--dtype", args.dtype, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
               "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
                          f"on {sorted(DEVICE_CORES)}"}
     args.out.mkdir(parents=True, exist_ok=True)

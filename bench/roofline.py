@@ -94,9 +94,9 @@ def step_fn(target, rows: int, tokens: int, context: int):
     return lambda: target.forward_rows(slots, [context] * rows, [[1] * tokens] * rows)
 
 
-def measure(target, hardware: dict, context: int, repeat: int) -> list[dict]:
+def measure(target, hardware: dict, context: int, repeat: int, shapes=SHAPES) -> list[dict]:
     out = []
-    for rows, tokens in SHAPES:
+    for rows, tokens in shapes:
         costs = model_costs(target, rows, tokens, context)
         seconds = median_time(step_fn(target, rows, tokens, context), repeat if rows < 64 else max(3, repeat // 2))
         memory_s = (costs["weight_bytes"] + costs["kv_bytes"]) / hardware["bandwidth"]
@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--dtype", default="float32", help="the target's dtype (bfloat16: a user's choice)")
     parser.add_argument("--context", type=int, default=100)
+    parser.add_argument("--shapes", default=",".join(f"{r}x{m}" for r, m in SHAPES), help="N x M step shapes")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--no-invariance", action="store_true", help="plain kernels (server-only's forward)")
     parser.add_argument("--profile-shape", default="", help="e.g. 16x5: where one step's time goes, per runtime")
@@ -184,7 +185,8 @@ def main() -> int:
             target = load_target(target_dir, runtime, device="cpu", dtype=args.dtype, batch_invariant=not args.no_invariance)
             run = {"threads": threads, "runtime": runtime, "hardware": hardware,
                    "clock": "process CPU time" if threads == 1 else "wall time",
-                   "shapes": measure(target, hardware, args.context, args.repeat)}
+                   "shapes": measure(target, hardware, args.context, args.repeat,
+                                     [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")])}
             if args.profile_shape:
                 rows, tokens = (int(v) for v in args.profile_shape.split("x"))
                 run["profile"] = where_it_goes(target, rows, tokens, args.context)
