@@ -268,6 +268,8 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
     rates = sorted(s["tokens"] / s["seconds"] for s in fleet["sessions"] if s["seconds"] > 0)
     rounds = sum(s["rounds"] for s in fleet["sessions"])
     tau = sum(s["tokens"] for s in fleet["sessions"]) / max(1, rounds)      # tokens committed per round
+    if not rounds:  # no session ended inside the window (a slow, shared machine): every round of the run
+        tau = fleet["committed_all"] / max(1, fleet.get("rounds_all", 0))
     sled_s = fleet["cpu_s"] / max(1, committed)
     ratio = server["s_per_token"] / sled_s
     # The model's ceiling at the fleet's k and measured tau: the same prefill share, the decode part replaced by
@@ -361,7 +363,7 @@ def print_table(result: dict) -> None:
               f"{r['ratio']:>5.2f}x  {r['ceiling']:>6.2f}x  {r['fraction_of_ceiling']:>7.0%}  ({r['fraction_at_batch']:>7.0%})  "
               f"{r['ceiling_best_k']:>6.2f}x (k={r['best_k']})  {r['fraction_of_best_k_ceiling']:>7.0%}  {r['tau']:>4.2f}  "
               f"{r['k_mean']:>6.2f} ({r['k0_share']:>4.0%})  "
-              f"{r['mean_batch']:>5.1f}  {r['session_tokens_per_s_p50']:>8}/{r['session_tokens_per_s_p10']:<8} "
+              f"{r['mean_batch']:>5.1f}  {str(r['session_tokens_per_s_p50']):>8}/{str(r['session_tokens_per_s_p10']):<8} "
               f"({r['server_only_session_tokens_per_s']:>6})  {str(r['queue_delay_ms_p50']):>6}/{str(r['queue_delay_ms_p99']):<7} "
               f"{str(r['added_wait_ms_p50']):>6}/{str(r['added_wait_ms_p99']):<7}  "
               f"{r['verifier_cpu_fraction']:>4.2f}  {r['wrong']:>5}")

@@ -200,6 +200,7 @@ async def main_async(spec: dict) -> dict:
     return {
         "n": spec["n"], "committed": sum(tokens for at, tokens in tally.commits if window[0] <= at < window[1]),
         "committed_all": sum(tokens for _, tokens in tally.commits),
+        "rounds_all": len(tally.commits),
         "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
         "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
                       "accepted": s.accepted, "drafted": s.drafted,
