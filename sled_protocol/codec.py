@@ -47,10 +47,16 @@ def _unpack(data: bytes, limits: Limits, expected_tag: str | None) -> dict[str, 
         raise ProtocolError(ErrorCode.MALFORMED, f"expected a msgpack map, got {type(body).__name__}")
     version = body.get("v")
     if type(version) is not int or version != SCHEMA_VERSION:  # True and 1.0 equal 1 but are not a version
-        raise ProtocolError(ErrorCode.MALFORMED, f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        raise ProtocolError(ErrorCode.MALFORMED, f"schema version {_shown(version)} is not supported (expected {SCHEMA_VERSION})")
     if expected_tag is not None:
         _expect_tag(body, expected_tag)
     return body
+
+
+def _shown(value: Any) -> str:
+    """A received value in a refusal's reason, cut short: the reason travels back and is logged."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def too_large(size: int, limits: Limits) -> str:
@@ -64,7 +70,7 @@ def too_large(size: int, limits: Limits) -> str:
 
 def _expect_tag(body: dict[str, Any], tag: str) -> None:
     if body.get("t") != tag:
-        raise ProtocolError(ErrorCode.MALFORMED, f"expected a {tag} message, got {body.get('t')!r}")
+        raise ProtocolError(ErrorCode.MALFORMED, f"expected a {tag} message, got {_shown(body.get('t'))}")
 
 
 def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
@@ -235,7 +241,7 @@ def _enum(body: dict[str, Any], name: str, enum: type[StrEnum], *, required: boo
     try:
         return enum(value)
     except ValueError:
-        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} has unknown value {value!r}") from None
+        raise ProtocolError(ErrorCode.MALFORMED, f"field {name!r} has unknown value {_shown(value)}") from None
 
 
 def decode_verdict(data: bytes, limits: Limits = Limits()) -> Verdict:
@@ -313,5 +319,5 @@ def decode(data: bytes, limits: Limits = Limits()) -> Message:
     body = _unpack(data, limits, None)
     tag = body.get("t")
     if not isinstance(tag, str) or tag not in _BODY_DECODERS:  # a list or map tag is unhashable
-        raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {tag!r}")
+        raise ProtocolError(ErrorCode.MALFORMED, f"unknown message type {_shown(tag)}")
     return _BODY_DECODERS[tag](body, limits)

@@ -141,7 +141,10 @@ class SamplingParams:
         self._check()
         temperature = float32(self.temperature)
         object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature)
-        object.__setattr__(self, "top_p", float32(self.top_p))
+        top_p = float32(self.top_p)
+        if top_p == 0.0:  # checked as float32 too: a positive top_p below float32's range would travel as 0
+            raise ProtocolError(ErrorCode.BAD_SAMPLING, f"top_p {self.top_p} is 0 in float32, the precision it travels with")
+        object.__setattr__(self, "top_p", top_p)
         object.__setattr__(self, "top_k", int(self.top_k))
         object.__setattr__(self, "seed", int(self.seed))
 

@@ -96,6 +96,9 @@ class VerifierConfig:
     max_drafts_per_s: float = field(default=500.0, metadata=_help("per-device draft rate limit (burst: 2 s worth); 0: off"))
     max_bytes_per_s: float = field(default=1_048_576.0, metadata=_help(
         "per-device inbound byte rate limit (burst: 2 s worth, at least one largest message); 0: off"))
+    max_refusals_per_s: float = field(default=5.0, metadata=_help(
+        "refusals answered and logged per device (burst: 4 s worth); beyond, only counted "
+        "(sled_verifier_refusals_suppressed); 0: no budget"))
     ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines"))
     status_interval_s: float = field(default=3.0, metadata=_help(
@@ -131,7 +134,7 @@ class VerifierConfig:
         # Which runtime takes which options is checked once, by sled_verifier.runtime.load_target (exit 78 too).
         require(self.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}")
         require(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}")
-        for name in ("max_drafts_per_s", "max_bytes_per_s"):
+        for name in ("max_drafts_per_s", "max_bytes_per_s", "max_refusals_per_s"):
             require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must be a finite number >= 0")
         require(0 <= self.metrics_port < 65536, "metrics_port must be 0..65535")
         require_duration(self.stats_interval_s, "stats_interval_s")

@@ -35,10 +35,8 @@ from sled_verifier.ratelimit import RateLimiter
 log = structlog.get_logger("sled_verifier")
 
 EXPECT_FORGET_S = 60.0  # a session silent this long is no longer waited for
-# Refusals answered and logged per device: an honest device (a few sessions, backing off) stays well inside;
-# a flood beyond it is only counted (VerifierStats.refusals_suppressed).
-REFUSALS_PER_S = 5.0
-REFUSAL_BURST = 20.0
+MAX_REASON_CHARS = 500  # a refusal's reason, sent back and logged
+REFUSAL_BURST_S = 4.0  # a device's refusal budget holds this many seconds' worth (20 at the default 5/s)
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,10 @@ class VerifierService:
                                 max_devices=4 * config.max_sessions)
         self.byte_rate = RateLimiter(config.max_bytes_per_s, max_devices=4 * config.max_sessions,
                                      burst=max(float(self.limits.max_message_bytes), 2 * config.max_bytes_per_s))
-        self.refusals = RateLimiter(REFUSALS_PER_S, burst=REFUSAL_BURST, max_devices=4 * config.max_sessions)
+        # Refusals answered and logged per device: an honest device (a few sessions, backing off) stays well inside;
+        # a flood beyond it is only counted (VerifierStats.refusals_suppressed).
+        self.refusals = RateLimiter(config.max_refusals_per_s, burst=max(1.0, REFUSAL_BURST_S * config.max_refusals_per_s),
+                                    max_devices=4 * config.max_sessions)
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sled-model")
 
     def status(self, online: bool) -> Status:
@@ -148,7 +149,7 @@ class VerifierService:
         try:
             refusal = self._admit(device, payload, now_s)
         except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: refuse this message only
-            refusal = Refusal(ErrorCode.MALFORMED, f"message refused: {exc.__class__.__name__}: {exc}"[:500],
+            refusal = Refusal(ErrorCode.MALFORMED, f"message refused: {exc.__class__.__name__}: {exc}",
                               *peek_ids(payload)[1:], cause=exc)
         if refusal is not None:
             await self._refuse(client, device, refusal.draft, refusal.code, refusal.reason, session=refusal.session,
@@ -204,6 +205,7 @@ class VerifierService:
 
     async def _refuse(self, client: Link, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
                       session: str | None = None, seq: int | None = None, cause: Exception | None = None) -> None:
+        reason = reason if len(reason) <= MAX_REASON_CHARS else f"{reason[:MAX_REASON_CHARS - 3]}..."
         verdict = error_verdict(self.config.verifier_id, draft, code, reason, session=session, seq=seq)
         self.stats.errors[str(code)] += 1
         if not self._log_refusal(device, "draft_refused", time.monotonic(), session_id=verdict.session,

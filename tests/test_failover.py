@@ -20,7 +20,11 @@ from sled_protocol import Draft, SamplingParams, encode
 from sled_protocol import topics
 from sled_protocol.devbroker import start_dev_broker
 from sled_protocol.mqtt import make_client, parse_mqtt_url
-from sled_verifier.service import REFUSAL_BURST, REFUSALS_PER_S
+from sled_verifier.config import VerifierConfig
+from sled_verifier.service import REFUSAL_BURST_S
+
+REFUSALS_PER_S = VerifierConfig.max_refusals_per_s
+REFUSAL_BURST = REFUSAL_BURST_S * REFUSALS_PER_S
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ import msgpack
 import pytest
 
 from conftest import PROMPTS
-from sled_protocol import ErrorCode, ProtocolError, VerdictKind, decode, decode_draft, decode_verdict, topics
+from sled_protocol import (ErrorCode, ProtocolError, SamplingParams, VerdictKind, decode, decode_draft, decode_verdict,
+                           topics)
 from sled_protocol.codec import PEEK_BYTES
 from sled_protocol.inspect import describe
 from sled_protocol.memory import forget_broker, memory_broker
@@ -50,6 +51,14 @@ def test_a_proposal_probability_outside_0_1_is_refused_before_any_arithmetic(row
 @pytest.mark.parametrize("row", [(1.0, 0.0), (-0.0, 1.0), (5e-324, 1.0), (0.5, 0.5)])
 def test_proposal_rows_at_the_edges_of_0_1_are_accepted(row):
     assert decode_draft(poison(q_probs=(row,))).q_probs == (tuple(float(q) for q in row),)
+
+
+def test_a_top_p_that_is_0_in_float32_is_refused():
+    """Found by the fuzzer: 1e-160 passed the (0, 1] check, then travelled (and was used) as float32 0.0."""
+    with pytest.raises(ProtocolError) as raised:
+        SamplingParams(0.8, top_p=1e-160)
+    assert raised.value.code is ErrorCode.BAD_SAMPLING
+    assert SamplingParams(0.8, top_p=1.5e-45).top_p > 0  # float32's least subnormal still travels
 
 
 @pytest.mark.parametrize("body", [{"t": ["draft"], "v": 1}, {"t": {"a": 1}, "v": 1}, {"t": "draft", "v": True},
