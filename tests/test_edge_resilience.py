@@ -13,25 +13,18 @@ from collections.abc import Callable
 import pytest
 
 import sled_edge.connection as connection_module
-from conftest import PROMPTS, Broker, running_broker
+from conftest import PROMPTS, Broker
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_edge.config import EdgeConfig
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
-from sled_protocol.messages import decode_inbound
+from sled_protocol.codec import decode_inbound
 from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
 
 pytestmark = pytest.mark.integration
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory):
-    """A broker of its own: the scripted verifier's retained status must not reach other tests."""
-    with running_broker(tmp_path_factory.mktemp("resilience-broker")) as running:
-        yield running
 
 
 def verified(draft: Draft, verifier_id: str) -> Verdict:

@@ -13,7 +13,7 @@ import uuid
 import msgpack
 import pytest
 
-from conftest import PROMPTS, Broker, start_verifier, RoundCounter
+from conftest import PROMPTS, RoundCounter, edge_config, start_verifier
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, SamplingParams, encode
@@ -35,15 +35,6 @@ async def three_sessions(device: EdgeDevice, max_new: int, disrupt) -> list:
         runs = [group.create_task(device.generate(p, max_new)) for p in prompts]
         group.create_task(disrupt())
     return [(prompt, run.result()) for prompt, run in zip(prompts, runs)]
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    process, port = start_dev_broker(tmp_path / "broker")
-    broker = Broker(f"mqtt://127.0.0.1:{port}", port, process)
-    yield broker
-    broker.process.terminate()
-    broker.process.wait(timeout=10)
 
 
 @pytest.mark.asyncio
@@ -72,7 +63,7 @@ async def test_killing_the_verifier_mid_generation_loses_nothing(own_broker, tin
 
 
 @pytest.mark.asyncio
-async def test_a_broker_restart_mid_generation_loses_nothing(own_broker, tiny_models, reference, tmp_path):
+async def test_a_broker_restart_mid_generation_loses_nothing(own_broker, tiny_models, reference, log_events, tmp_path):
     running = start_verifier(own_broker, tiny_models.target, tmp_path, f"br-{uuid.uuid4().hex[:6]}")
     counter = RoundCounter(after=8)
     config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), mqtt_url=own_broker.url, device_id="br-dev", timeout_s=1.0,
@@ -82,10 +73,12 @@ async def test_a_broker_restart_mid_generation_loses_nothing(own_broker, tiny_mo
 
     async def restart_broker() -> None:
         await counter.reached.wait()
+        losses = log_events.counts["broker_connection_lost"]
         own_broker.process.terminate()
         await asyncio.to_thread(own_broker.process.wait, 10)
         rounds_before_restart.append(counter.rounds)
-        await asyncio.sleep(0.5)
+        async with asyncio.timeout(30):  # the device has seen the broker go, so it must reconnect
+            await log_events.wait("broker_connection_lost", losses + 1)
         own_broker.process, _ = await asyncio.to_thread(start_dev_broker, tmp_path / "broker2", own_broker.port)
 
     try:
@@ -146,8 +139,7 @@ def fuzz_messages(rng: random.Random, vocab: str, count: int) -> list[tuple[str,
 @pytest.mark.asyncio
 async def test_fuzzed_drafts_hurt_no_one(each_verifier, tiny_models, reference, device_id):
     rng = random.Random(2026)
-    config = EdgeConfig(draft=str(tiny_models.gpt2_onnx), mqtt_url=each_verifier.url, device_id=device_id,
-                        verifier=each_verifier.verifier_id)
+    config = edge_config(each_verifier, tiny_models.gpt2_onnx, device_id)
     captured: list[bytes] = []
 
     async def fuzz() -> None:

@@ -25,7 +25,7 @@ from sled_protocol import (ErrorCode, ProtocolError, SamplingParams, VerdictKind
 from sled_protocol.codec import PEEK_BYTES
 from sled_protocol.inspect import describe
 from sled_protocol.memory import forget_broker, memory_broker
-from sled_protocol.messages import peek_ids
+from sled_protocol.codec import peek_ids
 from sled_protocol.transport import parse_broker_url, transport_for
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import PROMPTS, ROOT
+from conftest import PROMPTS, ROOT, edge_config
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, ErrorCode, SamplingParams, VerdictKind, decode_verdict, encode
@@ -20,11 +20,6 @@ from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.vocab import vocab_hash
 
 pytestmark = pytest.mark.integration
-
-
-def edge_config(verifier, draft_dir, device_id: str, **overrides) -> EdgeConfig:
-    return EdgeConfig(draft=str(draft_dir), mqtt_url=verifier.url, device_id=device_id,
-                      verifier=verifier.verifier_id, **overrides)
 
 
 async def misbehave(verifier, vocab: str) -> dict[str, object]:

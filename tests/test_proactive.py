@@ -10,7 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import PROMPTS, RoundCounter
+from conftest import PROMPTS, RoundCounter, edge_config
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
@@ -18,11 +18,6 @@ from sled_edge.drafter import AheadPolicy, Drafter, Guess
 from sled_protocol import SamplingParams
 
 SAMPLED = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=4321)
-
-
-@pytest.fixture(scope="module")
-def gpt2_onnx(tiny_models):
-    return OnnxDraftModel(tiny_models.gpt2_onnx)
 
 
 @pytest.mark.parametrize("sampling", [None, SAMPLED], ids=["greedy", "sampled"])
@@ -129,11 +124,6 @@ def test_the_policy_learns_hit_rate_and_timings():
 def ALWAYS() -> AheadPolicy:  # noqa: N802
     """Guess every round (each is an exploration round), whatever this machine's timings say."""
     return AheadPolicy(explore_every=1)
-
-
-def edge_config(verifier, draft_dir, device_id: str, **overrides) -> EdgeConfig:
-    return EdgeConfig(draft=str(draft_dir), mqtt_url=verifier.url, device_id=device_id,
-                      verifier=verifier.verifier_id, **overrides)
 
 
 async def generate_both_ways(verifier, draft_dir, device_id: str, prompt_text: str, max_new: int,

@@ -9,14 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from conftest import PROMPTS, ROOT
+from conftest import PROMPTS, ROOT, scrape
 from sled_protocol.devbroker import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -40,13 +38,6 @@ def test_units_pass_systemd_analyze(tmp_path):
     verify = subprocess.run(["systemd-analyze", "verify", str(units / "sled-verifier.service"),
                              str(units / "sled-edge@.service")], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
-
-
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {sample.name + str(sorted(sample.labels.items()) if sample.labels else ""): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 @pytest.fixture(scope="module")
@@ -74,39 +65,57 @@ def expected_text(tiny_models, reference, prompt: str, n: int) -> str:
     return tokenizer.decode(reference(tokenizer.encode(prompt).ids, n), skip_special_tokens=False)
 
 
-def test_openai_client_completes_and_streams_through_the_device(edge_service, tiny_models, reference):
+@pytest.fixture
+def client(edge_service):
     with openai.OpenAI(base_url=edge_service["base_url"], api_key="unused") as client:
-        check_openai_client(client, tiny_models, reference, edge_service)
+        yield client
 
 
-def check_openai_client(client, tiny_models, reference, edge_service):
+def test_the_models_endpoint_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["tiny-sled"]
-    want = expected_text(tiny_models, reference, PROMPTS[1], 16)
 
+
+def test_a_completion_is_the_target_text(client, tiny_models, reference):
     completion = client.completions.create(model="tiny-sled", prompt=PROMPTS[1], max_tokens=16, temperature=0)
-    assert completion.choices[0].text == want and completion.usage.completion_tokens == 16
-    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].text == expected_text(tiny_models, reference, PROMPTS[1], 16)
+    assert completion.usage.completion_tokens == 16 and completion.choices[0].finish_reason == "length"
 
+
+def test_a_stream_is_the_same_text_in_chunks(client, tiny_models, reference):
     chunks = list(client.completions.create(model="tiny-sled", prompt=PROMPTS[1], max_tokens=16, temperature=0,
                                             stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == want and len(chunks) > 2
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks) == expected_text(tiny_models, reference, PROMPTS[1], 16)
+    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == "length"
 
+
+def test_a_stop_sequence_cuts_the_text_before_it(client, tiny_models, reference):
+    want = expected_text(tiny_models, reference, PROMPTS[1], 16)
     stop = want[5:9]
     cut = client.completions.create(model="tiny-sled", prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].text == want[: want.find(stop)] and cut.choices[0].finish_reason == "stop"
-    verifier_log = edge_service["verifier_log"]
-    for _ in range(50):  # the stopped session was closed on the verifier, not left to its LRU
-        if "session_closed" in verifier_log.read_text():
-            break
-        time.sleep(0.1)
-    assert "session_closed" in verifier_log.read_text()
 
+
+def test_a_stopped_session_is_closed_on_the_verifier(client, tiny_models, reference, edge_service):
+    """Not left to the verifier's LRU. The verifier is another process and a Close answers nothing, so its own
+    ``session_closed`` line is the signal, awaited for at most 5 s."""
+    verifier_log = edge_service["verifier_log"]
+    closed_before = verifier_log.read_text().count("session_closed")
+    want = expected_text(tiny_models, reference, PROMPTS[1], 16)
+    client.completions.create(model="tiny-sled", prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[want[5:9]])
+    deadline_s = time.monotonic() + 5
+    while verifier_log.read_text().count("session_closed") == closed_before and time.monotonic() < deadline_s:
+        time.sleep(0.1)
+    assert verifier_log.read_text().count("session_closed") == closed_before + 1
+
+
+def test_a_seeded_chat_stream_answers_as_the_assistant(client):
     chat = client.chat.completions.create(model="tiny-sled", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=8, temperature=0.7, seed=3, stream=True)
     deltas = [c.choices[0].delta for c in chat]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas)
 
+
+def test_an_empty_prompt_is_a_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-sled", prompt="", max_tokens=4)
 
@@ -121,18 +130,29 @@ def test_concurrent_requests_are_concurrent_sessions(edge_service, tiny_models, 
     assert [r.choices[0].text for r in results] == [expected_text(tiny_models, reference, p, 12) for p in PROMPTS]
 
 
-def test_both_services_export_prometheus_metrics(edge_service, verifier):
-    with openai.OpenAI(base_url=edge_service["base_url"], api_key="unused") as client:
-        client.completions.create(model="tiny-sled", prompt="import", max_tokens=8, temperature=0)
-    edge = scrape(edge_service["metrics"])
-    assert edge["sled_edge_rounds_total"] > 0 and edge["sled_edge_round_trip_seconds_count"] > 0
-    assert edge["sled_edge_accepted_tokens_total"] > 0
-    server = scrape(verifier.metrics_url)
-    assert server["sled_verifier_drafts_total"] > 0 and server["sled_verifier_draft_tokens_total"] > 0
-    assert server["sled_verifier_mean_acceptance_length"] > 1
-    assert server["sled_verifier_batch_size_count"] > 0 and server["sled_verifier_forward_seconds_count"] > 0
-    assert server["sled_verifier_queue_delay_seconds_count"] > 0 and "sled_verifier_sessions" in server
-    assert server["sled_verifier_accepted_per_position_total[('position', '0')]"] > 0
+def test_both_services_export_prometheus_metrics(edge_service, verifier, client):
+    """One request's figures in both services' counters: exactly what its ``usage`` reports (nothing else runs
+    on this device or, meanwhile, on the verifier)."""
+    edge_before, server_before = scrape(edge_service["metrics"]), scrape(verifier.metrics_url)
+    usage = client.completions.create(model="tiny-sled", prompt="import", max_tokens=8, temperature=0).usage
+    edge, server = scrape(edge_service["metrics"]), scrape(verifier.metrics_url)
+    edge_delta = {name: edge[name] - edge_before.get(name, 0.0) for name in edge}
+    server_delta = {name: server[name] - server_before.get(name, 0.0) for name in server}
+    drafts, accepted = usage.num_drafts, usage.num_accepted_tokens
+    assert drafts >= 1 and accepted == usage.num_draft_tokens  # the target's own export: every token accepted
+
+    assert edge_delta["sled_edge_rounds_total"] == drafts and edge_delta["sled_edge_round_trip_seconds_count"] == drafts
+    assert edge_delta["sled_edge_accepted_tokens_total"] == accepted
+    assert server_delta["sled_verifier_drafts_total"] == drafts
+    assert server_delta["sled_verifier_draft_tokens_total"] == usage.num_draft_tokens
+    assert server_delta["sled_verifier_accepted_per_position_total[('position', '0')]"] == \
+        usage.num_accepted_tokens_per_pos[0]
+    assert server_delta["sled_verifier_queue_delay_seconds_count"] == drafts
+    steps = server_delta["sled_verifier_batch_size_count"]
+    assert 1 <= steps <= drafts and server_delta["sled_verifier_forward_seconds_count"] == steps
+    assert server["sled_verifier_mean_acceptance_length"] == pytest.approx(
+        1 + server["sled_verifier_accepted_tokens_total"] / server["sled_verifier_drafts_total"], abs=1e-3)
+    assert server["sled_verifier_sessions"] >= 1  # this request's session, finished, still held for a retry
 
 
 def test_the_earliest_stop_sequence_wins():
