@@ -171,18 +171,20 @@ def serve(url: str, gguf: Path, drafts: dict[str, Path], workdir: Path, children
              "--verifier-id", "demo-verifier", "--stats-interval-s", "5", "--metrics-port", "0"],
             stderr=log_file, stdout=subprocess.DEVNULL, env=env, cwd=ROOT)
     children.append(verifier)
-    print("      verifier  loading, probing and calibrating the target ...", flush=True)
-    wait_for_line(verifier_log, "verifier_online", verifier, timeout_s=600)
-    print(f"      verifier  demo-verifier serving {gguf.name}  (log: {verifier_log})")
     ports, devices = {device: free_port() for device in drafts}, {}
-    for device, draft in drafts.items():  # a device starts once a verifier of its vocabulary is online
+    for device, draft in drafts.items():  # the devices load their drafts while the target loads, then wait for it
         with (workdir / f"{device}.log").open("wb") as log_file:
             devices[device] = subprocess.Popen(
                 [sys.executable, "-m", "sled_edge", "serve", "--mqtt-url", url, "--draft", str(draft),
                  "--device-id", device, "--verifier", "demo-verifier", "--http-port", str(ports[device]),
-                 "--metrics-port", "0", "--model-name", "smollm2", "--threads", "1", "--timeout-s", "30"],
+                 "--metrics-port", "0", "--model-name", "smollm2", "--threads", "1", "--timeout-s", "30",
+                 "--discovery-timeout-s", "600"],
                 stderr=log_file, stdout=subprocess.DEVNULL, env=env, cwd=ROOT)
         children.append(devices[device])
+    print("      verifier  loading, probing and calibrating the target; the devices loading their drafts ...",
+          flush=True)
+    wait_for_line(verifier_log, "verifier_online", verifier, timeout_s=600)
+    print(f"      verifier  demo-verifier serving {gguf.name}  (log: {verifier_log})")
     for device, port in ports.items():
         wait_for_line(workdir / f"{device}.log", "edge_serving", devices[device], timeout_s=300)
         print(f"      device    {device:<12} http://127.0.0.1:{port}/v1  draft {drafts[device]}")
