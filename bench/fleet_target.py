@@ -33,13 +33,17 @@ def smollm2_dir(explicit: Path | None) -> Path:
 
 def acceptance_profile(spec: str, k_max: int = 8) -> list[float]:
     """Per-position acceptance from ``spec``: a number (every position), comma-separated numbers (position 0, 1,
-    ...; the last repeats), or a JSON file holding such a list or a dict with ``acceptance_per_position``,
-    ``acceptance`` or ``alpha`` (what ``sled-models distill`` reports)."""
+    ...; the last repeats), or a JSON file: such a list, a dict with ``acceptance_per_position``, ``acceptance`` or
+    ``alpha``, or the ``report.json`` of ``sled-models distill`` (its first draft's fp32 alpha)."""
     path = Path(spec)
     if path.is_file():
         data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            data = next(data[key] for key in ("acceptance_per_position", "acceptance", "alpha") if key in data)
+        if isinstance(data, dict) and isinstance(data.get("drafts"), dict):  # distill's report.json: its first
+            draft = next(iter(data["drafts"].values()))                      # (largest) draft, fp32
+            data = next(v["alpha"] for v in draft.values() if isinstance(v, dict) and "alpha" in v)
+        elif isinstance(data, dict):
+            keys = [key for key in ("acceptance_per_position", "acceptance", "alpha") if key in data]
+            data = data[keys[0]] if keys else []
         values = [float(v) for v in (data if isinstance(data, list) else [data])]
     else:
         values = [float(v) for v in spec.split(",") if v.strip()]

@@ -47,6 +47,12 @@ def test_the_acceptance_profile_comes_from_a_number_a_list_or_what_distill_repor
     assert acceptance_profile(str(report), k_max=4) == [0.85, 0.8, 0.75, 0.75]
     report.write_text('{"alpha": 0.6}')
     assert acceptance_profile(str(report), k_max=2) == [0.6, 0.6]
+    report.write_text('{"k": 4, "drafts": {"large": {"mimics": 12, "large": {"alpha": 0.71}, "large-int8": {"alpha": 0.69}},'
+                      ' "small": {"small": {"alpha": 0.5}}}}')
+    assert acceptance_profile(str(report), k_max=2) == [0.71, 0.71]
+    report.write_text('{"nothing": 1}')
+    with pytest.raises(SystemExit):
+        acceptance_profile(str(report))
     for bad in ("1.5", "", "0.8,-0.1"):
         with pytest.raises(SystemExit):
             acceptance_profile(bad)
