@@ -18,7 +18,7 @@ from sled_edge.client import EdgeDevice, EdgeError
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, Verdict, VerdictKind, decode_verdict, topics
 from sled_protocol.transport import parse_broker_url, transport_for
-from test_edge_resilience import MAX_NEW, generate_against, own_broker, verified  # noqa: F401 (a fixture)
+from test_edge_resilience import MAX_NEW, generate_against, verified
 from test_hostile_messages import memory_verifier
 
 pytestmark = pytest.mark.slow
@@ -88,14 +88,14 @@ def verified_by(target: str | None):
 @pytest.mark.integration
 @pytest.mark.asyncio
 @pytest.mark.parametrize("target", ["t-1", None])
-async def test_verdicts_of_the_pinned_target_or_naming_none_are_applied(own_broker, tiny_models, target):  # noqa: F811
+async def test_verdicts_of_the_pinned_target_or_naming_none_are_applied(own_broker, tiny_models, target):
     result, _, _ = await generate_against(own_broker, tiny_models.gpt2_onnx, verified_by(target))
     assert len(result.token_ids) == MAX_NEW
 
 
 @pytest.mark.integration
 @pytest.mark.asyncio
-async def test_a_verdict_computed_by_another_target_is_never_applied(own_broker, tiny_models):  # noqa: F811
+async def test_a_verdict_computed_by_another_target_is_never_applied(own_broker, tiny_models):
     """The verifier's id now serves another model (its new Status not yet seen): its tokens are not the session's."""
     with pytest.raises(EdgeError) as raised:
         await generate_against(own_broker, tiny_models.gpt2_onnx, verified_by("t-2"), discovery_timeout_s=0.5)
