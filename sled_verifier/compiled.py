@@ -102,6 +102,7 @@ class CompiledTarget:
         self.device = resolve_device(device)
         self.model = load_causal_lm(self.model_dir, self.device, dtype)
         self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
+        self.width_invariant = batch_invariant  # per-query attention in the eager forward (``attend_rows``)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -214,7 +215,7 @@ class CompiledTarget:
         cos, sin = body.rotary_emb(hidden, positions)
 
         def attend(q, keys, values):
-            return attend_rows(q, keys, values, plan, self.scaling)
+            return attend_rows(q, keys, values, plan, self.scaling, self.width_invariant)
 
         for index, layer in enumerate(body.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)

@@ -10,12 +10,13 @@ and compares with ``torch.equal``.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
 
 from sled_verifier.compiled import CompiledTarget
-from sled_verifier.invariant import make_batch_invariant, padded_linear, tiled_linear
+from sled_verifier.invariant import make_batch_invariant, padded_linear, regime, row_invariant, stable_group, tiled_linear
 from sled_verifier.runtime import load_target
 
 SESSIONS = 10
@@ -77,10 +78,11 @@ def test_a_rows_logits_do_not_depend_on_its_batch(tiny_models, runtime):
 def test_the_static_forward_agrees_but_is_not_invariant(tiny_models):
     """The static-shape forward (one masked SDPA over bucketed rows, tokens and width) is not bitwise
     invariant on CPU: SDPA's kernel blocks over the padded shape (measured ~1e-5). It must still agree with
-    the eager forward to float tolerance; where it is used (graphs on a GPU) the note says what it costs."""
+    the eager forward to float tolerance (logits of magnitude ~10 here: 1e-3); where it is used (graphs on a GPU)
+    the note says what it costs."""
     eager, static = RUNTIMES["compiled"](tiny_models.target), static_eager(tiny_models.target)
     for (_, alone, _), (_, static_alone, static_batched) in zip(alone_and_batched(eager, 0), alone_and_batched(static, 0)):
-        assert torch.allclose(alone, static_alone, atol=1e-4) and torch.allclose(alone, static_batched, atol=1e-4)
+        assert torch.allclose(alone, static_alone, atol=1e-3) and torch.allclose(alone, static_batched, atol=1e-3)
 
 
 def test_the_check_sees_the_kernels_batch_dependence(tiny_models):
@@ -101,8 +103,7 @@ def test_the_probe_chooses_a_regime_that_holds(tiny_models, record_property):
     regime = target.batch_invariance
     record_property("batch_invariance", regime)
     print(f"batch_invariance on this CPU: {regime}")
-    kind, _, size = regime.partition("-of-") if regime.startswith("rows") else regime.partition("-")
-    assert kind in ("rows", "tiles") and size.isdigit(), regime
+    assert re.fullmatch(r"rows-of-\d+(\+\d+)*(\+tiles-\d+)?|tiles-\d+", regime), regime
     for session, alone, batched in alone_and_batched(target, 7):
         assert torch.equal(alone, batched), f"{regime}: session {session} {(alone - batched).abs().max().item():.3g} apart"
 
@@ -115,3 +116,35 @@ def test_the_invariant_products_are_the_linear(product):
     assert torch.allclose(product(x, weight, bias), torch.nn.functional.linear(x, weight, bias), atol=1e-5)
     rows = [product(x.reshape(-1, 40)[i : i + 1], weight, bias) for i in range(15)]
     assert torch.equal(torch.cat(rows), product(x.reshape(-1, 40), weight, bias))
+
+
+def test_the_regime_names_each_shapes_choice():
+    assert regime([4, 4, 4], 8) == "rows-of-4"
+    assert regime([16, 4, 4], 8) == "rows-of-4+16"
+    assert regime([4, None, 8], 8) == "rows-of-4+8+tiles-8"
+    assert regime([None, None], 64) == "tiles-64"
+
+
+SMOLLM2 = [(576, 576, False), (576, 192, False), (576, 1536, False), (1536, 576, False), (576, 49152, False)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_weight_shape_of_a_real_model_finds_a_row_group(threads, record_property):
+    """SmolLM2-135M's shapes (hidden 576, 9/3 heads of 64, intermediate 1536, vocabulary 49,152; random
+    weights) at 1 and 2 threads: each shape has a row group (no tiles; issue 21 saw ``tiles-8`` at 2 threads),
+    and it holds on the whole weight, not just the probe's first 4096 outputs, for every row of a 260-row
+    product against products of exactly g rows. bench/invariance.py --probe covers Qwen2.5 and Llama-3.2."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        groups = [stable_group(*shape, torch.device("cpu"), torch.float32) for shape in SMOLLM2]
+        record_property("groups", groups)
+        print(f"{threads} thread(s): row groups {groups}")
+        assert None not in groups, f"no row group for {[s for s, g in zip(SMOLLM2, groups) if g is None]}"
+        generator = torch.Generator().manual_seed(1)
+        for (features, outputs, _), group in zip(SMOLLM2, groups):
+            weight, x = torch.randn(outputs, features, generator=generator), torch.randn(256 + 4, features, generator=generator)
+            with torch.inference_mode():
+                assert row_invariant(x[: len(x) - len(x) % group], weight, None, group), (features, outputs, group)
+    finally:
+        torch.set_num_threads(previous)
