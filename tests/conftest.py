@@ -153,7 +153,7 @@ class RunningVerifier:
 
 
 def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str, *extra: str,
-                   metrics_port: int = 0, online_timeout_s: float = 60) -> RunningVerifier:
+                   metrics_port: int = 0, online_timeout_s: float = 180) -> RunningVerifier:
     log_path = log_dir / f"{verifier_id}.log"
     log_file = log_path.open("wb")
     env = {**os.environ, "SLED_LOG_LEVEL": "debug", "PYTHONUNBUFFERED": "1"}
