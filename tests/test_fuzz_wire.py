@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import uuid
 from collections import Counter
@@ -90,11 +91,15 @@ class Fuzzer:
     """Publishes one message at a time on a drafts topic of a fresh device and waits for that device's verdict
     (a fresh device: no session, rate or refusal state carries over from one message to the next)."""
 
-    def __init__(self, publish, verdicts: asyncio.Queue, verifier_id: str, alive) -> None:
+    def __init__(self, publish, verdicts: asyncio.Queue, verifier_id: str, alive, max_packet_bytes: int = 0) -> None:
         self.publish, self.verdicts, self.verifier_id, self.alive = publish, verdicts, verifier_id, alive
+        self.max_packet_bytes = max_packet_bytes  # the broker's max_packet_size: larger ones never reach a verifier
 
     async def send(self, device: str, payload: bytes, prefix: str) -> None:
         TALLY[f"{prefix}_messages"] += 1
+        if self.max_packet_bytes and len(payload) + 200 > self.max_packet_bytes:
+            TALLY[f"{prefix}_over_broker_packet_limit"] += 1  # the broker would disconnect its sender
+            return
         await self.publish(topics.draft_topic(self.verifier_id, device), payload)
         if _is_close(payload):  # never answered: nothing to wait for
             TALLY[f"{prefix}_closes"] += 1
@@ -173,7 +178,7 @@ def test_a_real_verifier_answers_every_fuzzed_message_and_stays_up(memory_fuzzer
 
 @pytest.fixture(scope="module")
 def mosquitto_fuzzer(broker, tiny_models, tmp_path_factory):
-    from conftest import start_verifier
+    from conftest import ROOT, start_verifier
     from sled_protocol.mqtt import make_client, parse_mqtt_url
     from sled_protocol.vocab import vocab_hash
 
@@ -194,7 +199,8 @@ def mosquitto_fuzzer(broker, tiny_models, tmp_path_factory):
         await held["client"].publish(topic, payload)
 
     harness.run(start())
-    yield harness, Fuzzer(publish, verdicts, "fz-mv", lambda: running.process.poll() is None), \
+    max_packet = int(re.search(r"(?m)^max_packet_size (\d+)", (ROOT / "broker" / "mosquitto-dev.conf").read_text())[1])
+    yield harness, Fuzzer(publish, verdicts, "fz-mv", lambda: running.process.poll() is None, max_packet), \
         vocab_hash(tiny_models.target), running
 
     async def stop() -> None:

@@ -267,3 +267,48 @@ def test_sled_inspect_shows_the_retained_poison_and_goes_on(broker, tmp_path):
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
     assert record["type"] == "undecodable" and record["error"] == "bad_proposal" and record["retained"] is True
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio
+async def test_oversized_nested_and_a_refusal_storm_stop_no_one(prod, tiny_models, reference, tmp_path):
+    """One device's account sends what costs most: a message near the broker's packet limit, nested ones (60,000
+    deep, and 20,000 deep within the size limit), then a storm of 3000 bad messages while another device decodes. The big ones are refused by their size
+    before any decoding, naming the session read from their first bytes; the storm is answered and logged within
+    the device's refusal budget and only counted beyond it; the honest device's output is exact throughout."""
+    running = start_prod_verifier(prod, tiny_models, tmp_path)
+    topic = topics.draft_topic("vsec", "dev-a")
+    head = {"t": "draft", "v": 1, "device": "dev-a", "session": "s-big", "seq": 4}
+    oversized = msgpack.packb({**head, "pad": [[]] * 60_000})  # under the broker's 64 KiB packets, over our limit
+    nested = [b"\x86" + msgpack.packb({**head, "seq": seq})[1:] + b"\xa3pad" + b"\x91" * depth + b"\xc0"
+              for seq, depth in ((5, 60_000), (6, 20_000))]  # over the size limit; under it, past msgpack's depth
+    storm = [bytes([i % 256]) * (i % 40) + poison(session=f"st-{i}", seq=i)[: i % 150] for i in range(3000)]
+    started_s = asyncio.get_running_loop().time()
+    try:
+        async with prod.client("ops") as inspector, prod.client("dev-a") as attacker:
+            await inspector.subscribe(topics.verdict_topic("dev-a"))
+            await attacker.publish(topic, oversized)
+            for payload in nested:
+                await attacker.publish(topic, payload)
+            verdicts = await verdicts_of(inspector, 2.0)
+
+            async def flood() -> None:
+                for index, payload in enumerate(storm):
+                    await attacker.publish(topic, payload)
+                    if index % 200 == 0:
+                        await asyncio.sleep(0)
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(flood())
+                group.create_task(honest_over_tls_is_exact(prod, tiny_models, reference, prompt_index=1))
+            await honest_over_tls_is_exact(prod, tiny_models, reference, prompt_index=3)  # and after it
+        elapsed_s = asyncio.get_running_loop().time() - started_s
+        assert [(v.error, v.session, v.seq) for v in verdicts] == [
+            (ErrorCode.TOO_LARGE, "s-big", 4), (ErrorCode.TOO_LARGE, "s-big", 5), (ErrorCode.MALFORMED, "s-big", 6)]
+        assert "exceeds" in verdicts[0].reason and "context limit" in verdicts[0].reason
+        assert running.process.poll() is None
+        logged = [line for line in running.log_path.read_text().splitlines()
+                  if "draft_refused" in line and '"dev-a"' in line]
+        assert 20 <= len(logged) <= 20 + 5 * elapsed_s  # the default budget: burst 20, then 5/s; the rest counted
+    finally:
+        stop(running)
