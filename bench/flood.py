@@ -3,12 +3,12 @@
 A real Mosquitto (the project's dev config), one ``sled-verifier`` process with its default flags (one torch
 thread, pinned to the first core; the devices run on the others) serving the tiny random-weight target, three
 honest devices (``EdgeDevice``, greedy, a draft of the tiny family) each generating sessions one after another,
-first alone, then beside a flooding device (its own process): it opens ``--wave`` sessions with ``--context``-token contexts at once, again every
-``--pause-s`` (256 a second by default), and answers every verdict of its sessions at once with a next round
-of ``--k`` random tokens (a flood of drafts). The figure is the honest devices' wall time under the flood
-divided by their time alone (issue 19's goal: <= 1.5x; 23x before per-device quotas). Alone and flooded
-alternate within each repeat; every honest session's tokens must be the same in both (greedy: the target's),
-or the bench exits 1.
+first alone, then beside a flooding device (its own process): it opens ``--wave`` sessions with
+``--context``-token contexts at once, again every ``--pause-s`` (256 a second by default), and answers every
+verdict of its sessions at once with a next round of ``--k`` random tokens (a flood of drafts). The figure is
+the honest devices' wall time under the flood divided by their time alone (issue 19's goal: <= 1.5x; 23x
+before per-device quotas). Each repeat starts a fresh verifier and times the honest devices alone, then
+flooded; every honest session's tokens must be the same in both (greedy: the target's), or the bench exits 1.
 
 python bench/flood.py [--repeats 3] [--sessions 2] [--tokens 48] [--wave 64] [--context 400]
 """
@@ -123,8 +123,7 @@ async def honest_devices(url: str, draft: Path, verifier_id: str, sessions: int,
 async def flooded(url: str, draft: Path, verifier_id: str, vocab: str, args,
                   flooder_id: str) -> tuple[float, list[list[int]], dict]:
     """The honest devices beside a flooder in its own process (on a real fleet the flood costs the flooder's
-    CPU, not the honest devices': sharing this process's event loop would charge them for it). A new device id
-    each repeat: the last one's sessions still hold its quota (live until idle), which would blunt the flood."""
+    CPU, not the honest devices': sharing this process's event loop would charge them for it)."""
     flooder = subprocess.Popen(
         [sys.executable, __file__, "--flooder", url, verifier_id, vocab, "--device-id", flooder_id, "--wave",
          str(args.wave), "--context",
@@ -188,22 +187,24 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     broker, port = start_dev_broker(workdir / "broker")
     url = f"mqtt://127.0.0.1:{port}"
-    factors, differing = [], 0
+    factors, differing, alive = [], 0, True
+    os.sched_setaffinity(0, DEVICE_CORES)  # the devices (honest ones here, the flooder inherits it) off its core
+    vocab = vocab_hash(family / "target")
     try:
-        verifier = Verifier(url, family / "target", workdir, "bench-flood", *args.verifier_args.split())
-        os.sched_setaffinity(0, DEVICE_CORES)  # the devices (honest ones here, the flooder inherits it) off its core
-        vocab = vocab_hash(family / "target")
-        asyncio.run(honest_devices(url, draft, verifier.name, 1, 8))  # warm-up: sessions, ONNX, the cost model
         for repeat in range(args.repeats):
+            # A fresh verifier each repeat: the last flood's sessions and queued first rounds would still hold
+            # a part of it (and dilute the next flooder's share), so repeats would not measure the same thing.
+            verifier = Verifier(url, family / "target", workdir, f"bench-flood-{repeat}", *args.verifier_args.split())
+            asyncio.run(honest_devices(url, draft, verifier.name, 1, 8))  # warm-up: sessions, ONNX, the cost model
             alone_s, alone = asyncio.run(honest_devices(url, draft, verifier.name, args.sessions, args.tokens))
-            flood_s, under, tally = asyncio.run(flooded(url, draft, verifier.name, vocab, args, f"flood-{repeat}"))
+            flood_s, under, tally = asyncio.run(flooded(url, draft, verifier.name, vocab, args, "flood"))
             differing += sum(a != b for a, b in zip(alone, under))
             factors.append(flood_s / alone_s)
             print(f"repeat {repeat + 1}: honest alone {alone_s:.2f} s, under the flood {flood_s:.2f} s, "
                   f"factor {factors[-1]:.2f}x; flooder opened {tally['opened']} sessions, sent {tally['drafts']} "
                   f"drafts, verdicts {tally['verdicts']}", flush=True)
-        alive = verifier.process.poll() is None
-        verifier.stop()
+            alive = alive and verifier.process.poll() is None
+            verifier.stop()
     finally:
         broker.terminate()
         broker.wait(timeout=10)
