@@ -283,13 +283,9 @@ class VerifierEngine:
         self.session_count = len(self.sessions)
         self.free_sessions = self.sessions.max_sessions - self.session_count
         self.stats.evictions = self.sessions.evictions
-        self.full_devices = self.sessions.full(time.monotonic())  # replaced whole, never mutated
-
-    def refuses_new(self, draft: Draft) -> bool:
-        """Whether a new session of ``draft``'s device would be refused (its device holds its quota, all live),
-        as of the last step: the service refuses such a draft at once instead of queueing it."""
-        held = self.full_devices.get(draft.device)
-        return held is not None and draft.session not in held
+        # Devices whose next new session would be refused, and the sessions each holds, as of this step: the
+        # service refuses their other sessions' drafts on arrival. Replaced whole, never mutated.
+        self.full_devices = self.sessions.full(time.monotonic())
 
     def fail(self, drafts: Sequence[Draft], reason: str) -> list[Outcome]:
         """A draft that fails verification on its own: refuse it and forget its session."""

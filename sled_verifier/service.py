@@ -14,6 +14,7 @@ transport the URL names: MQTT, or ``memory://`` in tests):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -163,6 +164,12 @@ class VerifierService:
         if not self.byte_rate.allow(device, now_s, cost=len(payload)):
             return Refusal(ErrorCode.RATE_LIMITED, f"more than {self.config.max_bytes_per_s:g} bytes/s from this "
                            "device", *peek_ids(payload)[1:])
+        held = self.engine.full_devices.get(device)
+        if held is not None:  # its device holds its quota, all live: refused before the (costly) decode
+            tag, session, seq = peek_ids(payload)
+            if tag == "draft" and session is not None and session not in held:
+                return Refusal(ErrorCode.OVERLOADED, f"this device holds its {self.config.device_max_sessions} "
+                               "sessions; retry later", session, seq)
         try:
             draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
@@ -177,9 +184,6 @@ class VerifierService:
         if draft.vocab != self.vocab:
             return Refusal(ErrorCode.VOCAB_MISMATCH, f"draft vocabulary {draft.vocab} differs from the target's "
                            f"{self.vocab}", draft=draft)
-        if draft.context is not None and self.engine.refuses_new(draft):  # the step would refuse it: no queueing
-            return Refusal(ErrorCode.OVERLOADED, f"this device holds its {self.config.device_max_sessions} sessions; "
-                           "retry later", draft=draft)
         offer = self.queue.offer(draft, now_s, self.steps)
         if offer is Offer.FULL:
             return Refusal(ErrorCode.OVERLOADED, "verification queue is full; retry later", draft=draft)
@@ -250,6 +254,7 @@ class VerifierService:
             #    owns session state.
             busy_from = time.perf_counter()
             self.steps += 1
+            self.arrived.clear()  # set again by any draft arriving during the step
             batch = self.queue.take(take_batch(self.policy, self.queue.scored_tokens()))
             prefill_before = self.stats.prefill_tokens
             outcomes = await self._run_step([queued.draft for queued in batch])
@@ -269,6 +274,17 @@ class VerifierService:
             self.idle_since_s = time.monotonic()
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
                       step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
+            if not tokens and all(o.admission is Admission.DEFERRED for o in outcomes):
+                await self._idle_until_arrival()
+
+    async def _idle_until_arrival(self) -> None:
+        """The step only deferred drafts and ran nothing (their devices over their share of time while others
+        have work, or the prefill budget taken): stepping them again at once would spin on the same drafts, so
+        wait for a new draft (whose step gives them their share), at most ``max_wait_s``."""
+        if not self.arrived.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.policy.max_wait_s):
+                    await self.arrived.wait()
 
     async def _wait_for_arrivals(self, delay: float | None, now_s: float) -> None:
         """Wait ``delay`` seconds (None: until a draft arrives), woken early by any arrival."""
