@@ -17,11 +17,12 @@ RUNTIME     ?= transformers
 ACCEPTANCE  ?= 0.8
 K_MODE      ?= priced
 
-.PHONY: help setup system-deps test test-edge demo models pretrained broker inspect clean load bench bench-quick
+.PHONY: help setup system-deps test test-edge demo models pretrained broker inspect clean load bench bench-quick fuzz flood
 DEVICES      ?= 8
 DURATION_S   ?= 20
 VERIFIERS    ?= 2
 KILL_EVERY_S ?= 5
+FUZZ_EXAMPLES ?= 5000
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -97,6 +98,12 @@ bench: setup pretrained ## emulated fleet N=1..256 on the 12M family and on Smol
 bench-quick: setup pretrained ## the emulated fleet at N=1, 4, 16, 64 on the 12M family, then on SmolLM2-135M: server cost vs server-only and the best-k ceiling (RUNTIME=compiled)
 	$(PY) bench/fleet.py --profile quick --runtime $(RUNTIME) --k-mode $(K_MODE)
 	$(PY) bench/fleet.py --target smollm2 --profile quick --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)
+
+fuzz: setup ## the long wire fuzz: 5000 hypothesis messages each against the decoders, an in-process verifier and a verifier behind Mosquitto (FUZZ_EXAMPLES)
+	SLED_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz_wire.py
+
+flood: setup ## honest devices' time alone and beside one device flooding long-context sessions, three repeats (the factor)
+	$(PY) bench/flood.py --repeats 3
 
 load: setup ## DEVICES simulated devices for DURATION_S against VERIFIERS verifiers, one killed every KILL_EVERY_S
 	$(PY) scripts/load.py --devices $(DEVICES) --duration-s $(DURATION_S) --verifiers $(VERIFIERS) --kill-every-s $(KILL_EVERY_S)
