@@ -187,7 +187,7 @@ def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
 def compiled_verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
     """The same target served by the compiled runtime (``--runtime compiled``)."""
     running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("logs"), f"vc-{uuid.uuid4().hex[:6]}",
-                             "--runtime", "compiled")
+                             "--runtime", "compiled", metrics_port=free_port())
     yield running
     running.process.terminate()
     running.process.wait(timeout=15)

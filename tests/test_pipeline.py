@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import PROMPTS, ROOT, edge_config
+from conftest import PROMPTS, ROOT, edge_config, scrape
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, ErrorCode, SamplingParams, VerdictKind, decode_verdict, encode
@@ -55,6 +55,7 @@ async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_m
     jetson = EdgeDevice(edge_config(each_verifier, tiny_models.target_onnx, f"{device_id}-a"))
     pi = EdgeDevice(edge_config(each_verifier, tiny_models.gpt2_onnx, f"{device_id}-b", draft_tokens=3))
     max_new = [40, 32, 24]
+    errors_before = scrape(each_verifier.metrics_url)
     async with jetson, pi:
         prompts = [jetson.encode_prompt(PROMPTS[0]), jetson.encode_prompt(PROMPTS[1]), pi.encode_prompt(PROMPTS[3])]
         async with asyncio.TaskGroup() as group:
@@ -80,8 +81,12 @@ async def test_three_sessions_two_drafts_exact_while_bad_input_is_refused(tiny_m
         assert answers[name].kind is VerdictKind.ERROR and answers[name].error is code, name
         assert answers[name].reason
     assert each_verifier.process.poll() is None
-    log = each_verifier.log_path.read_text()
-    assert "draft_refused" in log and "vocab_mismatch" in log
+    # Each refusal counted once, under its own kind, in the verifier's metrics (and nothing else refused).
+    errors = scrape(each_verifier.metrics_url)
+    counted = {name: errors[name] - errors_before.get(name, 0.0) for name in errors
+               if name.startswith("sled_verifier_errors_total")}
+    assert {name: count for name, count in counted.items() if count} == {
+        f"sled_verifier_errors_total[('kind', '{code}')]": 1 for code in expected_errors.values()}
 
 
 @pytest.mark.asyncio
