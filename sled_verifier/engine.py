@@ -218,11 +218,17 @@ class VerifierEngine:
         one whose device has had more than its share of the verifier's time while others have work."""
         chunk, budget, device_budget = self.quotas.prefill_chunk, self.quotas.max_prefill, Counter()
         rows, chunks = [], []
+        # Every device with work in debt: the least indebted prefills, else no one would until credit came back
+        # from steps that do nothing (a stall: found by tests/test_prefill_chunks.py).
+        all_in_debt = all(self.fair.credit(device) < 0.0 for device in self._active)
+        waiting = {state.device for state in states if state.cached < len(state.committed) - 1}
+        first = max(sorted(waiting), key=self.fair.credit) if all_in_debt and waiting else None
         for state in states:
             end = min((state.cached // chunk + 1) * chunk, len(state.committed) - 1)
             size = end - state.cached
+            fair = state.device == first or self.fair.may_prefill(state.device, self._active)
             if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device] \
-                    or not self.fair.may_prefill(state.device, self._active):
+                    or not fair:
                 continue
             rows.append(state)
             chunks.append(state.committed[state.cached : end])

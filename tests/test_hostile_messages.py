@@ -201,8 +201,14 @@ def start_prod_verifier(prod, tiny_models, log_dir):
 
 
 def stop(running) -> int:
+    """SIGTERM, as systemd stops it; its exit status. Killed (and the test failed) if it does not stop in 60 s."""
     running.process.terminate()
-    return running.process.wait(timeout=15)
+    try:
+        return running.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        running.process.kill()
+        running.process.wait(timeout=10)
+        raise
 
 
 async def honest_over_tls_is_exact(prod, tiny_models, reference, prompt_index: int = 0) -> None:
