@@ -34,7 +34,7 @@ from sled_protocol import Close, Draft, VerdictKind, encode  # noqa: E402
 from sled_protocol import topics  # noqa: E402
 from sled_edge.controller import DraftLengthController, StepPrice  # noqa: E402
 from sled_protocol.codec import decode_status  # noqa: E402
-from sled_protocol.messages import decode_verdict  # noqa: E402
+from sled_protocol.codec import decode_verdict  # noqa: E402
 from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
 
 RETRY_S = 10.0  # resend a round whose verdict has not come back (QoS 0); never expected in a healthy run

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sled_protocol import Draft, VerdictKind, encode, topics  # noqa: E402
-from sled_protocol.messages import decode_verdict  # noqa: E402
+from sled_protocol.codec import decode_verdict  # noqa: E402
 from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
 
 HONEST = ("honest-a", "honest-b", "honest-c")

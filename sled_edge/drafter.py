@@ -26,7 +26,7 @@ import numpy as np
 
 from sled_edge.proposal import SparseProposal, sample_proposal, sparse_proposal, warp_probs
 from sled_protocol import SamplingParams
-from sled_protocol.messages import STREAM_DRAFT, round_seed
+from sled_protocol.seeding import STREAM_DRAFT, round_seed
 
 
 UNGUESSED = -1  # a Guess's assumed next token until the drafting thread has guessed it (never a token id)

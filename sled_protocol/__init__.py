@@ -1,6 +1,7 @@
 """The wire agreement between SLED edge devices and verifiers: messages, topics, limits, MQTT connection."""
 
-from sled_protocol.messages import (
+from sled_protocol.codec import decode, decode_draft, decode_status, decode_verdict, encode
+from sled_protocol.types import (
     SCHEMA_VERSION,
     Close,
     Draft,
@@ -13,12 +14,6 @@ from sled_protocol.messages import (
     Status,
     Verdict,
     VerdictKind,
-    decode,
-    decode_close,
-    decode_draft,
-    decode_status,
-    decode_verdict,
-    encode,
 )
 
 __all__ = [
@@ -35,7 +30,6 @@ __all__ = [
     "Verdict",
     "VerdictKind",
     "decode",
-    "decode_close",
     "decode_draft",
     "decode_status",
     "decode_verdict",

@@ -297,18 +297,8 @@ def _step_cost(body: dict[str, Any]) -> tuple[float, float, float, float] | None
     return tuple(float(v) for v in value)
 
 
-def decode_close(data: bytes, limits: Limits = Limits()) -> Close:
-    return _close_body(_unpack(data, limits, "close"), limits)
-
-
 def _close_body(body: dict[str, Any], limits: Limits) -> Close:
     return Close(device=_name(body, "device"), session=_name(body, "session"))
-
-
-def message_tag(data: bytes, limits: Limits = Limits()) -> str | None:
-    """The type tag of a message (for routing), or ProtocolError when it is not a SLED message."""
-    tag = _unpack(data, limits, None).get("t")
-    return tag if isinstance(tag, str) else None
 
 
 _BODY_DECODERS = {"draft": _draft_body, "verdict": _verdict_body, "status": _status_body, "close": _close_body}

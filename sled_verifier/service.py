@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from sled_protocol import Close, Draft, ErrorCode, Limits, ProtocolError, Status, Verdict, VerdictKind, encode
-from sled_protocol.messages import decode_inbound, peek_ids
+from sled_protocol.codec import decode_inbound, peek_ids
 from sled_protocol import topics
 from sled_protocol.connection import Reconnecting
 from sled_protocol.transport import Link, TransportError, Will, parse_broker_urls, transport_for

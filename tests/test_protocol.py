@@ -132,13 +132,12 @@ def test_refusal_names_the_session_when_it_can():
     assert (raised.value.session, raised.value.seq) == ("s1", 3)
 
 
-def test_close_round_trip_and_routing_tag():
-    from sled_protocol import Close, decode_close
-    from sled_protocol.messages import message_tag
+def test_close_round_trip():
+    from sled_protocol import Close
+    from sled_protocol.codec import decode_inbound
 
     close = Close(device="pi5", session="s1")
-    assert decode_close(encode(close)) == close and decode(encode(close)) == close
-    assert message_tag(encode(close)) == "close" and message_tag(encode(DRAFT)) == "draft"
+    assert decode(encode(close)) == close and decode_inbound(encode(close)) == close
 
 
 def test_topics():
@@ -223,16 +222,6 @@ def test_sampling_params_at_the_edges_of_their_ranges_are_accepted():
     assert SamplingParams(0.0).greedy and SamplingParams(100.0).temperature == 100.0
     assert SamplingParams(1.0, top_k=2**31 - 1, top_p=1.0, seed=2**63 - 1).seed == 2**63 - 1
     assert not SamplingParams(1e-3).greedy
-
-
-def test_the_split_modules_are_one_agreement():
-    """``sled_protocol.messages`` still re-exports everything that moved to types, codec and seeding."""
-    import sled_protocol.messages as messages
-    from sled_protocol import codec, seeding, types
-
-    assert messages.Draft is types.Draft and messages.decode_draft is codec.decode_draft
-    assert messages.round_seed is seeding.round_seed and messages.SamplingParams is SamplingParams
-    assert all(hasattr(messages, name) for name in messages.__all__)
 
 
 def test_status_step_cost_is_optional_both_ways_and_checked():
