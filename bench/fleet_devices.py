@@ -35,7 +35,8 @@ from sled_protocol import topics  # noqa: E402
 from sled_edge.controller import DraftLengthController, StepPrice  # noqa: E402
 from sled_protocol.codec import decode_status  # noqa: E402
 from sled_protocol.codec import decode_verdict  # noqa: E402
-from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
+from sled_protocol.mqtt import make_client  # noqa: E402
+from sled_protocol.transport import parse_broker_url  # noqa: E402
 
 RETRY_S = 10.0  # resend a round whose verdict has not come back (QoS 0); never expected in a healthy run
 
@@ -100,7 +101,7 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
     # priced: against the verifier's announced step cost, as a real device does by default).
     controller = None if spec.get("k_mode", "fixed") == "fixed" else DraftLengthController(k_max=spec.get("k_max", 8))
     price: list[StepPrice | None] = [None]
-    async with make_client(parse_mqtt_url(spec["mqtt_url"]), device_id, keepalive_s=60) as client:
+    async with make_client(parse_broker_url(spec["mqtt_url"]), device_id, keepalive_s=60) as client:
         await client.subscribe(topics.verdict_topic(device_id), qos=topics.QOS_VERDICT)
         if spec.get("k_mode") == "priced":
             await client.subscribe(topics.status_topic(verifier), qos=topics.QOS_STATUS)

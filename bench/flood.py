@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from sled_protocol import Draft, VerdictKind, encode, topics  # noqa: E402
 from sled_protocol.codec import decode_verdict  # noqa: E402
-from sled_protocol.mqtt import make_client, parse_mqtt_url  # noqa: E402
+from sled_protocol.mqtt import make_client  # noqa: E402
+from sled_protocol.transport import parse_broker_url  # noqa: E402
 
 HONEST = ("honest-a", "honest-b", "honest-c")
 PROMPTS = ("import os\nimport sys\n", "def main(argv):\n    parser = argparse.", "class Loop:\n    def run(self",
@@ -55,7 +56,7 @@ async def flood(url: str, verifier_id: str, vocab: str, stop: asyncio.Event, *, 
     """Waves of sessions with long contexts from one device, every verdict answered by a next round at once."""
     rng, tally = random.Random(seed), FloodTally()
     contexts = [tuple(rng.randrange(3, vocab_size) for _ in range(context)) for _ in range(16)]
-    async with make_client(parse_mqtt_url(url), device_id, keepalive_s=60) as client:
+    async with make_client(parse_broker_url(url), device_id, keepalive_s=60) as client:
         await client.subscribe(topics.verdict_topic(device_id), qos=topics.QOS_VERDICT)
         topic = topics.draft_topic(verifier_id, device_id)
         max_len: dict[str, int] = {}

@@ -170,14 +170,15 @@ def transport(url: str, rounds: int = 400) -> dict:
 
     from sled_protocol import Draft, SamplingParams, Verdict, VerdictKind, decode_draft, decode_verdict, encode
     from sled_protocol import topics
-    from sled_protocol.mqtt import make_client, parse_mqtt_url
+    from sled_protocol.mqtt import make_client
+    from sled_protocol.transport import parse_broker_url
 
     draft = Draft(device="bench-t", session="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14), max_len=900,
                   vocab="0123456789abcdef", sampling=SamplingParams(0.8, seed=1),
                   q_ids=tuple(tuple(range(j, j + 16)) for j in range(4)), q_probs=tuple((1 / 16,) * 16 for _ in range(4)))
 
     async def measure(codec: bool) -> list[float]:
-        address = parse_mqtt_url(url)
+        address = parse_broker_url(url)
         async with make_client(address, "bench-echo") as echo, make_client(address, "bench-edge") as edge:
             await echo.subscribe(topics.drafts_filter("bench-t"))
             await edge.subscribe(topics.verdict_topic("bench-t"))

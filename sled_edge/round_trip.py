@@ -34,7 +34,7 @@ from sled_edge.errors import EdgeError
 from sled_edge.session import EdgeSession
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
-from sled_protocol.mqtt import backoff_s
+from sled_protocol.connection import backoff_s
 
 __all__ = ["RoundObserver", "RoundTrip"]
 

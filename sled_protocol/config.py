@@ -95,12 +95,12 @@ def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", mqtt
     """What every service checks: usable broker URLs and MQTT version, a readable ``ca_file`` when one is
     named, a known log level, and topic-level ids (``names`` maps a description such as ``device_id`` to its
     value; empty values are skipped)."""
-    from sled_protocol.mqtt import check_protocol, parse_mqtt_urls
     from sled_protocol.topics import check_name
+    from sled_protocol.transport import check_protocol, parse_broker_urls
 
     require_ca_file(ca_file)
     try:
-        parse_mqtt_urls(mqtt_url)
+        parse_broker_urls(mqtt_url)
         check_protocol(mqtt_protocol)
         for what, value in names.items():
             if value:
@@ -112,7 +112,7 @@ def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", mqtt
 
 def require_ca_file(path: str) -> None:
     """A CA certificate file, when one is named, that TLS will be able to load (not a crash at connect)."""
-    from sled_protocol.mqtt import check_ca_file
+    from sled_protocol.transport import check_ca_file
 
     if path:
         try:

@@ -23,8 +23,9 @@ from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging, redact
-from sled_protocol.mqtt import check_protocol, make_client, parse_mqtt_urls
+from sled_protocol.mqtt import make_client
 from sled_protocol.run import run_until_signal
+from sled_protocol.transport import check_protocol, parse_broker_urls
 
 MAX_PENDING_DRAFTS = 10_000
 
@@ -122,7 +123,7 @@ def render_stats(matcher: Matcher) -> str:
 
 async def watch(args: argparse.Namespace, url: str, protocol: str) -> None:
     check_protocol(protocol)
-    address = parse_mqtt_urls(url)[0]  # any node of a cluster routes every live message
+    address = parse_broker_urls(url)[0]  # any node of a cluster routes every live message
     matcher, seen = Matcher(), 0
     next_stats_s = time.monotonic() + args.interval_s
     async with make_client(address, f"sled-inspect-{uuid.uuid4().hex[:8]}", protocol=protocol,

@@ -14,35 +14,16 @@ a client connects to one and moves to the next after each failed or lost connect
 from __future__ import annotations
 
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiomqtt
 
-from sled_protocol.connection import backoff_s  # noqa: F401 (its former home; imported from here by callers)
-from sled_protocol.transport import (BrokerAddress, Message, TransportError, Will, describe_brokers,  # noqa: F401
-                                     parse_broker_url, parse_broker_urls)
+from sled_protocol.transport import MQTT_PROTOCOLS, BrokerAddress, Message, TransportError, Will
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 PROTOCOLS = {"5": aiomqtt.ProtocolVersion.V5, "3.1.1": aiomqtt.ProtocolVersion.V311}
-
-# The names callers know; the parsing itself is broker-neutral and lives in sled_protocol.transport.
-parse_mqtt_url = parse_broker_url
-parse_mqtt_urls = parse_broker_urls
-
-
-def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"MQTT protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
-
-
-def check_ca_file(path: str) -> None:
-    """ValueError unless ``path`` holds at least one readable CA certificate (what TLS will load later)."""
-    try:
-        ssl.create_default_context(cafile=path)
-    except (OSError, ssl.SSLError) as exc:  # missing, unreadable, a directory, or no certificate in it
-        raise ValueError(f"cannot read CA certificate {path!r}: {exc.strerror or exc}") from None
+assert tuple(PROTOCOLS) == MQTT_PROTOCOLS  # the versions configuration accepts are the ones spoken here
 
 
 def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will | None = None,

@@ -15,14 +15,16 @@ line here.
 from __future__ import annotations
 
 import importlib
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["SCHEMES", "BrokerAddress", "Link", "Message", "Transport", "TransportError", "Will",
-           "describe_brokers", "parse_broker_url", "parse_broker_urls", "topic_matches", "transport_for"]
+__all__ = ["MQTT_PROTOCOLS", "SCHEMES", "BrokerAddress", "Link", "Message", "Transport", "TransportError", "Will",
+           "check_ca_file", "check_protocol", "describe_brokers", "parse_broker_url", "parse_broker_urls",
+           "topic_matches", "transport_for"]
 
 
 class TransportError(ConnectionError):
@@ -116,6 +118,22 @@ def parse_broker_url(url: str) -> BrokerAddress:
 def parse_broker_urls(urls: str) -> list[BrokerAddress]:
     """One URL or several separated by commas (the nodes of a cluster), in the order they are tried."""
     return [parse_broker_url(url.strip()) for url in urls.split(",")]
+
+
+MQTT_PROTOCOLS = ("5", "3.1.1")  # the MQTT versions a broker URL may be spoken with (``--mqtt-protocol``)
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in MQTT_PROTOCOLS:
+        raise ValueError(f"MQTT protocol {protocol!r} must be one of {', '.join(MQTT_PROTOCOLS)}")
+
+
+def check_ca_file(path: str) -> None:
+    """ValueError unless ``path`` holds at least one readable CA certificate (what TLS will load later)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:  # missing, unreadable, a directory, or no certificate in it
+        raise ValueError(f"cannot read CA certificate {path!r}: {exc.strerror or exc}") from None
 
 
 def describe_brokers(addresses: list[BrokerAddress]) -> str:

@@ -20,17 +20,17 @@ from conftest import PROMPTS, Broker, start_verifier
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol.config import ConfigError
-from sled_protocol.mqtt import parse_mqtt_urls
+from sled_protocol.transport import parse_broker_urls
 from test_failover import RoundCounter
 
 MAX_NEW_TOKENS = 60
 
 
 def test_a_broker_list_is_a_cluster_s_nodes_in_order():
-    assert [str(a) for a in parse_mqtt_urls("mqtt://a:1883, mqtt://b:1884,mqtts://c")] == [
+    assert [str(a) for a in parse_broker_urls("mqtt://a:1883, mqtt://b:1884,mqtts://c")] == [
         "mqtt://a:1883", "mqtt://b:1884", "mqtts://c:8883"]
     with pytest.raises(ValueError, match="must look like"):
-        parse_mqtt_urls("mqtt://a:1883,")
+        parse_broker_urls("mqtt://a:1883,")
 
 
 def test_the_mqtt_version_is_checked_at_start(tiny_models):

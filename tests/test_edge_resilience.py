@@ -19,7 +19,8 @@ from sled_edge.config import EdgeConfig
 from sled_protocol import Close, Draft, ErrorCode, FinishReason, Status, Verdict, VerdictKind, encode
 from sled_protocol import topics
 from sled_protocol.codec import decode_inbound
-from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.mqtt import make_client
+from sled_protocol.transport import parse_broker_url
 from sled_protocol.vocab import vocab_hash
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ async def scripted_verifier(broker: Broker, verifier_id: str, vocab: str, answer
     """Announce a verifier, then answer its n-th draft (from 0) with ``answer(n, draft, verifier_id)``
     (None: stay silent)."""
     status = Status(verifier_id, True, model="scripted", vocab=vocab, capacity=4, max_draft_tokens=4, target="t-1")
-    async with make_client(parse_mqtt_url(broker.url), f"scripted-{verifier_id}") as client:
+    async with make_client(parse_broker_url(broker.url), f"scripted-{verifier_id}") as client:
         await client.subscribe(topics.drafts_filter(verifier_id))
         await client.publish(topics.status_topic(verifier_id), encode(status), qos=1, retain=True)
         ready.set()

@@ -19,7 +19,8 @@ from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, SamplingParams, encode
 from sled_protocol import topics
 from sled_protocol.devbroker import start_dev_broker
-from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.mqtt import make_client
+from sled_protocol.transport import parse_broker_url
 from sled_verifier.config import VerifierConfig
 from sled_verifier.service import REFUSAL_BURST_S
 
@@ -143,7 +144,7 @@ async def test_fuzzed_drafts_hurt_no_one(each_verifier, tiny_models, reference, 
     captured: list[bytes] = []
 
     async def fuzz() -> None:
-        async with make_client(parse_mqtt_url(each_verifier.url), f"fuzzer-{uuid.uuid4().hex[:6]}") as client:
+        async with make_client(parse_broker_url(each_verifier.url), f"fuzzer-{uuid.uuid4().hex[:6]}") as client:
             await client.subscribe(f"sled/v1/drafts/{each_verifier.verifier_id}/{device_id}")
             for index, (device, payload) in enumerate(fuzz_messages(rng, vocab, 3000)):
                 await client.publish(topics.draft_topic(each_verifier.verifier_id, device), payload)

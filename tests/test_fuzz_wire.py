@@ -176,14 +176,15 @@ def test_a_real_verifier_answers_every_fuzzed_message_and_stays_up(memory_fuzzer
 @pytest.fixture(scope="module")
 def mosquitto_fuzzer(broker, tiny_models, tmp_path_factory):
     from conftest import ROOT, start_verifier
-    from sled_protocol.mqtt import make_client, parse_mqtt_url
+    from sled_protocol.mqtt import make_client
+    from sled_protocol.transport import parse_broker_url
     from sled_protocol.vocab import vocab_hash
 
     running = start_verifier(broker, tiny_models.target, tmp_path_factory.mktemp("fuzz-logs"), "fz-mv")
     harness, verdicts, held = LoopThread(), asyncio.Queue(), {}
 
     async def start() -> None:
-        client = held["client"] = make_client(parse_mqtt_url(broker.url), f"fuzzer-{uuid.uuid4().hex[:6]}")
+        client = held["client"] = make_client(parse_broker_url(broker.url), f"fuzzer-{uuid.uuid4().hex[:6]}")
         await client.__aenter__()
         await client.subscribe(f"{topics.PREFIX}/verdicts/+")
 

@@ -107,9 +107,9 @@ def test_a_former_verifiers_late_verdict_is_dropped():
     import asyncio
 
     from sled_edge.connection import EdgeConnection
-    from sled_protocol.mqtt import parse_mqtt_url
+    from sled_protocol.transport import parse_broker_url
 
-    connection = EdgeConnection([parse_mqtt_url("mqtt://127.0.0.1:1")], "dev")
+    connection = EdgeConnection([parse_broker_url("mqtt://127.0.0.1:1")], "dev")
     queue: asyncio.Queue = asyncio.Queue()
     connection.waiters["s"] = queue
     connection.session_verifier["s"] = "c"  # the session moved from a to c

@@ -16,7 +16,8 @@ from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Draft, ErrorCode, SamplingParams, VerdictKind, decode_verdict, encode
 from sled_protocol import topics
-from sled_protocol.mqtt import make_client, parse_mqtt_url
+from sled_protocol.mqtt import make_client
+from sled_protocol.transport import parse_broker_url
 from sled_protocol.vocab import vocab_hash
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ async def misbehave(verifier, vocab: str) -> dict[str, object]:
                                         "q_ids": ((1, 3), (2,)), "q_probs": ((float("nan"), 0.5), (1.0,))})),
     }
     answers: dict[str, object] = {}
-    async with make_client(parse_mqtt_url(verifier.url), f"bad-{device}") as client:
+    async with make_client(parse_broker_url(verifier.url), f"bad-{device}") as client:
         await client.subscribe(topics.verdict_topic(device))
         for payload in cases.values():
             await client.publish(topics.draft_topic(verifier.verifier_id, device), payload)

@@ -54,13 +54,14 @@ def test_each_plain_module_is_pure_on_its_own(module):
     assert loaded_after_import([module], ["asyncio", "torch", *SHELL]) == []
 
 
-def imported_modules(path) -> set[str]:
+def imported_modules(path, *, whole: bool = False) -> set[str]:
+    """The modules ``path`` imports anywhere (in functions too): top-level packages, or ``whole`` dotted names."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name if whole else alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module if whole else node.module.split(".")[0])
     return names
 
 
@@ -71,3 +72,15 @@ def test_only_the_protocol_package_imports_aiomqtt():
                  if {"aiomqtt", "paho"} & imported_modules(path)]
     assert offenders == []
     assert "aiomqtt" in imported_modules(ROOT / "sled_protocol" / "mqtt.py")  # the check sees imports at all
+
+
+def test_no_service_or_core_module_imports_the_mqtt_module():
+    """The URL parser, the MQTT versions, the CA check and ``backoff_s`` live on the seam's side
+    (``sled_protocol.transport``, ``.connection``): neither service nor the pure core reaches aiomqtt's module
+    for them, not even in a function; ``transport_for`` alone loads it, by the URL's scheme."""
+    paths = [path for package in ("sled_edge", "sled_verifier", "sled_models") for path in (ROOT / package).rglob("*.py")]
+    paths += [ROOT / (module.replace(".", "/") + ".py") for module in PLAIN + SEAM if module.startswith("sled_protocol")]
+    offenders = sorted(str(path.relative_to(ROOT)) for path in paths
+                       if "sled_protocol.mqtt" in imported_modules(path, whole=True))
+    assert offenders == []
+    assert "sled_protocol.mqtt" in imported_modules(ROOT / "sled_protocol" / "inspect.py", whole=True)  # it sees them

@@ -22,8 +22,9 @@ from conftest import PROMPTS, ROOT, start_verifier
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_protocol import Limits, topics
-from sled_protocol.mqtt import make_client, parse_mqtt_url
 from sled_protocol.devbroker import free_port, wait_for_port
+from sled_protocol.mqtt import make_client
+from sled_protocol.transport import parse_broker_url
 
 pytestmark = pytest.mark.integration
 
@@ -174,8 +175,8 @@ async def test_a_device_cannot_take_over_the_verifiers_or_another_devices_connec
 @pytest.mark.asyncio
 async def test_an_account_connects_under_its_username():
     """What the production broker enforces, the services do themselves: with an account, its name is the id."""
-    with_account = make_client(parse_mqtt_url("mqtts://dev-a:pw@broker.lan"), "sled-edge-dev-a-1234")
-    without = make_client(parse_mqtt_url("mqtt://127.0.0.1:1884"), "sled-edge-dev-a-1234")
+    with_account = make_client(parse_broker_url("mqtts://dev-a:pw@broker.lan"), "sled-edge-dev-a-1234")
+    without = make_client(parse_broker_url("mqtt://127.0.0.1:1884"), "sled-edge-dev-a-1234")
     assert (with_account.identifier, without.identifier) == ("dev-a", "sled-edge-dev-a-1234")
 
 
@@ -342,7 +343,7 @@ async def test_the_largest_draft_passes_the_production_broker_and_more_does_not(
 @pytest.mark.asyncio
 async def test_the_largest_draft_passes_the_dev_broker_and_more_does_not(broker):
     limit = broker_settings(ROOT / "broker" / "mosquitto-dev.conf")["max_packet_size"]
-    address = parse_mqtt_url(broker.url)
+    address = parse_broker_url(broker.url)
     verifier_id, device_id = f"v-{uuid.uuid4().hex[:6]}", f"d-{uuid.uuid4().hex[:6]}"
     async with make_client(address, verifier_id) as verifier:
         await verifier.subscribe(topics.drafts_filter(verifier_id))
