@@ -325,7 +325,7 @@ def main() -> int:
 
         log(f"building the model family into {args.family} (first run only)")
         build_family(args.family, RECIPES["quick"])
-    from sled_verifier.target import TargetModel
+    from sled_verifier.target import TransformersTarget
 
     max_n = max(profile["ns"])
     if args.target is not None:  # the drafts' paths are absolute: args.family / path is path
@@ -338,7 +338,7 @@ def main() -> int:
         rng = np.random.default_rng(42)
         starts = rng.integers(0, len(held_out) - profile["prompt_tokens"], size=max_n)
         prompts = [held_out[s : s + profile["prompt_tokens"]].astype(int).tolist() for s in starts]
-    target = TargetModel(target_dir, device="cpu")
+    target = TransformersTarget(target_dir, device="cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = ROOT / "build" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)

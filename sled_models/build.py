@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sled_models.corpus import read_texts, stdlib_corpus
-from sled_models.recipe import PROFILES, Recipe, stage_key
+from sled_models.recipe import Recipe, stage_key
 
 EOS = "<|endoftext|>"
 
@@ -261,8 +261,3 @@ def print_evaluation(results: dict) -> None:
     target = results["target"]
     print(f"target verification pass (5 tokens/session): batch 1 {target['verify_ms_batch1']} ms, "
           f"batch 8 {target['verify_ms_batch8']} ms", file=sys.stderr)
-
-
-def main_build(out: Path, profile: str) -> int:
-    build_family(out, PROFILES[profile])
-    return 0

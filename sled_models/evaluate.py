@@ -52,7 +52,7 @@ def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path],
     from transformers import AutoModelForCausalLM
 
     from sled_edge.draft_model import OnnxDraftModel
-    from sled_verifier.target import TargetModel
+    from sled_verifier.target import TransformersTarget
 
     target = AutoModelForCausalLM.from_pretrained(family / "target", local_files_only=True).eval()
     prompts = torch.tensor(_windows(held_out, eval_prompts, prompt_tokens, seed=123))
@@ -88,7 +88,7 @@ def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path],
             "draft_ms_per_token": round(_ms(draft_token, 5) / 17, 3),
         }
     progress("eval target")
-    verifier_target = TargetModel(family / "target", device="cpu")
+    verifier_target = TransformersTarget(family / "target", device="cpu")
     kv = verifier_target.init_kv(max_slots=8, max_length=continued.shape[1])
     slots = [kv.acquire() for _ in range(8)]
     contexts, inputs = continued[:8, :-5].tolist(), continued[:8, -5:].tolist()

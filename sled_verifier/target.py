@@ -234,7 +234,3 @@ class TransformersTarget:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=view,
                          use_cache=True, cache_position=torch.arange(m_max, device=dev), **keep)
         return out.logits
-
-
-
-TargetModel = TransformersTarget  # the name before the runtime seam (benchmarks, evaluation)

@@ -18,7 +18,7 @@ from sled_verifier.engine import Quotas, VerifierEngine
 from sled_verifier.sessions import Admission
 from sled_verifier.stats import VerifierStats
 from sled_verifier.runtime import RUNTIMES, load_target
-from sled_verifier.target import TargetModel
+from sled_verifier.target import TransformersTarget
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -161,7 +161,7 @@ def test_sessions_are_per_device(tiny_models, target):
 def test_long_and_short_sessions_share_a_batch_near_the_position_limit(tiny_models, reference):
     """A GPT-2 target (learned positions, 1024 of them): a session near the limit and a short one with a
     long draft share one forward; padding slots must not index past the position table."""
-    target = TargetModel(tiny_models.gpt2, device="cpu")
+    target = TransformersTarget(tiny_models.gpt2, device="cpu")
     engine = VerifierEngine(target, "v", max_sessions=4, stats=VerifierStats())
     vocab = vocab_hash(tiny_models.gpt2)
     long_prompt = [(7 * i) % 500 + 1 for i in range(1020)]
@@ -222,7 +222,7 @@ def test_sliding_window_targets_are_refused(tmp_path):
     MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=2, sliding_window=16)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="sliding-window"):
-        TargetModel(tmp_path, device="cpu")
+        TransformersTarget(tmp_path, device="cpu")
 
 
 def test_close_frees_the_session_at_once(tiny_models, target):
