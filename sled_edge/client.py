@@ -91,7 +91,6 @@ class EdgeDevice:
         self.connection = EdgeConnection(parse_broker_urls(config.mqtt_url), config.device_id, config.ca_file or None,
                                          config.mqtt_protocol)
         self.directory = VerifierDirectory(self.connection, self.vocab, config.verifier, config.discovery_timeout_s)
-        self.verifiers = self.directory.statuses
 
     async def __aenter__(self) -> EdgeDevice:
         try:
@@ -139,13 +138,13 @@ class EdgeDevice:
         async with RoundTrip(self.connection, self.directory, self.config, session, verifier, self.observer) as trip:
             try:
                 while session.finish is None:
-                    limit = max(0, min(self._max_draft_tokens(trip.verifier), session.budget - 1))
-                    price = self._price(trip.verifier, seeded)
+                    limit = max(0, min(self._max_draft_tokens(trip.holder_status), session.budget - 1))
+                    price = self._price(trip.holder_status, seeded)
                     k = min(self.config.draft_tokens, limit) if self.config.draft_tokens else controller.choose(limit, price)
                     # 1. This round's draft: the one drafted ahead if the verdict agreed with it, else drafted now.
                     proposal = await self._this_round(drafter, session, guess, k, limit, seeded)
                     # 2. While the round trip carries it to the verifier, draft the next round as if all is accepted.
-                    guess, drafting_ahead = self._draft_ahead(drafter, session, proposal, controller, trip.verifier)
+                    guess, drafting_ahead = self._draft_ahead(drafter, session, proposal, controller, trip.holder_status)
                     verifying = time.perf_counter()
                     draft, verdict = await trip.exchange(proposal)
                     self._observe(controller, draft, verdict, proposal, seeded, time.perf_counter() - verifying)
@@ -164,7 +163,7 @@ class EdgeDevice:
             finally:
                 if guess is not None:  # an error or a cancel mid-round: the thread stops at its next step
                     guess.abandoned = True
-        return self._result(session, len(prompt_ids), trip.verifier, seeded, time.perf_counter() - started)
+        return self._result(session, len(prompt_ids), trip.holder_status, seeded, time.perf_counter() - started)
 
     @staticmethod
     def _max_draft_tokens(verifier: Status) -> int:

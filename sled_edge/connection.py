@@ -8,8 +8,9 @@ connection come back or runs out its outage budget; it never retries against a d
 that fails to dispatch is logged and dropped, never the connection.
 
 Verdicts go to the waiting session's queue (by session id) when they come from the verifier holding that
-session (``session_verifier``; a former holder's late answers are dropped); verifier statuses update
-``verifiers`` and set ``status_changed``. A session's round trip (``sled_edge.round_trip``) registers its
+session (its holder, ``holders``; a former holder's late answers are dropped, and a move empties the
+session's queue of what its former holder left there); verifier statuses update ``statuses`` and set
+``status_changed``. A session's round trip (``sled_edge.round_trip``) registers its
 queue with ``expect``, follows its moves with ``reassign`` and leaves with ``forget``.
 Sessions learn of events that need a resend now rather than after a timeout through sentinels put
 in their queues: RECONNECTED (the broker came back; in-flight rounds may be lost) and ``VerifierDown``
@@ -54,44 +55,48 @@ class EdgeConnection:
         self.device_id = device_id
         self.ca_file = ca_file
         self.protocol = protocol
-        self.verifiers: dict[str, Status] = {}
+        self.statuses: dict[str, Status] = {}
         self.status_changed = asyncio.Event()
         self.waiters: dict[str, asyncio.Queue] = {}
-        self.session_verifier: dict[str, str] = {}
+        self.holders: dict[str, str] = {}  # session id -> the id of the verifier holding it
         # The shared reconnect loop; ``Exception`` in restart_on: this task supervises itself.
-        self.loop = Reconnecting(
+        self.reconnecting = Reconnecting(
             [transport_for(address, ca_file=ca_file, protocol=protocol) for address in addresses],
             lambda: f"sled-edge-{device_id}-{uuid.uuid4().hex[:8]}",
             subscriptions=[(topics.verdict_topic(device_id), topics.QOS_VERDICT),
                            (topics.STATUS_FILTER, topics.QOS_STATUS)],
             restart_on=(Exception,), log=log)
-        self.connected = self.loop.connected
+        self.connected = self.reconnecting.connected
         self._task: asyncio.Task | None = None
 
     @property
     def reconnects(self) -> int:
-        return self.loop.reconnects
+        return self.reconnecting.reconnects
 
     @property
     def last_error(self) -> BaseException | None:
         """Why the latest attempt failed, for the start-up error."""
-        return self.loop.last_error
+        return self.reconnecting.last_error
 
     def expect(self, session_id: str, verifier_id: str) -> asyncio.Queue:
         """The queue that ``session_id``'s verdicts from ``verifier_id`` (and the sentinels) will arrive in."""
         self.waiters[session_id] = asyncio.Queue()
-        self.session_verifier[session_id] = verifier_id
+        self.holders[session_id] = verifier_id
         return self.waiters[session_id]
 
     def reassign(self, session_id: str, verifier_id: str) -> None:
-        """The session has moved: from now on only ``verifier_id``'s verdicts reach it."""
-        self.session_verifier[session_id] = verifier_id
+        """The session has moved: from now on only ``verifier_id``'s verdicts reach it, and what its former
+        holder left queued (a late verdict, its offline notice, a reconnect) is dropped: the move resends anyway."""
+        self.holders[session_id] = verifier_id
+        queue = self.waiters[session_id]
+        while not queue.empty():
+            queue.get_nowait()
 
     def forget(self, session_id: str) -> None:
-        del self.waiters[session_id], self.session_verifier[session_id]
+        del self.waiters[session_id], self.holders[session_id]
 
     async def start(self, timeout_s: float) -> None:
-        self._task = asyncio.create_task(self.loop.run(self._serve), name="mqtt-connection")
+        self._task = asyncio.create_task(self.reconnecting.run(self._serve), name="mqtt-connection")
         try:
             async with asyncio.timeout(timeout_s):
                 await self.connected.wait()
@@ -116,7 +121,7 @@ class EdgeConnection:
 
     async def _serve(self, link: Link) -> None:
         """One live connection: tell waiting sessions about a reconnect, then dispatch every message."""
-        if self.loop.connections > 1:
+        if self.reconnecting.connections > 1:
             self._wake_all(RECONNECTED)  # in-flight rounds may be lost: resend now, not after a timeout
         async for message in link.messages():
             self._dispatch(message.topic, message.payload, message.retain)
@@ -126,7 +131,7 @@ class EdgeConnection:
         async with asyncio.timeout(timeout_s):
             while True:
                 await self.connected.wait()
-                link = self.loop.link
+                link = self.reconnecting.link
                 if link is None:  # woken by a connection that is already gone again
                     continue
                 try:
@@ -147,13 +152,13 @@ class EdgeConnection:
                 if not _speaks_for_itself(topic, status):
                     log.warning("status_topic_mismatch", topic=topic, verifier=status.verifier[:80])
                     return
-                was_online = self.verifiers.get(status.verifier, status).online
-                self.verifiers[status.verifier] = status
+                was_online = self.statuses.get(status.verifier, status).online
+                self.statuses[status.verifier] = status
                 self.status_changed.set()
                 if was_online and not status.online:
                     log.warning("verifier_offline", verifier=status.verifier)
-                    for session_id, verifier in list(self.session_verifier.items()):
-                        if verifier == status.verifier and session_id in self.waiters:
+                    for session_id, holder in list(self.holders.items()):
+                        if holder == status.verifier and session_id in self.waiters:
                             self.waiters[session_id].put_nowait(VerifierDown(status.verifier))
         except ProtocolError as exc:
             log.warning("message_undecodable", topic=topic, error=str(exc))
@@ -162,8 +167,8 @@ class EdgeConnection:
 
     def _route(self, verdict: Verdict) -> None:
         queue = self.waiters.get(verdict.session) if verdict.session else None
-        holder = self.session_verifier.get(verdict.session) if verdict.session else None
-        if queue is not None and holder is not None and verdict.verifier != holder:
+        holder = self.holders.get(verdict.session) if verdict.session else None
+        if queue is not None and verdict.verifier != holder:
             # A late answer from a verifier the session has moved away from: its state now lives elsewhere.
             log.info("verdict_from_former_verifier", session_id=verdict.session, seq=verdict.seq,
                      verifier=verdict.verifier, holder=holder)

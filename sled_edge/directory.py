@@ -26,7 +26,7 @@ class VerifierDirectory:
     def __init__(self, connection: EdgeConnection, vocab: str, only: str = "",
                  discovery_timeout_s: float = 5.0) -> None:
         self.connection = connection
-        self.statuses = connection.verifiers  # verifier id -> its latest Status; the connection keeps it current
+        self.statuses = connection.statuses  # verifier id -> its latest Status; the connection keeps it current
         self.vocab = vocab
         self.only = only  # a configured verifier id; empty: any
         self.discovery_timeout_s = discovery_timeout_s

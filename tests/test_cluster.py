@@ -110,6 +110,6 @@ async def test_sessions_finish_exactly_when_a_node_dies(cluster, tiny_models, re
 
 async def all_online(device: EdgeDevice, verifier_ids: set[str]) -> None:
     """Until ``device`` holds an online status of every verifier in ``verifier_ids``."""
-    while not all(vid in device.verifiers and device.verifiers[vid].online for vid in verifier_ids):
+    while not all(vid in device.directory.statuses and device.directory.statuses[vid].online for vid in verifier_ids):
         device.connection.status_changed.clear()
         await device.connection.status_changed.wait()

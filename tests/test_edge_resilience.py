@@ -170,7 +170,7 @@ async def test_a_refusal_ends_the_generation_and_the_session_leaves_the_connecti
             assert done.finish_reason == "length" and device.connection.waiters == {}
             with pytest.raises(EdgeError, match="bad_token: token 99999 is outside the vocabulary"):
                 await device.generate(prompt, MAX_NEW)
-            assert device.connection.waiters == {} and device.connection.session_verifier == {}
+            assert device.connection.waiters == {} and device.connection.holders == {}
     finally:
         server.cancel()
         await asyncio.wait([server])
@@ -178,9 +178,9 @@ async def test_a_refusal_ends_the_generation_and_the_session_leaves_the_connecti
 
 @pytest.mark.asyncio
 async def test_a_former_verifiers_offline_notice_does_not_move_the_session_again(tiny_models):
-    """A session that left verifier A for B may still find A's offline notice in its queue (A went down while
-    the session was drafting or backing off). It names A, so the round on B ignores it and takes B's verdict;
-    B's own notice still ends the wait at once."""
+    """A session that left verifier A for B may have A's offline notice and late verdict in its queue (A went
+    down while the session was drafting or backing off). The move drops them and A's later notices never reach
+    the session, so the round on B takes B's verdict; B's own notice still ends the wait at once."""
     from sled_edge.connection import EdgeConnection, VerifierDown
     from sled_edge.directory import VerifierDirectory
     from sled_edge.round_trip import RoundTrip
@@ -192,16 +192,25 @@ async def test_a_former_verifiers_offline_notice_does_not_move_the_session_again
     connection = EdgeConnection(parse_broker_urls(config.mqtt_url), config.device_id)  # never started: no broker
     session = EdgeSession("s-moved", config.device_id, "v", [1, 2, 3], 20)
     a, b = Status("a", True, vocab="v"), Status("b", True, vocab="v")
+
+    def verdict(verifier: str) -> Verdict:
+        return Verdict(kind=VerdictKind.VERIFIED, verifier=verifier, session=session.session_id, seq=0, accepted=0,
+                       next_token=7, committed_len=4)
+
     async with RoundTrip(connection, VerifierDirectory(connection, "v"), config, session, a) as trip:
-        trip.verifier = b  # moved to b
+        for status in (a, b, Status("a", False, vocab="v")):  # a's will: its notice is queued before the move
+            connection._dispatch(topics.status_topic(status.verifier), encode(status))
+        connection._route(verdict("a"))
+        assert connection.waiters[session.session_id].qsize() == 2
+        trip.holder_status = b  # moved to b
         connection.reassign(session.session_id, "b")
-        connection._dispatch(topics.status_topic("a"), encode(Status("a", True, vocab="v")))
-        connection._dispatch(topics.status_topic("a"), encode(Status("a", False, vocab="v")))  # a's will
+        assert connection.waiters[session.session_id].qsize() == 0  # the move dropped what a left
+        connection._dispatch(topics.status_topic("a"), encode(a))
+        connection._dispatch(topics.status_topic("a"), encode(Status("a", False, vocab="v")))
+        connection._route(verdict("a"))
         assert connection.waiters[session.session_id].qsize() == 0  # a holds no session of ours now
-        trip._verdicts.put_nowait(VerifierDown("a"))  # queued before the move
-        answer = Verdict(kind=VerdictKind.VERIFIED, verifier="b", session=session.session_id, seq=0, accepted=0,
-                         next_token=7, committed_len=4)
-        trip._verdicts.put_nowait(answer)
+        answer = verdict("b")
+        connection._route(answer)
         assert await trip._verdict_for(0) is answer
-        trip._verdicts.put_nowait(VerifierDown("b"))
+        connection._dispatch(topics.status_topic("b"), encode(Status("b", False, vocab="v")))
         assert isinstance(await trip._verdict_for(0), VerifierDown)

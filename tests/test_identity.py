@@ -112,7 +112,7 @@ def test_a_former_verifiers_late_verdict_is_dropped():
     connection = EdgeConnection([parse_broker_url("mqtt://127.0.0.1:1")], "dev")
     queue: asyncio.Queue = asyncio.Queue()
     connection.waiters["s"] = queue
-    connection.session_verifier["s"] = "c"  # the session moved from a to c
+    connection.holders["s"] = "c"  # the session moved from a to c
     late = Verdict(kind=VerdictKind.VERIFIED, verifier="a", session="s", seq=4, accepted=1, next_token=3, committed_len=9)
     connection._route(late)
     assert queue.empty()

@@ -60,7 +60,7 @@ def start_together(broker, log_dir, *pairs):
 async def announced(device: EdgeDevice, *verifier_ids: str) -> None:
     """Wait until every verifier's status has reached the device, so the opening choice is deterministic."""
     async with asyncio.timeout(10):
-        while not all(getattr(device.verifiers.get(v), "online", False) for v in verifier_ids):
+        while not all(getattr(device.directory.statuses.get(v), "online", False) for v in verifier_ids):
             device.connection.status_changed.clear()
             await device.connection.status_changed.wait()
 
@@ -93,7 +93,7 @@ async def test_with_only_another_target_left_the_session_fails_naming_both(
     try:
         async with EdgeDevice(pinned_config(tiny_models, module_broker, tag), observer=counter) as device:
             await announced(device, holder.verifier_id, other_target_verifier.verifier_id)
-            ours, theirs = device.verifiers[holder.verifier_id], device.verifiers[other_target_verifier.verifier_id]
+            ours, theirs = device.directory.statuses[holder.verifier_id], device.directory.statuses[other_target_verifier.verifier_id]
             assert ours.vocab == theirs.vocab  # one tokenizer: vocabulary equality alone would allow the move
             assert ours.target == target_identity(target, "float32", tmp_path / "cache")
             assert theirs.target == target_identity(other, "float32", tmp_path / "cache") != ours.target
@@ -125,7 +125,7 @@ async def test_a_replica_of_the_same_target_takes_the_session_over_exactly(
     try:
         async with EdgeDevice(pinned_config(tiny_models, module_broker, tag), observer=counter) as device:
             await announced(device, holder.verifier_id, same.verifier_id, other_target_verifier.verifier_id)
-            ours, replica_status = device.verifiers[holder.verifier_id], device.verifiers[same.verifier_id]
+            ours, replica_status = device.directory.statuses[holder.verifier_id], device.directory.statuses[same.verifier_id]
             assert replica_status.target == ours.target and replica_status.model != ours.model  # renamed copy
             prompts = [device.encode_prompt(p) for p in PROMPTS[:2]]
             async with asyncio.TaskGroup() as group:
