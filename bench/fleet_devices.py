@@ -134,7 +134,7 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                     await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0)
                     sent = time.monotonic()  # a device times its round from publishing to the verdict's arrival
                     await asyncio.sleep(one_way_s())
-                    draft = Draft(device=device_id, session=session, seq=seq, base_len=len(committed),
+                    draft = Draft(device=device_id, session_id=session, seq=seq, base_len=len(committed),
                                   tokens=tuple(tokens), max_len=max_len, vocab=spec["vocab"],
                                   context=tuple(committed) if send_context else None)
                     verdict = await exchange(client, draft_topic, draft, inbox, tally)
@@ -168,7 +168,7 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                 tally.sessions.append(record)
                 if verdict.kind is not VerdictKind.VERIFIED or verdict.finish is None:
                     # ended by an error or a wrong verdict: free the verifier's slot now
-                    await client.publish(draft_topic, encode(Close(device=device_id, session=session)))
+                    await client.publish(draft_topic, encode(Close(device=device_id, session_id=session)))
         finally:
             reader.cancel()
 
@@ -182,7 +182,7 @@ async def exchange(client, topic: str, draft: Draft, inbox: asyncio.Queue, tally
             async with asyncio.timeout(RETRY_S):
                 while True:
                     _, verdict = await inbox.get()
-                    if verdict.session == draft.session and verdict.seq == draft.seq:
+                    if verdict.session_id == draft.session_id and verdict.seq == draft.seq:
                         return verdict
         except TimeoutError:
             tally.retries += 1

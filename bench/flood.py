@@ -72,12 +72,13 @@ async def flood(url: str, verifier_id: str, vocab: str, stop: asyncio.Event, *, 
             async for message in client.messages:
                 verdict = decode_verdict(bytes(message.payload))
                 tally.verdicts[str(verdict.error or verdict.kind)] += 1
-                if verdict.kind is VerdictKind.VERIFIED and verdict.finish is None and verdict.session in max_len:
-                    await publish(Draft(device_id, verdict.session, verdict.seq + 1, base_len=verdict.committed_len,
-                                        tokens=tokens()[: max(0, max_len[verdict.session] - verdict.committed_len - 1)],
-                                        max_len=max_len[verdict.session], vocab=vocab))
+                if verdict.kind is VerdictKind.VERIFIED and verdict.finish is None and verdict.session_id in max_len:
+                    await publish(Draft(device_id, verdict.session_id, verdict.seq + 1, base_len=verdict.committed_len,
+                                        tokens=tokens()[: max(0, max_len[verdict.session_id]
+                                                              - verdict.committed_len - 1)],
+                                        max_len=max_len[verdict.session_id], vocab=vocab))
                 else:
-                    max_len.pop(verdict.session, None)
+                    max_len.pop(verdict.session_id, None)
 
         reader = asyncio.create_task(answer(), name="flood-verdicts")
         try:

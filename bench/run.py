@@ -173,8 +173,8 @@ def transport(url: str, rounds: int = 400) -> dict:
     from sled_protocol.mqtt import make_client
     from sled_protocol.transport import parse_broker_url
 
-    draft = Draft(device="bench-t", session="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14), max_len=900,
-                  vocab="0123456789abcdef", sampling=SamplingParams(0.8, seed=1),
+    draft = Draft(device="bench-t", session_id="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14),
+                  max_len=900, vocab="0123456789abcdef", sampling=SamplingParams(0.8, seed=1),
                   q_ids=tuple(tuple(range(j, j + 16)) for j in range(4)), q_probs=tuple((1 / 16,) * 16 for _ in range(4)))
 
     async def measure(codec: bool) -> list[float]:
@@ -188,8 +188,8 @@ def transport(url: str, rounds: int = 400) -> dict:
                     payload = bytes(message.payload)
                     if codec:
                         got = decode_draft(payload)
-                        payload = encode(Verdict(kind=VerdictKind.VERIFIED, verifier="bench-t", session=got.session,
-                                                 seq=got.seq, accepted=2, next_token=7, committed_len=got.base_len + 3))
+                        payload = encode(Verdict(kind=VerdictKind.VERIFIED, verifier="bench-t",
+                                                 session_id=got.session_id, seq=got.seq, accepted=2, next_token=7, committed_len=got.base_len + 3))
                     await echo.publish(topics.verdict_topic("bench-t"), payload)
 
             server = asyncio.create_task(serve())

@@ -166,18 +166,18 @@ class EdgeConnection:
             log.exception("message_dispatch_failed", topic=topic)
 
     def _route(self, verdict: Verdict) -> None:
-        queue = self.waiters.get(verdict.session) if verdict.session else None
-        holder = self.holders.get(verdict.session) if verdict.session else None
+        queue = self.waiters.get(verdict.session_id) if verdict.session_id else None
+        holder = self.holders.get(verdict.session_id) if verdict.session_id else None
         if queue is not None and verdict.verifier != holder:
             # A late answer from a verifier the session has moved away from: its state now lives elsewhere.
-            log.info("verdict_from_former_verifier", session_id=verdict.session, seq=verdict.seq,
+            log.info("verdict_from_former_verifier", session_id=verdict.session_id, seq=verdict.seq,
                      verifier=verdict.verifier, holder=holder)
         elif queue is not None:
             queue.put_nowait(verdict)
         elif verdict.kind is VerdictKind.ERROR:
             log.warning("verifier_refused_message", error=str(verdict.error), reason=verdict.reason)
         else:
-            log.debug("verdict_unclaimed", session_id=verdict.session, seq=verdict.seq)
+            log.debug("verdict_unclaimed", session_id=verdict.session_id, seq=verdict.seq)
 
     def _wake_all(self, sentinel: object) -> None:
         for queue in self.waiters.values():

@@ -227,7 +227,7 @@ class RoundTrip:
 
     async def _close(self) -> None:
         """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
-        message = encode(Close(device=self.session.device, session=self.session.session_id))
+        message = encode(Close(device=self.session.device, session_id=self.session.session_id))
         try:
             await self.connection.publish(topics.draft_topic(self.holder_status.verifier, self.session.device), message,
                                           timeout_s=1.0)

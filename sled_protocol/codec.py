@@ -20,6 +20,8 @@ from sled_protocol.types import (SCHEMA_VERSION, Close, Draft, ErrorCode, Finish
 PROBABILITY_SUM_TOLERANCE = 1e-3
 
 _TAGS = {Draft: "draft", Verdict: "verdict", Status: "status", Close: "close"}
+# Attribute -> wire key where the two differ (the code's names follow the glossary; the wire keeps its keys).
+WIRE_KEYS = {"session_id": "session"}
 
 
 def encode(message: Message) -> bytes:
@@ -30,7 +32,7 @@ def encode(message: Message) -> bytes:
             continue
         if isinstance(value, SamplingParams):
             value = dict(value.__dict__)
-        body[name] = str(value) if isinstance(value, StrEnum) else value
+        body[WIRE_KEYS.get(name, name)] = str(value) if isinstance(value, StrEnum) else value
     # Floats travel as float32: proposal probabilities need no more, and SamplingParams is float32 already.
     return msgpack.packb(body, use_bin_type=True, use_single_float=True)
 
@@ -131,7 +133,7 @@ def _draft_body(body: dict[str, Any], limits: Limits) -> Draft:
     try:
         return _draft_from(body, limits)
     except ProtocolError as exc:
-        exc.session, exc.seq = _session_of(body.get("session")), _seq_of(body.get("seq"))
+        exc.session_id, exc.seq = _session_of(body.get("session")), _seq_of(body.get("seq"))
         raise
 
 
@@ -173,7 +175,7 @@ def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"context of {base_len} tokens exceeds {limits.max_context_tokens}")
     draft = Draft(
         device=_name(body, "device"),
-        session=_name(body, "session"),
+        session_id=_name(body, "session"),
         seq=_count(body, "seq", 0),
         base_len=base_len,
         tokens=_tokens(body, "tokens", limits.max_draft_tokens, limits),
@@ -252,7 +254,7 @@ def _verdict_body(body: dict[str, Any], limits: Limits) -> Verdict:
     return Verdict(
         kind=_enum(body, "kind", VerdictKind, required=True),
         verifier=_name(body, "verifier"),
-        session=_name(body, "session", required=False),
+        session_id=_name(body, "session", required=False),
         seq=_count(body, "seq", 0, required=False),
         accepted=_count(body, "accepted", 0, required=False) or 0,
         next_token=_count(body, "next_token", 0, required=False),
@@ -298,7 +300,7 @@ def _step_cost(body: dict[str, Any]) -> tuple[float, float, float, float] | None
 
 
 def _close_body(body: dict[str, Any], limits: Limits) -> Close:
-    return Close(device=_name(body, "device"), session=_name(body, "session"))
+    return Close(device=_name(body, "device"), session_id=_name(body, "session"))
 
 
 _BODY_DECODERS = {"draft": _draft_body, "verdict": _verdict_body, "status": _status_body, "close": _close_body}

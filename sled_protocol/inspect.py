@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
+from sled_protocol.codec import WIRE_KEYS
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging, redact
 from sled_protocol.mqtt import make_client
@@ -57,7 +58,8 @@ def describe(topic: str, payload: bytes, received_s: float, retain: bool = False
         if value is not None:
             if hasattr(value, "__dataclass_fields__"):
                 value = dict(value.__dict__)
-            record[name] = list(value) if isinstance(value, tuple) else (str(value) if hasattr(value, "value") else value)
+            shown = list(value) if isinstance(value, tuple) else (str(value) if hasattr(value, "value") else value)
+            record[WIRE_KEYS.get(name, name)] = shown  # the wire's keys: this is what travelled
     return record
 
 

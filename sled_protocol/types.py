@@ -36,7 +36,7 @@ class ProtocolError(ValueError):
         super().__init__(message)
         self.code = code
         # Best-effort identity of the offending message, so the refusal can reach the right session.
-        self.session: str | None = None
+        self.session_id: str | None = None
         self.seq: int | None = None
 
 
@@ -178,7 +178,7 @@ class Draft:
     """
 
     device: str
-    session: str
+    session_id: str  # wire key "session"
     seq: int
     base_len: int
     tokens: tuple[int, ...]
@@ -199,7 +199,7 @@ class Verdict:
 
     kind: VerdictKind
     verifier: str
-    session: str | None
+    session_id: str | None  # wire key "session"
     seq: int | None
     accepted: int = 0
     next_token: int | None = None
@@ -243,7 +243,7 @@ class Close:
     the verifier frees its state at once instead of waiting for LRU eviction. No answer is sent."""
 
     device: str
-    session: str
+    session_id: str  # wire key "session"
 
 
 Message = Draft | Verdict | Status | Close

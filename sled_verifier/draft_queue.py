@@ -47,7 +47,7 @@ class Queued:
 
     @property
     def key(self) -> SessionKey:
-        return (self.draft.device, self.draft.session)
+        return (self.draft.device, self.draft.session_id)
 
 
 class DraftQueue:
@@ -68,7 +68,7 @@ class DraftQueue:
         return key in self._queued
 
     def offer(self, draft: Draft, now_s: float, step: int = 0) -> Offer:
-        key = (draft.device, draft.session)
+        key = (draft.device, draft.session_id)
         queued = self._queued.get(key)
         if queued is not None and queued.draft.seq > draft.seq:
             return Offer.LATE

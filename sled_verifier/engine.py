@@ -140,17 +140,17 @@ class VerifierEngine:
         outcomes: list[Outcome] = []
         runnable: list[Runnable] = []
         now_s = time.monotonic()
-        batch_keys = frozenset((d.device, d.session) for d in drafts)
+        batch_keys = frozenset((d.device, d.session_id) for d in drafts)
         seen: set[tuple[str, str]] = set()
         for draft in drafts:
-            if (draft.device, draft.session) in seen:
+            if (draft.device, draft.session_id) in seen:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.MALFORMED,
                                         "a second draft of this session in one step; one round at a time")
                 outcomes.append(Outcome(draft.device, verdict, Admission.STALE, draft))
                 continue
-            seen.add((draft.device, draft.session))
+            seen.add((draft.device, draft.session_id))
             admission = self.sessions.admit(draft)
-            state = self.sessions.get(draft.device, draft.session)
+            state = self.sessions.get(draft.device, draft.session_id)
             if admission is Admission.RESEND:
                 outcomes.append(Outcome(draft.device, state.last_verdict, admission, draft))
             elif admission is Admission.STALE:
@@ -167,7 +167,7 @@ class VerifierEngine:
                     state, dropped = self.sessions.open(draft, now_s, protected=batch_keys)
                     for old in dropped:
                         self._release(old)
-                        if (old.device, old.session_id) != (draft.device, draft.session):
+                        if (old.device, old.session_id) != (draft.device, draft.session_id):
                             log.debug("session_evicted", device_id=old.device, session_id=old.session_id,
                                       for_device=draft.device)
                     if state is None:
@@ -297,10 +297,10 @@ class VerifierEngine:
         """A draft that fails verification on its own: refuse it and forget its session."""
         outcomes = []
         for draft in drafts:
-            state = self.sessions.get(draft.device, draft.session)
+            state = self.sessions.get(draft.device, draft.session_id)
             if state is not None:
                 self._release(state)
-            self.sessions.forget(draft.device, draft.session)
+            self.sessions.forget(draft.device, draft.session_id)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
             outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC, draft))
         self._snapshot()
@@ -327,7 +327,7 @@ class VerifierEngine:
         state.last_seq = draft.seq
         self.stats.record_draft(len(draft.tokens), accepted)
         state.last_verdict = Verdict(
-            kind=VerdictKind.VERIFIED, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
+            kind=VerdictKind.VERIFIED, verifier=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
             accepted=accepted, next_token=next_token if has_next else None,
             next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if has_next else None,
             committed_len=len(state.committed), finish=finish,
@@ -337,7 +337,7 @@ class VerifierEngine:
         return state.last_verdict
 
     def _resync(self, draft: Draft) -> Verdict:
-        return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session=draft.session, seq=draft.seq,
+        return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
                        reason="verifier holds no matching state for this session; resend with context")
 
 
@@ -345,5 +345,5 @@ def error_verdict(verifier_id: str, draft: Draft | None, code: ErrorCode, reason
                   session: str | None = None, seq: int | None = None) -> Verdict:
     """The answer to a refused message; without a decoded ``draft``, whatever ids could be read from it."""
     return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id,
-                   session=draft.session if draft else session, seq=draft.seq if draft else seq,
+                   session_id=draft.session_id if draft else session, seq=draft.seq if draft else seq,
                    error=code, reason=reason)

@@ -173,7 +173,7 @@ class VerifierService:
         try:
             draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
-            session, seq = (exc.session, exc.seq) if exc.session is not None else peek_ids(payload)[1:]
+            session, seq = (exc.session_id, exc.seq) if exc.session_id is not None else peek_ids(payload)[1:]
             return Refusal(exc.code, str(exc), session, seq)
         if isinstance(draft, Close):
             self._close(device, draft)
@@ -191,28 +191,28 @@ class VerifierService:
             return Refusal(ErrorCode.OVERLOADED, f"this device has {self.config.device_max_drafts} drafts queued; "
                            "retry later", draft=draft)
         if offer is Offer.QUEUED:
-            self.arrivals.arrived((device, draft.session), now_s)
+            self.arrivals.arrived((device, draft.session_id), now_s)
             self.arrived.set()
         return None  # Offer.LATE: an older round arrived late; the newer one is already queued.
 
     def _close(self, device: str, close: Close) -> None:
         if close.device != device:
             return  # a device closes only its own sessions
-        key = (device, close.session)
+        key = (device, close.session_id)
         self.queue.drop(key)
         self.arrivals.forget(key)  # no draft is coming: the scheduler need not wait for it
         loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(self.model_thread, self.engine.close, device, close.session)
+        task = loop.run_in_executor(self.model_thread, self.engine.close, device, close.session_id)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        log.debug("session_closed", device_id=device, session_id=close.session)
+        log.debug("session_closed", device_id=device, session_id=close.session_id)
 
     async def _refuse(self, client: Link, device: str, draft: Draft | None, code: ErrorCode, reason: str, *,
                       session: str | None = None, seq: int | None = None, cause: Exception | None = None) -> None:
         reason = reason if len(reason) <= MAX_REASON_CHARS else f"{reason[:MAX_REASON_CHARS - 3]}..."
         verdict = error_verdict(self.config.verifier_id, draft, code, reason, session=session, seq=seq)
         self.stats.errors[str(code)] += 1
-        if not self._log_refusal(device, "draft_refused", time.monotonic(), session_id=verdict.session,
+        if not self._log_refusal(device, "draft_refused", time.monotonic(), session_id=verdict.session_id,
                                  seq=verdict.seq, error=str(code), reason=reason,
                                  **({"exc_info": cause} if cause is not None else {})):
             return  # over this device's refusal budget: counted, neither logged nor answered
@@ -267,7 +267,7 @@ class VerifierService:
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
-            self.queue.requeue([taken[o.device, o.draft.session] for o in outcomes
+            self.queue.requeue([taken[o.device, o.draft.session_id] for o in outcomes
                                 if o.admission is Admission.DEFERRED])
             await self._answer(client, outcomes, taken, now_s)
             self.stats.busy_s += time.perf_counter() - busy_from
@@ -302,14 +302,14 @@ class VerifierService:
         predictor which sessions will draft again."""
         sent_s = time.monotonic()
         for outcome in outcomes:
-            key = (outcome.device, outcome.draft.session)
+            key = (outcome.device, outcome.draft.session_id)
             if outcome.admission is not Admission.DEFERRED:
                 arrival_s = taken[key].arrival_s
                 self.stats.record_queue_delay(stepped_s - arrival_s, stepped_s - max(arrival_s, self.idle_since_s))
             verdict = outcome.verdict
             if verdict is None:
                 continue
-            log.debug("draft_answered", device_id=outcome.device, session_id=verdict.session, seq=verdict.seq,
+            log.debug("draft_answered", device_id=outcome.device, session_id=verdict.session_id, seq=verdict.seq,
                       kind=str(verdict.kind), error=verdict.error and str(verdict.error),
                       steps_waited=self.steps - taken[key].arrival_step)
             if verdict.kind is VerdictKind.ERROR:
@@ -337,7 +337,7 @@ class VerifierService:
                 log.warning("batch_failed_retrying_halves", drafts=len(drafts), error=repr(exc))
                 middle = len(drafts) // 2
                 return await self._run_step(drafts[:middle]) + await self._run_step(drafts[middle:])
-            log.exception("draft_failed", device_id=drafts[0].device, session_id=drafts[0].session)
+            log.exception("draft_failed", device_id=drafts[0].device, session_id=drafts[0].session_id)
             reason = f"verification failed: {exc.__class__.__name__}: {exc}"
             return await loop.run_in_executor(self.model_thread, self.engine.fail, drafts, reason)
 

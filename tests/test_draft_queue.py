@@ -13,7 +13,7 @@ def draft(session: str, seq: int = 0, k: int = 2, device: str = "dev", context: 
 
 
 def keys(taken) -> list[tuple[str, int]]:
-    return [(q.draft.session, q.draft.seq) for q in taken]
+    return [(q.draft.session_id, q.draft.seq) for q in taken]
 
 
 def test_taken_oldest_first_with_arrival_times():

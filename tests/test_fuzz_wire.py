@@ -109,8 +109,8 @@ class Fuzzer:
         verdict = decode_verdict(data)
         assert not (verdict.reason or "").startswith("message refused:"), f"the catch-all caught: {verdict.reason}"
         _, session, seq = peek_ids(payload)
-        if verdict.kind is VerdictKind.ERROR and session is not None and verdict.session is not None:
-            assert verdict.session == session
+        if verdict.kind is VerdictKind.ERROR and session is not None and verdict.session_id is not None:
+            assert verdict.session_id == session
         TALLY[f"{prefix}_answered"] += 1
         TALLY[f"{prefix}_{verdict.error or verdict.kind}"] += 1
         assert self.alive(), "the verifier stopped"

@@ -45,7 +45,7 @@ def test_a_proposal_probability_outside_0_1_is_refused_before_any_arithmetic(row
     with pytest.raises(ProtocolError) as raised:
         decode_draft(poison(q_probs=(row,)))
     assert raised.value.code is ErrorCode.BAD_PROPOSAL
-    assert (raised.value.session, raised.value.seq) == ("s-poison", 1)
+    assert (raised.value.session_id, raised.value.seq) == ("s-poison", 1)
 
 
 @pytest.mark.parametrize("row", [(1.0, 0.0), (-0.0, 1.0), (5e-324, 1.0), (0.5, 0.5)])
@@ -138,7 +138,7 @@ async def test_the_poison_is_refused_to_its_session_and_retained_poison_is_never
             await link.publish(topics.draft_topic("mem-v", "dev-a"), poison(), retain=True)  # live: refused
             [verdict] = await verdicts_within(link, 1.0)
             assert verdict.kind is VerdictKind.ERROR and verdict.error is ErrorCode.BAD_PROPOSAL
-            assert (verdict.session, verdict.seq) == ("s-poison", 1)
+            assert (verdict.session_id, verdict.seq) == ("s-poison", 1)
         assert memory_broker(name).retained[topics.draft_topic("mem-v", "dev-a")] == poison()
         assert not verifier.done()
     # A verifier starting where the poison is retained gets it with the retain flag set: it is ignored.
@@ -176,7 +176,7 @@ async def test_any_exception_admitting_a_message_is_that_messages_refusal(tiny_m
             await link.publish(topics.draft_topic("mem-v", "dev-a"), poison(session="explode", seq=7))
             [verdict] = await verdicts_within(link, 1.0)
         assert verdict.error is ErrorCode.MALFORMED and "OverflowError" in verdict.reason
-        assert (verdict.session, verdict.seq) == ("explode", 7)
+        assert (verdict.session_id, verdict.seq) == ("explode", 7)
         await honest_generation_is_exact(f"memory://{name}", tiny_models, reference)
         assert not verifier.done()
 
@@ -246,7 +246,7 @@ async def test_the_retained_poison_through_mosquitto_pub_stops_no_verifier(prod,
             sent = prod.cli("mosquitto_pub", "dev-a", "-r", "-q", "1", "-t", topic, "-f", str(tmp_path / "poison"))
             assert sent.returncode == 0, sent.stderr
             verdicts = await verdicts_of(inspector, 2.0)
-        assert [(v.error, v.session, v.seq) for v in verdicts] == [(ErrorCode.BAD_PROPOSAL, "s-poison", 1)]
+        assert [(v.error, v.session_id, v.seq) for v in verdicts] == [(ErrorCode.BAD_PROPOSAL, "s-poison", 1)]
         assert stop(running) == 0  # a signal's exit, not 70
         running = start_prod_verifier(prod, tiny_models, tmp_path)  # a fresh log; the poison is retained
         await honest_over_tls_is_exact(prod, tiny_models, reference)
@@ -309,7 +309,7 @@ async def test_oversized_nested_and_a_refusal_storm_stop_no_one(prod, tiny_model
                 group.create_task(honest_over_tls_is_exact(prod, tiny_models, reference, prompt_index=1))
             await honest_over_tls_is_exact(prod, tiny_models, reference, prompt_index=3)  # and after it
         elapsed_s = asyncio.get_running_loop().time() - started_s
-        assert [(v.error, v.session, v.seq) for v in verdicts] == [
+        assert [(v.error, v.session_id, v.seq) for v in verdicts] == [
             (ErrorCode.TOO_LARGE, "s-big", 4), (ErrorCode.TOO_LARGE, "s-big", 5), (ErrorCode.MALFORMED, "s-big", 6)]
         assert "exceeds" in verdicts[0].reason and "context limit" in verdicts[0].reason
         assert running.process.poll() is None

@@ -113,7 +113,8 @@ def test_a_former_verifiers_late_verdict_is_dropped():
     queue: asyncio.Queue = asyncio.Queue()
     connection.waiters["s"] = queue
     connection.holders["s"] = "c"  # the session moved from a to c
-    late = Verdict(kind=VerdictKind.VERIFIED, verifier="a", session="s", seq=4, accepted=1, next_token=3, committed_len=9)
+    late = Verdict(kind=VerdictKind.VERIFIED, verifier="a", session_id="s", seq=4, accepted=1, next_token=3,
+                   committed_len=9)
     connection._route(late)
     assert queue.empty()
     current = Verdict(**{**late.__dict__, "verifier": "c"})

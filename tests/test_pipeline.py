@@ -26,15 +26,15 @@ pytestmark = pytest.mark.integration
 async def misbehave(verifier, vocab: str) -> dict[str, object]:
     """Publish bad messages as a device and collect the verifier's answer to each."""
     device = f"bad-{uuid.uuid4().hex[:6]}"
-    good = Draft(device=device, session="unknown_session", seq=0, base_len=2, tokens=(1, 2), max_len=10, vocab=vocab)
+    good = Draft(device=device, session_id="unknown_session", seq=0, base_len=2, tokens=(1, 2), max_len=10, vocab=vocab)
     cases = {
         "garbage": b"\x00\xffnot msgpack",
         "unknown_session": encode(good),
-        "vocab": encode(Draft(**{**good.__dict__, "session": "vocab", "vocab": "feedfacefeedface"})),
-        "bad_token": encode(Draft(**{**good.__dict__, "session": "bad_token", "tokens": (1, 10**6)})),
-        "oversized": encode(Draft(**{**good.__dict__, "session": "oversized", "tokens": tuple(range(200))})),
-        "spoofed": encode(Draft(**{**good.__dict__, "session": "spoofed", "device": "someone-else"})),
-        "nan_proposal": encode(Draft(**{**good.__dict__, "session": "nan_proposal", "sampling": SamplingParams(0.8),
+        "vocab": encode(Draft(**{**good.__dict__, "session_id": "vocab", "vocab": "feedfacefeedface"})),
+        "bad_token": encode(Draft(**{**good.__dict__, "session_id": "bad_token", "tokens": (1, 10**6)})),
+        "oversized": encode(Draft(**{**good.__dict__, "session_id": "oversized", "tokens": tuple(range(200))})),
+        "spoofed": encode(Draft(**{**good.__dict__, "session_id": "spoofed", "device": "someone-else"})),
+        "nan_proposal": encode(Draft(**{**good.__dict__, "session_id": "nan_proposal", "sampling": SamplingParams(0.8),
                                         "q_ids": ((1, 3), (2,)), "q_probs": ((float("nan"), 0.5), (1.0,))})),
     }
     answers: dict[str, object] = {}
@@ -45,7 +45,7 @@ async def misbehave(verifier, vocab: str) -> dict[str, object]:
         async with asyncio.timeout(20):
             async for message in client.messages:
                 verdict = decode_verdict(bytes(message.payload))
-                answers[verdict.session or "garbage"] = verdict
+                answers[verdict.session_id or "garbage"] = verdict
                 if len(answers) == len(cases):
                     return answers
     return answers

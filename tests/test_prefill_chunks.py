@@ -65,10 +65,10 @@ def logits_of(target, subject: Draft, early: list[Draft], beside: list[Draft]) -
     for _ in range(100):
         outcome = {id(o.draft): o for o in engine.step(batch)}[id(subject)]
         if outcome.admission is Admission.RUN:
-            return recording.logits[engine.sessions.get(subject.device, subject.session).slot]
+            return recording.logits[engine.sessions.get(subject.device, subject.session_id).slot]
         assert outcome.admission is Admission.DEFERRED
-        batch = [d for d in batch if engine.sessions.get(d.device, d.session) is None
-                 or not engine.sessions.get(d.device, d.session).rounds]  # verified neighbours leave the step
+        batch = [d for d in batch if engine.sessions.get(d.device, d.session_id) is None
+                 or not engine.sessions.get(d.device, d.session_id).rounds]  # verified neighbours leave the step
     raise AssertionError("the subject never finished its prefill")
 
 
@@ -110,5 +110,5 @@ def test_a_chunk_that_does_not_fit_waits_rather_than_taking_a_leftover(target):
                             quotas=Quotas(prefill_chunk=CHUNK, max_prefill=CHUNK + 10, device_prefill=CHUNK + 10))
     a, b = first_round("a", "a", 300, seed=1), first_round("b", "b", 300, seed=2)
     engine.step([a, b])
-    cached = {d.device: engine.sessions.get(d.device, d.session).cached for d in (a, b)}
+    cached = {d.device: engine.sessions.get(d.device, d.session_id).cached for d in (a, b)}
     assert cached == {"a": CHUNK, "b": 0}  # b's next chunk did not fit the 10 tokens left: it waited

@@ -12,8 +12,9 @@ from sled_protocol import (
 )
 from sled_protocol import topics
 
-DRAFT = Draft(device="jetson-1", session="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40, vocab="0123456789abcdef")
-VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session="s1", seq=3, accepted=2, next_token=7,
+DRAFT = Draft(device="jetson-1", session_id="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40,
+              vocab="0123456789abcdef")
+VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session_id="s1", seq=3, accepted=2, next_token=7,
                   next_kind=NextKind.RECOVERED, committed_len=8)
 STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
                 capacity=256, max_draft_tokens=16, max_context_tokens=4096)
@@ -54,12 +55,12 @@ def test_golden_bytes(name):
 
 
 def test_round_trips_with_optional_fields():
-    draft = Draft(device="pi5", session="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v", context=(1, 2, 3))
+    draft = Draft(device="pi5", session_id="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v", context=(1, 2, 3))
     assert decode_draft(encode(draft)) == draft
     for verdict in (
-        Verdict(kind=VerdictKind.RESYNC, verifier="v", session="a", seq=0, reason="no state"),
-        Verdict(kind=VerdictKind.ERROR, verifier="v", session=None, seq=None, error=ErrorCode.MALFORMED, reason="x"),
-        Verdict(kind=VerdictKind.VERIFIED, verifier="v", session="a", seq=9, accepted=4, next_token=None,
+        Verdict(kind=VerdictKind.RESYNC, verifier="v", session_id="a", seq=0, reason="no state"),
+        Verdict(kind=VerdictKind.ERROR, verifier="v", session_id=None, seq=None, error=ErrorCode.MALFORMED, reason="x"),
+        Verdict(kind=VerdictKind.VERIFIED, verifier="v", session_id="a", seq=9, accepted=4, next_token=None,
                 committed_len=20, finish=FinishReason.EOS),
     ):
         assert decode_verdict(encode(verdict)) == verdict
@@ -129,14 +130,14 @@ def test_bad_drafts_raise_one_error_type(case, data, code):
 def test_refusal_names_the_session_when_it_can():
     with pytest.raises(ProtocolError) as raised:
         decode_draft(_mutated(tokens=[1, 99999]), Limits(vocab_size=512))
-    assert (raised.value.session, raised.value.seq) == ("s1", 3)
+    assert (raised.value.session_id, raised.value.seq) == ("s1", 3)
 
 
 def test_close_round_trip():
     from sled_protocol import Close
     from sled_protocol.codec import decode_inbound
 
-    close = Close(device="pi5", session="s1")
+    close = Close(device="pi5", session_id="s1")
     assert decode(encode(close)) == close and decode_inbound(encode(close)) == close
 
 
@@ -150,7 +151,7 @@ def test_topics():
             topics.verdict_topic(bad)
 
 
-SAMPLED = Draft(device="pi5", session="s", seq=1, base_len=3, tokens=(4, 9), max_len=20, vocab="v",
+SAMPLED = Draft(device="pi5", session_id="s", seq=1, base_len=3, tokens=(4, 9), max_len=20, vocab="v",
                 sampling=SamplingParams(0.8, 20, 0.95, 1234),
                 q_ids=((4, 5, 6), (9, 1)), q_probs=((0.5, 0.25, 0.25), (0.75, 0.25)))
 
@@ -188,7 +189,7 @@ def test_bad_proposals_are_refused(case, data, code):
     with pytest.raises(ProtocolError) as raised:
         decode_draft(data, Limits(vocab_size=512))
     assert raised.value.code is code, str(raised.value)
-    assert raised.value.session == "s"
+    assert raised.value.session_id == "s"
 
 
 BAD_SAMPLING = [
@@ -215,7 +216,7 @@ def test_sampling_params_check_their_own_ranges_for_every_caller(fields):
     body = msgpack.unpackb(_sampled(sampling={"temperature": 1.0, **fields}))  # the same values off the wire
     with pytest.raises(ProtocolError) as raised:
         decode_draft(msgpack.packb(body), Limits(vocab_size=512))
-    assert raised.value.code is ErrorCode.BAD_SAMPLING and raised.value.session == "s"
+    assert raised.value.code is ErrorCode.BAD_SAMPLING and raised.value.session_id == "s"
 
 
 def test_sampling_params_at_the_edges_of_their_ranges_are_accepted():

@@ -30,14 +30,14 @@ def test_a_device_with_200_queued_drafts_does_not_delay_one_with_one():
     policy = SchedulePolicy(max_drafts=4)
     taken = queue.take(take_batch(policy, queue.scored_tokens()))
     assert devices(taken) == ["flood", "honest", "flood", "flood"]  # one place per device per round
-    assert [q.draft.session for q in taken if q.draft.device == "flood"] == ["f0", "f1", "f2"]  # oldest first
+    assert [q.draft.session_id for q in taken if q.draft.device == "flood"] == ["f0", "f1", "f2"]  # oldest first
 
 
 def test_round_robin_takes_devices_in_the_order_of_their_oldest_draft():
     queue = DraftQueue(max_drafts=16)
     for now_s, (device, session) in enumerate([("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1"), ("a", "a2")]):
         queue.offer(draft(device, session), now_s=float(now_s))
-    assert [q.draft.session for q in queue.fair_order()] == ["b1", "a1", "c1", "b2", "a2"]
+    assert [q.draft.session_id for q in queue.fair_order()] == ["b1", "a1", "c1", "b2", "a2"]
     assert queue.scored_tokens() == [4] * 5
 
 
@@ -61,7 +61,7 @@ def test_a_session_closed_during_its_step_is_not_requeued():
     taken = queue.take(2)                    # the step runs; both deferred
     queue.drop(("d", "closing"))             # the Close arrives meanwhile
     queue.requeue(taken)
-    assert [q.draft.session for q in queue.take(5)] == ["staying"]
+    assert [q.draft.session_id for q in queue.take(5)] == ["staying"]
     queue.requeue([])
     queue.offer(draft("d", "closing", seq=1), now_s=1.0)  # a later step is not affected by an old close
     assert len(queue) == 1
@@ -96,11 +96,11 @@ def test_one_device_adds_at_most_its_step_tokens_to_a_step():
     for i in range(8):
         queue.offer(draft("many", f"m{i}"), now_s=0.0)  # 4 tokens each
     queue.offer(draft("one", "o"), now_s=1.0)
-    assert [q.draft.session for q in queue.fair_order()] == ["m0", "o", "m1"]  # 8 of 10 tokens; a third: 12
+    assert [q.draft.session_id for q in queue.fair_order()] == ["m0", "o", "m1"]  # 8 of 10 tokens; a third: 12
     assert queue.state(idle_since_s=0.0, prefill_budget=0).drafts == 3
     taken = queue.take(3)
     queue.requeue([])
-    assert len(taken) == 3 and [q.draft.session for q in queue.fair_order()] == ["m2", "m3"]
+    assert len(taken) == 3 and [q.draft.session_id for q in queue.fair_order()] == ["m2", "m3"]
     big = DraftQueue(max_drafts=8, device_step_tokens=2)
     big.offer(draft("d", "x"), now_s=0.0)
     assert len(big.fair_order()) == 1  # a device's first draft always goes, whatever its size

@@ -39,7 +39,7 @@ async def refusals_seen(name: str, device_id: str = "honest"):
         async for message in link.messages():
             verdict = decode_verdict(message.payload)
             if verdict.kind is VerdictKind.ERROR:
-                seen.append((str(verdict.error), verdict.session, verdict.seq))
+                seen.append((str(verdict.error), verdict.session_id, verdict.seq))
 
     async with transport_for(parse_broker_url(f"memory://{name}")).connect("watcher") as link:
         await link.subscribe(topics.verdict_topic(device_id))
