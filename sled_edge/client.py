@@ -86,7 +86,7 @@ class EdgeDevice:
             self.tokenizer = Tokenizer.from_file(f"{config.draft}/tokenizer.json")
         except Exception as exc:  # a missing, corrupt or incomplete export: fix the files, do not restart
             raise ConfigError(f"cannot load draft {config.draft!r}: {exc.__class__.__name__}: {exc}") from None
-        self.controller = DraftLengthController(k_max=config.max_draft_tokens)  # per device, all sessions
+        self.controller = DraftLengthController(k_max=config.k_max)  # per device, all sessions
         self.ahead = ahead or AheadPolicy()  # whether proactive drafting pays on this device (all sessions)
         self.connection = EdgeConnection(parse_broker_urls(config.mqtt_url), config.device_id, config.ca_file or None,
                                          config.mqtt_protocol)
@@ -133,7 +133,7 @@ class EdgeDevice:
         # A sampled session's realisation depends on where drafts start and stop, so a seed reproduces it
         # only if k does not depend on timing: it gets its own controller that learns from acceptance alone.
         seeded = sampling is not None and not sampling.greedy
-        controller = DraftLengthController(k_max=self.config.max_draft_tokens) if seeded else self.controller
+        controller = DraftLengthController(k_max=self.config.k_max) if seeded else self.controller
         guess: Guess | None = None  # the next round, drafted while this one is verified (proactive drafting)
         async with RoundTrip(self.connection, self.directory, self.config, session, verifier, self.observer) as trip:
             try:

@@ -21,9 +21,9 @@ class EdgeConfig:
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
     draft_tokens: int = field(default=0, metadata=_help("draft tokens k per round; 0: adaptive (best expected tokens/s)"))
-    max_draft_tokens: int = field(default=8, metadata=_help(
+    k_max: int = field(default=8, metadata=_help(
         f"the most draft tokens the adaptive k may choose, 1..{Limits.max_draft_tokens} (what a verifier accepts by "
-        "default; each announces its own limit, which caps k)"))
+        "default; each announces its own limit, its max_draft_tokens, which caps k)", formerly=("max_draft_tokens",)))
     priced: bool = field(default=True, metadata=_help(
         "adaptive k against the verifier's announced step cost: the k (0: the server decodes one token) that costs "
         "it least per committed token, never slower than k = 0; off: the best tokens/s for this device alone"))
@@ -71,8 +71,7 @@ class EdgeConfig:
         # The wire's limits (what a verifier accepts by default; each announces its own, and k is capped by it).
         require(1 <= self.proposal_tokens <= Limits.max_proposal_tokens,
                 f"proposal_tokens must be 1..{Limits.max_proposal_tokens}")
-        require(1 <= self.max_draft_tokens <= Limits.max_draft_tokens,
-                f"max_draft_tokens must be 1..{Limits.max_draft_tokens}")
+        require(1 <= self.k_max <= Limits.max_draft_tokens, f"k_max must be 1..{Limits.max_draft_tokens}")
         for name in ("timeout_s", "outage_timeout_s", "discovery_timeout_s", "request_timeout_s"):
             require_duration(getattr(self, name), name)
         require(self.retries >= 0, "retries must be >= 0")

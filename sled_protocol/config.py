@@ -2,7 +2,7 @@
 
 A field ``max_wait_ms`` becomes ``--max-wait-ms`` and ``SLED_MAX_WAIT_MS``; the dataclass default is the only
 default; a flag beats the environment, which beats the default. Each field's ``metadata["help"]`` is its
-help text. Invalid values raise ``ConfigError``, which entry points turn into exit status 78 (EX_CONFIG).
+help text; ``metadata["formerly"]`` names a renamed field's old names, still accepted as flags and variables. Invalid values raise ``ConfigError``, which entry points turn into exit status 78 (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             continue
         kind = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
+        formerly = ["--" + name.replace("_", "-") for name in field.metadata.get("formerly", ())]
         default = None if field.default is dataclasses.MISSING else field.default
-        help_text = f"{field.metadata.get('help', '')} [env {env_name(field.name)}; default {default!r}]"
+        was = f"; formerly {', '.join(formerly)}" if formerly else ""
+        help_text = f"{field.metadata.get('help', '')} [env {env_name(field.name)}; default {default!r}{was}]"
         help_text = help_text.replace("%", "%%")  # argparse %-formats help: a literal "50%" would break --help
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, *formerly, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper(), help=help_text)
+            parser.add_argument(flag, *formerly, dest=field.name, default=None, metavar=field.name.upper(),
+                                help=help_text)
 
 
 def _convert(raw: Any, kind: type, name: str) -> Any:
@@ -67,8 +71,8 @@ def config_from_args(config_cls: type, args: argparse.Namespace, environ: dict[s
     values: dict[str, Any] = {}
     for field in dataclasses.fields(config_cls):
         raw = getattr(args, field.name, None)
-        if raw is None:
-            raw = environ.get(env_name(field.name))
+        for name in (field.name, *field.metadata.get("formerly", ())):
+            raw = environ.get(env_name(name)) if raw is None else raw
         if raw is None:
             if field.default is dataclasses.MISSING:
                 raise ConfigError(f"--{field.name.replace('_', '-')} (or {env_name(field.name)}) is required")
@@ -85,9 +89,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, environ: dict[s
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def described(text: str) -> dict[str, str]:
-    """``field(metadata=described("..."))``: the help text of a config field."""
-    return {"help": text}
+def described(text: str, *, formerly: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``field(metadata=described("..."))``: the help text of a config field, and the names it had before a
+    rename (``formerly``: their flags and ``SLED_*`` variables still work)."""
+    return {"help": text, "formerly": formerly}
 
 
 def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", mqtt_protocol: str = "5",

@@ -116,6 +116,21 @@ def test_every_edge_duration_is_validated(draft_dir, name, value):
         EdgeConfig(draft=str(draft_dir), **{name: value})
 
 
+@pytest.mark.parametrize(("argv", "environ"), [
+    (["--k-max", "3"], {}), (["--max-draft-tokens", "3"], {}), ([], {"SLED_K_MAX": "3"}),
+    ([], {"SLED_MAX_DRAFT_TOKENS": "3"}), (["--k-max", "3"], {"SLED_MAX_DRAFT_TOKENS": "5"}),
+])
+def test_a_renamed_option_keeps_its_old_flag_and_variable(draft_dir, argv, environ):
+    """k_max was max_draft_tokens (the verifier's wire limit has that name): the old flag and variable still work."""
+    import argparse
+
+    from sled_protocol.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, EdgeConfig)
+    assert config_from_args(EdgeConfig, parser.parse_args(["--draft", str(draft_dir), *argv]), environ).k_max == 3
+
+
 def test_an_unreadable_ca_file_is_a_configuration_error(draft_dir, tmp_path):
     with pytest.raises(ConfigError, match="nonexistent.pem"):
         EdgeConfig(draft=str(draft_dir), mqtt_url="mqtts://broker", ca_file=str(tmp_path / "nonexistent.pem"))
