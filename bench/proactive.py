@@ -115,7 +115,7 @@ async def run_device(url: str, verifier: Verifier, draft: Path, device_id: str, 
     committed = sum(len(r.token_ids) for r in results)
     rounds = sum(r.rounds for r in results)
     return {"tokens_per_s": committed / wall_s, "verifier_cpu_ms_per_token": 1000 * cpu_s / committed,
-            "rounds": rounds, "hit_rate": sum(r.proactive_hits for r in results) / rounds,
+            "rounds": rounds, "hit_rate": sum(r.guesses_held for r in results) / rounds,
             "mean_accepted_length": committed / rounds, "outputs": [r.token_ids for r in results]}
 
 

@@ -179,10 +179,10 @@ def main() -> int:
             print(f"output: {result['text']!r}")
         print("\nexact: greedy sessions compared token for token with the target alone; "
               "the sampled one rerun with its seed")
-        print("\ndevice        tokens rounds  mean_k  mean_accepted_len  acceptance  tokens/s  exact")
+        print("\ndevice        tokens rounds  mean_k  mean_accept_len    acceptance  tokens/s  exact")
         for device, r in results.items():
             print(f"{device:<13} {len(r['token_ids']):>6} {r['rounds']:>6}  {r['draft_tokens'] / r['rounds']:>6.1f}  "
-                  f"{r['mean_accepted_length']:>17.2f}  {r['acceptance_rate']:>10.0%}  {r['tokens_per_s']:>8.1f}  "
+                  f"{r['mean_acceptance_length']:>17.2f}  {r['acceptance_rate']:>10.0%}  {r['tokens_per_s']:>8.1f}  "
                   f"{'yes' if exact[device] else 'NO'}")
         print(f"\n{len(results)} sessions, {sum(len(r['token_ids']) for r in results.values())} tokens in {wall_s:.1f} s wall"
               + ("; random-weight models, so the text itself is noise." if args.family == "tiny" else "."))

@@ -142,12 +142,12 @@ def check_exact(hf_dir: Path, answers: dict[str, dict], max_tokens: int) -> dict
 
 
 def print_table(answers: dict[str, dict], drafts: dict[str, Path], exact: dict[str, bool]) -> None:
-    print("\ndevice        draft              tokens rounds  mean_accepted_len  acceptance  tokens/s  exact")
+    print("\ndevice        draft              tokens rounds  mean_accept_len    acceptance  tokens/s  exact")
     for device, answer in answers.items():
         sled, tokens = answer["sled"], answer["usage"].get("completion_tokens", 0)
         label = "target's own" if drafts[device].parent.name == "self-drafts" else drafts[device].name
         print(f"{device:<13} {label[:18]:<18} {tokens:>6} {sled.get('rounds', 0):>6}  "
-              f"{sled.get('mean_accepted_length', 0):>17.2f}  {sled.get('acceptance_rate', 0):>10.0%}  "
+              f"{sled.get('mean_acceptance_length', 0):>17.2f}  {sled.get('acceptance_rate', 0):>10.0%}  "
               f"{tokens / answer['seconds']:>8.1f}  {'yes' if exact[device] else 'NO'}")
 
 

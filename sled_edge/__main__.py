@@ -140,8 +140,8 @@ async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_
         print(json.dumps(result.as_dict()))
     else:
         sys.stdout.write(result.text[printed:] + "\n")
-        print(f"[{len(result.token_ids)} tokens, {result.rounds} rounds, mean accepted length "
-              f"{result.mean_accepted_length:.2f}, acceptance {result.acceptance_rate:.0%}, "
+        print(f"[{len(result.token_ids)} tokens, {result.rounds} rounds, mean acceptance length "
+              f"{result.mean_acceptance_length:.2f}, acceptance {result.acceptance_rate:.0%}, "
               f"{result.as_dict()['tokens_per_s']} tokens/s, verifier {result.verifier}"
               f"{'' if result.seed is None else f', seed {result.seed}'}]", file=sys.stderr)
     return result.as_dict()

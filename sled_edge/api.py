@@ -274,8 +274,10 @@ class Generation:
                 "total_tokens": self.prompt_tokens + len(result.token_ids), **result.spec_decode}
 
     def _sled(self, result) -> dict:
-        return {"rounds": result.rounds, "mean_accepted_length": result.mean_accepted_length,
-                "acceptance_rate": result.acceptance_rate, "proactive_rounds": result.proactive_hits,
+        # mean_accepted_length and proactive_rounds: the names before issue 23, kept beside the new for a release.
+        return {"rounds": result.rounds, "mean_acceptance_length": result.mean_acceptance_length,
+                "mean_accepted_length": result.mean_acceptance_length, "acceptance_rate": result.acceptance_rate,
+                "guesses_held": result.guesses_held, "proactive_rounds": result.guesses_held,
                 "verifier": result.verifier, "seed": result.seed, "prompt_format": self.request.prompt_format}
 
     async def complete(self) -> dict:

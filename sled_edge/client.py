@@ -51,13 +51,13 @@ class GenerationResult:
     rounds: int
     draft_tokens: int
     accepted_tokens: int
-    mean_accepted_length: float
+    mean_acceptance_length: float  # 1 + accepted / rounds (vLLM's name and definition)
     acceptance_rate: float
     resyncs: int
     retries: int
     failovers: int
-    proactive_guesses: int    # next rounds drafted while a round was verified
-    proactive_hits: int       # of which the verdict agreed, so the round went out at once
+    guesses: int              # proactive drafting: next rounds drafted while a round was verified
+    guesses_held: int         # of which the verdict agreed, so the round went out at once
     spec_decode: dict         # the acceptance figures under vLLM's names (SessionStats.spec_decode)
     verifier: str
     target: str | None        # identity of the target that produced every token (None: not announced)
@@ -67,6 +67,7 @@ class GenerationResult:
     def as_dict(self) -> dict[str, object]:
         data = dict(self.__dict__)
         data.update(data.pop("spec_decode"))  # flat, beside our own names for the same counts
+        data["mean_accepted_length"] = self.mean_acceptance_length  # the name before issue 23, kept for a release
         data["tokens_per_s"] = round(len(self.token_ids) / self.elapsed_s, 2) if self.elapsed_s else 0.0
         return data
 
@@ -193,7 +194,7 @@ class EdgeDevice:
         it has the k this round would have: the output follows from the seed), else a draft made now."""
         if guess is not None and guess.agrees(session.committed) and (guess.k == k or not seeded) \
                 and len(guess.proposal.tokens) <= limit:
-            session.stats.guesses_sent += 1
+            session.stats.guesses_held += 1
             return guess.proposal
         if guess is not None:  # agreed, but not usable here: back to the committed prefix
             drafter.cache.truncate(len(session.committed) - 1)
@@ -223,15 +224,16 @@ class EdgeDevice:
         new_ids = session.committed[prompt_len:]
         stats = session.stats
         log.info("generation_finished", device_id=session.device, session_id=session.session_id, tokens=len(new_ids),
-                 rounds=stats.rounds, mean_accepted_length=round(stats.mean_accepted_length, 3),
-                 proactive_hits=stats.guesses_sent)
+                 rounds=stats.rounds, mean_acceptance_length=round(stats.mean_acceptance_length, 3),
+                 guesses_held=stats.guesses_held)
         return GenerationResult(
             token_ids=new_ids, text=self.decode(new_ids), finish_reason=str(session.finish),
             seed=session.sampling.seed if seeded else None,
             rounds=stats.rounds, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
-            mean_accepted_length=round(stats.mean_accepted_length, 4), acceptance_rate=round(stats.acceptance_rate, 4),
+            mean_acceptance_length=round(stats.mean_acceptance_length, 4),
+            acceptance_rate=round(stats.acceptance_rate, 4),
             resyncs=stats.resyncs, retries=stats.retries, failovers=stats.failovers,
-            proactive_guesses=stats.guesses, proactive_hits=stats.guesses_sent, spec_decode=stats.spec_decode(),
+            guesses=stats.guesses, guesses_held=stats.guesses_held, spec_decode=stats.spec_decode(),
             verifier=verifier.verifier, target=session.target, session_id=session.session_id,
             elapsed_s=round(elapsed_s, 4),
         )

@@ -21,10 +21,10 @@ class SessionStats:
     retries: int = 0
     failovers: int = 0
     guesses: int = 0         # proactive drafting: next rounds drafted while a round was verified
-    guesses_sent: int = 0    # of which the verdict agreed, so the round went out at once
+    guesses_held: int = 0    # of which the verdict agreed, so the round went out at once
 
     @property
-    def mean_accepted_length(self) -> float:
+    def mean_acceptance_length(self) -> float:
         """Tokens committed per verification round: 1 + accepted / rounds (as vLLM defines it)."""
         return 1.0 + self.accepted_tokens / self.rounds if self.rounds else 0.0
 
@@ -46,7 +46,7 @@ class SessionStats:
         return {"num_drafts": self.rounds, "num_draft_tokens": self.draft_tokens,
                 "num_accepted_tokens": self.accepted_tokens,
                 "num_accepted_tokens_per_pos": list(self.accepted_per_position),
-                "mean_acceptance_length": round(self.mean_accepted_length, 4),
+                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
                 "draft_acceptance_rate": round(self.acceptance_rate, 4)}
 
 

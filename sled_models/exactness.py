@@ -45,6 +45,6 @@ def compare_with_reference(draft_dir: Path, target: Path, prompt: str, max_new_t
     if first is None and len(sled) != len(alone):
         first = min(len(sled), len(alone))
     return {"prompt_tokens": len(ids), "runtime": runtime, "batch_invariance": engine.target.batch_invariance,
-            "rounds": session.stats.rounds, "mean_accepted_length": round(session.stats.mean_accepted_length, 3),
+            "rounds": session.stats.rounds, "mean_acceptance_length": round(session.stats.mean_acceptance_length, 3),
             "identical": first is None, "first_difference": first, "sled": tokenizer.decode(sled),
             "reference": tokenizer.decode(alone)}

@@ -73,7 +73,7 @@ class SessionTraffic:
     def summary(self) -> dict[str, object]:
         trips = self.round_trips_ms[-1000:]
         return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted": self.accepted,
-                "mean_accepted_length": round(1 + self.accepted / self.rounds, 3) if self.rounds else 0.0,
+                "mean_acceptance_length": round(1 + self.accepted / self.rounds, 3) if self.rounds else 0.0,
                 "acceptance": round(self.accepted / self.draft_tokens, 3) if self.draft_tokens else 0.0,
                 "rtt_ms_p50": round(statistics.median(trips), 2) if trips else None}
 
@@ -118,7 +118,7 @@ def render_stats(matcher: Matcher) -> str:
              f"{'device':<20} {'session':<14} {'rounds':>7} {'accepted':>9} {'mean_len':>9} {'accept':>7} {'rtt_p50_ms':>11}"]
     for (device, session), traffic in sorted(matcher.sessions.items()):
         s = traffic.summary()
-        lines.append(f"{device:<20} {session:<14} {s['rounds']:>7} {s['accepted']:>9} {s['mean_accepted_length']:>9} "
+        lines.append(f"{device:<20} {session:<14} {s['rounds']:>7} {s['accepted']:>9} {s['mean_acceptance_length']:>9} "
                      f"{s['acceptance']:>7} {s['rtt_ms_p50'] if s['rtt_ms_p50'] is not None else '-':>11}")
     return "\n".join(lines)
 

@@ -63,7 +63,7 @@ def check_spec_decode(usage: dict, sled: dict) -> None:
     assert usage["num_drafts"] == sled["rounds"] > 0
     assert usage["num_accepted_tokens"] == sum(usage["num_accepted_tokens_per_pos"]) <= usage["num_draft_tokens"]
     assert usage["mean_acceptance_length"] == pytest.approx(1 + usage["num_accepted_tokens"] / usage["num_drafts"], abs=1e-3)
-    assert usage["mean_acceptance_length"] == pytest.approx(sled["mean_accepted_length"], abs=1e-3)
+    assert usage["mean_acceptance_length"] == pytest.approx(sled["mean_acceptance_length"], abs=1e-3)
     assert usage["draft_acceptance_rate"] == pytest.approx(usage["num_accepted_tokens"] / usage["num_draft_tokens"], abs=1e-3)
     assert usage["draft_acceptance_rate"] == pytest.approx(sled["acceptance_rate"], abs=1e-3)
     # The target's own export drafts the target's tokens: every draft token is accepted.

@@ -256,6 +256,8 @@ def test_a_request_sent_before_the_verifier_is_up_waits_for_it(broker, tiny_mode
     tokenizer = Tokenizer.from_file(str(tiny_models.target / "tokenizer.json"))
     assert body["choices"][0]["text"] == tokenizer.decode(reference(tokenizer.encode(PROMPTS[0]).ids, 8))
     assert body["sled"]["verifier"] == verifier_id
+    sled = body["sled"]  # the names before issue 23 stay beside the new ones for a release
+    assert (sled["mean_accepted_length"], sled["proactive_rounds"]) == (sled["mean_acceptance_length"], sled["guesses_held"])
 
 
 async def in_flight(session: aiohttp.ClientSession, metrics_port: int) -> bool:

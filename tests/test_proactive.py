@@ -146,10 +146,10 @@ async def test_greedy_output_is_the_targets_with_and_without_proactive_drafting(
     mostly wrong (guesses are dropped): either way the tokens are the target's."""
     prompt, on, off = await generate_both_ways(verifier, getattr(tiny_models, draft), device_id, PROMPTS[1], 40, None)
     assert on.token_ids == off.token_ids == reference(prompt, 40)
-    assert off.proactive_guesses == off.proactive_hits == 0
-    assert on.proactive_guesses > 0 and on.proactive_hits <= on.proactive_guesses
+    assert off.guesses == off.guesses_held == 0
+    assert on.guesses > 0 and on.guesses_held <= on.guesses
     if draft == "target_onnx":
-        assert on.proactive_hits >= on.rounds // 2
+        assert on.guesses_held >= on.rounds // 2
     assert on.spec_decode["num_drafts"] == on.rounds and sum(on.spec_decode["num_accepted_tokens_per_pos"]) == on.accepted_tokens
 
 
@@ -164,7 +164,7 @@ async def test_a_sampled_session_is_the_same_sample_with_and_without_proactive_d
     assert on.token_ids == off.token_ids and len(on.token_ids) == 32
     assert (on.rounds, on.draft_tokens, on.accepted_tokens) == (off.rounds, off.draft_tokens, off.accepted_tokens)
     if draft == "target_onnx":
-        assert on.proactive_hits > 0  # the comparison covered guessed rounds
+        assert on.guesses_held > 0  # the comparison covered guessed rounds
 
 
 @pytest.mark.integration
@@ -182,7 +182,7 @@ async def test_a_generation_cancelled_mid_guess_leaves_the_device_exact(tiny_mod
         stopped = await device.generate(prompt, 60, on_tokens=lambda new: True)  # stops after its first round
         assert stopped.finish_reason == "stop" and stopped.rounds == 1
         again = await device.generate(prompt, 24)
-    assert again.token_ids == reference(prompt, 24) and again.proactive_hits > 0
+    assert again.token_ids == reference(prompt, 24) and again.guesses_held > 0
 
 
 def test_the_flag_and_its_environment_variable(tiny_models):
