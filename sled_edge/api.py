@@ -43,6 +43,7 @@ from sled_edge.chat_template import RENDER_TIMEOUT_S, ChatFormat, ChatTemplateEr
 from sled_edge.client import EdgeDevice, EdgeError
 from sled_protocol import ProtocolError, SamplingParams
 from sled_protocol.config import ConfigError
+from sled_protocol.types import is_integer, is_number
 
 log = structlog.get_logger("sled_edge")
 
@@ -54,10 +55,6 @@ OPENAI_MAX_TEMPERATURE = 2
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 415: "invalid_request_error",
                429: "rate_limit_error"}
 MAX_TIMEOUT_S = 3600  # a request's own "timeout": the longest it may wait for a verifier
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class BadRequest(ValueError):
@@ -109,9 +106,9 @@ def parse_request(body: object, chat: bool, default_max_tokens: int) -> Completi
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
     temperature, top_p, top_k = body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("top_k", 0)
     seed, stop = body.get("seed"), body.get("stop") or ()
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 100_000:
+    if not is_integer(max_tokens) or not 1 <= max_tokens <= 100_000:
         raise BadRequest("'max_tokens' must be a positive integer")
-    if _number(temperature) and temperature > OPENAI_MAX_TEMPERATURE:
+    if is_number(temperature) and temperature > OPENAI_MAX_TEMPERATURE:
         raise BadRequest(f"'temperature' must be in [0, {OPENAI_MAX_TEMPERATURE}]")
     seed = seed if seed is not None else secrets.randbelow(2**31)
     try:  # the ranges of temperature, top_p, top_k and seed live in SamplingParams, and only there
@@ -126,7 +123,7 @@ def parse_request(body: object, chat: bool, default_max_tokens: int) -> Completi
     skip_special_tokens, timeout_s = body.get("skip_special_tokens", True), body.get("timeout")
     if not isinstance(skip_special_tokens, bool):
         raise BadRequest("'skip_special_tokens' must be true or false")
-    if timeout_s is not None and not (_number(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
+    if timeout_s is not None and not (is_number(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S):
         raise BadRequest(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT_S}]")
     return CompletionRequest(prompt, max_tokens, None if sampling.greedy else sampling,  # 0 or ~0: greedy
                              tuple(stop), bool(body.get("stream", False)), skip_special_tokens=skip_special_tokens,

@@ -15,7 +15,8 @@ from typing import Any
 import msgpack
 
 from sled_protocol.types import (SCHEMA_VERSION, Close, Draft, ErrorCode, FinishReason, Limits, Message, NextKind,
-                                 ProtocolError, SamplingParams, Status, Verdict, VerdictKind)
+                                 ProtocolError, SamplingParams, Status, Verdict, VerdictKind, is_integer,
+                                 is_number)
 
 PROBABILITY_SUM_TOLERANCE = 1e-3
 
@@ -142,7 +143,7 @@ def _session_of(value: Any) -> str | None:
 
 
 def _seq_of(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else None
+    return value if is_integer(value) and 0 <= value < 2**53 else None
 
 
 PEEK_BYTES = 512  # the encoder writes t, v, device, session and seq first: well inside this
@@ -293,8 +294,7 @@ def _step_cost(body: dict[str, Any]) -> tuple[float, float, float, float] | None
     value = _field(body, "step_cost", list, required=False)
     if value is None:
         return None
-    if len(value) != 4 or not all(isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                                  for v in value):
+    if len(value) != 4 or not all(is_number(v) and math.isfinite(v) and v >= 0 for v in value):
         raise ProtocolError(ErrorCode.MALFORMED, "field 'step_cost' must be 4 finite non-negative numbers")
     return tuple(float(v) for v in value)
 

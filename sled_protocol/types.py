@@ -109,11 +109,13 @@ GREEDY_BELOW_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
 
 
-def _number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool (an int subclass: a True where a number belongs is malformed input)."""
     return isinstance(value, float | int) and not isinstance(value, bool)
 
 
-def _integer(value: object) -> bool:
+def is_integer(value: object) -> bool:
+    """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -150,9 +152,9 @@ class SamplingParams:
 
     def _check(self) -> None:
         temperature, top_p = self.temperature, self.top_p
-        if not (_number(temperature) and _number(top_p)):
+        if not (is_number(temperature) and is_number(top_p)):
             raise ProtocolError(ErrorCode.BAD_SAMPLING, "sampling temperature and top_p must be numbers")
-        if not (_integer(self.top_k) and _integer(self.seed)):
+        if not (is_integer(self.top_k) and is_integer(self.seed)):
             raise ProtocolError(ErrorCode.BAD_SAMPLING, "sampling top_k and seed must be integers")
         if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
             raise ProtocolError(ErrorCode.BAD_SAMPLING, f"temperature {temperature} is outside [0, {MAX_TEMPERATURE:g}]")
