@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import structlog
 
+from sled_edge.ahead import AheadPolicy
 from sled_edge.config import EdgeConfig
 from sled_edge.controller import DraftLengthController, StepPrice
 from sled_edge.connection import BrokerUnavailable, EdgeConnection
 from sled_edge.directory import VerifierDirectory
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import AheadPolicy, Drafter, Guess, Proposal
+from sled_edge.drafter import Drafter, Guess, Proposal
 from sled_edge.errors import EdgeError
 from sled_edge.round_trip import RoundObserver, RoundTrip
 from sled_edge.session import EdgeSession

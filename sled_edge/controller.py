@@ -48,6 +48,24 @@ class StepPrice:
         return self.fixed_s / max(1.0, self.drafts_per_step) + self.per_draft_s + (k + 1) * self.per_token_s
 
 
+@dataclass
+class RoundTiming:
+    """A device's round as it measures it, exponential moving averages with the newest sample weighted
+    ``smoothing``: seconds to draft one token, and a round trip (publish -> verdict, drafting excluded). The one
+    timing the draft-length controller and the proactive-drafting policy (``sled_edge.ahead``) both keep."""
+
+    draft_s: float = 0.002             # time to draft one token
+    round_s: float = 0.010             # publish -> verdict, drafting excluded
+    smoothing: float = 0.05            # weight of the newest sample
+
+    def time_round(self, k: int, draft_s: float, round_s: float) -> None:
+        """One round of ``k`` draft tokens drafted in ``draft_s`` and verified in ``round_s``."""
+        decay = 1 - self.smoothing
+        if k > 0 and draft_s > 0:
+            self.draft_s = decay * self.draft_s + self.smoothing * (draft_s / k)
+        self.round_s = decay * self.round_s + self.smoothing * round_s
+
+
 def expected_tokens(acceptance: list[float], k: int) -> float:
     """Expected tokens committed by one round of k draft tokens (accepted prefix + recovered/bonus)."""
     total, survive = 1.0, 1.0
@@ -58,15 +76,12 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
 
 
 @dataclass
-class DraftLengthController:
+class DraftLengthController(RoundTiming):
     k_max: int = 8
     prior_acceptance: float = 0.6
     prior_weight: float = 2.0          # pseudo-observations behind the prior, per position
-    smoothing: float = 0.05            # weight of the newest timing sample (exponential moving average)
     explore_every: int = 16
     rounds: int = 0
-    draft_s: float = 0.002             # time to draft one token
-    round_s: float = 0.010             # publish -> verdict, drafting excluded
     offered: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
 
@@ -113,7 +128,4 @@ class DraftLengthController:
             self.offered[j] += 1
             if j < accepted:
                 self.accepted[j] += 1
-        decay = 1 - self.smoothing
-        if k > 0:
-            self.draft_s = decay * self.draft_s + self.smoothing * (draft_s / k)
-        self.round_s = decay * self.round_s + self.smoothing * round_s
+        self.time_round(k, draft_s, round_s)

@@ -73,40 +73,6 @@ class Guess:
                 and committed[self.base_len :] == self.committed[self.base_len :])
 
 
-@dataclass
-class AheadPolicy:
-    """Whether drafting the next round ahead pays, per device, from what it measures (pure: callers pass
-    measurements in). Drafted ahead, the next round takes k+1 forward passes (one finds the guessed token)
-    from the moment the round goes out; drafted after the verdict, k passes one round trip later. When the
-    round trip covers the k+1 passes, a guess that holds saves k passes and one that fails costs nothing but
-    device CPU; when it does not, a failed guess delays the fresh draft by the pass under way and a held one
-    saves less (``bench/proactive.py`` measures both cases; its figures are in the README). So: draft ahead
-    when t_round >= (k+1) t_draft and at least ``min_hit_rate`` of guesses hold (below that the CPU and energy
-    go mostly to drafts thrown away); every ``explore_every``-th round regardless, so the hit rate stays
-    measured."""
-
-    hit_rate: float = 0.5        # prior, then a moving average over guesses
-    draft_s: float = 0.002       # per draft token
-    round_s: float = 0.010       # publish -> verdict
-    smoothing: float = 0.05      # weight of the newest sample
-    min_hit_rate: float = 0.1
-    explore_every: int = 16
-    rounds: int = 0
-
-    def pays(self, k: int) -> bool:
-        pays = self.hit_rate >= self.min_hit_rate and self.round_s >= (k + 1) * self.draft_s
-        return pays or self.rounds % self.explore_every == self.explore_every - 1
-
-    def observe_round(self, k: int, draft_s: float, round_s: float) -> None:
-        self.rounds += 1
-        if k > 0 and draft_s > 0:
-            self.draft_s += self.smoothing * (draft_s / k - self.draft_s)
-        self.round_s += self.smoothing * (round_s - self.round_s)
-
-    def observe_guess(self, held: bool) -> None:
-        self.hit_rate += self.smoothing * (float(held) - self.hit_rate)
-
-
 class Drafter:
     def __init__(self, model: DraftModel) -> None:
         self.model = model

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import PROMPTS, RoundCounter, edge_config
+from sled_edge.ahead import AheadPolicy
 from sled_edge.client import EdgeDevice
 from sled_edge.config import EdgeConfig
 from sled_edge.draft_model import OnnxDraftModel
-from sled_edge.drafter import AheadPolicy, Drafter, Guess
+from sled_edge.drafter import Drafter, Guess
 from sled_protocol import SamplingParams
 
 SAMPLED = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=4321)

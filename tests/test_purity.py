@@ -17,8 +17,8 @@ SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.c
 
 # Every module of the pure core: maths, policies, bookkeeping, the wire agreement and configuration.
 PLAIN = [
-    "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.errors", "sled_edge.placement",
-    "sled_edge.proposal", "sled_edge.session",
+    "sled_edge.ahead", "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.errors",
+    "sled_edge.placement", "sled_edge.proposal", "sled_edge.session",
     "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes",
     "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
     "sled_protocol.vocab",
