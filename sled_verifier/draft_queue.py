@@ -13,7 +13,9 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
   oldest draft; then each one's second oldest; ...), so when a step cannot take everything, a device with
   200 queued drafts gets one place per round like a device with one; and one device's drafts add at most
   ``device_step_tokens`` tokens to a step (its first always goes), so a device running many sessions cannot
-  make every step long for the others: its sessions share its part of each step;
+  make every step long for the others: its sessions share its part of each step; a device over its share
+  of the verifier's time (``FairShare``, told by ``over_share``) adds its first draft only, and a queue of
+  such drafts alone is ``held`` (the scheduler lets them ride along others' steps);
 - a draft the engine deferred (its prefill did not fit the step) goes back to the head with its arrival
   time, in the order it was taken, unless a newer round of its session arrived meanwhile (that one is
   verified instead), or its session was closed during the step (it must not reopen it).
@@ -60,6 +62,7 @@ class DraftQueue:
         self._per_device: Counter[str] = Counter()
         self._in_flight: set[SessionKey] = set()  # taken by the step now running
         self._closed: set[SessionKey] = set()     # of those, closed meanwhile: never requeued
+        self._one_draft: frozenset[str] = frozenset()  # devices over their share of time: one draft a step
 
     def __len__(self) -> int:
         return len(self._queued)
@@ -103,15 +106,21 @@ class DraftQueue:
         if self._per_device[device] <= 0:
             del self._per_device[device]
 
+    def over_share(self, devices: frozenset[str]) -> None:
+        """Until told otherwise, each of ``devices`` (over its share of the verifier's time while others have
+        work) adds only its first draft to a step."""
+        self._one_draft = devices
+
     def fair_order(self) -> list[Queued]:
         """The queued drafts one step may take, in the order it takes them: round robin across devices, each
         device's drafts oldest first, devices in the order of their oldest draft; of each device, the drafts
-        within ``device_step_tokens`` (k + 1 each; the first always)."""
+        within ``device_step_tokens`` (k + 1 each; the first always), only the first of a device over its share."""
         by_device: dict[str, list[Queued]] = {}
         tokens: Counter[str] = Counter()
         for queued in self._queued.values():
             device, cost = queued.draft.device, len(queued.draft.tokens) + 1
-            if self.device_step_tokens is None or not tokens[device] or tokens[device] + cost <= self.device_step_tokens:
+            if not tokens[device] or device not in self._one_draft and (
+                    self.device_step_tokens is None or tokens[device] + cost <= self.device_step_tokens):
                 by_device.setdefault(device, []).append(queued)
                 tokens[device] += cost
         rounds = max((len(drafts) for drafts in by_device.values()), default=0)
@@ -151,4 +160,5 @@ class DraftQueue:
         prefill = sum(len(q.draft.context) for q in takeable if q.draft.context is not None)
         prefill = min(prefill, prefill_budget)
         scored = sum(len(q.draft.tokens) + 1 for q in takeable)
-        return QueueState(len(takeable), scored + prefill, ready_s, prefill)
+        held = bool(takeable) and all(q.draft.device in self._one_draft for q in takeable)
+        return QueueState(len(takeable), scored + prefill, ready_s, prefill, held)

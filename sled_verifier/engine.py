@@ -89,7 +89,7 @@ class VerifierEngine:
         self.full_devices: dict[str, frozenset[str]] = {}
         self.fair = FairShare()
         self._active: frozenset[str] = frozenset()   # this step's devices with work
-        self._prefill_s: dict[str, float] = {}       # this step's prefill seconds by device
+        self._spent_s: dict[str, float] = {}         # this step's seconds by device beyond its first draft
 
     def step(self, drafts: Sequence[Draft], active: Collection[str] = ()) -> list[Outcome]:
         """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
@@ -99,13 +99,13 @@ class VerifierEngine:
         the verifier's time is shared (``FairShare``)."""
         started_step = time.perf_counter()
         self._active = frozenset(active) | {draft.device for draft in drafts}
-        self._prefill_s: dict[str, float] = {}
+        self._spent_s = {}
         try:
             return self._step(drafts)
         finally:
             step_s = time.perf_counter() - started_step
             self.stats.step_s += step_s
-            self.fair.charge(self._active, step_s, self._prefill_s)
+            self.fair.charge(self._active, step_s, self._spent_s)
 
     def step_until_answered(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """``step``, then again for deferred drafts until each has its outcome; outcomes in ``drafts`` order.
@@ -200,7 +200,7 @@ class VerifierEngine:
             self.stats.prefill_s += prefill_s
             tokens = sum(map(len, chunks))
             for state, chunk in zip(rows, chunks):  # the forward's time, debited by tokens
-                self._prefill_s[state.device] = self._prefill_s.get(state.device, 0.0) + prefill_s * len(chunk) / tokens
+                self._debit(state.device, prefill_s * len(chunk) / tokens)
             for state, chunk in zip(rows, chunks):
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
@@ -244,8 +244,17 @@ class VerifierEngine:
         logits = self.target.forward_rows([s.slot for _, s in runnable], [s.cached for _, s in runnable], inputs)
         if logits.is_cuda:
             torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
-        self.stats.record_batch(len(runnable), time.perf_counter() - started, sum(len(x) for x in inputs))
+        forward_s, tokens = time.perf_counter() - started, sum(len(x) for x in inputs)
+        self.stats.record_batch(len(runnable), forward_s, tokens)
+        seen: set[str] = set()
+        for (draft, _), row in zip(runnable, inputs):  # a device's drafts after its first: their part, by tokens
+            if draft.device in seen:
+                self._debit(draft.device, forward_s * len(row) / tokens)
+            seen.add(draft.device)
         return logits
+
+    def _debit(self, device: str, seconds: float) -> None:
+        self._spent_s[device] = self._spent_s.get(device, 0.0) + seconds
 
     def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), draft_tokens: int = 4,
                   context: int = 32) -> list[tuple[int, int, float]]:

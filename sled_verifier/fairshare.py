@@ -1,13 +1,19 @@
-"""Each device's fair share of the verifier's time, for the work a step may leave out: prefill. Pure.
+"""Each device's fair share of the verifier's time, for the work a step may leave out: prefill, extra drafts. Pure.
 
 Every step is paid for by every row in it: a step that also prefills a 64-token chunk runs a second forward,
 and on a CPU a forward's fixed cost is most of a step, so the rounds of every other device wait that much
 longer. Deficit round robin over time (Shreedhar and Varghese 1995, with seconds for bytes): after each step
 every device with work (queued, or a round expected back) is credited an equal part of the step's seconds,
-up to ``cap_s``; the seconds of the prefill forward are debited to the devices whose chunks it ran, by their
-tokens. A device in debt prefills only when no other device has work: a device that opens session after
-session gets its 1/N of the verifier's time for prefill while others decode, and all of it when alone. Its
-decoding rounds are not debited here: ``--device-step-tokens`` bounds those in every step.
+up to ``cap_s``; what a device adds to a step beyond its first draft is debited: the seconds of the prefill
+forward to the devices whose chunks it ran, by their tokens, and each further draft's part of the verification
+forward, by its tokens. A device's first draft of a step is its round robin turn, never debited: a device
+decoding one session at a time pays nothing. A device in debt, while another device has work, prefills
+nothing and adds only its first draft to a step (``DraftQueue.over_share``): a device that opens session
+after session, or decodes many at once, gets its 1/N of the verifier's time for that while others decode,
+and all of it when alone. Credit is banked only in steps a device spends nothing in beyond its first draft (an
+honest device decoding: its next session's prefill goes at once, from its bank); a step it spends in never
+raises its credit, so a device that prefills while alone (credited the whole step, debited only its chunks)
+brings no bank of the step's other costs into the time others arrive.
 """
 
 from __future__ import annotations
@@ -29,12 +35,18 @@ class FairShare:
     def credit(self, device: str) -> float:
         return self._credit_s.get(device, 0.0)
 
-    def charge(self, active: Collection[str], step_s: float, prefill_s: Mapping[str, float]) -> None:
-        """After a step of ``step_s`` seconds: credit each active device its share, debit the prefill it ran."""
+    def over_share(self, devices: Collection[str], active: Collection[str]) -> frozenset[str]:
+        """Those of ``devices`` in debt while another device has work (``active``): one draft a step, no prefill."""
+        return frozenset(device for device in devices if not self.may_prefill(device, active))
+
+    def charge(self, active: Collection[str], step_s: float, spent_s: Mapping[str, float]) -> None:
+        """After a step of ``step_s`` seconds: credit each active device its share, debit what it added to the
+        step beyond its first draft (``spent_s``: prefill, further drafts)."""
+        before = {device: self._credit_s.get(device, 0.0) for device in spent_s}
         for device in active:
             self._credit_s[device] = min(self.cap_s, self._credit_s.get(device, 0.0) + step_s / len(active))
-        for device, seconds in prefill_s.items():
-            self._credit_s[device] = self._credit_s.get(device, 0.0) - seconds
+        for device, seconds in spent_s.items():  # a step it spent in never raises its credit (alone: all its own)
+            self._credit_s[device] = min(before[device], self._credit_s.get(device, 0.0) - seconds)
         if len(self._credit_s) > self.max_devices:  # forget the quiet ones in credit first; debt is kept longest
             for device in sorted(self._credit_s, key=self._credit_s.__getitem__, reverse=True):
                 if len(self._credit_s) <= self.max_devices:

@@ -15,7 +15,9 @@ on the wait the scheduler adds: counted from when a draft could first have run, 
 the step it arrived during): with drafts Q queued and sessions A_1..A_m predicted to arrive before the
 oldest draft's deadline, it compares the server cost per draft of stepping now, cost(Q)/|Q|, with that of the
 best merged step, cost(Q + A_1..A_j)/(|Q| + j), and waits for A_j only if that is at least ``min_gain``
-cheaper. So a memory-bound server waits for stragglers and convoys merge (after one merged step the
+cheaper (a queue ``held``, holding only drafts of devices over their share of the verifier's time while others
+have work, waits its whole budget: those drafts ride along the others' steps, or step on their own at most once
+a ``max_wait_s``). So a memory-bound server waits for stragglers and convoys merge (after one merged step the
 sessions share a rhythm and arrive together), a compute-bound one does not wait at all, nobody waits
 past the deadline, and when every active session is queued the step runs at once. Drafts are taken
 oldest first and one per session, so under overload every session gets an equal share of steps.
@@ -53,6 +55,7 @@ class QueueState:
     tokens: int                   # tokens a step over the whole queue would score (drafts + prefill)
     ready_since_s: float | None   # since when the oldest draft could have run: max(its arrival, model idle)
     prefill_tokens: int = 0       # the prefill part of ``tokens`` (predicted arrivals bring none)
+    held: bool = False            # every draft a step could take is of a device over its share of time
 
 
 @dataclass
@@ -183,6 +186,9 @@ def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float]
     ``slack_s``: how late the caller's wake-ups run on average; the deadline moves twice that much earlier."""
     if queue.drafts == 0:
         return None
+    if queue.held:  # only devices over their share: they ride along others' steps, or step once the budget is out
+        deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s
+        return 0.0 if deadline - now_s < 0.0002 else deadline - now_s
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
         return 0.0
     deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s

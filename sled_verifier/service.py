@@ -244,6 +244,8 @@ class VerifierService:
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
             started = time.perf_counter()
+            # Devices over their share of the verifier's time add one draft to the next step (FairShare).
+            self.queue.over_share(self.engine.fair.over_share(self.queue.devices(), self._active_devices()))
             delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.max_prefill_tokens),
                             self.arrivals.expected(now_s), self.cost, now_s, slack_s=self.wake_lag_s)
             self.stats.schedule_s += time.perf_counter() - started

@@ -143,14 +143,14 @@ def test_a_device_that_spent_more_than_its_share_of_time_on_prefill_waits_while_
     fair = FairShare()
     active = {"flood", "a", "b", "c"}
     assert fair.may_prefill("flood", active)                        # nobody has spent anything yet
-    fair.charge(active, step_s=0.040, prefill_s={"flood": 0.030})   # its chunk made the step 4x longer
+    fair.charge(active, step_s=0.040, spent_s={"flood": 0.030})   # its chunk made the step 4x longer
     waited = 0
     while not fair.may_prefill("flood", active):
         assert fair.may_prefill("a", active)                        # an honest device's own prefill goes at once
-        fair.charge(active, step_s=0.010, prefill_s={})
+        fair.charge(active, step_s=0.010, spent_s={})
         waited += 1
     assert waited == 8  # 30 ms of debt at 2.5 ms a step, after the 10 ms it earned in its own step
-    fair.charge(active, step_s=0.040, prefill_s={"flood": 0.030})
+    fair.charge(active, step_s=0.040, spent_s={"flood": 0.030})
     assert not fair.may_prefill("flood", active) and fair.may_prefill("flood", {"flood"})  # alone: all its own
-    fair.charge({"a"}, step_s=10.0, prefill_s={})
+    fair.charge({"a"}, step_s=10.0, spent_s={})
     assert fair.credit("a") == fair.cap_s                           # a quiet device banks a bounded credit
