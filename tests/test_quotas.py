@@ -9,7 +9,7 @@ from sled_verifier.config import VerifierConfig, parse_memory
 from sled_protocol.config import ConfigError
 from sled_verifier.draft_queue import DraftQueue, Offer
 from sled_verifier.fairshare import FairShare
-from sled_verifier.scheduler import SchedulePolicy, take_batch
+from sled_verifier.scheduler import SchedulePolicy, StepCost, delay_s, take_batch
 from sled_verifier.sessions import SessionTable
 
 
@@ -154,3 +154,41 @@ def test_a_device_that_spent_more_than_its_share_of_time_on_prefill_waits_while_
     assert not fair.may_prefill("flood", active) and fair.may_prefill("flood", {"flood"})  # alone: all its own
     fair.charge({"a"}, step_s=10.0, spent_s={})
     assert fair.credit("a") == fair.cap_s                           # a quiet device banks a bounded credit
+
+
+def test_a_device_over_its_share_adds_one_draft_and_rides_along_others_steps():
+    """Extra drafts are paid from the fair share too: a device in debt while others have work adds its first
+    draft only, and a queue of its drafts alone waits the whole budget for another device's step to join."""
+    fair = FairShare()
+    active = {"flood", "honest"}
+    fair.charge(active, step_s=0.010, spent_s={"flood": 0.008})  # its extra drafts took most of the step
+    assert fair.over_share({"flood", "honest"}, active) == {"flood"}
+    assert fair.over_share({"flood"}, {"flood"}) == frozenset()  # alone: all the verifier's time is its own
+    queue = DraftQueue(max_drafts=64, device_max_drafts=32, device_step_tokens=32)
+    for i in range(6):
+        queue.offer(draft("flood", f"f{i}"), now_s=0.0)
+    queue.over_share(fair.over_share(queue.devices(), active))
+    state = queue.state(idle_since_s=1.0, prefill_budget=0)
+    assert state.drafts == 1 and state.held  # one draft, and no step of its own before the budget is out
+    policy = SchedulePolicy(max_wait_s=0.050)
+    assert delay_s(policy, state, [1.001], StepCost(), now_s=1.0) == pytest.approx(0.050)
+    assert delay_s(policy, state, [], StepCost(), now_s=1.060) == 0.0  # budget out: it steps on its own
+    queue.offer(draft("honest", "h"), now_s=1.01)
+    queue.over_share(fair.over_share(queue.devices(), active))
+    assert not queue.state(1.0, 0).held and devices(queue.fair_order()) == ["flood", "honest"]  # rides along
+    queue.over_share(frozenset())
+    assert devices(queue.fair_order()) == ["flood", "honest", *["flood"] * 5]  # in credit: all six (24 tokens)
+
+
+def test_a_device_spending_while_alone_banks_nothing():
+    """Alone, a device is credited the whole step and debited only its chunks: it must not bank the rest and
+    spend it on prefill when honest devices arrive. A device that banked while it only decoded keeps its burst."""
+    fair = FairShare()
+    for _ in range(100):
+        fair.charge({"flood"}, step_s=0.020, spent_s={"flood": 0.012})
+    assert fair.credit("flood") == 0.0
+    for _ in range(100):
+        fair.charge({"flood", "honest"}, step_s=0.010, spent_s={})
+    assert fair.credit("honest") == fair.cap_s
+    fair.charge({"flood", "honest"}, step_s=0.020, spent_s={"honest": 0.012})
+    assert fair.credit("honest") == pytest.approx(fair.cap_s - 0.012)  # its bank pays for its prefill
