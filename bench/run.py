@@ -188,7 +188,7 @@ def transport(url: str, rounds: int = 400) -> dict:
                     payload = bytes(message.payload)
                     if codec:
                         got = decode_draft(payload)
-                        payload = encode(Verdict(kind=VerdictKind.VERIFIED, verifier="bench-t",
+                        payload = encode(Verdict(kind=VerdictKind.VERIFIED, verifier_id="bench-t",
                                                  session_id=got.session_id, seq=got.seq, accepted=2, next_token=7, committed_len=got.base_len + 3))
                     await echo.publish(topics.verdict_topic("bench-t"), payload)
 

@@ -94,7 +94,7 @@ async def run_serve(config: EdgeConfig) -> None:
             raise bind_failed("the API", config.http_host, config.http_port, exc) from None
         async with device:
             try:  # say at start whether a verifier fits; without one, requests wait for it (a target loading)
-                verifier = (await device.choose_verifier()).verifier
+                verifier = (await device.choose_verifier()).verifier_id
             except EdgeError as exc:
                 log.warning("no_verifier_yet", error=str(exc), request_timeout_s=config.request_timeout_s)
                 verifier = None

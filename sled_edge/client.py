@@ -180,9 +180,9 @@ class EdgeDevice:
         max_len = len(prompt_ids) + max_new_tokens
         if verifier.max_context_tokens and max_len > verifier.max_context_tokens:
             if len(prompt_ids) >= verifier.max_context_tokens:
-                raise EdgeError("too_large", f"prompt of {len(prompt_ids)} tokens fills verifier {verifier.verifier}'s "
-                                f"context limit of {verifier.max_context_tokens}")
-            log.warning("max_new_tokens_capped", verifier=verifier.verifier,
+                raise EdgeError("too_large", f"prompt of {len(prompt_ids)} tokens fills verifier "
+                                f"{verifier.verifier_id}'s context limit of {verifier.max_context_tokens}")
+            log.warning("max_new_tokens_capped", verifier=verifier.verifier_id,
                         max_context_tokens=verifier.max_context_tokens)
             max_len = verifier.max_context_tokens
         session = EdgeSession(uuid.uuid4().hex[:12], self.config.device_id, self.vocab, list(prompt_ids),
@@ -235,7 +235,7 @@ class EdgeDevice:
             acceptance_rate=round(stats.acceptance_rate, 4),
             resyncs=stats.resyncs, retries=stats.retries, failovers=stats.failovers,
             guesses=stats.guesses, guesses_held=stats.guesses_held, spec_decode=stats.spec_decode(),
-            verifier=verifier.verifier, target=session.target, session_id=session.session_id,
+            verifier=verifier.verifier_id, target=session.target, session_id=session.session_id,
             elapsed_s=round(elapsed_s, 4),
         )
 

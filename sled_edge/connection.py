@@ -36,12 +36,12 @@ RECONNECTED = object()
 
 
 class VerifierDown:
-    """Queued for a session when ``verifier``, which held it, published offline."""
+    """Queued for a session when ``verifier_id``, which held it, published offline."""
 
-    __slots__ = ("verifier",)
+    __slots__ = ("verifier_id",)
 
-    def __init__(self, verifier: str) -> None:
-        self.verifier = verifier
+    def __init__(self, verifier_id: str) -> None:
+        self.verifier_id = verifier_id
 
 
 class BrokerUnavailable(ConnectionError):
@@ -150,16 +150,16 @@ class EdgeConnection:
             elif topic_matches(topic, topics.STATUS_FILTER):
                 status = decode_status(payload)
                 if not _speaks_for_itself(topic, status):
-                    log.warning("status_topic_mismatch", topic=topic, verifier=status.verifier[:80])
+                    log.warning("status_topic_mismatch", topic=topic, verifier=status.verifier_id[:80])
                     return
-                was_online = self.statuses.get(status.verifier, status).online
-                self.statuses[status.verifier] = status
+                was_online = self.statuses.get(status.verifier_id, status).online
+                self.statuses[status.verifier_id] = status
                 self.status_changed.set()
                 if was_online and not status.online:
-                    log.warning("verifier_offline", verifier=status.verifier)
+                    log.warning("verifier_offline", verifier=status.verifier_id)
                     for session_id, holder in list(self.holders.items()):
-                        if holder == status.verifier and session_id in self.waiters:
-                            self.waiters[session_id].put_nowait(VerifierDown(status.verifier))
+                        if holder == status.verifier_id and session_id in self.waiters:
+                            self.waiters[session_id].put_nowait(VerifierDown(status.verifier_id))
         except ProtocolError as exc:
             log.warning("message_undecodable", topic=topic, error=str(exc))
         except Exception:  # a bug handling one message must not take the connection (and every session) down
@@ -168,10 +168,10 @@ class EdgeConnection:
     def _route(self, verdict: Verdict) -> None:
         queue = self.waiters.get(verdict.session_id) if verdict.session_id else None
         holder = self.holders.get(verdict.session_id) if verdict.session_id else None
-        if queue is not None and verdict.verifier != holder:
+        if queue is not None and verdict.verifier_id != holder:
             # A late answer from a verifier the session has moved away from: its state now lives elsewhere.
             log.info("verdict_from_former_verifier", session_id=verdict.session_id, seq=verdict.seq,
-                     verifier=verdict.verifier, holder=holder)
+                     verifier=verdict.verifier_id, holder=holder)
         elif queue is not None:
             queue.put_nowait(verdict)
         elif verdict.kind is VerdictKind.ERROR:
@@ -187,6 +187,6 @@ class EdgeConnection:
 def _speaks_for_itself(topic: str, status: Status) -> bool:
     """A status names the verifier of its own topic, by an id we can address (not another verifier's)."""
     try:
-        return topics.status_topic(status.verifier) == topic
+        return topics.status_topic(status.verifier_id) == topic
     except ValueError:  # an id that is no topic level: nothing could ever be sent to it
         return False

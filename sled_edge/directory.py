@@ -51,15 +51,15 @@ class VerifierDirectory:
         """Where ``session`` should go from ``current``: another verifier serving its target, else ``current`` with
         the refusal saying why: at once while ``current`` is online for the session's target (a lone verifier is
         retried without waiting out discovery), else once it comes back or ``discovery_timeout_s`` has passed."""
-        need = self._placement(current.verifier, session.max_len, session)
+        need = self._placement(current.verifier_id, session.max_len, session)
 
         def other_or_ours_back() -> Status | None:
-            ours = self.statuses.get(current.verifier)
+            ours = self.statuses.get(current.verifier_id)
             ours_ok = ours is not None and ours.online and ours.target == session.target
             return choose(self.statuses.values(), need) or (ours if ours_ok else None)
 
         chosen = await self._await_status(other_or_ours_back)
-        if chosen is None or chosen.verifier == current.verifier:
+        if chosen is None or chosen.verifier_id == current.verifier_id:
             return current, self._unplaced(need, session)
         return chosen, None
 

@@ -32,14 +32,14 @@ class Placement:
 
 def choose(statuses: Iterable[Status], need: Placement) -> Status | None:
     """The least loaded online verifier (ties by id) that meets ``need``, or None."""
-    fitting = [s for s in statuses if s.online and s.verifier != need.exclude and s.vocab == need.vocab
-               and (not need.only or s.verifier == need.only)
+    fitting = [s for s in statuses if s.online and s.verifier_id != need.exclude and s.vocab == need.vocab
+               and (not need.only or s.verifier_id == need.only)
                and (not s.max_context_tokens or s.max_context_tokens >= need.min_context)
                and (not need.pinned or (need.target is not None and s.target == need.target))]
-    return min(fitting, key=lambda s: (s.load / max(s.capacity, 1), s.verifier), default=None)
+    return min(fitting, key=lambda s: (s.load / max(s.capacity, 1), s.verifier_id), default=None)
 
 
 def describe(statuses: Iterable[Status]) -> str:
     """The online verifiers, with what they serve, for an error message."""
-    return ", ".join(f"{s.verifier} (target {s.target or 'unannounced'}, model {s.model or '?'}, vocab {s.vocab})"
-                     for s in sorted(statuses, key=lambda s: s.verifier) if s.online) or "none online"
+    return ", ".join(f"{s.verifier_id} (target {s.target or 'unannounced'}, model {s.model or '?'}, vocab {s.vocab})"
+                     for s in sorted(statuses, key=lambda s: s.verifier_id) if s.online) or "none online"

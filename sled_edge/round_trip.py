@@ -74,8 +74,13 @@ class RoundTrip:
         self.log = log.bind(device_id=session.device, session_id=session.session_id)
         self._verdicts: asyncio.Queue | None = None
 
+    @property
+    def holder(self) -> str:
+        """The id of the verifier holding the session now."""
+        return self.holder_status.verifier_id
+
     async def __aenter__(self) -> RoundTrip:
-        self._verdicts = self.connection.expect(self.session.session_id, self.holder_status.verifier)
+        self._verdicts = self.connection.expect(self.session.session_id, self.holder)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -94,7 +99,7 @@ class RoundTrip:
                 continue
             sent_s = time.perf_counter()
             try:
-                topic = topics.draft_topic(self.holder_status.verifier, self.session.device)
+                topic = topics.draft_topic(self.holder, self.session.device)
                 await self.connection.publish(topic, encode(draft), self.config.timeout_s)
             except TimeoutError:
                 continue  # the connection dropped while publishing: wait for it above
@@ -130,12 +135,12 @@ class RoundTrip:
     async def _left_a_changed_target(self) -> bool:
         """Whether the session had to move because its verifier's id now serves another target (restarted with a
         new model: never send the session there); EdgeError when no verifier of its target is left."""
-        announced = self.directory.get(self.holder_status.verifier)
+        announced = self.directory.get(self.holder)
         if announced is None or not announced.online or announced.target == self.session.target:
             return False
         refusal = await self._move()
         if refusal is not None:
-            raise EdgeError("target_unavailable", f"verifier {self.holder_status.verifier} now serves target "
+            raise EdgeError("target_unavailable", f"verifier {self.holder} now serves target "
                             f"{announced.target}, not the session's {self.session.target}; {refusal.detail}")
         return True
 
@@ -147,12 +152,12 @@ class RoundTrip:
 
     async def _leave_a_foreign_target(self, verdict: Verdict) -> None:
         """Never apply tokens another target chose: move to a verifier of ours (resending with context), or fail."""
-        self.log.warning("verdict_target_mismatch", seq=verdict.seq, verifier=verdict.verifier, target=verdict.target,
-                         pinned=self.session.target)
+        self.log.warning("verdict_target_mismatch", seq=verdict.seq, verifier=verdict.verifier_id,
+                         target=verdict.target, pinned=self.session.target)
         refusal = await self._move()
         if refusal is not None:
-            raise EdgeError("target_unavailable", f"verifier {verdict.verifier} answered with target {verdict.target}, "
-                            f"not the session's {self.session.target}; {refusal.detail}")
+            raise EdgeError("target_unavailable", f"verifier {verdict.verifier_id} answered with target "
+                            f"{verdict.target}, not the session's {self.session.target}; {refusal.detail}")
 
     async def _unanswered(self, draft: Draft, verifier_down: bool, tries: _Tries) -> None:
         """No verdict in ``timeout_s`` (or the verifier went offline): count it, give up or move."""
@@ -160,12 +165,12 @@ class RoundTrip:
             tries.resends += 1
             self.session.stats.retries += 1
             if tries.resends > self.config.retries:
-                silent = (f"no verdict from {self.holder_status.verifier} for round {draft.seq} after {tries.resends} "
+                silent = (f"no verdict from {self.holder} for round {draft.seq} after {tries.resends} "
                           f"tries of {self.config.timeout_s} s")
                 if tries.stranded is not None:  # others were online, but none serves the session's target
                     raise EdgeError(tries.stranded.code, f"{silent}; {tries.stranded.detail}")
                 raise EdgeError("verifier_timeout", silent)
-            self.log.warning("verdict_timeout", seq=draft.seq, resend=tries.resends, verifier=self.holder_status.verifier)
+            self.log.warning("verdict_timeout", seq=draft.seq, resend=tries.resends, verifier=self.holder)
         if verifier_down or tries.resends >= FAILOVER_AFTER_TIMEOUTS:
             refusal = await self._move()
             tries.stranded = refusal if refusal is not None and refusal.code == "target_unavailable" else None
@@ -176,10 +181,10 @@ class RoundTrip:
         """"Not now": back off before the resend, or move (and resend at once); give up after the outage budget."""
         tries.busy_since = tries.busy_since if tries.busy_since is not None else time.monotonic()
         if time.monotonic() - tries.busy_since > self.config.outage_timeout_s:
-            raise EdgeError(str(verdict.error), f"verifier {self.holder_status.verifier} still refuses round {draft.seq} "
+            raise EdgeError(str(verdict.error), f"verifier {self.holder} still refuses round {draft.seq} "
                             f"after {self.config.outage_timeout_s} s: {verdict.reason}")
         tries.refusals += 1
-        self.log.info("verifier_busy", seq=draft.seq, error=str(verdict.error), verifier=self.holder_status.verifier,
+        self.log.info("verifier_busy", seq=draft.seq, error=str(verdict.error), verifier=self.holder,
                       refusals=tries.refusals)
         if tries.refusals % FAILOVER_AFTER_REFUSALS == 0 and await self._move() is None:
             tries.resends = 0
@@ -192,9 +197,9 @@ class RoundTrip:
         tries.resyncs += 1
         self.session.stats.resyncs += 1
         if tries.resyncs > MAX_RESYNCS_PER_ROUND:
-            raise EdgeError("resync_loop", f"verifier {self.holder_status.verifier} asked for resync {tries.resyncs} "
+            raise EdgeError("resync_loop", f"verifier {self.holder} asked for resync {tries.resyncs} "
                             "times in one round")
-        self.log.info("session_resync", seq=draft.seq, reason=verdict.reason, verifier=self.holder_status.verifier)
+        self.log.info("session_resync", seq=draft.seq, reason=verdict.reason, verifier=self.holder)
         self.session.send_context = True
 
     async def _move(self) -> EdgeError | None:
@@ -202,13 +207,13 @@ class RoundTrip:
         one prefills it); None when it moved, else the refusal saying why it stays (``VerifierDirectory.move``)."""
         chosen, refusal = await self.directory.move(self.session, self.holder_status)
         if refusal is not None:
-            self.log.warning("session_not_moved", seq=self.session.seq, verifier=self.holder_status.verifier,
+            self.log.warning("session_not_moved", seq=self.session.seq, verifier=self.holder,
                              reason=refusal.detail)
             return refusal
         self.session.stats.failovers += 1
         self.session.send_context = True
-        self.connection.reassign(self.session.session_id, chosen.verifier)
-        self.log.warning("session_failover", seq=self.session.seq, old=self.holder_status.verifier, new=chosen.verifier,
+        self.connection.reassign(self.session.session_id, chosen.verifier_id)
+        self.log.warning("session_failover", seq=self.session.seq, old=self.holder, new=chosen.verifier_id,
                          target=self.session.target)
         self.holder_status = chosen
         return None
@@ -229,7 +234,7 @@ class RoundTrip:
         """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
         message = encode(Close(device=self.session.device, session_id=self.session.session_id))
         try:
-            await self.connection.publish(topics.draft_topic(self.holder_status.verifier, self.session.device), message,
+            await self.connection.publish(topics.draft_topic(self.holder, self.session.device), message,
                                           timeout_s=1.0)
         except TimeoutError:  # the broker is away; the verifier's LRU reclaims the session later
             log.debug("close_not_sent", session_id=self.session.session_id)

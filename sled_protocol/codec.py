@@ -22,7 +22,7 @@ PROBABILITY_SUM_TOLERANCE = 1e-3
 
 _TAGS = {Draft: "draft", Verdict: "verdict", Status: "status", Close: "close"}
 # Attribute -> wire key where the two differ (the code's names follow the glossary; the wire keeps its keys).
-WIRE_KEYS = {"session_id": "session"}
+WIRE_KEYS = {"session_id": "session", "verifier_id": "verifier"}
 
 
 def encode(message: Message) -> bytes:
@@ -254,7 +254,7 @@ def decode_verdict(data: bytes, limits: Limits = Limits()) -> Verdict:
 def _verdict_body(body: dict[str, Any], limits: Limits) -> Verdict:
     return Verdict(
         kind=_enum(body, "kind", VerdictKind, required=True),
-        verifier=_name(body, "verifier"),
+        verifier_id=_name(body, "verifier"),
         session_id=_name(body, "session", required=False),
         seq=_count(body, "seq", 0, required=False),
         accepted=_count(body, "accepted", 0, required=False) or 0,
@@ -274,7 +274,7 @@ def decode_status(data: bytes, limits: Limits = Limits()) -> Status:
 
 def _status_body(body: dict[str, Any], limits: Limits) -> Status:
     return Status(
-        verifier=_name(body, "verifier"),
+        verifier_id=_name(body, "verifier"),
         online=_field(body, "online", bool),
         model=_field(body, "model", str, required=False) or "",
         vocab=_field(body, "vocab", str, required=False) or "",

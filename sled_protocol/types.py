@@ -200,7 +200,7 @@ class Verdict:
     could read from it, else None)."""
 
     kind: VerdictKind
-    verifier: str
+    verifier_id: str  # wire key "verifier"
     session_id: str | None  # wire key "session"
     seq: int | None
     accepted: int = 0
@@ -219,7 +219,7 @@ class Verdict:
 class Status:
     """A verifier's retained status; its MQTT last will is the same with online False."""
 
-    verifier: str
+    verifier_id: str  # wire key "verifier"
     online: bool
     model: str = ""
     vocab: str = ""

@@ -336,7 +336,7 @@ class VerifierEngine:
         state.last_seq = draft.seq
         self.stats.record_draft(len(draft.tokens), accepted)
         state.last_verdict = Verdict(
-            kind=VerdictKind.VERIFIED, verifier=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
+            kind=VerdictKind.VERIFIED, verifier_id=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
             accepted=accepted, next_token=next_token if has_next else None,
             next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if has_next else None,
             committed_len=len(state.committed), finish=finish,
@@ -346,13 +346,13 @@ class VerifierEngine:
         return state.last_verdict
 
     def _resync(self, draft: Draft) -> Verdict:
-        return Verdict(kind=VerdictKind.RESYNC, verifier=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
-                       reason="verifier holds no matching state for this session; resend with context")
+        return Verdict(kind=VerdictKind.RESYNC, verifier_id=self.verifier_id, session_id=draft.session_id,
+                       seq=draft.seq, reason="verifier holds no matching state for this session; resend with context")
 
 
 def error_verdict(verifier_id: str, draft: Draft | None, code: ErrorCode, reason: str, *,
                   session: str | None = None, seq: int | None = None) -> Verdict:
     """The answer to a refused message; without a decoded ``draft``, whatever ids could be read from it."""
-    return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id,
+    return Verdict(kind=VerdictKind.ERROR, verifier_id=verifier_id,
                    session_id=draft.session_id if draft else session, seq=draft.seq if draft else seq,
                    error=code, reason=reason)

@@ -89,7 +89,7 @@ class VerifierService:
 
     def status(self, online: bool) -> Status:
         return Status(
-            verifier=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
+            verifier_id=self.config.verifier_id, online=online, model=self.engine.target.model_id, vocab=self.vocab,
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.engine.sessions.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,

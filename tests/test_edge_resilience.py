@@ -31,7 +31,7 @@ MAX_NEW = 12
 def verified(draft: Draft, verifier_id: str) -> Verdict:
     """Accept every draft token and add token 1: a well-formed verdict (the tokens do not matter here)."""
     committed = draft.base_len + len(draft.tokens) + 1
-    return Verdict(kind=VerdictKind.VERIFIED, verifier=verifier_id, session_id=draft.session_id, seq=draft.seq,
+    return Verdict(kind=VerdictKind.VERIFIED, verifier_id=verifier_id, session_id=draft.session_id, seq=draft.seq,
                    accepted=len(draft.tokens), next_token=1, committed_len=committed,
                    finish=FinishReason.LENGTH if committed >= draft.max_len else None)
 
@@ -86,7 +86,7 @@ async def test_an_overloaded_verifier_is_backed_off_and_retried(own_broker, tiny
     def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
         if n < 3:  # the first three tries of the first round find the queue full
             refused.append(draft.seq)
-            return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id, session_id=draft.session_id, seq=draft.seq,
+            return Verdict(kind=VerdictKind.ERROR, verifier_id=verifier_id, session_id=draft.session_id, seq=draft.seq,
                            error=ErrorCode.OVERLOADED, reason="verification queue is full; retry later")
         return verified(draft, verifier_id)
 
@@ -155,7 +155,7 @@ async def test_a_refusal_ends_the_generation_and_the_session_leaves_the_connecti
 
     def answer(n: int, draft: Draft, verifier_id: str) -> Verdict:
         if n == 1:  # the second generation's first round
-            return Verdict(kind=VerdictKind.ERROR, verifier=verifier_id, session_id=draft.session_id, seq=draft.seq,
+            return Verdict(kind=VerdictKind.ERROR, verifier_id=verifier_id, session_id=draft.session_id, seq=draft.seq,
                            error=ErrorCode.BAD_TOKEN, reason="token 99999 is outside the vocabulary")
         return verified(draft, verifier_id)
 
@@ -194,12 +194,12 @@ async def test_a_former_verifiers_offline_notice_does_not_move_the_session_again
     a, b = Status("a", True, vocab="v"), Status("b", True, vocab="v")
 
     def verdict(verifier: str) -> Verdict:
-        return Verdict(kind=VerdictKind.VERIFIED, verifier=verifier, session_id=session.session_id, seq=0, accepted=0,
-                       next_token=7, committed_len=4)
+        return Verdict(kind=VerdictKind.VERIFIED, verifier_id=verifier, session_id=session.session_id, seq=0,
+                       accepted=0, next_token=7, committed_len=4)
 
     async with RoundTrip(connection, VerifierDirectory(connection, "v"), config, session, a) as trip:
         for status in (a, b, Status("a", False, vocab="v")):  # a's will: its notice is queued before the move
-            connection._dispatch(topics.status_topic(status.verifier), encode(status))
+            connection._dispatch(topics.status_topic(status.verifier_id), encode(status))
         connection._route(verdict("a"))
         assert connection.waiters[session.session_id].qsize() == 2
         trip.holder_status = b  # moved to b

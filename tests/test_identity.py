@@ -75,7 +75,7 @@ def test_a_directory_without_weights_has_no_identity(tmp_path):
 
 
 def status(verifier: str, target: str | None, *, vocab: str = "vocab", load: int = 0, online: bool = True) -> Status:
-    return Status(verifier=verifier, online=online, model="m", vocab=vocab, load=load, capacity=4, target=target)
+    return Status(verifier_id=verifier, online=online, model="m", vocab=vocab, load=load, capacity=4, target=target)
 
 
 VERIFIERS = [status("a", "T1", load=1), status("b", "T2"), status("c", "T1", load=2), status("d", None),
@@ -95,7 +95,7 @@ PLACEMENTS = [
 @pytest.mark.parametrize(("case", "need", "chosen"), PLACEMENTS, ids=[case for case, _, _ in PLACEMENTS])
 def test_sessions_move_only_within_their_target(case, need, chosen):
     found = choose(VERIFIERS, need)
-    assert (found.verifier if found else None) == chosen
+    assert (found.verifier_id if found else None) == chosen
 
 
 def test_describe_names_every_online_verifiers_target():
@@ -113,10 +113,10 @@ def test_a_former_verifiers_late_verdict_is_dropped():
     queue: asyncio.Queue = asyncio.Queue()
     connection.waiters["s"] = queue
     connection.holders["s"] = "c"  # the session moved from a to c
-    late = Verdict(kind=VerdictKind.VERIFIED, verifier="a", session_id="s", seq=4, accepted=1, next_token=3,
+    late = Verdict(kind=VerdictKind.VERIFIED, verifier_id="a", session_id="s", seq=4, accepted=1, next_token=3,
                    committed_len=9)
     connection._route(late)
     assert queue.empty()
-    current = Verdict(**{**late.__dict__, "verifier": "c"})
+    current = Verdict(**{**late.__dict__, "verifier_id": "c"})
     connection._route(current)
     assert queue.get_nowait() == current

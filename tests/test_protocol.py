@@ -14,9 +14,9 @@ from sled_protocol import topics
 
 DRAFT = Draft(device="jetson-1", session_id="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40,
               vocab="0123456789abcdef")
-VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier="v1", session_id="s1", seq=3, accepted=2, next_token=7,
+VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier_id="v1", session_id="s1", seq=3, accepted=2, next_token=7,
                   next_kind=NextKind.RECOVERED, committed_len=8)
-STATUS = Status(verifier="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
+STATUS = Status(verifier_id="v1", online=True, model="target", vocab="0123456789abcdef", vocab_size=512, load=2,
                 capacity=256, max_draft_tokens=16, max_context_tokens=4096)
 STATUS_WITH_TARGET = Status(**{**STATUS.__dict__, "target": "fedcba9876543210"})
 VERDICT_WITH_TARGET = Verdict(**{**VERDICT.__dict__, "target": "fedcba9876543210"})
@@ -58,13 +58,14 @@ def test_round_trips_with_optional_fields():
     draft = Draft(device="pi5", session_id="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v", context=(1, 2, 3))
     assert decode_draft(encode(draft)) == draft
     for verdict in (
-        Verdict(kind=VerdictKind.RESYNC, verifier="v", session_id="a", seq=0, reason="no state"),
-        Verdict(kind=VerdictKind.ERROR, verifier="v", session_id=None, seq=None, error=ErrorCode.MALFORMED, reason="x"),
-        Verdict(kind=VerdictKind.VERIFIED, verifier="v", session_id="a", seq=9, accepted=4, next_token=None,
+        Verdict(kind=VerdictKind.RESYNC, verifier_id="v", session_id="a", seq=0, reason="no state"),
+        Verdict(kind=VerdictKind.ERROR, verifier_id="v", session_id=None, seq=None, error=ErrorCode.MALFORMED,
+                reason="x"),
+        Verdict(kind=VerdictKind.VERIFIED, verifier_id="v", session_id="a", seq=9, accepted=4, next_token=None,
                 committed_len=20, finish=FinishReason.EOS),
     ):
         assert decode_verdict(encode(verdict)) == verdict
-    assert decode_status(encode(Status(verifier="v", online=False))) == Status(verifier="v", online=False)
+    assert decode_status(encode(Status(verifier_id="v", online=False))) == Status(verifier_id="v", online=False)
 
 
 def test_status_target_is_optional_both_ways():
@@ -229,7 +230,7 @@ def test_status_step_cost_is_optional_both_ways_and_checked():
     # The server's price (issue 22): four non-negative numbers; an older verifier announces none (None), an
     # older edge skips the field as unknown; anything else is a malformed status.
     assert decode_status(encode(STATUS)).step_cost is None
-    priced = Status(verifier="v", online=True, step_cost=(0.125, 0.0, 0.001953125, 12.0))  # float32-exact
+    priced = Status(verifier_id="v", online=True, step_cost=(0.125, 0.0, 0.001953125, 12.0))  # float32-exact
     assert decode_status(encode(priced)) == priced
     body = msgpack.unpackb(encode(priced))
     for bad in ([0.1, 0.0, 0.002], [0.1, -0.5, 0.002, 1.0], [0.1, 0.0, float("nan"), 1.0], [True, 0, 0, 1], "0.1"):
