@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
-from sled_verifier.target import attend_rows, eos_ids_of, load_causal_lm, resolve_device, row_plan
+from sled_verifier.attention import attend_rows, row_plan
+from sled_verifier.target import eos_ids_of, load_causal_lm, resolve_device
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -102,7 +103,7 @@ class CompiledTarget:
         self.device = resolve_device(device)
         self.model = load_causal_lm(self.model_dir, self.device, dtype)
         self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
-        self.width_invariant = batch_invariant  # per-query attention in the eager forward (``attend_rows``)
+        self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -185,8 +186,8 @@ class CompiledTarget:
             visible = torch.arange(width_b, device=dev)[None, None, :] <= positions[:, :, None]   # [B, M, W]
             arguments = (input_ids, positions, write_slots, write_positions, slots_t, visible, not logits)
         else:
-            arguments = (input_ids, positions, write_slots, write_positions, row_plan(slots, starts, inputs, dev),
-                         not logits)
+            plan = row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype)
+            arguments = (input_ids, positions, write_slots, write_positions, plan, not logits)
         return arguments, rows, m_max
 
     def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
@@ -215,7 +216,7 @@ class CompiledTarget:
         cos, sin = body.rotary_emb(hidden, positions)
 
         def attend(q, keys, values):
-            return attend_rows(q, keys, values, plan, self.scaling, self.width_invariant)
+            return attend_rows(q, keys, values, plan, self.scaling)
 
         for index, layer in enumerate(body.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)

@@ -23,10 +23,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from sled_verifier.attention import key_span
+
 
 def slots_within(budget_bytes: int, bytes_per_token: int, max_length: int) -> int:
-    """Sessions of ``max_length`` positions a store of ``budget_bytes`` holds, beside its padding slot."""
-    return budget_bytes // (bytes_per_token * max_length) - 1
+    """Sessions of ``max_length`` positions a store of ``budget_bytes`` holds, beside its padding slot (a slot
+    holds ``max_length`` rounded up to attention's key span: ``SlotKV.room``)."""
+    return budget_bytes // (bytes_per_token * key_span(max_length)) - 1
 
 
 class SlotKV:
@@ -38,7 +41,10 @@ class SlotKV:
         self.devices = list(device) if isinstance(device, list | tuple) else [device] * layers
         self.dtype, self.device = dtype, self.devices[0]
         self.max_slots, self.max_length = max_slots, max_length
-        self.capacity, self.length = min(slots, max_slots), min(length, max_length)
+        # Positions held per slot: max_length rounded up to attention's key block (``key_span``), since the
+        # width-invariant attention reads a block's keys that far (masked) whatever the session's length.
+        self.room = key_span(max_length)
+        self.capacity, self.length = min(slots, max_slots), min(key_span(length), self.room)
         self.keys = [self._empty(self.capacity, self.length, d) for d in self.devices]
         self.values = [self._empty(self.capacity, self.length, d) for d in self.devices]
         self.free = list(range(self.capacity))
@@ -48,18 +54,18 @@ class SlotKV:
         """Allocate the whole store now (``max_slots`` slots of ``max_length`` positions); it never grows after."""
         lazy = self.device.type == "cpu"  # pages committed when first zeroed (ensure_length), not now
         allocate = torch.empty if lazy else torch.zeros
-        shape = (self.max_slots + 1, self.shape[0], self.max_length, self.shape[1])
+        shape = (self.max_slots + 1, self.shape[0], self.room, self.shape[1])
         self.keys = self.values = []  # the small first store is freed before the large one is allocated
         self.keys = [allocate(shape, dtype=self.dtype, device=d) for d in self.devices]
         self.values = [allocate(shape, dtype=self.dtype, device=d) for d in self.devices]
         self.capacity, self.free, self.reserved = self.max_slots, list(range(self.max_slots)), True
-        self.length = 0 if lazy else self.max_length
+        self.length = 0 if lazy else self.room
         self.ensure_length(min(256, self.max_length))
 
     @property
     def total_bytes(self) -> int:
         """Bytes the store holds (reserved) or would hold at ``max_slots`` x ``max_length`` (growing)."""
-        return (self.max_slots + 1) * self.max_length * self.bytes_per_token()
+        return (self.max_slots + 1) * self.room * self.bytes_per_token()
 
     @property
     def trash(self) -> int:
@@ -84,14 +90,16 @@ class SlotKV:
         self.free.append(slot)
 
     def ensure_length(self, needed: int) -> None:
-        """Positions ``[0, needed)`` of every slot are readable (allocated, and never NaN)."""
+        """Positions ``[0, needed)`` of every slot are readable (allocated, and never NaN), and on to the end
+        of their key block (``key_span``)."""
+        if needed > self.max_length:
+            raise ValueError(f"{needed} positions exceed the KV capacity of {self.max_length}")
+        needed = key_span(needed)
         if needed > self.length:
-            if needed > self.max_length:
-                raise ValueError(f"{needed} positions exceed the KV capacity of {self.max_length}")
             length = max(self.length, 1)
             while length < needed:
                 length *= 2
-            length = min(length, self.max_length)
+            length = min(length, self.room)
             if self.reserved:
                 for table in (*self.keys, *self.values):
                     table[:, :, self.length : length].zero_()

@@ -3,8 +3,8 @@
 Server-only decoding is SLED with nothing drafted: a session whose every round carries k = 0 draft tokens
 is verified one position per forward, through the same engine, runtime, prefill and greedy decision, and
 its verdict's next token is the target's argmax there. With batch invariance (``sled_verifier.invariant``)
-and width invariance (``attend_rows``: one SDPA per query), each position of any verification pass gets
-bitwise the logits this decoding gets, so a greedy SLED run's output is this output token for token,
+and width invariance (``sled_verifier.attention``: fixed query blocks and key spans), each position of any
+verification pass gets bitwise the logits this decoding gets, so a greedy SLED run's output is this output token for token,
 whatever the draft lengths, batch, neighbours or failovers (tests/test_width.py, ``sled-models check
 --prompt``).
 """

@@ -28,68 +28,24 @@ from pathlib import Path
 
 import torch
 
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sled_verifier.attention import attend_rows, row_plan
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 
 SLOT_ATTENTION = "sled_slots"
 
 
-def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows, scaling: float | None,
-                per_query: bool = True) -> torch.Tensor:
-    """Each row's attention over its own slot, in place: ``query`` ``[B, H, M, D]``, ``key``/``value`` one
-    layer's whole store ``[S+1, Hkv, L, D]``, ``rows`` per row (slot, width, new tokens m, bool mask [m, width]
-    or None). Returns ``[B, M, H, D]``; a row's result is computed exactly as if it were alone.
-
-    ``per_query`` (width invariance): each query is its own one-query SDPA over exactly the keys before it,
-    the very call one-token decoding makes at that position, so a position's bits do not depend on how many
-    queries share its row (a (k+1)-token verification, a prefill chunk) or where the chunk starts. Otherwise
-    a row's m queries are one masked SDPA, whose kernel blocks its reduction over keys by the call's shape."""
-    batch, heads, m_max, head_dim = query.shape
-    out = query.new_zeros(batch, m_max, heads, head_dim)
-    gqa = key.shape[1] != heads
-    for row, (slot, width, m, mask) in enumerate(rows):
-        if per_query or m == 1:
-            start = width - m
-            for j in range(m):
-                attended = F.scaled_dot_product_attention(
-                    query[row : row + 1, :, j : j + 1], key[slot : slot + 1, :, : start + j + 1],
-                    value[slot : slot + 1, :, : start + j + 1], scale=scaling, enable_gqa=gqa)  # [1, H, 1, D]
-                out[row, j] = attended[0, :, 0]
-            continue
-        if mask.device != query.device:  # layers spread over devices (device_map)
-            mask = mask.to(query.device)
-        attended = F.scaled_dot_product_attention(
-            query[row : row + 1, :, :m], key[slot : slot + 1, :, :width], value[slot : slot + 1, :, :width],
-            attn_mask=mask, scale=scaling, enable_gqa=gqa)                            # [1, H, m, D]
-        out[row, :m] = attended[0].transpose(0, 1)
-    return out
-
-
-def row_plan(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], device: torch.device) -> list:
-    """Per row: (slot, width = start + m, m, causal mask of its m new tokens over its width, or None)."""
-    plan = []
-    for slot, start, tokens in zip(slots, starts, inputs):
-        m = len(tokens)
-        mask = None
-        if m > 1:
-            mask = torch.arange(start + m, device=device)[None, :] <= (start + torch.arange(m, device=device))[:, None]
-        plan.append((int(slot), start + m, m, mask))
-    return plan
-
-
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, sled_per_query: bool = True,
-                   **kwargs):
+                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
     """transformers' attention interface over ``attend_rows``. Without ``sled_rows`` (the model called some
     other way: generate, a plain call) it is plain SDPA."""
     if sled_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    return attend_rows(query, key, value, sled_rows, scaling, sled_per_query), None
+    return attend_rows(query, key, value, sled_rows, scaling), None
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
@@ -154,7 +110,7 @@ class TransformersTarget:
         self.device = self.model.get_input_embeddings().weight.device  # inputs go in here; logits come back
         self.layer_devices = layer_devices(self.model)
         self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
-        self.width_invariant = batch_invariant  # per-query attention (``attend_rows``); off with the plain kernels
+        self.width_invariant = batch_invariant  # block attention (``sled_verifier.attention``); off: plain kernels
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -223,8 +179,9 @@ class TransformersTarget:
         if self.attention == "slots":
             view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max, in_place=True)
             out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=view, use_cache=True,
-                             cache_position=torch.arange(m_max, device=dev), sled_rows=row_plan(slots, starts, inputs, dev),
-                             sled_per_query=self.width_invariant, **keep)
+                             cache_position=torch.arange(m_max, device=dev),
+                             sled_rows=row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
+                             **keep)
             return out.logits
         width = int((starts_t + lens).max())
         visible = torch.arange(width, device=dev)[None, None, :] <= positions[:, :, None]             # [B, M, W]

@@ -207,10 +207,11 @@ def test_kv_growth_is_all_or_nothing(target, monkeypatch):
             raise MemoryError("simulated")
         return original(slots, length, device)
 
+    assert kv.length == 64  # 8 positions asked, rounded up to attention's 64-key span (``key_span``)
     monkeypatch.setattr(kv, "_empty", failing)
     with pytest.raises(MemoryError):
         kv.ensure_length(100)
-    assert kv.length == 8 and all(t.shape[2] == 8 for t in kv.keys + kv.values)
+    assert kv.length == 64 and all(t.shape[2] == 64 for t in kv.keys + kv.values)
     monkeypatch.setattr(kv, "_empty", original)
     kv.ensure_length(100)
     assert kv.length == 128 and all(t.shape[2] == 128 for t in kv.keys + kv.values)

@@ -2,8 +2,9 @@
 
 Batch invariance makes a row's logits independent of its neighbours; this is the other half of "exact means
 the server's own output": a position's logits must not depend on how many positions share its row. Products
-are per token once row invariant; attention is made so by computing each query as its own one-query SDPA over
-exactly the keys before it (``sled_verifier.target.attend_rows``). Each case decodes a session alone, one
+are per token once row invariant; attention is made so by one formulation that every call takes, one-token
+decoding included: 8-query blocks of the session's own positions over 64-key spans (``sled_verifier.attention``),
+so a position's query count, key count, row in its block and mask follow from the position alone. Each case decodes a session alone, one
 token per forward, then scores the same tokens in verification passes of every width 1-9 after a prefill cut
 at random points beside random prefill neighbours, each pass with random companions of random widths, and
 compares every position with ``torch.equal``. Then the engine: SLED with random draft lengths and wrong
