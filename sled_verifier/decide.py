@@ -17,7 +17,7 @@ import torch
 
 from sled_protocol import Draft
 from sled_verifier import sampling
-from sled_verifier.batch import DraftBatch, draft_batch, sampling_inputs
+from sled_verifier.batch import DraftBatch, draft_batch
 from sled_verifier.verify import VerifyResult, greedy_verify
 
 
@@ -55,13 +55,7 @@ def decide_greedy(batch: DraftBatch, target_ids: torch.Tensor, eos_ids: torch.Te
 def decide_sampled(batch: DraftBatch, drafts: Sequence[Draft], logits: torch.Tensor,
                    eos_ids: torch.Tensor) -> VerifyResult:
     """Sampled rows: p = the target's logits warped by each session's settings, tested against its q'."""
-    logits = logits[:, : batch.width + 1]              # [R, K+1, V]; one position only when every draft is empty
-    positions = logits.shape[1]
-    inputs = sampling_inputs(drafts, batch.width, logits.device)
-    per_position = (param.repeat_interleave(positions) for param in (inputs.temperature, inputs.top_k, inputs.top_p))
-    probs = sampling.warp_probs(logits.reshape(-1, logits.shape[-1]), *per_position).reshape(logits.shape)
-    return sampling.rejection_sample(probs, batch.draft_ids, batch.lens, inputs.q_ids, inputs.q_probs,
-                                     inputs.uniforms, batch.budgets, eos_ids)
+    return sampling.rejection_sample(sampling.sampled_rows(batch, drafts, logits), eos_ids)
 
 
 def scatter(size: int, parts: Sequence[tuple[torch.Tensor, VerifyResult]]) -> VerifyResult:

@@ -1,6 +1,6 @@
 """Greedy speculative verification over a padded ragged batch (Leviathan et al. 2023, arXiv 2211.17192).
 
-(Sampled sessions use ``sled_verifier.sampling.rejection_sample``; both share ``apply_stops`` and
+(Sampled sessions use ``sled_verifier.sampling.rejection_sample``; both share ``apply_stops``, its ``Stops`` and
 ``NO_TOKEN``. ``sled_verifier.decide`` sends each row to exactly one of the two.)
 
 For each session i the target scored ``[x[n-1], d_1..d_k]``, so ``target_ids[i, j]`` is the target's
@@ -45,12 +45,32 @@ def greedy_verify(
     valid = positions[None, :] < draft_lens[:, None]                           # [B, K]
     matches = (draft_ids == target_ids[:, :k_max]) & valid                     # [B, K]
     accepted = matches.to(torch.int64).cumprod(dim=1).sum(dim=1)               # [B] longest matching prefix
-    accepted, has_next, eos_in_draft = apply_stops(draft_ids, accepted, budgets, eos_ids)
-    next_token = target_ids.gather(1, accepted[:, None]).squeeze(1)           # [B]
-    return finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_ids)
+    stops = apply_stops(draft_ids, accepted, budgets, eos_ids)
+    next_token = target_ids.gather(1, stops.accepted[:, None]).squeeze(1)     # [B]
+    return stops.result(next_token=next_token, draft_lens=draft_lens, eos_ids=eos_ids)
 
 
-def apply_stops(draft_ids: torch.Tensor, accepted: torch.Tensor, budgets: torch.Tensor, eos_ids: torch.Tensor):
+@dataclass(frozen=True)
+class Stops:
+    """The accepted prefix once an accepted EOS and the length budget have cut it (``apply_stops``)."""
+
+    accepted: torch.Tensor      # [B] accepted draft tokens after the cuts
+    has_next: torch.Tensor      # [B] True where a next token follows them
+    eos_in_draft: torch.Tensor  # [B] True where an accepted draft token is an EOS
+
+    def result(self, *, next_token: torch.Tensor, draft_lens: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
+        """The rows' verdicts with ``next_token`` [B] (recovered or bonus) where one follows."""
+        next_is_eos = torch.isin(next_token, eos_ids) & self.has_next
+        return VerifyResult(
+            accepted=self.accepted,
+            next_token=torch.where(self.has_next, next_token, torch.full_like(next_token, NO_TOKEN)),
+            is_bonus=self.has_next & (self.accepted == draft_lens),
+            hit_eos=self.eos_in_draft | next_is_eos,
+        )
+
+
+def apply_stops(draft_ids: torch.Tensor, accepted: torch.Tensor, budgets: torch.Tensor,
+                eos_ids: torch.Tensor) -> Stops:
     """Cut the accepted prefix after an accepted EOS and at the length budget; say whether a next token follows."""
     k_max = draft_ids.shape[1]
     positions = torch.arange(k_max, device=draft_ids.device)
@@ -58,15 +78,4 @@ def apply_stops(draft_ids: torch.Tensor, accepted: torch.Tensor, budgets: torch.
     eos_cut = torch.where(is_eos.any(dim=1), is_eos.to(torch.int64).argmax(dim=1) + 1, k_max + 1)
     accepted = torch.minimum(torch.minimum(accepted, eos_cut), budgets)       # [B]
     eos_in_draft = eos_cut <= accepted
-    has_next = (~eos_in_draft) & (accepted < budgets)
-    return accepted, has_next, eos_in_draft
-
-
-def finish_result(accepted, has_next, eos_in_draft, next_token, draft_lens, eos_ids) -> VerifyResult:
-    next_is_eos = torch.isin(next_token, eos_ids) & has_next
-    return VerifyResult(
-        accepted=accepted,
-        next_token=torch.where(has_next, next_token, torch.full_like(next_token, NO_TOKEN)),
-        is_bonus=has_next & (accepted == draft_lens),
-        hit_eos=eos_in_draft | next_is_eos,
-    )
+    return Stops(accepted=accepted, has_next=(~eos_in_draft) & (accepted < budgets), eos_in_draft=eos_in_draft)

@@ -12,7 +12,7 @@ import sled_verifier.decide as decide_module
 from sled_protocol import Draft, SamplingParams
 from sled_protocol.seeding import STREAM_VERIFY, round_seed
 from sled_verifier import sampling
-from sled_verifier.batch import draft_batch, sparse_proposals, verify_uniforms
+from sled_verifier.batch import draft_batch
 from sled_verifier.decide import decide, is_sampled
 from sled_verifier.verify import NO_TOKEN, greedy_verify
 
@@ -42,9 +42,8 @@ def forbid_sampling(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a greedy row reached sampling code")
 
-    for name in ("warp_probs", "rejection_sample", "residual_distribution", "sample_inverse_cdf"):
+    for name in ("sampled_rows", "warp_probs", "rejection_sample", "residual_distribution", "sample_inverse_cdf"):
         monkeypatch.setattr(sampling, name, boom)
-    monkeypatch.setattr(decide_module, "sampling_inputs", boom)
 
 
 # --- batch assembly ---------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ def test_a_batch_of_empty_drafts_keeps_one_column():
 
 def test_sparse_proposals_are_padded_and_renormalised():
     drafts = [make([3, 4], q=[([3, 8], [0.5, 0.25]), ([4], [1.0])]), make([7])]  # the second: token only
-    ids, probs = sparse_proposals(drafts, k_max=3)
+    ids, probs = sampling.sparse_proposals(drafts, k_max=3)
     assert ids.shape == probs.shape == (2, 3, 2)
     assert ids[0].tolist() == [[3, 8], [4, 0], [0, 0]]
     assert torch.allclose(probs[0], torch.tensor([[2 / 3, 1 / 3], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
@@ -75,8 +74,8 @@ def test_sparse_proposals_are_padded_and_renormalised():
 def test_uniforms_come_from_the_round_seed_whatever_the_batch():
     """A row's uniforms depend on its session seed and committed length, not on the step's K."""
     draft = make([1, 2], SamplingParams(0.8, seed=42), base_len=17)
-    alone = verify_uniforms([draft], k_max=2)
-    in_a_wider_batch = verify_uniforms([draft, make([1] * 9, SamplingParams(1.0, seed=1))], k_max=9)
+    alone = sampling.verify_uniforms([draft], k_max=2)
+    in_a_wider_batch = sampling.verify_uniforms([draft, make([1] * 9, SamplingParams(1.0, seed=1))], k_max=9)
     expected = torch.rand(3, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(round_seed(42, 17, STREAM_VERIFY)))
     assert torch.equal(alone[0], expected) and torch.equal(in_a_wider_batch[0, :3], expected)
@@ -128,9 +127,9 @@ def test_each_row_of_a_mixed_batch_is_decided_once_and_as_alone(monkeypatch, see
         seen["greedy"].append(draft_ids.shape[0])
         return greedy_path(draft_ids, *args)
 
-    def spy_sampled(probs, draft_ids, *args):
-        seen["sampled"].append(draft_ids.shape[0])
-        return sampled_path(probs, draft_ids, *args)
+    def spy_sampled(rows, eos_ids):
+        seen["sampled"].append(rows.draft_ids.shape[0])
+        return sampled_path(rows, eos_ids)
 
     monkeypatch.setattr(decide_module, "greedy_verify", spy_greedy)
     monkeypatch.setattr(sampling, "rejection_sample", spy_sampled)

@@ -253,16 +253,14 @@ def test_two_drafts_of_one_session_in_one_step_are_refused(tiny_models, target):
 def test_a_greedy_batch_never_touches_sampling_code(tiny_models, target, drafts, reference, monkeypatch):
     """Greedy sessions (no sampling settings, or temperature 0) through the real engine with every sampling
     function made to raise: still exact, so the greedy path never reached them."""
-    import sled_verifier.decide as decide_module
     from sled_protocol import SamplingParams
     from sled_verifier import sampling
 
     def boom(*args, **kwargs):
         raise AssertionError("a greedy batch reached sampling code")
 
-    for name in ("warp_probs", "rejection_sample", "residual_distribution", "sample_inverse_cdf"):
+    for name in ("sampled_rows", "warp_probs", "rejection_sample", "residual_distribution", "sample_inverse_cdf"):
         monkeypatch.setattr(sampling, name, boom)
-    monkeypatch.setattr(decide_module, "sampling_inputs", boom)
     engine = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats())
     vocab = vocab_hash(tiny_models.target)
     prompts = [encode(tiny_models, p) for p in PROMPTS[:3]]

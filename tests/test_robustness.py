@@ -19,7 +19,7 @@ from sled_edge.config import EdgeConfig
 from sled_edge.proposal import sparse_proposal, warp_probs as edge_warp
 from sled_protocol import Draft, SamplingParams, decode_draft, encode
 from sled_protocol.config import ConfigError
-from sled_verifier.sampling import rejection_sample, warp_probs
+from sled_verifier.sampling import SampledRows, rejection_sample, warp_probs
 
 INF, NAN = float("inf"), float("nan")
 
@@ -87,8 +87,10 @@ def rejection(probs: torch.Tensor, draft_len: int):
     draft_ids = torch.tensor([[1] * draft_len + [-1] * (k - draft_len)])
     q_ids = torch.ones(1, k, 1, dtype=torch.int64)
     q_probs = torch.ones(1, k, 1, dtype=torch.float64)
-    return rejection_sample(probs[None], draft_ids, torch.tensor([draft_len]), q_ids, q_probs,
-                            torch.full((1, k + 1), 0.5, dtype=torch.float64), torch.tensor([10]), torch.tensor([99]))
+    rows = SampledRows(probs=probs[None], draft_ids=draft_ids, draft_lens=torch.tensor([draft_len]), q_ids=q_ids,
+                       q_probs=q_probs, uniforms=torch.full((1, k + 1), 0.5, dtype=torch.float64),
+                       budgets=torch.tensor([10]))
+    return rejection_sample(rows, torch.tensor([99]))
 
 
 def test_a_position_without_a_distribution_is_refused_only_when_read():

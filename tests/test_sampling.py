@@ -13,7 +13,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import sled_verifier.sampling as sampling_module
 from sled_edge.proposal import sparse_proposal, warp_probs as edge_warp
 from sled_protocol import SamplingParams
-from sled_verifier.sampling import rejection_sample, warp_probs
+from sled_verifier.sampling import SampledRows, rejection_sample, warp_probs
 
 V = 8           # a tiny vocabulary: the joint of two tokens has 64 cells
 N = 100_000     # runs per statistical test
@@ -109,9 +109,10 @@ def verify_round(prefixes, k, p_table, q_table, generator):
             drafts[:, j] = draw(q_table[index], generator)
             contexts = [c + (int(d),) for c, d in zip(contexts, drafts[:, j])]
     q_ids = torch.arange(V).expand(n, k, V)   # the dense proposal in sparse form: all V ids
-    result = rejection_sample(probs, drafts, torch.full((n,), k), q_ids, q_probs,
-                              torch.rand(n, k + 1, generator=generator, dtype=torch.float64),
-                              torch.full((n,), 100), torch.tensor([-5]))
+    rows = SampledRows(probs=probs, draft_ids=drafts, draft_lens=torch.full((n,), k), q_ids=q_ids, q_probs=q_probs,
+                       uniforms=torch.rand(n, k + 1, generator=generator, dtype=torch.float64),
+                       budgets=torch.full((n,), 100))
+    result = rejection_sample(rows, torch.tensor([-5]))
     committed = []
     for row in range(n):
         tokens = drafts[row, : result.accepted[row]].tolist() + [int(result.next_token[row])]
@@ -174,8 +175,9 @@ def test_a_wrong_residual_is_caught(tables, monkeypatch):
 def test_zero_draft_probability_is_a_rejection_not_a_division():
     """d not in q' (q'(d) = 0): rejected, and the recovered token comes from the residual."""
     probs = torch.tensor([[[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]])
-    result = rejection_sample(probs, torch.tensor([[1]]), torch.tensor([1]), torch.tensor([[[0, 2]]]),
-                              torch.tensor([[[0.5, 0.5]]], dtype=torch.float64), torch.tensor([[0.0, 0.99]]),
-                              torch.tensor([10]), torch.tensor([-1]))
+    rows = SampledRows(probs=probs, draft_ids=torch.tensor([[1]]), draft_lens=torch.tensor([1]),
+                       q_ids=torch.tensor([[[0, 2]]]), q_probs=torch.tensor([[[0.5, 0.5]]], dtype=torch.float64),
+                       uniforms=torch.tensor([[0.0, 0.99]]), budgets=torch.tensor([10]))
+    result = rejection_sample(rows, torch.tensor([-1]))
     assert result.accepted.tolist() == [0]
     assert result.next_token.tolist() == [1]  # residual max(0, p - q') = [0, 0.5, 0]: only token 1
