@@ -17,7 +17,7 @@ import torch
 
 from sled_protocol import Draft
 from sled_verifier import sampling
-from sled_verifier.batch import DraftBatch, draft_batch
+from sled_verifier.rows import PaddedRows, padded_rows
 from sled_verifier.verify import VerifyResult, greedy_verify
 
 
@@ -30,7 +30,7 @@ def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits: torch.Tensor
            eos_ids: torch.Tensor) -> VerifyResult:
     """``logits`` [B, >=K+1, V]: the target's scores of each row's ``[x[n-1], d_1..d_k]``; ``budgets`` [B]:
     tokens each session may still commit; ``eos_ids`` [E]. One result row per draft, in order."""
-    batch = draft_batch(drafts, budgets, logits.device)
+    batch = padded_rows(drafts, budgets, logits.device)
     sampled = [row for row, draft in enumerate(drafts) if is_sampled(draft)]
     if not sampled:
         return decide_greedy(batch, logits.argmax(dim=-1), eos_ids)
@@ -47,12 +47,12 @@ def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits: torch.Tensor
     ])
 
 
-def decide_greedy(batch: DraftBatch, target_ids: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
+def decide_greedy(batch: PaddedRows, target_ids: torch.Tensor, eos_ids: torch.Tensor) -> VerifyResult:
     """Greedy rows: accept the longest prefix matching the target's argmax ``target_ids`` [B, K+1]."""
     return greedy_verify(batch.draft_ids, batch.lens, target_ids, batch.budgets, eos_ids)
 
 
-def decide_sampled(batch: DraftBatch, drafts: Sequence[Draft], logits: torch.Tensor,
+def decide_sampled(batch: PaddedRows, drafts: Sequence[Draft], logits: torch.Tensor,
                    eos_ids: torch.Tensor) -> VerifyResult:
     """Sampled rows: p = the target's logits warped by each session's settings, tested against its q'."""
     return sampling.rejection_sample(sampling.sampled_rows(batch, drafts, logits), eos_ids)

@@ -24,7 +24,7 @@ import torch
 
 from sled_protocol import Draft
 from sled_protocol.seeding import STREAM_VERIFY, round_seed
-from sled_verifier.batch import DraftBatch
+from sled_verifier.rows import PaddedRows
 from sled_verifier.verify import VerifyResult, apply_stops
 
 
@@ -41,7 +41,7 @@ class SampledRows:
     budgets: torch.Tensor     # [R] tokens still allowed, >= 1
 
 
-def sampled_rows(batch: DraftBatch, drafts: Sequence[Draft], logits: torch.Tensor) -> SampledRows:
+def sampled_rows(batch: PaddedRows, drafts: Sequence[Draft], logits: torch.Tensor) -> SampledRows:
     """The sampled ``drafts`` (each has ``sampling``), their padded ``batch`` and the target's ``logits``
     [R, >=K+1, V] as one ``SampledRows``: p warped per row, q' padded, the verification stream's uniforms."""
     logits = logits[:, : batch.width + 1]              # [R, K+1, V]; one position only when every draft is empty

@@ -12,7 +12,7 @@ import sled_verifier.decide as decide_module
 from sled_protocol import Draft, SamplingParams
 from sled_protocol.seeding import STREAM_VERIFY, round_seed
 from sled_verifier import sampling
-from sled_verifier.batch import draft_batch
+from sled_verifier.rows import padded_rows
 from sled_verifier.decide import decide, is_sampled
 from sled_verifier.verify import NO_TOKEN, greedy_verify
 
@@ -49,7 +49,7 @@ def forbid_sampling(monkeypatch):
 # --- batch assembly ---------------------------------------------------------------------------------------
 
 def test_drafts_are_right_padded_with_the_placeholder():
-    batch = draft_batch([make([5, 6, 7]), make([]), make([9])], [10, 3, 1], torch.device("cpu"))
+    batch = padded_rows([make([5, 6, 7]), make([]), make([9])], [10, 3, 1], torch.device("cpu"))
     assert batch.draft_ids.tolist() == [[5, 6, 7], [NO_TOKEN] * 3, [9, NO_TOKEN, NO_TOKEN]]
     assert batch.lens.tolist() == [3, 0, 1] and batch.budgets.tolist() == [10, 3, 1]
     assert batch.take(torch.tensor([2])).draft_ids.tolist() == [[9, NO_TOKEN, NO_TOKEN]]  # K stays the step's
@@ -57,7 +57,7 @@ def test_drafts_are_right_padded_with_the_placeholder():
 
 
 def test_a_batch_of_empty_drafts_keeps_one_column():
-    batch = draft_batch([make([]), make([])], [4, 4], torch.device("cpu"))
+    batch = padded_rows([make([]), make([])], [4, 4], torch.device("cpu"))
     assert batch.width == 1 and batch.draft_ids.tolist() == [[NO_TOKEN], [NO_TOKEN]]
 
 
@@ -96,7 +96,7 @@ def test_a_greedy_batch_never_touches_sampling(monkeypatch):
     drafts[0] = make(argmax[0, :3].tolist())  # one draft the target fully agrees with
     forbid_sampling(monkeypatch)
     result = decide(drafts, [10, 10, 2], logits, EOS)
-    batch = draft_batch(drafts, [10, 10, 2], logits.device)
+    batch = padded_rows(drafts, [10, 10, 2], logits.device)
     assert rows(result) == rows(greedy_verify(batch.draft_ids, batch.lens, argmax, batch.budgets, EOS))
     assert rows(result)[0][:3] == (3, int(argmax[0, 3]), True)
 

@@ -26,7 +26,7 @@ PLAIN = [
     "sled_verifier.scheduler", "sled_verifier.sessions", "sled_verifier.stats",
 ]
 # The verification maths and its batch assembly (torch itself imports asyncio).
-TENSOR = ["sled_verifier.batch", "sled_verifier.decide", "sled_verifier.invariant", "sled_verifier.sampling",
+TENSOR = ["sled_verifier.rows", "sled_verifier.decide", "sled_verifier.invariant", "sled_verifier.sampling",
           "sled_verifier.verify"]
 SEAM = ["sled_protocol.connection", "sled_protocol.memory", "sled_protocol.transport"]  # asyncio, but no broker library
 
