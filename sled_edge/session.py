@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sled_protocol import Draft, FinishReason, SamplingParams, Verdict, VerdictKind
+from sled_protocol.acceptance import AcceptanceCounts
 
 
 class VerdictMismatch(ValueError):
@@ -12,42 +13,14 @@ class VerdictMismatch(ValueError):
 
 
 @dataclass
-class SessionStats:
-    rounds: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [j]: rounds whose draft token j was accepted
+class SessionStats(AcceptanceCounts):
+    """One generation's acceptance counts (``spec_decode()``: vLLM's names), and what its round trips met."""
+
     resyncs: int = 0
     retries: int = 0
     failovers: int = 0
     guesses: int = 0         # proactive drafting: next rounds drafted while a round was verified
     guesses_held: int = 0    # of which the verdict agreed, so the round went out at once
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens committed per verification round: 1 + accepted / rounds (as vLLM defines it)."""
-        return 1.0 + self.accepted_tokens / self.rounds if self.rounds else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    def record(self, k: int, accepted: int) -> None:
-        self.rounds += 1
-        self.draft_tokens += k
-        self.accepted_tokens += accepted
-        self.accepted_per_position.extend([0] * (k - len(self.accepted_per_position)))
-        for j in range(accepted):
-            self.accepted_per_position[j] += 1
-
-    def spec_decode(self) -> dict[str, object]:
-        """This request's speculative decoding figures under vLLM's names (its ``SpecDecodingStats`` counters,
-        and the mean acceptance length and draft acceptance rate its logger derives from them)."""
-        return {"num_drafts": self.rounds, "num_draft_tokens": self.draft_tokens,
-                "num_accepted_tokens": self.accepted_tokens,
-                "num_accepted_tokens_per_pos": list(self.accepted_per_position),
-                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
-                "draft_acceptance_rate": round(self.acceptance_rate, 4)}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sled_protocol import Limits, ProtocolError, decode
 from sled_protocol import topics
+from sled_protocol.acceptance import AcceptanceCounts
 from sled_protocol.codec import WIRE_KEYS
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE
 from sled_protocol.logs import configure_logging, redact
@@ -64,17 +65,17 @@ def describe(topic: str, payload: bytes, received_s: float, retain: bool = False
 
 
 @dataclass
-class SessionTraffic:
-    rounds: int = 0
-    draft_tokens: int = 0
-    accepted: int = 0
+class SessionTraffic(AcceptanceCounts):
+    """One session's acceptance as the broker carried it, and its round trips."""
+
+    positions_kept = 64  # whatever a draft on the broker claims, an observer's memory per session stays small
     round_trips_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         trips = self.round_trips_ms[-1000:]
-        return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted": self.accepted,
-                "mean_acceptance_length": round(1 + self.accepted / self.rounds, 3) if self.rounds else 0.0,
-                "acceptance": round(self.accepted / self.draft_tokens, 3) if self.draft_tokens else 0.0,
+        return {"rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted": self.accepted_tokens,
+                "mean_acceptance_length": round(self.mean_acceptance_length, 3),
+                "acceptance": round(self.acceptance_rate, 3),
                 "rtt_ms_p50": round(statistics.median(trips), 2) if trips else None}
 
 
@@ -94,9 +95,7 @@ class Matcher:
         elif record["type"] == "verdict" and record.get("kind") == "verified" and key in self.pending:
             sent_s, k = self.pending.pop(key)
             traffic = self.sessions.setdefault((str(key[0]), str(key[1])), SessionTraffic())
-            traffic.rounds += 1
-            traffic.draft_tokens += k
-            traffic.accepted += int(record.get("accepted", 0))
+            traffic.record(k, min(int(record.get("accepted", 0)), k))  # a verdict never accepts more than it was sent
             traffic.round_trips_ms.append((now_s - sent_s) * 1000)
             record["rtt_ms"] = round((now_s - sent_s) * 1000, 2)
             record["acceptance"] = f"{record.get('accepted', 0)}/{k}"

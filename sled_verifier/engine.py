@@ -334,7 +334,7 @@ class VerifierEngine:
         state.finished = finish is not None
         state.rounds += 1
         state.last_seq = draft.seq
-        self.stats.record_draft(len(draft.tokens), accepted)
+        self.stats.record(len(draft.tokens), accepted)
         state.last_verdict = Verdict(
             kind=VerdictKind.VERIFIED, verifier_id=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
             accepted=accepted, next_token=next_token if has_next else None,

@@ -24,7 +24,7 @@ class VerifierCollector(Collector):
 
     def collect(self):
         s = self.stats
-        yield CounterMetricFamily("sled_verifier_drafts", "Drafts verified", value=s.drafts)
+        yield CounterMetricFamily("sled_verifier_drafts", "Drafts verified", value=s.rounds)
         yield CounterMetricFamily("sled_verifier_draft_tokens", "Draft tokens verified", value=s.draft_tokens)
         yield CounterMetricFamily("sled_verifier_accepted_tokens", "Draft tokens accepted", value=s.accepted_tokens)
         per_position = CounterMetricFamily("sled_verifier_accepted_per_position",

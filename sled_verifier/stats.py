@@ -1,7 +1,7 @@
 """Verification counters, kept as a pure object; logging and export live elsewhere.
 
-Mean acceptance length follows vLLM's definition: 1 + accepted / drafts, the tokens one verification
-pass commits per session on average (accepted draft tokens plus the recovered or bonus token).
+The acceptance counts are ``sled_protocol.acceptance.AcceptanceCounts`` (vLLM's definitions; a round is one
+verified draft), as on the edge.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+
+from sled_protocol.acceptance import AcceptanceCounts
 
 
 @dataclass
@@ -45,11 +47,7 @@ DELAY_BOUNDS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 
 
 
 @dataclass
-class VerifierStats:
-    drafts: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
+class VerifierStats(AcceptanceCounts):
     prefill_s: float = 0.0             # model time of prefill forwards
     busy_s: float = 0.0                # service time from taking a batch to its verdicts published
     step_s: float = 0.0                # engine step time (admission, prefill, forward, verification, commit)
@@ -81,15 +79,6 @@ class VerifierStats:
         self.queue_delay_hist.observe(delay_s)
         self.added_wait_hist.observe(max(0.0, added_s))
 
-    def record_draft(self, draft_len: int, accepted: int) -> None:
-        self.drafts += 1
-        self.draft_tokens += draft_len
-        self.accepted_tokens += accepted
-        if len(self.accepted_per_position) < draft_len:
-            self.accepted_per_position.extend([0] * (draft_len - len(self.accepted_per_position)))
-        for position in range(accepted):
-            self.accepted_per_position[position] += 1
-
     @property
     def batches(self) -> int:
         return self.batch_size_hist.observations
@@ -99,23 +88,15 @@ class VerifierStats:
         """Model time of verification forwards."""
         return self.forward_hist.total
 
-    @property
-    def mean_acceptance_length(self) -> float:
-        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
     def summary(self) -> dict[str, object]:
         return {
-            "drafts": self.drafts,
+            "drafts": self.rounds,
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "mean_acceptance_length": round(self.mean_acceptance_length, 3),
             "acceptance_rate": round(self.acceptance_rate, 3),
             "batches": self.batches,
-            "mean_batch_size": round(self.drafts / self.batches, 2) if self.batches else 0.0,
+            "mean_batch_size": round(self.rounds / self.batches, 2) if self.batches else 0.0,
             "forward_s": round(self.forward_s, 3),
             "prefill_s": round(self.prefill_s, 3),
             "busy_s": round(self.busy_s, 3),

@@ -236,3 +236,15 @@ def test_status_step_cost_is_optional_both_ways_and_checked():
     for bad in ([0.1, 0.0, 0.002], [0.1, -0.5, 0.002, 1.0], [0.1, 0.0, float("nan"), 1.0], [True, 0, 0, 1], "0.1"):
         with pytest.raises(ProtocolError):
             decode_status(msgpack.packb({**body, "step_cost": bad}))
+
+
+def test_acceptance_counts_are_vllms():
+    """One type counts acceptance on the edge, the verifier and in sled-inspect, under vLLM's definitions."""
+    from sled_protocol.acceptance import AcceptanceCounts
+
+    counts = AcceptanceCounts()
+    for k, accepted in ((3, 2), (1, 0), (0, 0)):
+        counts.record(k, accepted)
+    assert counts.spec_decode() == {
+        "num_drafts": 3, "num_draft_tokens": 4, "num_accepted_tokens": 2, "num_accepted_tokens_per_pos": [1, 1, 0],
+        "mean_acceptance_length": round(1 + 2 / 3, 4), "draft_acceptance_rate": 0.5}

@@ -19,7 +19,7 @@ SHELL = ["aiomqtt", "paho", "onnxruntime", "sled_verifier.service", "sled_edge.c
 PLAIN = [
     "sled_edge.ahead", "sled_edge.config", "sled_edge.controller", "sled_edge.drafter", "sled_edge.errors",
     "sled_edge.placement", "sled_edge.proposal", "sled_edge.session",
-    "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes",
+    "sled_protocol.acceptance", "sled_protocol.codec", "sled_protocol.config", "sled_protocol.exitcodes",
     "sled_protocol.seeding", "sled_protocol.topics", "sled_protocol.transport", "sled_protocol.types",
     "sled_protocol.vocab",
     "sled_verifier.config", "sled_verifier.draft_queue", "sled_verifier.fairshare", "sled_verifier.identity", "sled_verifier.ratelimit",
