@@ -9,15 +9,15 @@ import argparse
 import json
 import secrets
 import sys
+from collections.abc import Coroutine
 
 import structlog
 
 from sled_edge.config import EdgeConfig
 from sled_protocol import ProtocolError, SamplingParams
 from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
-from sled_protocol.exitcodes import EX_CONFIG, EX_DATAERR, EX_OK, EX_SOFTWARE, EX_UNAVAILABLE
-from sled_protocol.logs import configure_logging
-from sled_protocol.run import run_until_signal
+from sled_protocol.exitcodes import EX_DATAERR, EX_UNAVAILABLE
+from sled_protocol.run import run_main
 
 log = structlog.get_logger("sled_edge")
 # Failures of availability (exit 69: try again later), as opposed to refusals of our data (exit 65).
@@ -149,34 +149,25 @@ async def run_generate(config: EdgeConfig, prompt: str, max_new_tokens: int, as_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(EdgeConfig, args)
-        if args.command == "generate":
-            if args.max_new_tokens < 1:
-                raise ConfigError("--max-new-tokens must be >= 1")
-            sampling = sampling_from_args(args)
-    except ConfigError as exc:
-        configure_logging()
-        log.error("bad_configuration", error=str(exc))
-        return EX_CONFIG
-    configure_logging(config.log_level)
-    from sled_edge.client import EdgeError
 
-    try:
+    def configure() -> tuple[str, Coroutine]:
+        config = config_from_args(EdgeConfig, args)
         if args.command == "serve":
-            run_until_signal(run_serve(config))
-        else:
-            run_until_signal(run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling))
-    except ConfigError as exc:  # found only at start-up: a port in use, a draft that does not load
-        log.error("bad_configuration", error=str(exc))
-        return EX_CONFIG
-    except EdgeError as exc:
+            return config.log_level, run_serve(config)
+        if args.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be >= 1")
+        sampling = sampling_from_args(args)
+        return config.log_level, run_generate(config, args.prompt, args.max_new_tokens, args.json, sampling)
+
+    def failed(exc: Exception) -> int | None:
+        from sled_edge.client import EdgeError
+
+        if not isinstance(exc, EdgeError):
+            return None
         log.error("generation_failed", code=exc.code, error=str(exc))
         return EX_UNAVAILABLE if exc.code in UNAVAILABLE else EX_DATAERR
-    except Exception:
-        log.exception("edge_crashed")
-        return EX_SOFTWARE
-    return EX_OK
+
+    return run_main(configure, log, "edge_crashed", failed)
 
 
 if __name__ == "__main__":

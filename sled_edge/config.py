@@ -8,16 +8,12 @@ from pathlib import Path
 
 from sled_protocol import Limits
 from sled_protocol.config import described as _help
-from sled_protocol.config import ConfigError, require, require_connection, require_duration
+from sled_protocol.config import BrokerConfig, ConfigError, require, require_duration
 
 
 @dataclass(frozen=True)
-class EdgeConfig:
+class EdgeConfig(BrokerConfig):
     draft: str = field(metadata=_help("directory of an ONNX draft (optimum export with past key values, tokenizer.json)"))
-    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help(
-        "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
-    mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
-    ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     device_id: str = field(default="", metadata=_help("this device's topic level; empty: the host name"))
     verifier: str = field(default="", metadata=_help("verifier id to use; empty: the least loaded with our vocabulary"))
     draft_tokens: int = field(default=0, metadata=_help("draft tokens k per round; 0: adaptive (best expected tokens/s)"))
@@ -65,8 +61,7 @@ class EdgeConfig:
             object.__setattr__(self, "device_id", socket.gethostname().split(".")[0] or "edge")
         require(Path(self.draft, "model.onnx").is_file(), f"draft {self.draft!r} has no model.onnx")
         require(Path(self.draft, "tokenizer.json").is_file(), f"draft {self.draft!r} has no tokenizer.json")
-        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
-                           device_id=self.device_id, verifier_id=self.verifier)
+        self.check_broker(self.log_level, device_id=self.device_id, verifier_id=self.verifier)
         require(self.draft_tokens >= 0, "draft_tokens must be >= 0")
         # The wire's limits (what a verifier accepts by default; each announces its own, and k is capped by it).
         require(1 <= self.proposal_tokens <= Limits.max_proposal_tokens,

@@ -95,6 +95,21 @@ def described(text: str, *, formerly: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"help": text, "formerly": formerly}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    """The broker block both services' configurations extend (``EdgeConfig``, ``VerifierConfig``): where the broker
+    is, the MQTT version and the CA for mqtts://; checked by ``check_broker`` with the service's own ids."""
+
+    mqtt_url: str = dataclasses.field(default="mqtt://127.0.0.1:1883", metadata=described(
+        "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
+    mqtt_protocol: str = dataclasses.field(default="5", metadata=described("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
+    ca_file: str = dataclasses.field(default="", metadata=described("CA certificate for mqtts:// (default: the system's CAs)"))
+
+    def check_broker(self, log_level: str, **names: str) -> None:
+        """ConfigError unless the broker block, ``log_level`` and the topic-level ids in ``names`` can work."""
+        require_connection(self.mqtt_url, log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol, **names)
+
+
 def require_connection(mqtt_url: str, log_level: str, *, ca_file: str = "", mqtt_protocol: str = "5",
                        **names: str) -> None:
     """What every service checks: usable broker URLs and MQTT version, a readable ``ca_file`` when one is

@@ -9,13 +9,13 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
 
 import structlog
 
 from sled_protocol.config import ConfigError, add_config_arguments, bind_failed, config_from_args
-from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
-from sled_protocol.logs import configure_logging, redacted_config
-from sled_protocol.run import run_until_signal
+from sled_protocol.logs import redacted_config
+from sled_protocol.run import run_main
 from sled_verifier.config import VerifierConfig, parse_memory
 
 log = structlog.get_logger("sled_verifier")
@@ -103,22 +103,12 @@ def free_memory_bytes(device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def configure() -> tuple[str, Coroutine]:
         config = config_from_args(VerifierConfig, args)  # checks the CA file too
-    except ConfigError as exc:
-        configure_logging()
-        log.error("bad_configuration", error=str(exc))
-        return EX_CONFIG
-    configure_logging(config.log_level)
-    try:
-        run_until_signal(serve(config))
-    except ConfigError as exc:
-        log.error("bad_configuration", error=str(exc))
-        return EX_CONFIG
-    except Exception:
-        log.exception("verifier_crashed")
-        return EX_SOFTWARE
-    return EX_OK
+        return config.log_level, serve(config)
+
+    return run_main(configure, log, "verifier_crashed")
 
 
 if __name__ == "__main__":

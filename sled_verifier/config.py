@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sled_protocol import Limits
 from sled_protocol.config import described as _help
-from sled_protocol.config import require, require_connection, require_duration
+from sled_protocol.config import BrokerConfig, require, require_duration
 
 
 RUNTIMES = ("transformers", "compiled")  # sled_verifier.runtime
@@ -40,13 +40,10 @@ def parse_memory(text: str, free_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
-class VerifierConfig:
+class VerifierConfig(BrokerConfig):
     target: str = field(metadata=_help(
         "directory of a Hugging Face causal LM (config, weights, tokenizer.json), or a .gguf file (dequantized "
         "once to float32 and cached in $SLED_CACHE, default ~/.cache/sled)"))
-    mqtt_url: str = field(default="mqtt://127.0.0.1:1883", metadata=_help(
-        "broker URL, mqtt:// or mqtts://; a cluster's nodes separated by commas, tried in turn"))
-    mqtt_protocol: str = field(default="5", metadata=_help("MQTT version: 5, or 3.1.1 (RabbitMQ 3.10)"))
     verifier_id: str = field(default="", metadata=_help("this verifier's topic level; empty: the host name"))
     device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
     dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights (bfloat16 on a GPU)"))
@@ -99,7 +96,6 @@ class VerifierConfig:
     max_refusals_per_s: float = field(default=5.0, metadata=_help(
         "refusals answered and logged per device (burst: 4 s worth); beyond, only counted "
         "(sled_verifier_refusals_suppressed); 0: no budget"))
-    ca_file: str = field(default="", metadata=_help("CA certificate for mqtts:// (default: the system's CAs)"))
     stats_interval_s: float = field(default=10.0, metadata=_help("seconds between stats log lines"))
     status_interval_s: float = field(default=3.0, metadata=_help(
         "seconds between status republications (edges on a broker without cluster-wide retained messages "
@@ -116,8 +112,7 @@ class VerifierConfig:
         else:
             require(Path(self.target).is_dir(), f"target {self.target!r} is not a directory (nor a .gguf file)")
             require(Path(self.target, "config.json").is_file(), f"target {self.target!r} has no config.json")
-        require_connection(self.mqtt_url, self.log_level, ca_file=self.ca_file, mqtt_protocol=self.mqtt_protocol,
-                           verifier_id=self.verifier_id)
+        self.check_broker(self.log_level, verifier_id=self.verifier_id)
         require_duration(self.max_wait_ms, "max_wait_ms", allow_zero=True)
         require(0 <= self.min_wait_gain < 1, "min_wait_gain must be in [0, 1)")
         for name in ("max_batch_drafts", "max_batch_tokens", "max_sessions", "max_draft_tokens",
