@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from bench.report import best_k_ceiling, ceiling_at  # noqa: E402
 from bench.run import DEVICE_CORES, SERVER_CORES, Verifier, log, pinned  # noqa: E402
+from sled_models.timing import timed  # noqa: E402
 from sled_protocol.devbroker import start_dev_broker  # noqa: E402
 
 PROFILES = {
@@ -123,19 +124,6 @@ def cpu_clock() -> float:
     return time.process_time()
 
 
-def timed(fn, repeat: int = 5, warm_up: bool = True) -> float:
-    """The fastest of ``repeat`` runs after a warm-up, in CPU seconds: the least disturbed by whatever else the
-    machine does."""
-    if warm_up:
-        fn()
-    samples = []
-    for _ in range(repeat):
-        started = cpu_clock()
-        fn()
-        samples.append(cpu_clock() - started)
-    return min(samples)
-
-
 def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
     """Seconds per token for N sessions decoded in one batch: prefill, then one token per session per step.
     Both ways; the stronger one is the baseline."""
@@ -168,8 +156,10 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int) -> dict:
     large = target.vocab_size >= 10_000  # a real target: its long decodes need no whole-run warm-up or repeat
     repeat = 1 if n >= 64 or large else 2
     warm_up = not large and n < 16
-    prefill_s = timed(engine_prefill, repeat)        # ... as this one warms its weights first
-    engine_s, generate_s = timed(engine_decode, repeat, warm_up), timed(generate, repeat, warm_up)
+    # The fastest of the runs, in CPU seconds: the least disturbed by whatever else the machine does.
+    prefill_s = timed(engine_prefill, repeat=repeat, clock=cpu_clock, statistic=min)  # ... as this one warms its
+    engine_s, generate_s = (timed(fn, repeat=repeat, warm_up=warm_up, clock=cpu_clock, statistic=min)  # weights first
+                            for fn in (engine_decode, generate))
     best, name = min((engine_s, "engine"), (generate_s, "generate"))
     tokens = n * out_tokens
     return {"s_per_token": best / tokens, "which": name, "engine_s_per_token": engine_s / tokens,

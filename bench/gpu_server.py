@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from sled_models.timing import timed  # noqa: E402
 
 SHAPES = {
     "quick-target-12M": dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
@@ -49,25 +50,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeat: int = 10) -> float:
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
 def ceiling(target, n: int, k: int, context: int) -> dict:
     kv = target.init_kv(max_slots=n, max_length=context + k + 8)
     slots = [kv.acquire() for _ in range(n)]
     target.forward_rows(slots, [0] * n, [[random.randrange(1, 4000) for _ in range(context)] for _ in range(n)])
-    wide = timed(lambda: target.forward_rows(slots, [context] * n, [[1] * (k + 1)] * n))
-    one = timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n))
-    separate = timed(lambda: [target.forward_rows([s], [context], [[1] * (k + 1)]) for s in slots], repeat=3)
+    wide = timed(lambda: target.forward_rows(slots, [context] * n, [[1] * (k + 1)] * n), repeat=10, sync=sync)
+    one = timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n), repeat=10, sync=sync)
+    separate = timed(lambda: [target.forward_rows([s], [context], [[1] * (k + 1)]) for s in slots], repeat=3, sync=sync)
     return {"forward_ms_n_x_k1": round(1000 * wide, 3), "forward_ms_n_x_1": round(1000 * one, 3),
             "forward_ms_n_separate": round(1000 * separate, 3), "pass_cost_ratio": round(wide / one, 3),
             "batching_gain_raw": round(separate / wide, 2)}
@@ -98,7 +87,7 @@ def graph_replay(target, n: int, k: int, context: int) -> float | None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 run()
-            return round(1000 * timed(graph.replay), 3)
+            return round(1000 * timed(graph.replay, repeat=10, sync=sync), 3)
     finally:
         target.static = static
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sled_models.timing import timed  # noqa: E402
 from sled_protocol.devbroker import free_port, start_dev_broker  # noqa: E402
 
 PROFILES = {
@@ -240,19 +241,10 @@ def ceiling(target, n: int, k: int, context: int, repeat: int = 5) -> dict:
     rng = np.random.default_rng(0)
     target.forward_rows(slots, [0] * n, [rng.integers(1, 4000, context).tolist() for _ in range(n)])
 
-    def timed(fn) -> float:
-        fn()
-        samples = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - started)
-        return statistics.median(samples)
-
     wide = [[1] * (k + 1)] * n
-    batched_k = timed(lambda: target.forward_rows(slots, [context] * n, wide))
-    batched_1 = timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n))
-    separate_k = timed(lambda: [target.forward_rows([s], [context], [[1] * (k + 1)]) for s in slots])
+    batched_k = timed(lambda: target.forward_rows(slots, [context] * n, wide), repeat=repeat)  # median wall seconds
+    batched_1 = timed(lambda: target.forward_rows(slots, [context] * n, [[1]] * n), repeat=repeat)
+    separate_k = timed(lambda: [target.forward_rows([s], [context], [[1] * (k + 1)]) for s in slots], repeat=repeat)
     return {"n": n, "k": k, "forward_ms_n_x_k1": round(1000 * batched_k, 2), "forward_ms_n_x_1": round(1000 * batched_1, 2),
             "forward_ms_n_separate_k1": round(1000 * separate_k, 2),
             "pass_cost_ratio": round(batched_k / batched_1, 3), "batching_gain_raw": round(separate_k / batched_k, 3)}

@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sled_models.timing import timed
 
 
 def mean_accepted_length(agree: np.ndarray, k: int) -> float:
@@ -35,16 +36,6 @@ def _windows(tokens: np.ndarray, count: int, length: int, seed: int) -> list[lis
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - length - 1, size=count)
     return [tokens[s : s + length].astype(np.int64).tolist() for s in starts]
-
-
-def _ms(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path], prompt_tokens: int,
@@ -85,7 +76,7 @@ def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path],
             "alpha_text": round(float(np.mean(np.concatenate(agree_text))), 4),
             **{f"mean_accepted_length_k{k}": round(float(np.mean([mean_accepted_length(a, k) for a in agree_cont])), 3)
                for k in (2, 4, 6)},
-            "draft_ms_per_token": round(_ms(draft_token, 5) / 17, 3),
+            "draft_ms_per_token": round(1000 * timed(draft_token, repeat=5) / 17, 3),
         }
     progress("eval target")
     verifier_target = TransformersTarget(family / "target", device="cpu")
@@ -94,10 +85,11 @@ def evaluate_family(family: Path, held_out: np.ndarray, drafts: dict[str, Path],
     contexts, inputs = continued[:8, :-5].tolist(), continued[:8, -5:].tolist()
     verifier_target.forward_rows(slots, [0] * 8, contexts)
     start = len(contexts[0])
-    results["target"] = {
-        f"verify_ms_batch{b}": round(_ms(lambda b=b: verifier_target.forward_rows(slots[:b], [start] * b, inputs[:b]), 10), 2)
-        for b in (1, 8)
-    }
+
+    def verify(b: int) -> None:
+        verifier_target.forward_rows(slots[:b], [start] * b, inputs[:b])
+
+    results["target"] = {f"verify_ms_batch{b}": round(1000 * timed(lambda b=b: verify(b), repeat=10), 2) for b in (1, 8)}
     return results
 
 

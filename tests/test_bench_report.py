@@ -88,3 +88,14 @@ def test_the_llamacpp_stage_dequantizes_a_gguf_to_f32_keeping_layout_and_metadat
     assert out.fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
     assert out.fields["tokenizer.ggml.tokens"].contents() == ["<a>", "<b>"]
     assert out.fields["llama.block_count"].contents() == 1
+
+
+def test_timed_reports_its_statistic_of_its_clock():
+    """The benches' one timing helper: an untimed warm-up call, then ``repeat`` calls on the given clock."""
+    from sled_models.timing import timed
+
+    ticks, calls, synced = iter(range(0, 100, 2)), [], []
+    samples = timed(lambda: calls.append(1), repeat=3, clock=lambda: next(ticks), statistic=list,
+                    sync=lambda: synced.append(1))
+    assert samples == [2, 2, 2] and len(calls) == 4 and len(synced) == 4
+    assert timed(lambda: None, repeat=3, warm_up=False, clock=iter([0, 1, 1, 4, 4, 6]).__next__, statistic=min) == 1
