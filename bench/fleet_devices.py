@@ -1,7 +1,8 @@
 """An emulated fleet: N devices in one process, each its own MQTT client speaking the real wire protocol.
 
 Drafting costs the server nothing, as with real separate devices. Every device knows the target's own
-greedy continuation of its prompts (computed once by ``bench/fleet.py``, unbatched) and "drafts" it: the
+greedy continuation of its prompts (computed once by ``bench/fleet.py``, unbatched) and "drafts" it (each
+session is the edge's own ``EdgeSession``: its drafts, context and applied verdicts): the
 token at draft position j is the target's with the device class's conditional acceptance probability
 ``acceptance[j]``, otherwise another id. It sleeps ``k x draft_ms_per_token`` plus a network delay with
 jitter before each draft and a network delay before it acts on each verdict. Sessions start spread over
@@ -30,9 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sled_edge.controller import DraftLengthController, StepPrice  # noqa: E402
+from sled_edge.session import EdgeSession, VerdictMismatch  # noqa: E402
 from sled_protocol import Close, Draft, VerdictKind, encode  # noqa: E402
 from sled_protocol import topics  # noqa: E402
-from sled_edge.controller import DraftLengthController, StepPrice  # noqa: E402
 from sled_protocol.codec import decode_status  # noqa: E402
 from sled_protocol.codec import decode_verdict  # noqa: E402
 from sled_protocol.mqtt import make_client  # noqa: E402
@@ -123,52 +125,52 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                 prompt = entry["prompt"]  # its own length: the continuation belongs to exactly this prompt
                 truth = entry["continuation"]
                 out_len = min(rng.randint(*spec["output_tokens"]), len(truth))
-                committed, max_len = list(prompt), len(prompt) + out_len
+                # The edge's own session: drafts, context on first send and resync, verdicts applied and checked.
+                session = EdgeSession(uuid.uuid4().hex[:12], device_id, spec["vocab"], list(prompt),
+                                      len(prompt) + out_len)
                 record = SessionRecord(device_id, klass.name, time.monotonic())
-                session, seq, send_context = uuid.uuid4().hex[:12], 0, True
-                while len(committed) < max_len:
-                    done = len(committed) - len(prompt)
-                    room = max(0, max_len - len(committed) - 1)
+                verdict = None
+                while session.budget > 0 and session.finish is None:
+                    done = len(session.committed) - len(prompt)
+                    room = max(0, session.budget - 1)
                     k = min(klass.k, room) if controller is None else controller.choose(room, price[0])
                     tokens = draft_tokens(rng, truth[done:], klass, k, vocab, avoid)
                     await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0)
                     sent = time.monotonic()  # a device times its round from publishing to the verdict's arrival
                     await asyncio.sleep(one_way_s())
-                    draft = Draft(device=device_id, session_id=session, seq=seq, base_len=len(committed),
-                                  tokens=tuple(tokens), max_len=max_len, vocab=spec["vocab"],
-                                  context=tuple(committed) if send_context else None)
+                    draft = session.draft(tokens)
                     verdict = await exchange(client, draft_topic, draft, inbox, tally)
                     await asyncio.sleep(one_way_s())
                     if verdict.kind is VerdictKind.RESYNC:
                         tally.resyncs += 1
-                        send_context = True
+                        session.send_context = True
                         continue
                     if verdict.kind is VerdictKind.ERROR:
                         tally.errors[str(verdict.error)] = tally.errors.get(str(verdict.error), 0) + 1
                         break
                     expected = next((j for j, t in enumerate(tokens) if t != truth[done + j]), len(tokens))
-                    if controller is not None and not send_context:  # a round that carried context timed a prefill
+                    if controller is not None and draft.context is None:  # a round that carried context timed a prefill
                         controller.observe(k, min(verdict.accepted, k), k * klass.draft_ms_per_token / 1000.0,
                                            time.monotonic() - sent)
-                    if verdict.accepted != expected or verdict.next_token != truth[done + expected]:
-                        tally.wrong.append(f"{device_id}/{session} round {seq}: accepted {verdict.accepted} next "
-                                           f"{verdict.next_token}, target says {expected} and {truth[done + expected]}")
+                    wrong = verdict.accepted != expected or verdict.next_token != truth[done + expected]
+                    try:
+                        committed = [] if wrong else session.apply(draft, verdict)
+                    except VerdictMismatch:
+                        wrong = True
+                    if wrong:
+                        tally.wrong.append(f"{device_id}/{session.session_id} round {draft.seq}: accepted "
+                                           f"{verdict.accepted} next {verdict.next_token}, target says {expected} and "
+                                           f"{truth[done + expected]}")
                         break
-                    send_context = False
-                    committed += [*tokens[:expected], verdict.next_token]
-                    record.rounds += 1
-                    record.accepted += expected
-                    record.drafted += len(tokens)
                     record.ks.append(len(tokens))
-                    tally.commits.append((time.monotonic(), expected + 1))
-                    seq += 1
-                    if verdict.finish is not None:
-                        break
-                record.tokens, record.ended_s = len(committed) - len(prompt), time.monotonic()
+                    tally.commits.append((time.monotonic(), len(committed)))
+                stats = session.stats
+                record.rounds, record.accepted, record.drafted = stats.rounds, stats.accepted_tokens, stats.draft_tokens
+                record.tokens, record.ended_s = len(session.committed) - len(prompt), time.monotonic()
                 tally.sessions.append(record)
-                if verdict.kind is not VerdictKind.VERIFIED or verdict.finish is None:
+                if verdict is not None and (verdict.kind is not VerdictKind.VERIFIED or session.finish is None):
                     # ended by an error or a wrong verdict: free the verifier's slot now
-                    await client.publish(draft_topic, encode(Close(device=device_id, session_id=session)))
+                    await client.publish(draft_topic, encode(Close(device=device_id, session_id=session.session_id)))
         finally:
             reader.cancel()
 
