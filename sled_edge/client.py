@@ -224,7 +224,7 @@ class EdgeDevice:
                 elapsed_s: float) -> GenerationResult:
         new_ids = session.committed[prompt_len:]
         stats = session.stats
-        log.info("generation_finished", device_id=session.device, session_id=session.session_id, tokens=len(new_ids),
+        log.info("generation_finished", device_id=session.device_id, session_id=session.session_id, tokens=len(new_ids),
                  rounds=stats.rounds, mean_acceptance_length=round(stats.mean_acceptance_length, 3),
                  guesses_held=stats.guesses_held)
         return GenerationResult(

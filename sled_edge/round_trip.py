@@ -71,7 +71,7 @@ class RoundTrip:
         self.session = session
         self.holder_status = holder_status  # the Status of the verifier holding the session now
         self.observer = observer
-        self.log = log.bind(device_id=session.device, session_id=session.session_id)
+        self.log = log.bind(device_id=session.device_id, session_id=session.session_id)
         self._verdicts: asyncio.Queue | None = None
 
     @property
@@ -99,7 +99,7 @@ class RoundTrip:
                 continue
             sent_s = time.perf_counter()
             try:
-                topic = topics.draft_topic(self.holder, self.session.device)
+                topic = topics.draft_topic(self.holder, self.session.device_id)
                 await self.connection.publish(topic, encode(draft), self.config.timeout_s)
             except TimeoutError:
                 continue  # the connection dropped while publishing: wait for it above
@@ -232,9 +232,9 @@ class RoundTrip:
 
     async def _close(self) -> None:
         """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
-        message = encode(Close(device=self.session.device, session_id=self.session.session_id))
+        message = encode(Close(device=self.session.device_id, session_id=self.session.session_id))
         try:
-            await self.connection.publish(topics.draft_topic(self.holder, self.session.device), message,
+            await self.connection.publish(topics.draft_topic(self.holder, self.session.device_id), message,
                                           timeout_s=1.0)
         except TimeoutError:  # the broker is away; the verifier's LRU reclaims the session later
             log.debug("close_not_sent", session_id=self.session.session_id)

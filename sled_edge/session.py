@@ -26,7 +26,7 @@ class SessionStats(AcceptanceCounts):
 @dataclass
 class EdgeSession:
     session_id: str
-    device: str
+    device_id: str
     vocab: str
     committed: list[int]
     max_len: int
@@ -51,7 +51,7 @@ class EdgeSession:
         """This round's Draft; ``proposals`` are the SparseProposals the tokens were sampled from."""
         sampled = self.sampling is not None and not self.sampling.greedy
         return Draft(
-            device=self.device, session_id=self.session_id, seq=self.seq, base_len=len(self.committed),
+            device=self.device_id, session_id=self.session_id, seq=self.seq, base_len=len(self.committed),
             tokens=tuple(tokens), max_len=self.max_len, vocab=self.vocab,
             context=tuple(self.committed) if self.send_context else None,
             sampling=self.sampling if sampled else None,
