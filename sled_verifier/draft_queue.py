@@ -161,4 +161,5 @@ class DraftQueue:
         prefill = min(prefill, prefill_budget)
         scored = sum(len(q.draft.tokens) + 1 for q in takeable)
         held = bool(takeable) and all(q.draft.device in self._one_draft for q in takeable)
-        return QueueState(len(takeable), scored + prefill, ready_s, prefill, held)
+        prefill_only = bool(takeable) and all(q.draft.context is not None for q in takeable)
+        return QueueState(len(takeable), scored + prefill, ready_s, prefill, held, prefill_only)

@@ -17,7 +17,8 @@ oldest draft's deadline, it compares the server cost per draft of stepping now, 
 best merged step, cost(Q + A_1..A_j)/(|Q| + j), and waits for A_j only if that is at least ``min_gain``
 cheaper (a queue ``held``, holding only drafts of devices over their share of the verifier's time while others
 have work, waits its whole budget: those drafts ride along the others' steps, or step on their own at most once
-a ``max_wait_s``). So a memory-bound server waits for stragglers and convoys merge (after one merged step the
+a ``max_wait_s``; a queue of sessions' first rounds alone, ``prefill_only``, steps at once: their prefill is a
+forward of its own, which merged rounds would only wait for). So a memory-bound server waits for stragglers and convoys merge (after one merged step the
 sessions share a rhythm and arrive together), a compute-bound one does not wait at all, nobody waits
 past the deadline, and when every active session is queued the step runs at once. Drafts are taken
 oldest first and one per session, so under overload every session gets an equal share of steps.
@@ -56,6 +57,7 @@ class QueueState:
     ready_since_s: float | None   # since when the oldest draft could have run: max(its arrival, model idle)
     prefill_tokens: int = 0       # the prefill part of ``tokens`` (predicted arrivals bring none)
     held: bool = False            # every draft a step could take is of a device over its share of time
+    prefill_only: bool = False    # every draft a step could take opens a session (its prefill is the step's work)
 
 
 @dataclass
@@ -189,6 +191,8 @@ def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float]
     if queue.held:  # only devices over their share: they ride along others' steps, or step once the budget is out
         deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s
         return 0.0 if deadline - now_s < 0.0002 else deadline - now_s
+    if queue.prefill_only:  # prefill is a forward of its own: merging rounds into it saves nothing, lengthens theirs
+        return 0.0
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
         return 0.0
     deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s

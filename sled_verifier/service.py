@@ -165,11 +165,15 @@ class VerifierService:
             return Refusal(ErrorCode.RATE_LIMITED, f"more than {self.config.max_bytes_per_s:g} bytes/s from this "
                            "device", *peek_ids(payload)[1:])
         held = self.engine.full_devices.get(device)
-        if held is not None:  # its device holds its quota, all live: refused before the (costly) decode
-            tag, session, seq = peek_ids(payload)
-            if tag == "draft" and session is not None and session not in held:
+        queue_full = self.queue.queued_of(device) >= self.queue.device_max_drafts
+        if held is not None or queue_full:  # its device holds a quota: a new session is refused before the decode
+            tag, session, seq = peek_ids(payload)  # (a context's tokens are most of the cost of a message)
+            if tag == "draft" and session is not None and held is not None and session not in held:
                 return Refusal(ErrorCode.OVERLOADED, f"this device holds its {self.config.device_max_sessions} "
                                "sessions; retry later", session, seq)
+            if tag == "draft" and session is not None and queue_full and (device, session) not in self.queue:
+                return Refusal(ErrorCode.OVERLOADED, f"this device has {self.queue.device_max_drafts} drafts queued; "
+                               "retry later", session, seq)
         try:
             draft = decode_inbound(payload, self.limits)  # parsed once: a Draft, or a Close
         except ProtocolError as exc:
@@ -275,7 +279,8 @@ class VerifierService:
             self.stats.busy_s += time.perf_counter() - busy_from
             self.idle_since_s = time.monotonic()
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
-                      step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
+                      devices=len({queued.draft.device for queued in batch}),
+                      prefill_tokens=self.stats.prefill_tokens - prefill_before, step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
             if not tokens and all(o.admission is Admission.DEFERRED for o in outcomes):
                 await self._idle_until_arrival()
 

@@ -192,3 +192,16 @@ def test_a_device_spending_while_alone_banks_nothing():
     assert fair.credit("honest") == fair.cap_s
     fair.charge({"flood", "honest"}, step_s=0.020, spent_s={"honest": 0.012})
     assert fair.credit("honest") == pytest.approx(fair.cap_s - 0.012)  # its bank pays for its prefill
+
+
+def test_first_rounds_alone_step_at_once():
+    """A queue of sessions' first rounds only steps at once (their prefill is a forward of its own: rounds
+    merged into it would only wait for it)."""
+    queue = DraftQueue(max_drafts=8)
+    queue.offer(draft("a", "a0"), now_s=1.0)  # a context: a session's first round
+    state = queue.state(idle_since_s=1.0, prefill_budget=256)
+    assert state.prefill_only
+    policy = SchedulePolicy(max_wait_s=0.050)
+    assert delay_s(policy, state, [1.001, 1.002], StepCost(), now_s=1.0) == 0.0
+    queue.offer(draft("b", "b0", seq=3, context=None), now_s=1.0)
+    assert not queue.state(1.0, 256).prefill_only
