@@ -221,8 +221,9 @@ class VerifierEngine:
         does not fit what is left of a budget waits for a later step rather than take a leftover, and so does
         one whose device has had more than its share of the verifier's time while others have work. A chunk
         rides along other devices' verification rows (lengthening their step by its forward) only if its device
-        has that chunk's time in credit, banked while it decoded; otherwise it waits for a step of its own
-        device's drafts, which the scheduler runs at once (``QueueState.prefill_only``), between their rounds."""
+        has that chunk's time in credit, banked while it decoded, or has never spent (its first prompt); otherwise
+        it waits for a step of its own device's drafts, which the scheduler runs at once
+        (``QueueState.prefill_only``), between their rounds."""
         chunk, budget, device_budget = self.quotas.prefill_chunk, self.quotas.max_prefill, Counter()
         rows, chunks = [], []
         # Every device with work in debt: the least indebted prefills, else no one would until credit came back
@@ -236,7 +237,7 @@ class VerifierEngine:
             size = end - state.cached
             rides_along = bool(decoding - {state.device})
             fair = state.device == first or self.fair.may_prefill(state.device, self._active) and (
-                not rides_along or self.fair.credit(state.device) >= size * self._prefill_s_per_token)
+                not rides_along or self.fair.may_ride_along(state.device, size * self._prefill_s_per_token))
             if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device] \
                     or not fair:
                 continue

@@ -27,6 +27,7 @@ class FairShare:
     cap_s: float = 0.5           # credit a quiet device may bank (a burst of its own prefill later)
     max_devices: int = 4096
     _credit_s: dict[str, float] = field(default_factory=dict)
+    _spent: set[str] = field(default_factory=set)  # devices debited since they were first (or last) tracked
 
     def may_prefill(self, device: str, active: Collection[str]) -> bool:
         """Whether ``device`` may add prefill to this step, ``active`` the devices with work now."""
@@ -34,6 +35,11 @@ class FairShare:
 
     def credit(self, device: str) -> float:
         return self._credit_s.get(device, 0.0)
+
+    def may_ride_along(self, device: str, seconds: float) -> bool:
+        """Whether ``device`` may lengthen by ``seconds`` a step that other devices' rounds are in: its credit
+        covers them, or it has never spent (a device's first prompt goes at once)."""
+        return self._credit_s.get(device, 0.0) >= seconds or device not in self._spent
 
     def over_share(self, devices: Collection[str], active: Collection[str]) -> frozenset[str]:
         """Those of ``devices`` in debt while another device has work (``active``): one draft a step, no prefill."""
@@ -47,8 +53,10 @@ class FairShare:
             self._credit_s[device] = min(self.cap_s, self._credit_s.get(device, 0.0) + step_s / len(active))
         for device, seconds in spent_s.items():  # a step it spent in never raises its credit (alone: all its own)
             self._credit_s[device] = min(before[device], self._credit_s.get(device, 0.0) - seconds)
+            self._spent.add(device)
         if len(self._credit_s) > self.max_devices:  # forget the quiet ones in credit first; debt is kept longest
             for device in sorted(self._credit_s, key=self._credit_s.__getitem__, reverse=True):
                 if len(self._credit_s) <= self.max_devices:
                     break
                 del self._credit_s[device]
+                self._spent.discard(device)
