@@ -170,7 +170,7 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                 tally.sessions.append(record)
                 if verdict is not None and (verdict.kind is not VerdictKind.VERIFIED or session.finish is None):
                     # ended by an error or a wrong verdict: free the verifier's slot now
-                    await client.publish(draft_topic, encode(Close(device=device_id, session_id=session.session_id)))
+                    await client.publish(draft_topic, encode(Close(device_id=device_id, session_id=session.session_id)))
         finally:
             reader.cancel()
 

@@ -174,7 +174,7 @@ def transport(url: str, rounds: int = 400) -> dict:
     from sled_protocol.mqtt import make_client
     from sled_protocol.transport import parse_broker_url
 
-    draft = Draft(device="bench-t", session_id="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14),
+    draft = Draft(device_id="bench-t", session_id="0123456789ab", seq=0, base_len=300, tokens=(11, 12, 13, 14),
                   max_len=900, vocab="0123456789abcdef", sampling=SamplingParams(0.8, seed=1),
                   q_ids=tuple(tuple(range(j, j + 16)) for j in range(4)), q_probs=tuple((1 / 16,) * 16 for _ in range(4)))
 

@@ -232,7 +232,7 @@ class RoundTrip:
 
     async def _close(self) -> None:
         """Best effort: tell the verifier a session it still holds has ended (stop, cancel or error)."""
-        message = encode(Close(device=self.session.device_id, session_id=self.session.session_id))
+        message = encode(Close(device_id=self.session.device_id, session_id=self.session.session_id))
         try:
             await self.connection.publish(topics.draft_topic(self.holder, self.session.device_id), message,
                                           timeout_s=1.0)

@@ -51,7 +51,7 @@ class EdgeSession:
         """This round's Draft; ``proposals`` are the SparseProposals the tokens were sampled from."""
         sampled = self.sampling is not None and not self.sampling.greedy
         return Draft(
-            device=self.device_id, session_id=self.session_id, seq=self.seq, base_len=len(self.committed),
+            device_id=self.device_id, session_id=self.session_id, seq=self.seq, base_len=len(self.committed),
             tokens=tuple(tokens), max_len=self.max_len, vocab=self.vocab,
             context=tuple(self.committed) if self.send_context else None,
             sampling=self.sampling if sampled else None,

@@ -22,7 +22,7 @@ PROBABILITY_SUM_TOLERANCE = 1e-3
 
 _TAGS = {Draft: "draft", Verdict: "verdict", Status: "status", Close: "close"}
 # Attribute -> wire key where the two differ (the code's names follow the glossary; the wire keeps its keys).
-WIRE_KEYS = {"session_id": "session", "verifier_id": "verifier"}
+WIRE_KEYS = {"device_id": "device", "session_id": "session", "verifier_id": "verifier"}
 
 
 def encode(message: Message) -> bytes:
@@ -175,7 +175,7 @@ def _draft_from(body: dict[str, Any], limits: Limits) -> Draft:
     if base_len > limits.max_context_tokens:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"context of {base_len} tokens exceeds {limits.max_context_tokens}")
     draft = Draft(
-        device=_name(body, "device"),
+        device_id=_name(body, "device"),
         session_id=_name(body, "session"),
         seq=_count(body, "seq", 0),
         base_len=base_len,
@@ -300,7 +300,7 @@ def _step_cost(body: dict[str, Any]) -> tuple[float, float, float, float] | None
 
 
 def _close_body(body: dict[str, Any], limits: Limits) -> Close:
-    return Close(device=_name(body, "device"), session_id=_name(body, "session"))
+    return Close(device_id=_name(body, "device"), session_id=_name(body, "session"))
 
 
 _BODY_DECODERS = {"draft": _draft_body, "verdict": _verdict_body, "status": _status_body, "close": _close_body}

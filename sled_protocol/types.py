@@ -179,7 +179,7 @@ class Draft:
     or answers a resync, and omits it otherwise.
     """
 
-    device: str
+    device_id: str  # wire key "device"
     session_id: str  # wire key "session"
     seq: int
     base_len: int
@@ -244,7 +244,7 @@ class Close:
     """An edge ending a session the verifier still holds (a stop sequence, a cancelled request, an error):
     the verifier frees its state at once instead of waiting for LRU eviction. No answer is sent."""
 
-    device: str
+    device_id: str  # wire key "device"
     session_id: str  # wire key "session"
 
 

@@ -49,7 +49,7 @@ class Queued:
 
     @property
     def key(self) -> SessionKey:
-        return (self.draft.device, self.draft.session_id)
+        return (self.draft.device_id, self.draft.session_id)
 
 
 class DraftQueue:
@@ -71,19 +71,19 @@ class DraftQueue:
         return key in self._queued
 
     def offer(self, draft: Draft, now_s: float, step: int = 0) -> Offer:
-        key = (draft.device, draft.session_id)
+        key = (draft.device_id, draft.session_id)
         queued = self._queued.get(key)
         if queued is not None and queued.draft.seq > draft.seq:
             return Offer.LATE
         if queued is None and len(self._queued) >= self.max_drafts:
             return Offer.FULL
-        if queued is None and self._per_device[draft.device] >= self.device_max_drafts:
+        if queued is None and self._per_device[draft.device_id] >= self.device_max_drafts:
             return Offer.DEVICE_FULL
         # Assigning to an existing key keeps its position: the newer round waits where the older one did.
         self._queued[key] = Queued(draft, now_s, step) if queued is None else \
             Queued(draft, queued.arrival_s, queued.arrival_step)
         if queued is None:
-            self._per_device[draft.device] += 1
+            self._per_device[draft.device_id] += 1
         return Offer.QUEUED
 
     def queued_of(self, device: str) -> int:
@@ -118,7 +118,7 @@ class DraftQueue:
         by_device: dict[str, list[Queued]] = {}
         tokens: Counter[str] = Counter()
         for queued in self._queued.values():
-            device, cost = queued.draft.device, len(queued.draft.tokens) + 1
+            device, cost = queued.draft.device_id, len(queued.draft.tokens) + 1
             if not tokens[device] or device not in self._one_draft and (
                     self.device_step_tokens is None or tokens[device] + cost <= self.device_step_tokens):
                 by_device.setdefault(device, []).append(queued)
@@ -135,7 +135,7 @@ class DraftQueue:
         taken = self.fair_order()[:count]
         for queued in taken:
             del self._queued[queued.key]
-            self._uncount(queued.draft.device)
+            self._uncount(queued.draft.device_id)
         self._in_flight, self._closed = {queued.key for queued in taken}, set()
         return taken
 
@@ -147,7 +147,7 @@ class DraftQueue:
             if queued.key not in self._queued and queued.key not in self._closed:
                 self._queued[queued.key] = queued
                 self._queued.move_to_end(queued.key, last=False)
-                self._per_device[queued.draft.device] += 1
+                self._per_device[queued.draft.device_id] += 1
         self._in_flight, self._closed = set(), set()
 
     def state(self, idle_since_s: float, prefill_budget: int) -> QueueState:
@@ -160,6 +160,6 @@ class DraftQueue:
         prefill = sum(len(q.draft.context) for q in takeable if q.draft.context is not None)
         prefill = min(prefill, prefill_budget)
         scored = sum(len(q.draft.tokens) + 1 for q in takeable)
-        held = bool(takeable) and all(q.draft.device in self._one_draft for q in takeable)
+        held = bool(takeable) and all(q.draft.device_id in self._one_draft for q in takeable)
         prefill_only = bool(takeable) and all(q.draft.context is not None for q in takeable)
         return QueueState(len(takeable), scored + prefill, ready_s, prefill, held, prefill_only)

@@ -99,7 +99,7 @@ class VerifierEngine:
         ``active``: the devices with work besides this step's (queued, or a round expected back), among whom
         the verifier's time is shared (``FairShare``)."""
         started_step = time.perf_counter()
-        self._active = frozenset(active) | {draft.device for draft in drafts}
+        self._active = frozenset(active) | {draft.device_id for draft in drafts}
         self._spent_s = {}
         try:
             return self._step(drafts)
@@ -141,38 +141,38 @@ class VerifierEngine:
         outcomes: list[Outcome] = []
         runnable: list[Runnable] = []
         now_s = time.monotonic()
-        batch_keys = frozenset((d.device, d.session_id) for d in drafts)
+        batch_keys = frozenset((d.device_id, d.session_id) for d in drafts)
         seen: set[tuple[str, str]] = set()
         for draft in drafts:
-            if (draft.device, draft.session_id) in seen:
+            if (draft.device_id, draft.session_id) in seen:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.MALFORMED,
                                         "a second draft of this session in one step; one round at a time")
-                outcomes.append(Outcome(draft.device, verdict, Admission.STALE, draft))
+                outcomes.append(Outcome(draft.device_id, verdict, Admission.STALE, draft))
                 continue
-            seen.add((draft.device, draft.session_id))
+            seen.add((draft.device_id, draft.session_id))
             admission = self.sessions.admit(draft)
-            state = self.sessions.get(draft.device, draft.session_id)
+            state = self.sessions.get(draft.device_id, draft.session_id)
             if admission is Admission.RESEND:
-                outcomes.append(Outcome(draft.device, state.last_verdict, admission, draft))
+                outcomes.append(Outcome(draft.device_id, state.last_verdict, admission, draft))
             elif admission is Admission.STALE:
-                outcomes.append(Outcome(draft.device, None, admission, draft))
+                outcomes.append(Outcome(draft.device_id, None, admission, draft))
             elif admission is Admission.RESYNC:
                 self.stats.resyncs += 1
-                outcomes.append(Outcome(draft.device, self._resync(draft), admission, draft))
+                outcomes.append(Outcome(draft.device_id, self._resync(draft), admission, draft))
             elif admission is Admission.FINISHED:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.SESSION_FINISHED,
                                         "session already finished; open a new one")
-                outcomes.append(Outcome(draft.device, verdict, admission, draft))
+                outcomes.append(Outcome(draft.device_id, verdict, admission, draft))
             else:
                 if admission is Admission.REBUILD:
                     state, dropped = self.sessions.open(draft, now_s, protected=batch_keys)
                     for old in dropped:
                         self._release(old)
-                        if (old.device, old.session_id) != (draft.device, draft.session_id):
+                        if (old.device, old.session_id) != (draft.device_id, draft.session_id):
                             log.debug("session_evicted", device_id=old.device, session_id=old.session_id,
-                                      for_device=draft.device)
+                                      for_device=draft.device_id)
                     if state is None:
-                        outcomes.append(Outcome(draft.device, self._overloaded(draft), Admission.REFUSED, draft))
+                        outcomes.append(Outcome(draft.device_id, self._overloaded(draft), Admission.REFUSED, draft))
                         continue
                 self.sessions.touch(state, now_s)
                 runnable.append((draft, state))
@@ -180,7 +180,7 @@ class VerifierEngine:
 
     def _overloaded(self, draft: Draft) -> Verdict:
         self.stats.refused_sessions += 1
-        held = self.sessions.held_by(draft.device)
+        held = self.sessions.held_by(draft.device_id)
         return error_verdict(self.verifier_id, draft, ErrorCode.OVERLOADED,
                              f"verifier holds its {len(self.sessions)} sessions (this device {held}), none evictable; "
                              "retry later or elsewhere")
@@ -209,7 +209,7 @@ class VerifierEngine:
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
         ready = [(draft, state) for draft, state in runnable if state.prefilled]
-        deferred = [Outcome(d.device, None, Admission.DEFERRED, d) for d, state in runnable if not state.prefilled]
+        deferred = [Outcome(d.device_id, None, Admission.DEFERRED, d) for d, state in runnable if not state.prefilled]
         self.stats.deferred += len(deferred)
         return ready, deferred
 
@@ -259,9 +259,9 @@ class VerifierEngine:
         self.stats.record_batch(len(runnable), forward_s, tokens)
         seen: set[str] = set()
         for (draft, _), row in zip(runnable, inputs):  # a device's drafts after its first: their part, by tokens
-            if draft.device in seen:
-                self._debit(draft.device, forward_s * len(row) / tokens)
-            seen.add(draft.device)
+            if draft.device_id in seen:
+                self._debit(draft.device_id, forward_s * len(row) / tokens)
+            seen.add(draft.device_id)
         return logits
 
     def _debit(self, device: str, seconds: float) -> None:
@@ -317,19 +317,19 @@ class VerifierEngine:
         """A draft that fails verification on its own: refuse it and forget its session."""
         outcomes = []
         for draft in drafts:
-            state = self.sessions.get(draft.device, draft.session_id)
+            state = self.sessions.get(draft.device_id, draft.session_id)
             if state is not None:
                 self._release(state)
-            self.sessions.forget(draft.device, draft.session_id)
+            self.sessions.forget(draft.device_id, draft.session_id)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
-            outcomes.append(Outcome(draft.device, verdict, Admission.RESYNC, draft))
+            outcomes.append(Outcome(draft.device_id, verdict, Admission.RESYNC, draft))
         self._snapshot()
         return outcomes
 
     def _commit(self, runnable: list[Runnable], result: VerifyResult) -> list[Outcome]:
         accepted, next_tokens = result.accepted.tolist(), result.next_token.tolist()
         is_bonus, hit_eos = result.is_bonus.tolist(), result.hit_eos.tolist()
-        return [Outcome(draft.device, self._commit_row(draft, state, accepted[row], next_tokens[row], is_bonus[row],
+        return [Outcome(draft.device_id, self._commit_row(draft, state, accepted[row], next_tokens[row], is_bonus[row],
                                                        hit_eos[row]), Admission.RUN, draft)
                 for row, (draft, state) in enumerate(runnable)]
 

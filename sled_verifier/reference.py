@@ -26,7 +26,7 @@ def decode_alone(engine: VerifierEngine, prompt: Sequence[int], max_new_tokens: 
     context: tuple[int, ...] | None = tuple(committed)  # the first round opens the session with its prompt
     try:
         while True:
-            draft = Draft(device=device, session_id=session, seq=seq, base_len=len(committed), tokens=(),
+            draft = Draft(device_id=device, session_id=session, seq=seq, base_len=len(committed), tokens=(),
                           max_len=max_len, vocab=vocab, context=context)
             [outcome] = engine.step_until_answered([draft])
             verdict = outcome.verdict

@@ -182,8 +182,8 @@ class VerifierService:
         if isinstance(draft, Close):
             self._close(device, draft)
             return None
-        if draft.device != device:
-            return Refusal(ErrorCode.WRONG_DEVICE, f"draft names device {draft.device!r} but was published on "
+        if draft.device_id != device:
+            return Refusal(ErrorCode.WRONG_DEVICE, f"draft names device {draft.device_id!r} but was published on "
                            f"{device!r}'s topic", draft=draft)
         if draft.vocab != self.vocab:
             return Refusal(ErrorCode.VOCAB_MISMATCH, f"draft vocabulary {draft.vocab} differs from the target's "
@@ -200,7 +200,7 @@ class VerifierService:
         return None  # Offer.LATE: an older round arrived late; the newer one is already queued.
 
     def _close(self, device: str, close: Close) -> None:
-        if close.device != device:
+        if close.device_id != device:
             return  # a device closes only its own sessions
         key = (device, close.session_id)
         self.queue.drop(key)
@@ -279,7 +279,7 @@ class VerifierService:
             self.stats.busy_s += time.perf_counter() - busy_from
             self.idle_since_s = time.monotonic()
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
-                      devices=len({queued.draft.device for queued in batch}),
+                      devices=len({queued.draft.device_id for queued in batch}),
                       prefill_tokens=self.stats.prefill_tokens - prefill_before, step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
             if not tokens and all(o.admission is Admission.DEFERRED for o in outcomes):
                 await self._idle_until_arrival()
@@ -344,7 +344,7 @@ class VerifierService:
                 log.warning("batch_failed_retrying_halves", drafts=len(drafts), error=repr(exc))
                 middle = len(drafts) // 2
                 return await self._run_step(drafts[:middle]) + await self._run_step(drafts[middle:])
-            log.exception("draft_failed", device_id=drafts[0].device, session_id=drafts[0].session_id)
+            log.exception("draft_failed", device_id=drafts[0].device_id, session_id=drafts[0].session_id)
             reason = f"verification failed: {exc.__class__.__name__}: {exc}"
             return await loop.run_in_executor(self.model_thread, self.engine.fail, drafts, reason)
 

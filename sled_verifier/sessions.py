@@ -80,7 +80,7 @@ class SessionTable:
 
     def admit(self, draft: Draft) -> Admission:
         """Decide what to do with ``draft``; the order of the checks matters (retries before context)."""
-        state = self._sessions.get((draft.device, draft.session_id))
+        state = self._sessions.get((draft.device_id, draft.session_id))
         if state is not None:
             if draft.seq == state.last_seq and state.last_verdict is not None:
                 return Admission.RESEND
@@ -107,18 +107,18 @@ class SessionTable:
         from a device within its quota) and the sessions it displaced (the one it replaces and any evicted),
         whose resources the caller frees. Sessions in ``protected`` (the current batch's) are never evicted."""
         assert draft.context is not None
-        key = (draft.device, draft.session_id)
+        key = (draft.device_id, draft.session_id)
         replaced = self._pop(key)
         displaced = [replaced] if replaced is not None else []
-        while self._per_device[draft.device] >= self.device_max_sessions or len(self._sessions) >= self.max_sessions:
-            victim = self._victim(draft.device, now_s, protected)
+        while self._per_device[draft.device_id] >= self.device_max_sessions or len(self._sessions) >= self.max_sessions:
+            victim = self._victim(draft.device_id, now_s, protected)
             if victim is None:
                 return None, displaced
             displaced.append(self._pop(victim))
             self.evictions += 1
-        state = SessionState(draft.session_id, draft.device, list(draft.context), draft.max_len, used_s=now_s)
+        state = SessionState(draft.session_id, draft.device_id, list(draft.context), draft.max_len, used_s=now_s)
         self._sessions[key] = state
-        self._per_device[draft.device] += 1
+        self._per_device[draft.device_id] += 1
         return state, displaced
 
     def _victim(self, device: str, now_s: float, protected: frozenset[SessionKey]) -> SessionKey | None:

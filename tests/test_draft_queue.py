@@ -46,7 +46,7 @@ def test_sessions_are_per_device():
     queue = DraftQueue(max_drafts=8)
     queue.offer(draft("same", seq=4, device="d1"), now_s=0.0)
     assert queue.offer(draft("same", seq=1, device="d2"), now_s=1.0) is Offer.QUEUED  # not "late": another device's
-    assert [(q.draft.device, q.draft.seq) for q in queue.take(5)] == [("d1", 4), ("d2", 1)]
+    assert [(q.draft.device_id, q.draft.seq) for q in queue.take(5)] == [("d1", 4), ("d2", 1)]
 
 
 def test_full_refuses_new_sessions_but_not_newer_rounds():

@@ -56,7 +56,7 @@ async def scripted_verifier(broker: Broker, verifier_id: str, vocab: str, answer
                 verdict = answer(received, draft, verifier_id)
                 received += 1
                 if verdict is not None:
-                    await client.publish(topics.verdict_topic(draft.device), encode(verdict))
+                    await client.publish(topics.verdict_topic(draft.device_id), encode(verdict))
         finally:
             offline = Status(verifier_id, False, vocab=vocab, target="t-1")
             await client.publish(topics.status_topic(verifier_id), encode(offline), qos=1, retain=True)

@@ -97,7 +97,7 @@ async def test_a_broker_restart_mid_generation_loses_nothing(own_broker, tiny_mo
 
 def fuzz_messages(rng: random.Random, vocab: str, count: int) -> list[tuple[str, bytes]]:
     """(device, payload) pairs: garbage, truncations, wrong types, huge arrays, bad ids and probabilities."""
-    base = Draft(device="fuzz-0", session_id="s", seq=0, base_len=3, tokens=(1, 2, 3), max_len=40, vocab=vocab,
+    base = Draft(device_id="fuzz-0", session_id="s", seq=0, base_len=3, tokens=(1, 2, 3), max_len=40, vocab=vocab,
                  context=(5, 6, 7))
     sampled = Draft(**{**base.__dict__, "sampling": SamplingParams(0.9, seed=1), "q_ids": ((1, 2), (2,), (3, 4)),
                        "q_probs": ((0.5, 0.5), (1.0,), (0.25, 0.75))})

@@ -26,14 +26,15 @@ pytestmark = pytest.mark.integration
 async def misbehave(verifier, vocab: str) -> dict[str, object]:
     """Publish bad messages as a device and collect the verifier's answer to each."""
     device = f"bad-{uuid.uuid4().hex[:6]}"
-    good = Draft(device=device, session_id="unknown_session", seq=0, base_len=2, tokens=(1, 2), max_len=10, vocab=vocab)
+    good = Draft(device_id=device, session_id="unknown_session", seq=0, base_len=2, tokens=(1, 2), max_len=10,
+                 vocab=vocab)
     cases = {
         "garbage": b"\x00\xffnot msgpack",
         "unknown_session": encode(good),
         "vocab": encode(Draft(**{**good.__dict__, "session_id": "vocab", "vocab": "feedfacefeedface"})),
         "bad_token": encode(Draft(**{**good.__dict__, "session_id": "bad_token", "tokens": (1, 10**6)})),
         "oversized": encode(Draft(**{**good.__dict__, "session_id": "oversized", "tokens": tuple(range(200))})),
-        "spoofed": encode(Draft(**{**good.__dict__, "session_id": "spoofed", "device": "someone-else"})),
+        "spoofed": encode(Draft(**{**good.__dict__, "session_id": "spoofed", "device_id": "someone-else"})),
         "nan_proposal": encode(Draft(**{**good.__dict__, "session_id": "nan_proposal", "sampling": SamplingParams(0.8),
                                         "q_ids": ((1, 3), (2,)), "q_probs": ((float("nan"), 0.5), (1.0,))})),
     }

@@ -65,10 +65,10 @@ def logits_of(target, subject: Draft, early: list[Draft], beside: list[Draft]) -
     for _ in range(100):
         outcome = {id(o.draft): o for o in engine.step(batch)}[id(subject)]
         if outcome.admission is Admission.RUN:
-            return recording.logits[engine.sessions.get(subject.device, subject.session_id).slot]
+            return recording.logits[engine.sessions.get(subject.device_id, subject.session_id).slot]
         assert outcome.admission is Admission.DEFERRED
-        batch = [d for d in batch if engine.sessions.get(d.device, d.session_id) is None
-                 or not engine.sessions.get(d.device, d.session_id).rounds]  # verified neighbours leave the step
+        batch = [d for d in batch if engine.sessions.get(d.device_id, d.session_id) is None
+                 or not engine.sessions.get(d.device_id, d.session_id).rounds]  # verified neighbours leave the step
     raise AssertionError("the subject never finished its prefill")
 
 
@@ -110,7 +110,7 @@ def test_a_chunk_that_does_not_fit_waits_rather_than_taking_a_leftover(target):
                             quotas=Quotas(prefill_chunk=CHUNK, max_prefill=CHUNK + 10, device_prefill=CHUNK + 10))
     a, b = first_round("a", "a", 300, seed=1), first_round("b", "b", 300, seed=2)
     engine.step([a, b])
-    cached = {d.device: engine.sessions.get(d.device, d.session_id).cached for d in (a, b)}
+    cached = {d.device_id: engine.sessions.get(d.device_id, d.session_id).cached for d in (a, b)}
     assert cached == {"a": CHUNK, "b": 0}  # b's next chunk did not fit the 10 tokens left: it waited
 
 
@@ -127,7 +127,7 @@ def test_a_chunk_rides_along_others_rounds_only_on_banked_credit(target):
     flood = first_round("f", "f", 300, seed=2)
     engine.fair.charge({"h", "f"}, step_s=0.0, spent_s={"f": 0.0})  # it has spent before (a first prompt goes)
     assert engine.fair.credit("f") == 0.0  # in no debt, but with nothing banked
-    outcomes = {o.draft.device: o for o in engine.step([second, flood], active={"h", "f"})}
+    outcomes = {o.draft.device_id: o for o in engine.step([second, flood], active={"h", "f"})}
     assert outcomes["h"].admission is Admission.RUN and outcomes["f"].admission is Admission.DEFERRED
     assert engine.sessions.get("f", "f").cached == 0  # its chunk did not lengthen the honest round's step
     engine.step([flood], active={"h", "f"})
@@ -136,10 +136,10 @@ def test_a_chunk_rides_along_others_rounds_only_on_banked_credit(target):
     third = first_round("h", "h2", 100, seed=3)
     g = first_round("g", "g", 10, seed=4)
     h_round = Draft("h", "h", 2, base_len=len(state.committed), tokens=(5,), max_len=80, vocab="v")
-    outcomes = {o.draft.device: o for o in engine.step([h_round, g], active={"h", "f", "g"})}
+    outcomes = {o.draft.device_id: o for o in engine.step([h_round, g], active={"h", "f", "g"})}
     assert outcomes["g"].admission is Admission.RUN  # a first prompt, beside h's round: never spent, it goes
     g_state = engine.sessions.get("g", "g")
     g_round = Draft("g", "g", 1, base_len=len(g_state.committed), tokens=(5,), max_len=60, vocab="v")
-    outcomes = {o.draft.device: o for o in engine.step([g_round, third], active={"h", "f", "g"})}
+    outcomes = {o.draft.device_id: o for o in engine.step([g_round, third], active={"h", "f", "g"})}
     assert outcomes["g"].admission is Admission.RUN
     assert engine.sessions.get("h", "h2").cached == CHUNK  # banked: it prefills beside g's verification row

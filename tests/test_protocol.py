@@ -12,7 +12,7 @@ from sled_protocol import (
 )
 from sled_protocol import topics
 
-DRAFT = Draft(device="jetson-1", session_id="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40,
+DRAFT = Draft(device_id="jetson-1", session_id="s1", seq=3, base_len=5, tokens=(10, 11, 12), max_len=40,
               vocab="0123456789abcdef")
 VERDICT = Verdict(kind=VerdictKind.VERIFIED, verifier_id="v1", session_id="s1", seq=3, accepted=2, next_token=7,
                   next_kind=NextKind.RECOVERED, committed_len=8)
@@ -55,7 +55,8 @@ def test_golden_bytes(name):
 
 
 def test_round_trips_with_optional_fields():
-    draft = Draft(device="pi5", session_id="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v", context=(1, 2, 3))
+    draft = Draft(device_id="pi5", session_id="a", seq=0, base_len=3, tokens=(), max_len=4, vocab="v",
+                  context=(1, 2, 3))
     assert decode_draft(encode(draft)) == draft
     for verdict in (
         Verdict(kind=VerdictKind.RESYNC, verifier_id="v", session_id="a", seq=0, reason="no state"),
@@ -138,7 +139,7 @@ def test_close_round_trip():
     from sled_protocol import Close
     from sled_protocol.codec import decode_inbound
 
-    close = Close(device="pi5", session_id="s1")
+    close = Close(device_id="pi5", session_id="s1")
     assert decode(encode(close)) == close and decode_inbound(encode(close)) == close
 
 
@@ -152,7 +153,7 @@ def test_topics():
             topics.verdict_topic(bad)
 
 
-SAMPLED = Draft(device="pi5", session_id="s", seq=1, base_len=3, tokens=(4, 9), max_len=20, vocab="v",
+SAMPLED = Draft(device_id="pi5", session_id="s", seq=1, base_len=3, tokens=(4, 9), max_len=20, vocab="v",
                 sampling=SamplingParams(0.8, 20, 0.95, 1234),
                 q_ids=((4, 5, 6), (9, 1)), q_probs=((0.5, 0.25, 0.25), (0.75, 0.25)))
 

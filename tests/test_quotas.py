@@ -19,7 +19,7 @@ def draft(device: str, session: str, seq: int = 0, context: int | None = 8) -> D
 
 
 def devices(taken) -> list[str]:
-    return [q.draft.device for q in taken]
+    return [q.draft.device_id for q in taken]
 
 
 def test_a_device_with_200_queued_drafts_does_not_delay_one_with_one():
@@ -30,7 +30,7 @@ def test_a_device_with_200_queued_drafts_does_not_delay_one_with_one():
     policy = SchedulePolicy(max_drafts=4)
     taken = queue.take(take_batch(policy, queue.scored_tokens()))
     assert devices(taken) == ["flood", "honest", "flood", "flood"]  # one place per device per round
-    assert [q.draft.session_id for q in taken if q.draft.device == "flood"] == ["f0", "f1", "f2"]  # oldest first
+    assert [q.draft.session_id for q in taken if q.draft.device_id == "flood"] == ["f0", "f1", "f2"]  # oldest first
 
 
 def test_round_robin_takes_devices_in_the_order_of_their_oldest_draft():

@@ -34,7 +34,7 @@ def verifier_warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
 @pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-5, 9.99e-5])
 def test_a_vanishing_temperature_is_greedy_at_both_ends(temperature):
     assert SamplingParams(temperature, top_k=5, seed=3).temperature == 0.0  # the edge drafts greedily
-    draft = Draft(device="d", session_id="s", seq=0, base_len=1, tokens=(2,), max_len=9, vocab="v", context=(1,),
+    draft = Draft(device_id="d", session_id="s", seq=0, base_len=1, tokens=(2,), max_len=9, vocab="v", context=(1,),
                   sampling=SamplingParams(1.0, seed=3))
     body = msgpack.unpackb(encode(draft))
     body["sampling"]["temperature"] = temperature  # as another client might send it
