@@ -1,7 +1,7 @@
 """The drafts waiting for a verification step: at most one per session, oldest first. Pure.
 
 The service offers each decoded draft, takes the oldest ones for a step and hands back those the engine
-deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``take_batch``) from what
+deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``batch_size``) from what
 ``state`` and ``scored_tokens`` report. The discipline:
 
 - one queued draft per session, keyed by (device, session): a newer round replaces the queued one in
@@ -127,7 +127,7 @@ class DraftQueue:
         return [drafts[i] for i in range(rounds) for drafts in by_device.values() if i < len(drafts)]
 
     def scored_tokens(self) -> list[int]:
-        """Tokens each queued draft adds to a step's forward (k + 1), in ``fair_order``: what ``take_batch`` weighs."""
+        """Tokens each queued draft adds to a step's forward (k + 1), in ``fair_order``: what ``batch_size`` weighs."""
         return [len(queued.draft.tokens) + 1 for queued in self.fair_order()]
 
     def take(self, count: int) -> list[Queued]:

@@ -211,7 +211,7 @@ def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float]
     return min(max(best_at - now_s, 0.0002), deadline - now_s)
 
 
-def take_batch(policy: SchedulePolicy, costs: Sequence[int]) -> int:
+def batch_size(policy: SchedulePolicy, costs: Sequence[int]) -> int:
     """How many queued drafts (oldest first, ``costs`` = tokens each) fit one step; at least one."""
     total = 0
     for count, cost in enumerate(costs):

@@ -29,7 +29,7 @@ from sled_protocol.transport import Link, TransportError, Will, parse_broker_url
 from sled_verifier.config import VerifierConfig
 from sled_verifier.draft_queue import DraftQueue, Offer, Queued
 from sled_verifier.engine import Outcome, VerifierEngine, error_verdict
-from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, delay_s, take_batch
+from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, batch_size, delay_s
 from sled_verifier.sessions import Admission
 from sled_verifier.ratelimit import RateLimiter
 
@@ -261,7 +261,7 @@ class VerifierService:
             busy_from = time.perf_counter()
             self.steps += 1
             self.arrived.clear()  # set again by any draft arriving during the step
-            batch = self.queue.take(take_batch(self.policy, self.queue.scored_tokens()))
+            batch = self.queue.take(batch_size(self.policy, self.queue.scored_tokens()))
             prefill_before = self.stats.prefill_tokens
             outcomes = await self._run_step([queued.draft for queued in batch])
             # 3. Teach the cost model what this step cost.

@@ -9,7 +9,7 @@ from sled_verifier.config import VerifierConfig, parse_memory
 from sled_protocol.config import ConfigError
 from sled_verifier.draft_queue import DraftQueue, Offer
 from sled_verifier.fairshare import FairShare
-from sled_verifier.scheduler import SchedulePolicy, StepCost, delay_s, take_batch
+from sled_verifier.scheduler import SchedulePolicy, StepCost, batch_size, delay_s
 from sled_verifier.sessions import SessionTable
 
 
@@ -28,7 +28,7 @@ def test_a_device_with_200_queued_drafts_does_not_delay_one_with_one():
         assert queue.offer(draft("flood", f"f{i}"), now_s=i * 0.001) is Offer.QUEUED
     queue.offer(draft("honest", "h"), now_s=1.0)  # arrived last
     policy = SchedulePolicy(max_drafts=4)
-    taken = queue.take(take_batch(policy, queue.scored_tokens()))
+    taken = queue.take(batch_size(policy, queue.scored_tokens()))
     assert devices(taken) == ["flood", "honest", "flood", "flood"]  # one place per device per round
     assert [q.draft.session_id for q in taken if q.draft.device_id == "flood"] == ["f0", "f1", "f2"]  # oldest first
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, take_batch
+from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, batch_size
 
 POLICY = SchedulePolicy(max_wait_s=0.020, min_gain=0.05, max_drafts=4, max_tokens=20)
 
@@ -49,8 +49,8 @@ def test_delay(name, queue, expected, cost, now_s, delay):
 
 
 @pytest.mark.parametrize(("costs", "expected"), [([], 0), ([5], 1), ([5] * 5, 4), ([9, 9, 9], 2), ([30, 1], 1)])
-def test_take_batch(costs, expected):
-    assert take_batch(POLICY, costs) == expected
+def test_batch_size(costs, expected):
+    assert batch_size(POLICY, costs) == expected
 
 
 def test_step_cost_learns_and_does_not_wind_up():
@@ -126,7 +126,7 @@ def simulate(policy: SchedulePolicy, gaps: list[float], jitter_s: float, step_s,
             next_event = events[0][0] if events else duration_s
             now = min(next_event, now + delay) if delay is not None else next_event
             continue
-        batch = ordered[: take_batch(policy, [5] * len(ordered))]
+        batch = ordered[: batch_size(policy, [5] * len(ordered))]
         seconds = step_s(len(batch))
         cost.observe(len(batch), 5 * len(batch), seconds)
         for session, at in batch:
