@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, delay_s, batch_size
+from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, batch_size, delay_s
 
 POLICY = SchedulePolicy(max_wait_s=0.020, min_gain=0.05, max_drafts=4, max_tokens=20)
 
