@@ -123,12 +123,15 @@ def target_answers(model, prompts: list[list[int]], new_tokens: int, batch: int,
     return answers
 
 
-def layer_choice(total: int, keep: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``keep`` of ``total`` layers as (frozen, trained): the first half (rounded down) from the start, kept
-    as they are, and the rest from the end, trained to do the skipped layers' work."""
+def layer_choice(total: int, keep: int, frozen: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``keep`` of ``total`` layers as (frozen, trained): the first half (rounded down) from the start and
+    the rest from the end; the first ``frozen`` of them (default: those from the start) kept as they are,
+    the others trained to do the skipped layers' work."""
     keep = max(1, min(keep, total))
     first = keep // 2
-    return tuple(range(first)), tuple(range(total - (keep - first), total))
+    chosen = tuple(range(first)) + tuple(range(total - (keep - first), total))
+    frozen = first if frozen is None else max(0, min(frozen, keep - 1))
+    return chosen[:frozen], chosen[frozen:]
 
 
 def make_draft(target, layers: tuple[int, ...]):
@@ -281,7 +284,7 @@ def distill_draft(target_path: Path, out: Path, recipe: DistillRecipe, threads: 
     stages = Stages(out)
     target = cache(lambda: load_target(target_path))  # loaded only by a stage that runs
     total = _layer_count(target_path)
-    layers = {d.name: layer_choice(total, d.layers) for d in recipe.drafts}
+    layers = {d.name: layer_choice(total, d.layers, d.frozen) for d in recipe.drafts}
     hidden_layers = tuple(sorted({len(frozen) for frozen, _ in layers.values()})) + (-1,)
     answers_key = stage_key(target_stamp(target_path), recipe.train_prompts, recipe.new_tokens, recipe.top_k,
                             recipe.eval_prompts, recipe.eval_tokens, hidden_layers, recipe.version)
@@ -298,7 +301,8 @@ def distill_draft(target_path: Path, out: Path, recipe: DistillRecipe, threads: 
         lambda: build_answers(work, recipe, hidden_layers, target))
     export_keys = []
     for draft in recipe.drafts:
-        train_key = stage_key(answers_key, draft, layers[draft.name], recipe.train, recipe.hidden_weight)
+        train_key = stage_key(answers_key, draft, layers[draft.name], recipe.train, recipe.hidden_weight,
+                               recipe.ce_weight)
         run(f"train {draft.name}", train_key, [work / "hf" / draft.name, work / f"curve_{draft.name}.json"],
             lambda draft=draft: build_draft(work, draft.name, layers[draft.name], recipe, target))
         export_keys.append(stage_key(train_key, "onnx-v1"))

@@ -110,11 +110,13 @@ PROFILES = {
 @dataclass(frozen=True)
 class DistilledDraft:
     """One device class's draft for any target: ``layers`` of the target's layers (the first half from its
-    start, the rest from its end), with the target's embeddings, final norm and head, frozen."""
+    start, the rest from its end), with the target's embeddings, final norm and head, frozen; of the layers,
+    the first ``frozen`` stay as they are (default: those from the start) and the others are trained."""
 
     name: str
     mimics: str
     layers: int
+    frozen: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class DistillRecipe:
     generate_batch: int = 32
     top_k: int = 32
     hidden_weight: float = 1.0       # the final-hidden-state MSE beside the top-k KL
+    ce_weight: float = 0.0           # cross-entropy (full vocabulary) on the target's greedy token
     eval_prompts: int = 24
     eval_tokens: int = 96
     k: int = 4
@@ -138,12 +141,12 @@ class DistillRecipe:
 
 DISTILL_RECIPES = {
     "default": DistillRecipe(
-        (DistilledDraft("large", "Jetson Orin Nano", 6), DistilledDraft("small", "Raspberry Pi 5", 3)),
-        train=Schedule(steps=60, batch=8, seq_len=0, peak_lr=5e-4, warmup_steps=6, weight_decay=0.0, seed=3),
-        train_prompts=96, new_tokens=48, eval_prompts=16, eval_tokens=64),
+        (DistilledDraft("large", "Jetson Orin Nano", 6, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 3, frozen=0)),
+        train=Schedule(steps=80, batch=8, seq_len=0, peak_lr=2e-3, warmup_steps=6, weight_decay=0.0, seed=3),
+        train_prompts=256, new_tokens=96, eval_prompts=16, eval_tokens=64, hidden_weight=0.2, ce_weight=0.5),
     # Seconds, for tests on tiny targets: every stage once.
     "smoke": DistillRecipe(
-        (DistilledDraft("large", "Jetson Orin Nano", 2), DistilledDraft("small", "Raspberry Pi 5", 1)),
+        (DistilledDraft("large", "Jetson Orin Nano", 2, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 1)),
         train=Schedule(steps=6, batch=4, seq_len=0, peak_lr=1e-3, warmup_steps=1, weight_decay=0.0, seed=3),
-        train_prompts=16, new_tokens=12, generate_batch=8, top_k=8, eval_prompts=6, eval_tokens=16),
+        train_prompts=16, new_tokens=12, generate_batch=8, top_k=8, eval_prompts=6, eval_tokens=16, ce_weight=0.5),
 }

@@ -136,10 +136,12 @@ def _collate(answers: list, first: int):
     return inputs, hidden, hidden_mask, top_ids, top_logits, top_mask
 
 
-def distill_loss(top, batch, hidden_weight: float):
+def distill_loss(top, batch, hidden_weight: float, ce_weight: float = 0.0):
     """The draft's trained layers ``top`` (and final norm) on the target's hidden states where they start:
     KL(target top-k || draft on the same ids) over answer positions + ``hidden_weight`` x the mean squared
-    distance to the target's final hidden state (relative to its mean square) over every position."""
+    distance to the target's final hidden state (relative to its mean square) over every position +
+    ``ce_weight`` x the cross-entropy of the draft's full distribution on the target's greedy token (the
+    top-k KL alone says nothing of the ids outside the target's top k; greedy acceptance is the argmax)."""
     inputs, hidden, hidden_mask, top_ids, top_logits, top_mask = batch
     h = top.base_model(inputs_embeds=inputs).last_hidden_state                             # [B, T, H]
     head = top.get_output_embeddings().weight                                               # [V, H]
@@ -149,7 +151,13 @@ def distill_loss(top, batch, hidden_weight: float):
     kl = (kl * top_mask).sum() / top_mask.sum()
     mse = ((h - hidden) ** 2).mean(-1) / (hidden ** 2).mean(-1).clamp(min=1e-6)              # [B, T]
     mse = (mse * hidden_mask).sum() / hidden_mask.sum()
-    return kl + hidden_weight * mse, {"kl": kl.item(), "mse": mse.item()}
+    logs = {"kl": kl.item(), "mse": mse.item()}
+    loss = kl + hidden_weight * mse
+    if ce_weight:
+        answer = top_mask.bool()
+        ce = F.cross_entropy(h[answer] @ head.T, top_ids[..., 0][answer])                  # greedy token: top-1
+        loss, logs["ce"] = loss + ce_weight * ce, ce.item()
+    return loss, logs
 
 
 def train_draft(top, first: int, answers: list, recipe, held_out: list, progress,
@@ -179,7 +187,8 @@ def train_draft(top, first: int, answers: list, recipe, held_out: list, progress
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, schedule)
         rows = rng.choice(len(answers), min(schedule.batch, len(answers)), replace=False)
-        loss, logs = distill_loss(top, _collate([answers[i] for i in rows], first), recipe.hidden_weight)
+        loss, logs = distill_loss(top, _collate([answers[i] for i in rows], first), recipe.hidden_weight,
+                                   recipe.ce_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -35,6 +35,8 @@ def test_layer_choice_keeps_the_ends_of_the_target():
     assert distill.layer_choice(30, 3) == ((0,), (28, 29))
     assert distill.layer_choice(4, 1) == ((), (3,))
     assert distill.layer_choice(2, 9) == ((0,), (1,))  # never more than the target has
+    assert distill.layer_choice(30, 6, frozen=0) == ((), (0, 1, 2, 27, 28, 29))  # every layer trained
+    assert distill.layer_choice(30, 3, frozen=2) == ((0, 28), (29,))
 
 
 def test_a_draft_starts_as_the_target_layers_it_names(built):
