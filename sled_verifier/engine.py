@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import structlog
 import torch
@@ -31,11 +32,25 @@ log = structlog.get_logger("sled_verifier")
 Runnable = tuple[Draft, SessionState]  # a draft admitted to this step, and its session
 
 
+class OutcomeKind(Enum):
+    """What a step did with one draft (the session table's ``Admission`` decides only part of it)."""
+
+    VERIFIED = "verified"    # verified by this step's forward: its verdict
+    RESENT = "resent"        # a retry of the round already verified: the same verdict again
+    STALE = "stale"          # an older round than the last verified one: dropped, nothing sent
+    RESYNC = "resync"        # state missing or diverged: the edge is asked for its full context
+    FINISHED = "finished"    # the session already ended: refused
+    DEFERRED = "deferred"    # its prefill did not fit this step's budget: verified in a later step
+    REFUSED = "refused"      # a new session with no room for it (overloaded): refused
+    DUPLICATE = "duplicate"  # a second draft of one session in one step: refused as malformed
+    FAILED = "failed"        # verification failed on this draft alone: refused (internal), its session forgotten
+
+
 @dataclass(frozen=True)
 class Outcome:
     device: str
     verdict: Verdict | None  # None: nothing to send (a stale round, or a draft deferred to a later step)
-    admission: Admission
+    kind: OutcomeKind
     draft: Draft             # the draft this answers (a deferred one goes back to the queue as it is)
 
 
@@ -112,7 +127,7 @@ class VerifierEngine:
         """``step``, then again for deferred drafts until each has its outcome; outcomes in ``drafts`` order.
         For callers without a queue of their own (tests, benchmarks); the service re-queues instead."""
         outcomes = {id(o.draft): o for o in self.step(drafts)}
-        while deferred := [o.draft for o in outcomes.values() if o.admission is Admission.DEFERRED]:
+        while deferred := [o.draft for o in outcomes.values() if o.kind is OutcomeKind.DEFERRED]:
             outcomes.update((id(o.draft), o) for o in self.step(deferred))
         return [outcomes[id(d)] for d in drafts]
 
@@ -147,22 +162,22 @@ class VerifierEngine:
             if (draft.device_id, draft.session_id) in seen:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.MALFORMED,
                                         "a second draft of this session in one step; one round at a time")
-                outcomes.append(Outcome(draft.device_id, verdict, Admission.STALE, draft))
+                outcomes.append(Outcome(draft.device_id, verdict, OutcomeKind.DUPLICATE, draft))
                 continue
             seen.add((draft.device_id, draft.session_id))
             admission = self.sessions.admit(draft)
             state = self.sessions.get(draft.device_id, draft.session_id)
             if admission is Admission.RESEND:
-                outcomes.append(Outcome(draft.device_id, state.last_verdict, admission, draft))
+                outcomes.append(Outcome(draft.device_id, state.last_verdict, OutcomeKind.RESENT, draft))
             elif admission is Admission.STALE:
-                outcomes.append(Outcome(draft.device_id, None, admission, draft))
+                outcomes.append(Outcome(draft.device_id, None, OutcomeKind.STALE, draft))
             elif admission is Admission.RESYNC:
                 self.stats.resyncs += 1
-                outcomes.append(Outcome(draft.device_id, self._resync(draft), admission, draft))
+                outcomes.append(Outcome(draft.device_id, self._resync(draft), OutcomeKind.RESYNC, draft))
             elif admission is Admission.FINISHED:
                 verdict = error_verdict(self.verifier_id, draft, ErrorCode.SESSION_FINISHED,
                                         "session already finished; open a new one")
-                outcomes.append(Outcome(draft.device_id, verdict, admission, draft))
+                outcomes.append(Outcome(draft.device_id, verdict, OutcomeKind.FINISHED, draft))
             else:
                 if admission is Admission.REBUILD:
                     state, dropped = self.sessions.open(draft, now_s, protected=batch_keys)
@@ -172,7 +187,7 @@ class VerifierEngine:
                             log.debug("session_evicted", device_id=old.device, session_id=old.session_id,
                                       for_device=draft.device_id)
                     if state is None:
-                        outcomes.append(Outcome(draft.device_id, self._overloaded(draft), Admission.REFUSED, draft))
+                        outcomes.append(Outcome(draft.device_id, self._overloaded(draft), OutcomeKind.REFUSED, draft))
                         continue
                 self.sessions.touch(state, now_s)
                 runnable.append((draft, state))
@@ -209,7 +224,7 @@ class VerifierEngine:
                 state.cached += len(chunk)
                 self.stats.prefill_tokens += len(chunk)
         ready = [(draft, state) for draft, state in runnable if state.prefilled]
-        deferred = [Outcome(d.device_id, None, Admission.DEFERRED, d) for d, state in runnable if not state.prefilled]
+        deferred = [Outcome(d.device_id, None, OutcomeKind.DEFERRED, d) for d, state in runnable if not state.prefilled]
         self.stats.deferred += len(deferred)
         return ready, deferred
 
@@ -322,7 +337,7 @@ class VerifierEngine:
                 self._release(state)
             self.sessions.forget(draft.device_id, draft.session_id)
             verdict = error_verdict(self.verifier_id, draft, ErrorCode.INTERNAL, reason)
-            outcomes.append(Outcome(draft.device_id, verdict, Admission.RESYNC, draft))
+            outcomes.append(Outcome(draft.device_id, verdict, OutcomeKind.FAILED, draft))
         self._snapshot()
         return outcomes
 
@@ -330,7 +345,7 @@ class VerifierEngine:
         accepted, next_tokens = result.accepted.tolist(), result.next_token.tolist()
         is_bonus, hit_eos = result.is_bonus.tolist(), result.hit_eos.tolist()
         return [Outcome(draft.device_id, self._commit_row(draft, state, accepted[row], next_tokens[row], is_bonus[row],
-                                                       hit_eos[row]), Admission.RUN, draft)
+                                                       hit_eos[row]), OutcomeKind.VERIFIED, draft)
                 for row, (draft, state) in enumerate(runnable)]
 
     def _commit_row(self, draft: Draft, state: SessionState, accepted: int, next_token: int,

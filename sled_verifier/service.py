@@ -28,9 +28,8 @@ from sled_protocol.connection import Reconnecting
 from sled_protocol.transport import Link, TransportError, Will, parse_broker_urls, transport_for
 from sled_verifier.config import VerifierConfig
 from sled_verifier.draft_queue import DraftQueue, Offer, Queued
-from sled_verifier.engine import Outcome, VerifierEngine, error_verdict
+from sled_verifier.engine import Outcome, OutcomeKind, VerifierEngine, error_verdict
 from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, batch_size, delay_s
-from sled_verifier.sessions import Admission
 from sled_verifier.ratelimit import RateLimiter
 
 log = structlog.get_logger("sled_verifier")
@@ -266,7 +265,7 @@ class VerifierService:
             outcomes = await self._run_step([queued.draft for queued in batch])
             # 3. Teach the cost model what this step cost.
             step_s = time.perf_counter() - busy_from
-            verified = [o for o in outcomes if o.admission is Admission.RUN]
+            verified = [o for o in outcomes if o.kind is OutcomeKind.VERIFIED]
             tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
@@ -274,14 +273,14 @@ class VerifierService:
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
             self.queue.requeue([taken[o.device, o.draft.session_id] for o in outcomes
-                                if o.admission is Admission.DEFERRED])
+                                if o.kind is OutcomeKind.DEFERRED])
             await self._answer(client, outcomes, taken, now_s)
             self.stats.busy_s += time.perf_counter() - busy_from
             self.idle_since_s = time.monotonic()
             log.debug("batch_verified", drafts=len(batch), outcomes=len(outcomes), queued=len(self.queue),
                       devices=len({queued.draft.device_id for queued in batch}),
                       prefill_tokens=self.stats.prefill_tokens - prefill_before, step_ms=round(1000 * step_s, 2), predicted_ms=round(1000 * self.cost.predict(len(verified), tokens), 2))
-            if not tokens and all(o.admission is Admission.DEFERRED for o in outcomes):
+            if not tokens and all(o.kind is OutcomeKind.DEFERRED for o in outcomes):
                 await self._idle_until_arrival()
 
     async def _idle_until_arrival(self) -> None:
@@ -310,7 +309,7 @@ class VerifierService:
         sent_s = time.monotonic()
         for outcome in outcomes:
             key = (outcome.device, outcome.draft.session_id)
-            if outcome.admission is not Admission.DEFERRED:
+            if outcome.kind is not OutcomeKind.DEFERRED:
                 arrival_s = taken[key].arrival_s
                 self.stats.record_queue_delay(stepped_s - arrival_s, stepped_s - max(arrival_s, self.idle_since_s))
             verdict = outcome.verdict

@@ -52,8 +52,6 @@ class Admission(Enum):
     STALE = "stale"        # an older round than the last verified one: drop
     RESYNC = "resync"      # state missing or diverged: ask the edge for its full context
     FINISHED = "finished"  # the session already ended
-    DEFERRED = "deferred"  # its prefill did not fit this step's budget: verify it in a later step
-    REFUSED = "refused"    # a new session with no room for it (overloaded): answered with an error
 
 
 SessionKey = tuple[str, str]  # (device, session)

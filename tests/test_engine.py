@@ -14,8 +14,7 @@ from sled_edge.drafter import Drafter
 from sled_edge.session import EdgeSession
 from sled_protocol import ErrorCode, FinishReason, VerdictKind
 from sled_protocol.vocab import vocab_hash
-from sled_verifier.engine import Quotas, VerifierEngine
-from sled_verifier.sessions import Admission
+from sled_verifier.engine import OutcomeKind, Quotas, VerifierEngine
 from sled_verifier.stats import VerifierStats
 from sled_verifier.runtime import RUNTIMES, load_target
 from sled_verifier.target import TransformersTarget
@@ -45,7 +44,7 @@ def run_lockstep(engine, sessions, drafters, ks):
                                                         min(ks[i], sessions[i].budget - 1)).tokens)
                   for i in live]
         outcomes = engine.step_until_answered(drafts)  # prefill longer than one step's budget takes several
-        assert [o.admission for o in outcomes] == [Admission.RUN] * len(live)
+        assert [o.kind for o in outcomes] == [OutcomeKind.VERIFIED] * len(live)
         for i, draft, outcome in zip(live, drafts, outcomes):
             sessions[i].apply(draft, outcome.verdict)
             drafters[i].rollback(outcome.verdict.committed_len, draft.base_len, outcome.verdict.accepted)
@@ -113,18 +112,18 @@ def test_admission_resync_resend_stale_finished_and_eviction(tiny_models, target
         [result] = engine.step([draft])
         assert result.verdict.kind is VerdictKind.VERIFIED and result.verdict.accepted == 1
         [again] = engine.step([draft])  # a retry of the same round: the same answer, applied once
-        assert again.admission is Admission.RESEND and again.verdict == result.verdict
+        assert again.kind is OutcomeKind.RESENT and again.verdict == result.verdict
         session.apply(draft, result.verdict)
         drafter.rollback(result.verdict.committed_len, draft.base_len, result.verdict.accepted)
         rounds.append(draft)
-    assert engine.step([rounds[0]])[0].admission is Admission.STALE  # an older round, late: dropped
+    assert engine.step([rounds[0]])[0].kind is OutcomeKind.STALE  # an older round, late: dropped
     assert engine.step([rounds[0]])[0].verdict is None
 
     prefilled = engine.stats.prefill_tokens
     session.send_context = True  # context the verifier already holds: verified without a new prefill
     again = session.draft([])
     [same] = engine.step([again])
-    assert same.admission is Admission.RUN and engine.stats.prefill_tokens == prefilled
+    assert same.kind is OutcomeKind.VERIFIED and engine.stats.prefill_tokens == prefilled
     session.apply(again, same.verdict)
     session.send_context = False
 

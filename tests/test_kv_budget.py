@@ -20,9 +20,8 @@ from sled_protocol import Close, Draft, ErrorCode, VerdictKind, encode, topics
 from sled_protocol.memory import forget_broker
 from sled_protocol.transport import parse_broker_url, transport_for
 from sled_protocol.vocab import vocab_hash
-from sled_verifier.engine import KVBudgetError, Quotas, VerifierEngine
+from sled_verifier.engine import KVBudgetError, OutcomeKind, Quotas, VerifierEngine
 from sled_verifier.runtime import load_target
-from sled_verifier.sessions import Admission
 from sled_verifier.stats import VerifierStats
 
 CONTEXT = 512
@@ -53,7 +52,7 @@ def test_the_store_is_reserved_within_the_budget_and_never_grows(target):
     outcomes = engine.step_until_answered([first_round("a", "a", 300), first_round("b", "b", 20)])
     assert [o.verdict.kind for o in outcomes] == [VerdictKind.VERIFIED] * 2 and engine.free_sessions == 0
     [refused] = engine.step([first_round("c", "c")])  # another device, both sessions active: no room
-    assert refused.admission is Admission.REFUSED and refused.verdict.error is ErrorCode.OVERLOADED
+    assert refused.kind is OutcomeKind.REFUSED and refused.verdict.error is ErrorCode.OVERLOADED
     assert engine.close("a", "a") and engine.free_sessions == 1
     [opened] = engine.step_until_answered([first_round("c", "c")])
     assert opened.verdict.kind is VerdictKind.VERIFIED

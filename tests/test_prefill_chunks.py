@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from sled_protocol import Draft
-from sled_verifier.engine import Quotas, VerifierEngine
+from sled_verifier.engine import OutcomeKind, Quotas, VerifierEngine
 from sled_verifier.runtime import RUNTIMES, load_target
-from sled_verifier.sessions import Admission
 from sled_verifier.stats import VerifierStats
 
 CHUNK = 64
@@ -64,9 +63,9 @@ def logits_of(target, subject: Draft, early: list[Draft], beside: list[Draft]) -
     batch = [*early, *beside, subject]
     for _ in range(100):
         outcome = {id(o.draft): o for o in engine.step(batch)}[id(subject)]
-        if outcome.admission is Admission.RUN:
+        if outcome.kind is OutcomeKind.VERIFIED:
             return recording.logits[engine.sessions.get(subject.device_id, subject.session_id).slot]
-        assert outcome.admission is Admission.DEFERRED
+        assert outcome.kind is OutcomeKind.DEFERRED
         batch = [d for d in batch if engine.sessions.get(d.device_id, d.session_id) is None
                  or not engine.sessions.get(d.device_id, d.session_id).rounds]  # verified neighbours leave the step
     raise AssertionError("the subject never finished its prefill")
@@ -101,7 +100,7 @@ def test_a_rebuild_replays_the_same_chunks(target):
     engine.step_until_answered([first_round("m", "y", 77, seed=5), subject])
     engine.close("s", "subject")
     [outcome] = engine.step_until_answered([subject])  # the edge resends its context
-    assert outcome.admission is Admission.RUN
+    assert outcome.kind is OutcomeKind.VERIFIED
     assert torch.equal(first, recording.logits[engine.sessions.get("s", "subject").slot])
 
 
@@ -128,7 +127,7 @@ def test_a_chunk_rides_along_others_rounds_only_on_banked_credit(target):
     engine.fair.charge({"h", "f"}, step_s=0.0, spent_s={"f": 0.0})  # it has spent before (a first prompt goes)
     assert engine.fair.credit("f") == 0.0  # in no debt, but with nothing banked
     outcomes = {o.draft.device_id: o for o in engine.step([second, flood], active={"h", "f"})}
-    assert outcomes["h"].admission is Admission.RUN and outcomes["f"].admission is Admission.DEFERRED
+    assert outcomes["h"].kind is OutcomeKind.VERIFIED and outcomes["f"].kind is OutcomeKind.DEFERRED
     assert engine.sessions.get("f", "f").cached == 0  # its chunk did not lengthen the honest round's step
     engine.step([flood], active={"h", "f"})
     assert engine.sessions.get("f", "f").cached == CHUNK  # a step of its own: it prefills there
@@ -137,9 +136,9 @@ def test_a_chunk_rides_along_others_rounds_only_on_banked_credit(target):
     g = first_round("g", "g", 10, seed=4)
     h_round = Draft("h", "h", 2, base_len=len(state.committed), tokens=(5,), max_len=80, vocab="v")
     outcomes = {o.draft.device_id: o for o in engine.step([h_round, g], active={"h", "f", "g"})}
-    assert outcomes["g"].admission is Admission.RUN  # a first prompt, beside h's round: never spent, it goes
+    assert outcomes["g"].kind is OutcomeKind.VERIFIED  # a first prompt, beside h's round: never spent, it goes
     g_state = engine.sessions.get("g", "g")
     g_round = Draft("g", "g", 1, base_len=len(g_state.committed), tokens=(5,), max_len=60, vocab="v")
     outcomes = {o.draft.device_id: o for o in engine.step([g_round, third], active={"h", "f", "g"})}
-    assert outcomes["g"].admission is Admission.RUN
+    assert outcomes["g"].kind is OutcomeKind.VERIFIED
     assert engine.sessions.get("h", "h2").cached == CHUNK  # banked: it prefills beside g's verification row
