@@ -249,3 +249,16 @@ def test_acceptance_counts_are_vllms():
     assert counts.spec_decode() == {
         "num_drafts": 3, "num_draft_tokens": 4, "num_accepted_tokens": 2, "num_accepted_tokens_per_pos": [1, 1, 0],
         "mean_acceptance_length": round(1 + 2 / 3, 4), "draft_acceptance_rate": 0.5}
+
+
+def test_python_names_travel_under_the_wire_keys():
+    """device_id, session_id and verifier_id are the records' Python names; the wire keeps device, session and
+    verifier (codec.WIRE_KEYS), so no peer sees a change and the schema version stays."""
+    from sled_protocol import SCHEMA_VERSION, Close
+
+    assert encode(Close(device_id="pi5", session_id="s1")) == msgpack.packb(
+        {"t": "close", "v": SCHEMA_VERSION, "device": "pi5", "session": "s1"})
+    for message in (DRAFT, VERDICT, STATUS):
+        keys = set(msgpack.unpackb(encode(message)))
+        assert not {"device_id", "session_id", "verifier_id"} & keys
+        assert decode(encode(message)) == message
