@@ -166,10 +166,10 @@ def greedy_agreement(logits_of, answers: list[Answer]) -> list[np.ndarray]:
 
 
 def acceptance(agree: list[np.ndarray], k: int) -> dict[str, float]:
-    from sled_models.evaluate import mean_accepted_length
+    from sled_models.evaluate import mean_acceptance_length
 
     return {"alpha": round(float(np.mean(np.concatenate(agree))), 4),
-            f"mean_accepted_length_k{k}": round(float(np.mean([mean_accepted_length(a, k) for a in agree])), 3)}
+            f"mean_accepted_length_k{k}": round(float(np.mean([mean_acceptance_length(a, k) for a in agree])), 3)}
 
 
 def torch_logits(model):

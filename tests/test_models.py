@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from sled_models.evaluate import mean_accepted_length
+from sled_models.evaluate import mean_acceptance_length
 from sled_models.recipe import PROFILES, Schedule, get_lr
 
 
@@ -32,8 +32,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
         ([True] * 7, 2, 7 / 3),           # 3, 3, then 1
     ],
 )
-def test_mean_accepted_length_simulation(agree, k, expected):
-    assert mean_accepted_length(np.array(agree), k) == pytest.approx(expected)
+def test_mean_acceptance_length_simulation(agree, k, expected):
+    assert mean_acceptance_length(np.array(agree), k) == pytest.approx(expected)
 
 
 def run(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
