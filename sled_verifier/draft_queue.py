@@ -15,7 +15,8 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
   ``device_step_tokens`` tokens to a step (its first always goes), so a device running many sessions cannot
   make every step long for the others: its sessions share its part of each step; a device over its share
   of the verifier's time (``FairShare``, told by ``over_share``) adds its first draft only, and a queue of
-  such drafts alone is ``held`` (the scheduler lets them ride along others' steps);
+  such drafts alone, of devices with more queued behind them, is ``held`` (the scheduler lets them ride
+  along others' steps);
 - a draft the engine deferred (its prefill did not fit the step) goes back to the head with its arrival
   time, in the order it was taken, unless a newer round of its session arrived meanwhile (that one is
   verified instead), or its session was closed during the step (it must not reopen it).
@@ -160,6 +161,9 @@ class DraftQueue:
         prefill = sum(len(q.draft.context) for q in takeable if q.draft.context is not None)
         prefill = min(prefill, prefill_budget)
         scored = sum(len(q.draft.tokens) + 1 for q in takeable)
-        held = bool(takeable) and all(q.draft.device_id in self._one_draft for q in takeable)
+        # Held: only drafts of devices over their share with more queued behind (a device with one round in
+        # flight cannot drive steps faster than its verdicts come back; holding it would only add to its wait).
+        held = bool(takeable) and all(q.draft.device_id in self._one_draft and self._per_device[q.draft.device_id] > 1
+                                      for q in takeable)
         prefill_only = bool(takeable) and all(q.draft.context is not None for q in takeable)
         return QueueState(len(takeable), scored + prefill, ready_s, prefill, held, prefill_only)

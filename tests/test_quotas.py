@@ -170,6 +170,10 @@ def test_a_device_over_its_share_adds_one_draft_and_rides_along_others_steps():
     queue.over_share(fair.over_share(queue.devices(), active))
     state = queue.state(idle_since_s=1.0, prefill_budget=0)
     assert state.drafts == 1 and state.held  # one draft, and no step of its own before the budget is out
+    single = DraftQueue(max_drafts=8)
+    single.offer(draft("honest", "h"), now_s=0.0)
+    single.over_share(frozenset({"honest"}))
+    assert not single.state(1.0, 0).held  # one round in flight (say, in debt for its prompt): never held
     policy = SchedulePolicy(max_wait_s=0.050)
     assert delay_s(policy, state, [1.001], StepCost(), now_s=1.0) == pytest.approx(0.050)
     assert delay_s(policy, state, [], StepCost(), now_s=1.060) == 0.0  # budget out: it steps on its own
