@@ -157,37 +157,24 @@ class CompiledTarget:
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         rows, m_max = len(inputs), max(len(x) for x in inputs)
-        width = max(start + len(x) for start, x in zip(starts, inputs))
+        m_b = m_max
         if self.static:  # pad to the buckets: padding rows are one token written to the spare slot
             # Tokens per row are bucketed up to the KV capacity at most (a context limit need not be a power
             # of two, and padding queries only write into the spare slot).
             rows_b, m_b = bucket(rows), min(bucket(m_max), self.kv.max_length)
-            self.kv.ensure_length(max(width, m_b))
-            width_b = min(bucket(width, 64), self.kv.length)
             slots = [*slots] + [self.kv.trash] * (rows_b - rows)
             starts = [*starts] + [0] * (rows_b - rows)
             inputs = [*inputs] + [[0]] * (rows_b - rows)
-        else:
-            m_b = m_max
-            self.kv.ensure_length(max(width, m_max))
-        dev = self.device
-        lens = torch.tensor([len(x) for x in inputs], device=dev)
-        input_ids = torch.tensor([[*x] + [0] * (m_b - len(x)) for x in inputs], dtype=torch.int64, device=dev)
-        starts_t = torch.tensor(list(starts), dtype=torch.int64, device=dev)
-        slots_t = torch.tensor(list(slots), dtype=torch.int64, device=dev)
-        offsets = torch.arange(m_b, device=dev)[None, :]
-        real = offsets < lens[:, None]                                                     # [B, M]
-        # Padding queries repeat the row's last real position (never past the position table) and write
-        # into the spare slot, which no row reads.
-        positions = starts_t[:, None] + torch.minimum(offsets, (lens - 1)[:, None])        # [B, M]
-        write_slots = torch.where(real, slots_t[:, None], self.kv.trash)                    # [B, M]
-        write_positions = torch.where(real, starts_t[:, None] + offsets, offsets)          # [B, M]
+        layout = self.kv.layout(slots, starts, inputs, m_b, self.device)                 # grows the store
+        indices = (layout.input_ids, layout.positions, layout.write_slots, layout.write_positions)
         if self.static:
-            visible = torch.arange(width_b, device=dev)[None, None, :] <= positions[:, :, None]   # [B, M, W]
-            arguments = (input_ids, positions, write_slots, write_positions, slots_t, visible, not logits)
+            width_b = min(bucket(layout.width, 64), self.kv.length)
+            keys = torch.arange(width_b, device=self.device)
+            visible = keys[None, None, :] <= layout.positions[:, :, None]                           # [B, M, W]
+            arguments = (*indices, layout.slots, visible, not logits)
         else:
-            plan = row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype)
-            arguments = (input_ids, positions, write_slots, write_positions, plan, not logits)
+            plan = row_plan(slots, starts, inputs, self.device, self.width_invariant, self.model.dtype)
+            arguments = (*indices, plan, not logits)
         return arguments, rows, m_max
 
     def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:

@@ -20,6 +20,9 @@ with a zero weight, and zero times a NaN left in fresh memory would still be NaN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -32,9 +35,44 @@ def slots_within(budget_bytes: int, bytes_per_token: int, max_length: int) -> in
     return budget_bytes // (bytes_per_token * key_span(max_length)) - 1
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each input of one forward goes: rows ``(slot, start, inputs)`` right-padded to ``m`` inputs.
+    A padding query repeats its row's last real position (never past the model's position table) and writes
+    into the spare slot, which no row reads. The one layout both runtimes and the cache use."""
+
+    input_ids: torch.Tensor        # [B, M] padding: token 0
+    lens: torch.Tensor             # [B] real inputs per row
+    starts: torch.Tensor           # [B] positions already in the row's slot
+    slots: torch.Tensor            # [B] the row's slot (read)
+    positions: torch.Tensor        # [B, M] each input's position
+    write_slots: torch.Tensor      # [B, M] the row's slot, or the spare slot for padding
+    write_positions: torch.Tensor  # [B, M] where its key and value go in that slot
+
+    @property
+    def width(self) -> int:
+        """The longest row's context after this forward: the keys attention reads."""
+        return int((self.starts + self.lens).max())
+
+
+def row_layout(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], m: int, spare: int,
+               device: torch.device) -> RowLayout:
+    """The layout of rows padded to ``m`` inputs, padding written into slot ``spare``."""
+    lens = torch.tensor([len(x) for x in inputs], device=device)
+    starts_t = torch.tensor(list(starts), dtype=torch.int64, device=device)
+    slots_t = torch.tensor(list(slots), dtype=torch.int64, device=device)
+    input_ids = torch.tensor([[*x] + [0] * (m - len(x)) for x in inputs], dtype=torch.int64, device=device)
+    offsets = torch.arange(m, device=device)[None, :]                                       # [1, M]
+    real = offsets < lens[:, None]                                                          # [B, M]
+    return RowLayout(input_ids=input_ids, lens=lens, starts=starts_t, slots=slots_t,
+                     positions=starts_t[:, None] + torch.minimum(offsets, (lens - 1)[:, None]),
+                     write_slots=torch.where(real, slots_t[:, None], spare),
+                     write_positions=torch.where(real, starts_t[:, None] + offsets, offsets))
+
+
 class SlotKV:
     def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | list[torch.device], max_slots: int, max_length: int, slots: int = 4,
+                 device: torch.device | list[torch.device], *, max_slots: int, max_length: int, slots: int = 4,
                  length: int = 256) -> None:
         self.shape = (heads, head_dim)
         # One device per layer: a target spread over GPUs (device_map) keeps each layer's cache beside it.
@@ -121,27 +159,27 @@ class SlotKV:
         self.free.extend(range(self.capacity, slots))
         self.capacity, self.length = slots, length
 
-    def view(self, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, new_tokens: int,
-             in_place: bool = False) -> BatchView:
-        """A cache for one forward of rows (slot, start, len) padded to ``new_tokens`` inputs. ``in_place``:
-        attention reads the slots itself (``sled_verifier.target.slot_attention``), so ``update`` hands it
-        the whole per-layer store instead of gathering ``[B, H, width, D]`` copies."""
-        width = int((starts + lens).max())
-        self.ensure_length(max(width, new_tokens))
-        return BatchView(self, slots, starts, lens, width, new_tokens, in_place)
+    def layout(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], m: int,
+               device: torch.device) -> RowLayout:
+        """``row_layout`` with this store's spare slot, the store grown to hold it."""
+        layout = row_layout(slots, starts, inputs, m, self.trash, device)
+        self.ensure_length(max(layout.width, m))
+        return layout
+
+    def view(self, layout: RowLayout, in_place: bool = False) -> BatchView:
+        """A cache for one forward of ``layout``'s rows. ``in_place``: attention reads the slots itself
+        (``sled_verifier.target.slot_attention``), so ``update`` hands it the whole per-layer store instead of
+        gathering ``[B, H, width, D]`` copies."""
+        return BatchView(self, layout, in_place)
 
 
 class BatchView(Cache):
     """What a transformers model sees as its cache for one forward: writes go into the slots in place."""
 
-    def __init__(self, store: SlotKV, slots: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, width: int,
-                 new_tokens: int, in_place: bool = False) -> None:
+    def __init__(self, store: SlotKV, layout: RowLayout, in_place: bool = False) -> None:
         super().__init__(layers=[])
-        self.store, self.slots, self.width, self.in_place = store, slots, width, in_place
-        offsets = torch.arange(new_tokens, device=starts.device)[None, :]                      # [1, M]
-        real = offsets < lens[:, None]                                                          # [B, M]
-        self._write_slots = torch.where(real, slots[:, None], store.trash)                      # [B, M]
-        self._write_positions = torch.where(real, starts[:, None] + offsets, offsets)           # [B, M]
+        self.store, self.slots, self.width, self.in_place = store, layout.slots, layout.width, in_place
+        self._write_slots, self._write_positions = layout.write_slots, layout.write_positions  # [B, M]
         self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -168,26 +168,19 @@ class TransformersTarget:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         dev = self.device
         m_max = max(len(x) for x in inputs)
-        input_ids = torch.tensor([[*tokens] + [0] * (m_max - len(tokens)) for tokens in inputs],
-                                 dtype=torch.int64, device=dev)                                       # [B, M]
-        lens = torch.tensor([len(x) for x in inputs], device=dev)
-        starts_t = torch.tensor(list(starts), dtype=torch.int64, device=dev)
-        # Padding queries repeat the row's last real position: never past the model's position table.
-        offsets = torch.minimum(torch.arange(m_max, device=dev)[None, :], (lens - 1)[:, None])       # [B, M]
-        positions = starts_t[:, None] + offsets                                                        # [B, M]
+        rows = self.kv.layout(slots, starts, inputs, m_max, dev)
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":
-            view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max, in_place=True)
-            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=view, use_cache=True,
+            out = self.model(input_ids=rows.input_ids, position_ids=rows.positions,
+                             past_key_values=self.kv.view(rows, in_place=True), use_cache=True,
                              cache_position=torch.arange(m_max, device=dev),
                              sled_rows=row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
                              **keep)
             return out.logits
-        width = int((starts_t + lens).max())
-        visible = torch.arange(width, device=dev)[None, None, :] <= positions[:, :, None]             # [B, M, W]
+        visible = torch.arange(rows.width, device=dev)[None, None, :] <= rows.positions[:, :, None]   # [B, M, W]
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=dev)
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]                 # [B, 1, M, W]
-        view = self.kv.view(torch.tensor(list(slots), device=dev), starts_t, lens, m_max)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=view,
-                         use_cache=True, cache_position=torch.arange(m_max, device=dev), **keep)
+        out = self.model(input_ids=rows.input_ids, attention_mask=mask, position_ids=rows.positions,
+                         past_key_values=self.kv.view(rows), use_cache=True,
+                         cache_position=torch.arange(m_max, device=dev), **keep)
         return out.logits
