@@ -105,7 +105,6 @@ class VerifierEngine:
         self.fair = FairShare()
         self._active: frozenset[str] = frozenset()   # this step's devices with work
         self._spent_s: dict[str, float] = {}         # this step's seconds by device beyond its first draft
-        self._prefill_s_per_token = 0.0              # recent prefill forwards' seconds per token (a chunk's price)
 
     def step(self, drafts: Sequence[Draft], active: Collection[str] = ()) -> list[Outcome]:
         """Verify ``drafts``. If it raises, no session's committed tokens or cache have changed (sessions
@@ -215,9 +214,6 @@ class VerifierEngine:
             prefill_s = time.perf_counter() - started
             self.stats.prefill_s += prefill_s
             tokens = sum(map(len, chunks))
-            per_token = prefill_s / tokens
-            self._prefill_s_per_token = per_token if not self._prefill_s_per_token else \
-                0.8 * self._prefill_s_per_token + 0.2 * per_token
             for state, chunk in zip(rows, chunks):  # the forward's time, debited by tokens
                 self._debit(state.device, prefill_s * len(chunk) / tokens)
             for state, chunk in zip(rows, chunks):
@@ -234,11 +230,7 @@ class VerifierEngine:
         on the session alone, so its cache (and every logit after it) is the same bits whoever prefills beside
         it, and a rebuild after a resync or failover replays the same chunks. A session whose whole next chunk
         does not fit what is left of a budget waits for a later step rather than take a leftover, and so does
-        one whose device has had more than its share of the verifier's time while others have work. A chunk
-        rides along other devices' verification rows (lengthening their step by its forward) only if its device
-        has that chunk's time in credit, banked while it decoded, or has never spent (its first prompt); otherwise
-        it waits for a step of its own device's drafts, which the scheduler runs at once
-        (``QueueState.prefill_only``), between their rounds."""
+        one whose device has had more than its share of the verifier's time while others have work."""
         chunk, budget, device_budget = self.quotas.prefill_chunk, self.quotas.max_prefill, Counter()
         rows, chunks = [], []
         # Every device with work in debt: the least indebted prefills, else no one would until credit came back
@@ -246,13 +238,10 @@ class VerifierEngine:
         all_in_debt = all(self.fair.credit(device) < 0.0 for device in self._active)
         waiting = {state.device for state in states if state.cached < len(state.committed) - 1}
         first = max(sorted(waiting), key=self.fair.credit) if all_in_debt and waiting else None
-        decoding = {state.device for state in states if state.prefilled}  # devices with a verification row here
         for state in states:
             end = min((state.cached // chunk + 1) * chunk, len(state.committed) - 1)
             size = end - state.cached
-            rides_along = bool(decoding - {state.device})
-            fair = state.device == first or self.fair.may_prefill(state.device, self._active) and (
-                not rides_along or self.fair.may_ride_along(state.device, size * self._prefill_s_per_token))
+            fair = state.device == first or self.fair.may_prefill(state.device, self._active)
             if size <= 0 or size > budget or size > self.quotas.device_prefill - device_budget[state.device] \
                     or not fair:
                 continue

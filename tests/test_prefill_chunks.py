@@ -112,33 +112,3 @@ def test_a_chunk_that_does_not_fit_waits_rather_than_taking_a_leftover(target):
     cached = {d.device_id: engine.sessions.get(d.device_id, d.session_id).cached for d in (a, b)}
     assert cached == {"a": CHUNK, "b": 0}  # b's next chunk did not fit the 10 tokens left: it waited
 
-
-def test_a_chunk_rides_along_others_rounds_only_on_banked_credit(target):
-    """A device whose credit does not cover a chunk's time prefills in a step of its own drafts, not in one that
-    carries another device's verification rows (issue 19: a flooder's chunk made every honest step it joined
-    several times longer); an honest device with credit banked while it decoded prefills beside them at once, and
-    so does a device's first prompt (g's, below: it has never spent)."""
-    engine = VerifierEngine(target, "v", max_sessions=8, stats=VerifierStats(), max_context=512, quotas=QUOTAS)
-    honest = first_round("h", "h", 30, seed=1)
-    engine.step_until_answered([honest])  # its prompt is prefilled and its first round verified
-    state = engine.sessions.get("h", "h")
-    second = Draft("h", "h", 1, base_len=len(state.committed), tokens=(5, 6), max_len=80, vocab="v")
-    flood = first_round("f", "f", 300, seed=2)
-    engine.fair.charge({"h", "f"}, step_s=0.0, spent_s={"f": 0.0})  # it has spent before (a first prompt goes)
-    assert engine.fair.credit("f") == 0.0  # in no debt, but with nothing banked
-    outcomes = {o.draft.device_id: o for o in engine.step([second, flood], active={"h", "f"})}
-    assert outcomes["h"].kind is OutcomeKind.VERIFIED and outcomes["f"].kind is OutcomeKind.DEFERRED
-    assert engine.sessions.get("f", "f").cached == 0  # its chunk did not lengthen the honest round's step
-    engine.step([flood], active={"h", "f"})
-    assert engine.sessions.get("f", "f").cached == CHUNK  # a step of its own: it prefills there
-    engine.fair.charge({"h", "f"}, step_s=1.0, spent_s={})  # h banks credit (decoding: nothing spent)
-    third = first_round("h", "h2", 100, seed=3)
-    g = first_round("g", "g", 10, seed=4)
-    h_round = Draft("h", "h", 2, base_len=len(state.committed), tokens=(5,), max_len=80, vocab="v")
-    outcomes = {o.draft.device_id: o for o in engine.step([h_round, g], active={"h", "f", "g"})}
-    assert outcomes["g"].kind is OutcomeKind.VERIFIED  # a first prompt, beside h's round: never spent, it goes
-    g_state = engine.sessions.get("g", "g")
-    g_round = Draft("g", "g", 1, base_len=len(g_state.committed), tokens=(5,), max_len=60, vocab="v")
-    outcomes = {o.draft.device_id: o for o in engine.step([g_round, third], active={"h", "f", "g"})}
-    assert outcomes["g"].kind is OutcomeKind.VERIFIED
-    assert engine.sessions.get("h", "h2").cached == CHUNK  # banked: it prefills beside g's verification row

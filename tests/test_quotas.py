@@ -209,3 +209,21 @@ def test_first_rounds_alone_step_at_once():
     assert delay_s(policy, state, [1.001, 1.002], StepCost(), now_s=1.0) == 0.0
     queue.offer(draft("b", "b0", seq=3, context=None), now_s=1.0)
     assert not queue.state(1.0, 256).prefill_only
+
+
+def test_devices_that_all_spend_beside_each_other_are_never_all_held():
+    """``make load`` found it: eight devices each decoding several sessions all spend on their extra drafts in
+    every step; spending less than their part, they keep their credit, and were they all in debt, no one is held
+    (there would be no one to ride along with: the verifier would idle max_wait between steps)."""
+    fair = FairShare()
+    active = {f"d{i}" for i in range(8)}
+    for _ in range(200):
+        fair.charge(active, step_s=0.016, spent_s={device: 0.001 for device in active})  # 1 ms of each 2 ms share
+    assert all(fair.credit(device) > 0.0 for device in active)
+    assert fair.over_share(active, active) == frozenset()
+    for _ in range(100):
+        fair.charge(active, step_s=0.008, spent_s={device: 0.010 for device in active})  # all beyond their share
+    assert all(fair.credit(device) < 0.0 for device in active)
+    assert fair.over_share(active, active) == frozenset()  # all in debt: nobody to ride along with
+    fair.charge(active | {"quiet"}, step_s=0.009, spent_s={})
+    assert fair.over_share(active, active | {"quiet"}) == active  # one in credit: the others ride along its steps
