@@ -142,7 +142,7 @@ class DistillRecipe:
 DISTILL_RECIPES = {
     "default": DistillRecipe(
         (DistilledDraft("large", "Jetson Orin Nano", 6, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 3, frozen=0)),
-        train=Schedule(steps=80, batch=8, seq_len=0, peak_lr=2e-3, warmup_steps=6, weight_decay=0.0, seed=3),
+        train=Schedule(steps=160, batch=8, seq_len=0, peak_lr=2e-3, warmup_steps=6, weight_decay=0.0, seed=3),
         train_prompts=256, new_tokens=96, eval_prompts=16, eval_tokens=64, hidden_weight=0.2, ce_weight=0.5),
     # Seconds, for tests on tiny targets: every stage once.
     "smoke": DistillRecipe(
