@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import aiomqtt  # noqa: E402
+
 from sled_protocol import Draft, VerdictKind, encode, topics  # noqa: E402
 from sled_protocol.codec import decode_verdict  # noqa: E402
 from sled_protocol.mqtt import make_client  # noqa: E402
@@ -50,11 +52,11 @@ class FloodTally:
     verdicts: Counter[str] = field(default_factory=Counter)  # by kind, errors by code
 
 
-async def flood(url: str, verifier_id: str, vocab: str, stop: asyncio.Event, *, device_id: str = "flood",
-                wave: int = 64, context: int = 400, k: int = 8, pause_s: float = 0.25, vocab_size: int = 500,
+async def flood(url: str, verifier_id: str, vocab: str, stop: asyncio.Event, tally: FloodTally | None = None, *,
+                device_id: str = "flood", wave: int = 64, context: int = 400, k: int = 8, pause_s: float = 0.25, vocab_size: int = 500,
                 seed: int = 0) -> FloodTally:
     """Waves of sessions with long contexts from one device, every verdict answered by a next round at once."""
-    rng, tally = random.Random(seed), FloodTally()
+    rng, tally = random.Random(seed), tally or FloodTally()  # the caller's tally survives a cancelled flood
     contexts = [tuple(rng.randrange(3, vocab_size) for _ in range(context)) for _ in range(16)]
     async with make_client(parse_broker_url(url), device_id, keepalive_s=60) as client:
         await client.subscribe(topics.verdict_topic(device_id), qos=topics.QOS_VERDICT)
@@ -94,8 +96,10 @@ async def flood(url: str, verifier_id: str, vocab: str, stop: asyncio.Event, *, 
                         await stop.wait()
                 if stop.is_set():
                     break
-        finally:
+        finally:  # the reader ends with the connection: cancelled, or told the broker went away
             reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
     return tally
 
 
@@ -136,8 +140,13 @@ async def flooded(url: str, draft: Path, verifier_id: str, vocab: str, args,
         seconds, outputs = await honest_devices(url, draft, verifier_id, args.sessions, args.tokens)
     finally:
         flooder.send_signal(signal.SIGTERM)
-        out, _ = flooder.communicate(timeout=30)
-    return seconds, outputs, json.loads(out.strip().splitlines()[-1])
+        try:
+            out, _ = flooder.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # the honest figures stand; only the flooder's own tally is lost
+            flooder.kill()
+            out, _ = flooder.communicate()
+    lines = out.strip().splitlines()
+    return seconds, outputs, json.loads(lines[-1]) if lines else {"error": "the flooder did not stop: killed"}
 
 
 def run_flooder(argv: list[str]) -> int:
@@ -151,10 +160,20 @@ def run_flooder(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     async def until_terminated() -> FloodTally:
-        stop = asyncio.Event()
+        stop, tally = asyncio.Event(), FloodTally()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        return await flood(args.url, args.verifier, args.vocab, stop, device_id=args.device_id, wave=args.wave,
-                           context=args.context, k=args.k, pause_s=args.pause_s)
+        task = asyncio.create_task(flood(args.url, args.verifier, args.vocab, stop, tally, device_id=args.device_id,
+                                         wave=args.wave, context=args.context, k=args.k, pause_s=args.pause_s))
+        await stop.wait()
+        # A publish waiting on the broker may not see the stop: give the flood a few seconds, then cancel it.
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, aiomqtt.MqttError):
+            async with asyncio.timeout(5):
+                await asyncio.shield(task)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+        return tally
 
     tally = asyncio.run(until_terminated())
     print(json.dumps({"opened": tally.opened, "drafts": tally.drafts, "verdicts": dict(tally.verdicts)}), flush=True)
@@ -202,9 +221,10 @@ def main() -> int:
             flood_s, under, tally = asyncio.run(flooded(url, draft, verifier.name, vocab, args, "flood"))
             differing += sum(a != b for a, b in zip(alone, under))
             factors.append(flood_s / alone_s)
+            flooder = (f"flooder opened {tally['opened']} sessions, sent {tally['drafts']} drafts, verdicts "
+                       f"{tally['verdicts']}" if "opened" in tally else tally["error"])
             print(f"repeat {repeat + 1}: honest alone {alone_s:.2f} s, under the flood {flood_s:.2f} s, "
-                  f"factor {factors[-1]:.2f}x; flooder opened {tally['opened']} sessions, sent {tally['drafts']} "
-                  f"drafts, verdicts {tally['verdicts']}", flush=True)
+                  f"factor {factors[-1]:.2f}x; {flooder}", flush=True)
             alive = alive and verifier.process.poll() is None
             verifier.stop()
     finally:
