@@ -244,6 +244,10 @@ class VerifierService:
 
     async def _schedule(self, client: Link) -> None:
         while True:
+            # A cancellation this loop swallowed (seen after floods on Python 3.11: the task still cancelling,
+            # waiting for an arrival that never came, so SIGTERM never stopped the verifier) ends it here.
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError
             # 1. Ask the scheduler: step now, or wait for predicted arrivals (woken early by any arrival).
             now_s = time.monotonic()
             started = time.perf_counter()
