@@ -252,22 +252,19 @@ def ceiling(target, n: int, k: int, context: int, repeat: int = 5) -> dict:
 
 def real_pair(target: Path, drafts: Path, count: int) -> tuple[dict, list[list[int]], Path]:
     """``--target``/``--drafts``: a pretrained target (a directory or a .gguf) and the drafts ``sled-models distill``
-    wrote for it (or any ONNX draft directories): a manifest shaped like the family's (the larger fp32 draft on
-    the Jetson, the larger int8 on the Pi 5, the smaller int8 on the Pi 4), held-out chat prompts laid out by
+    wrote for it (or any ONNX draft directories): a manifest shaped like the family's (each device class's draft
+    by ``sled_models.pretrained.drafts_by_device``), held-out chat prompts laid out by
     the target's chat template, and the model directory the baselines load."""
     from tokenizers import Tokenizer
 
     from sled_edge.chat_template import load_chat_format
     from sled_verifier.gguf import model_directory
 
-    found = sorted((d for d in drafts.iterdir() if (d / "model.onnx").is_file()),
-                   key=lambda d: sum(f.stat().st_size for f in d.glob("model.onnx*")))
-    if not found:
-        raise SystemExit(f"no ONNX draft directory under {drafts}")
-    int8 = [d for d in found if d.name.endswith("int8")] or found
-    fp32 = [d for d in found if not d.name.endswith("int8")] or found
-    manifest = {"drafts": {"jetson-orin": {"path": str(fp32[-1])}, "rpi5": {"path_int8": str(int8[-1])},
-                           "rpi4": {"path_int8": str(int8[0])}}}
+    from sled_models.pretrained import drafts_by_device
+
+    chosen = drafts_by_device(drafts)
+    manifest = {"drafts": {"jetson-orin": {"path": str(chosen["jetson-orin"])}, "rpi5": {"path_int8": str(chosen["rpi5"])},
+                           "rpi4": {"path_int8": str(chosen["rpi4"])}}}
     try:
         from sled_models.chat_prompts import held_out_prompts
 
@@ -276,7 +273,8 @@ def real_pair(target: Path, drafts: Path, count: int) -> tuple[dict, list[list[i
         topics = ("hurricanes", "chocolate", "Mars", "the brain", "sorting algorithms", "ancient Egypt", "telescopes",
                   "yoga", "owls", "the violin", "coral reefs", "wind turbines", "exercise", "maps", "trains", "maps")
         questions = [f"Can you tell me about {topics[i % len(topics)]}?" for i in range(count)]
-    chat, tokenizer = load_chat_format(found[0]), Tokenizer.from_file(str(found[0] / "tokenizer.json"))
+    draft = chosen["jetson-orin"]
+    chat, tokenizer = load_chat_format(draft), Tokenizer.from_file(str(draft / "tokenizer.json"))
     prompts = []
     for question in questions:
         rendered = chat.render([{"role": "user", "content": question}])

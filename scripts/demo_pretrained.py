@@ -20,11 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# device -> (the draft it runs among distill's: the larger fp32, the smaller fp32, the smaller int8; its question)
+# device -> (what it runs: distill's draft for its class, sled_models.pretrained.drafts_by_device; its question)
 DEVICES = {
-    "jetson-orin": ("largest fp32", "Explain in two sentences why the sky is blue."),
-    "rpi5": ("smallest fp32", "Give me three short tips for writing clear Python code."),
-    "rpi4": ("smallest int8", "What is the capital of Japan, and what is it famous for?"),
+    "jetson-orin": ("the larger draft", "Explain in two sentences why the sky is blue."),
+    "rpi5": ("the smaller draft", "Give me three short tips for writing clear Python code."),
+    "rpi4": ("the smaller draft (int8 where built)", "What is the capital of Japan, and what is it famous for?"),
 }
 EOS_TEXT = "<|im_end|>"
 
@@ -44,22 +44,18 @@ def build_drafts(gguf: Path) -> tuple[dict[str, Path], str]:
 
     out = distilled_drafts(gguf)
     if out is not None:
-        return choose_drafts(out), "distilled for the target (sled-models distill)"
+        return choose_drafts(out), ("built for the target by sled-models distill (its default recipe: the target's "
+                                    "own weights quantized block-wise, 8 bits on the Jetson, 4 bits on the Pis)")
     draft = self_draft(gguf, log=lambda message: print(f"      {message}", flush=True))
     return {device: draft for device in DEVICES}, \
         "the target's own ONNX export (sled-models distill is not available here: every greedy token is accepted)"
 
 
 def choose_drafts(out: Path) -> dict[str, Path]:
-    """Each device's draft among the ONNX directories under ``out``, by its rule in DEVICES (size = ONNX bytes)."""
-    found = sorted((d for d in out.iterdir() if (d / "model.onnx").is_file()),
-                   key=lambda d: sum(f.stat().st_size for f in d.glob("model.onnx*")))
-    if not found:
-        raise RuntimeError(f"sled-models distill wrote no ONNX draft under {out}")
-    int8 = [d for d in found if d.name.endswith("int8")] or found
-    fp32 = [d for d in found if not d.name.endswith("int8")] or found
-    pick = {"largest fp32": fp32[-1], "smallest fp32": fp32[0], "smallest int8": int8[0]}
-    return {device: pick[rule] for device, (rule, _) in DEVICES.items()}
+    """Each device's draft among the ONNX directories under ``out``."""
+    from sled_models.pretrained import drafts_by_device
+
+    return drafts_by_device(out)
 
 
 class Printer:

@@ -43,13 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true",
                            help="float16 weights and KV cache, for GPU providers (sled-edge --provider cuda)")
     export.add_argument("--target", type=Path, default=None, help="also check the vocabulary against this target")
-    distill = commands.add_parser("distill", help="distil a draft per device class for any target (HF directory or .gguf)",
-                                  description="The target's greedy answers to chat prompts, drafts of its own layers "
-                                              "trained on them, ONNX fp32 + int8 per device class under --out with "
-                                              "report.json (acceptance at k, ms/token); cached stage by stage.")
+    distill = commands.add_parser(
+        "distill", help="a draft per device class for any target (HF directory or .gguf)",
+        description="Drafts built from the target itself, one per device class, under --out with report.json "
+                    "(acceptance at k on held-out chat prompts, ms/token next to the target's); cached stage by stage. "
+                    "Recipe default: the whole target with its weights quantized block-wise (8 bits for the "
+                    "larger device, 4 for the smaller), no training, about a minute: for a target a device can "
+                    "hold. Recipe trained: a few of the target's layers trained on its greedy answers (fp32 + "
+                    "int8), about 20 CPU minutes for a 135M target: for a target too large for the device.")
     distill.add_argument("--target", type=Path, required=True, help="Hugging Face model directory or .gguf file")
     distill.add_argument("--out", type=Path, required=True, help="output directory (one draft directory per device class)")
-    distill.add_argument("--recipe", choices=sorted(DISTILL_RECIPES), default="default")
+    distill.add_argument("--recipe", choices=sorted(DISTILL_RECIPES), default="default",
+                         help="default (quantized target), trained (a few trained layers), smoke (tests) [default: default]")
     distill.add_argument("--threads", type=int, default=None, help="torch threads [default: all cores]")
     check = commands.add_parser("check", help="check that a draft and a target share one vocabulary")
     check.add_argument("--draft", type=Path, required=True, help="draft directory (or .gguf)")

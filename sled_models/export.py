@@ -3,6 +3,7 @@ optionally int8 (onnxruntime dynamic quantisation), and check that a draft and a
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -36,10 +37,18 @@ def export_draft(hf_dir: Path, out_dir: Path, int8: bool = False, fp16: bool = F
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no tokenizer.json: the edge needs a fast tokenizer beside the model")
     target_dir = out_dir.with_name(out_dir.name + ".fp32-tmp") if int8 else out_dir
+    quiet = [logging.getLogger(name) for name in ("optimum.onnx.transformations_utils", "transformers.configuration_utils")]
+    levels = [logger.level for logger in quiet]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own tracer chatter
-        main_export(str(hf_dir), output=str(target_dir), task="text-generation-with-past",
-                    local_files_only=True, do_validation=False, dtype="fp16" if fp16 else "fp32")
+        for logger in quiet:  # its notes on tied weights and on its own use of a deprecated argument
+            logger.setLevel(logging.ERROR)
+        try:
+            main_export(str(hf_dir), output=str(target_dir), task="text-generation-with-past",
+                        local_files_only=True, do_validation=False, dtype="fp16" if fp16 else "fp32")
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
     if int8:
         quantize_int8(target_dir, out_dir)
         shutil.rmtree(target_dir)
@@ -58,6 +67,30 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
         if item.suffix != ".onnx" and item.is_file() and not item.name.endswith(".onnx_data"):
             shutil.copy2(item, out_dir / item.name)
     quantize_dynamic(str(onnx_dir / "model.onnx"), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8)
+    return out_dir
+
+
+def quantize_blockwise(onnx_dir: Path, out_dir: Path, bits: int, block_size: int = 32, symmetric: bool = False) -> Path:
+    """Every product with a constant weight (the head included) as onnxruntime's MatMulNBits: ``bits`` 4 or 8,
+    one scale (and zero point unless ``symmetric``) per ``block_size`` weights along the input; int8 activations
+    in the product (accuracy level 4, the fast CPU kernels). The embedding table stays float: a lookup reads
+    one row of it a token."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a product
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in onnx_dir.iterdir():
+        if item.is_file() and not item.name.startswith("model.onnx"):
+            shutil.copy2(item, out_dir / item.name)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(onnx_dir / "model.onnx")), bits=bits, block_size=block_size,
+                                     is_symmetric=symmetric, accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     return out_dir
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sled_verifier.gguf import sled_cache_dir
 
-__all__ = ["SMOLLM2", "ChecksumMismatch", "PretrainedGGUF", "RegistryUnavailable", "fetch", "fetch_smollm2", "self_draft",
+__all__ = ["SMOLLM2", "ChecksumMismatch", "PretrainedGGUF", "RegistryUnavailable", "drafts_by_device", "fetch", "fetch_smollm2", "quantized_self_draft", "self_draft",
            "sled_cache_dir", "smollm2_hf_dir"]
 
 
@@ -154,6 +154,26 @@ def self_draft(model: str | Path, cache: Path | None = None, log=None) -> Path:
     return out
 
 
+def quantized_self_draft(model: str | Path, bits: int = 4, cache: Path | None = None, log=None) -> Path:
+    """The target's own export with its products' weights quantized block-wise to ``bits`` (what ``sled-models
+    distill``'s default recipe builds), once into ``<cache>/self-drafts/``: a real draft whose guesses the
+    target sometimes rejects, built in seconds from ``self_draft``."""
+    from sled_models.export import quantize_blockwise
+
+    source = self_draft(model, cache, log)
+    out = source.with_name(f"{source.name}-nbits{bits}")
+    if (out / "model.onnx").is_file():
+        return out
+    partial = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    quantize_blockwise(source, partial, bits)
+    try:
+        partial.rename(out)
+    except OSError:  # another process built it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
 def distilled_drafts(model: str | Path, cache: Path | None = None) -> Path | None:
     """``sled-models distill --target model --out <cache>/drafts/<model>``, once (a second run is distill's no-op):
     the directory holding one ONNX draft per device class; None where this tree has no ``sled-models distill``."""
@@ -167,3 +187,20 @@ def distilled_drafts(model: str | Path, cache: Path | None = None) -> Path | Non
     subprocess.run([sys.executable, "-m", "sled_models", "distill", "--target", str(model), "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL)  # its progress bars go to stderr
     return out
+
+
+# Each emulated device class's draft among those ``sled-models distill`` writes, in order of preference.
+DEVICE_DRAFTS = {"jetson-orin": ("large",), "rpi5": ("small", "large"), "rpi4": ("small-int8", "small", "large-int8")}
+
+
+def drafts_by_device(out: Path) -> dict[str, Path]:
+    """Each device class's draft under ``out`` (distill's output): the Jetson the larger draft, the Pi 5 the
+    smaller one, the Pi 4 the smaller one's int8 export where there is one. Directories named otherwise (any ONNX
+    drafts) go by size: the largest to the Jetson, the smallest to the Pis."""
+    found = {d.name: d for d in sorted(Path(out).iterdir()) if (d / "model.onnx").is_file()}
+    if not found:
+        raise FileNotFoundError(f"no ONNX draft directory under {out}")
+    by_size = sorted(found.values(), key=lambda d: sum(f.stat().st_size for f in d.glob("model.onnx*")))
+    fallback = {"jetson-orin": by_size[-1], "rpi5": by_size[0], "rpi4": by_size[0]}
+    return {device: next((found[name] for name in names if name in found), fallback[device])
+            for device, names in DEVICE_DRAFTS.items()}

@@ -120,13 +120,29 @@ class DistilledDraft:
 
 
 @dataclass(frozen=True)
+class QuantizedDraft:
+    """One device class's draft as the whole target with its matrix weights quantized block-wise: every
+    ``block_size`` weights along a product's input share one scale (and a zero point unless ``symmetric``),
+    ``bits`` 4 or 8 (onnxruntime's MatMulNBits, int8 activations in the products). Nothing is trained, so it
+    is built in seconds and agrees with the target as far as its weights do; it is the target's size in
+    layers, so it suits a target small enough for the device (a 135M target on a Pi 5), where a trained
+    ``DistilledDraft`` of a few layers would accept far less."""
+
+    name: str
+    mimics: str
+    bits: int
+    block_size: int = 32
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
 class DistillRecipe:
     """``sled-models distill``: the target's greedy answers to ``train_prompts`` chat prompts (top-``top_k``
     logits and final hidden state at every position), the drafts trained on them, acceptance judged on
     ``eval_prompts`` held-out prompts at ``k``."""
 
-    drafts: tuple[DistilledDraft, ...]
-    train: Schedule
+    drafts: tuple[DistilledDraft | QuantizedDraft, ...]
+    train: Schedule | None = None    # the trained drafts' schedule (None: the recipe has none)
     train_prompts: int = 256
     new_tokens: int = 64
     generate_batch: int = 32
@@ -140,13 +156,20 @@ class DistillRecipe:
 
 
 DISTILL_RECIPES = {
+    # The target itself, quantized: no training, built in about a minute; for a target a device can hold.
     "default": DistillRecipe(
+        (QuantizedDraft("large", "Jetson Orin Nano", bits=8), QuantizedDraft("small", "Raspberry Pi 5", bits=4)),
+        train_prompts=0, eval_prompts=16, eval_tokens=64),
+    # A few of the target's layers, trained on its answers: for a target too large for the device
+    # (about 20 CPU minutes for SmolLM2-135M).
+    "trained": DistillRecipe(
         (DistilledDraft("large", "Jetson Orin Nano", 6, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 3, frozen=0)),
         train=Schedule(steps=160, batch=8, seq_len=0, peak_lr=2e-3, warmup_steps=6, weight_decay=0.0, seed=3),
         train_prompts=256, new_tokens=96, eval_prompts=16, eval_tokens=64, hidden_weight=0.2, ce_weight=0.5),
     # Seconds, for tests on tiny targets: every stage once.
     "smoke": DistillRecipe(
-        (DistilledDraft("large", "Jetson Orin Nano", 2, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 1)),
+        (DistilledDraft("large", "Jetson Orin Nano", 2, frozen=0), DistilledDraft("small", "Raspberry Pi 5", 1),
+         QuantizedDraft("whole", "Raspberry Pi 4", bits=8)),
         train=Schedule(steps=6, batch=4, seq_len=0, peak_lr=1e-3, warmup_steps=1, weight_decay=0.0, seed=3),
         train_prompts=16, new_tokens=12, generate_batch=8, top_k=8, eval_prompts=6, eval_tokens=16, ce_weight=0.5),
 }

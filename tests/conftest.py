@@ -36,7 +36,7 @@ def pytest_configure(config):
 
 # A test that builds models, starts a broker or a verifier process, or is an integration test, is `slow`:
 # `pytest -m "not slow"` is the quick loop of the pure core, `make test` runs everything.
-SLOW_FIXTURES = {"tiny_models", "reference", "smollm2", "smollm2_draft", "smollm2_verifier", "smollm2_reference",
+SLOW_FIXTURES = {"tiny_models", "reference", "smollm2", "smollm2_draft", "smollm2_draft4", "smollm2_verifier", "smollm2_reference",
                  "broker", "own_broker", "prod_broker", "verifier", "compiled_verifier",
                  "each_verifier", "cluster"}
 
@@ -320,6 +320,15 @@ def smollm2_draft(smollm2) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own tracer chatter
         return self_draft(smollm2.gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_draft4(smollm2, smollm2_draft) -> Path:
+    """That export with its products' weights in 4 bits (distill's default smaller draft), built once from it: the
+    target rejects about a quarter of its greedy guesses, so the rejection paths run on the real model."""
+    from sled_models.pretrained import quantized_self_draft
+
+    return quantized_self_draft(smollm2.gguf, bits=4)
 
 
 @pytest.fixture(scope="session")

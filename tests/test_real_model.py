@@ -186,6 +186,24 @@ async def test_greedy_plain_and_chat_exact_and_stop_at_im_end(smollm2_verifier, 
 
 @pytest.mark.slow
 @pytest.mark.asyncio
+async def test_greedy_exact_with_a_4_bit_draft_the_target_often_rejects(smollm2_verifier, smollm2_draft4,
+                                                                         smollm2_reference, device_id):
+    """A real draft that guesses wrong (the target's weights in 4 bits, distill's smaller class): every rejection
+    is corrected, so the output is still the target's, token for token, plain and chat."""
+    from sled_edge.chat_template import load_chat_format
+
+    chat = load_chat_format(smollm2_draft4).render([{"role": "user", "content": "Give me three tips for writing clear Python code."}])
+    async with smollm2_edge(smollm2_verifier, smollm2_draft4, device_id) as device:
+        prompts = [device.encode_prompt(PLAIN[1]), device.encode_prompt(chat.text, add_special_tokens=False)]
+        results = [await device.generate(ids, 32) for ids in prompts]
+    for ids, result in zip(prompts, results):
+        assert result.token_ids == smollm2_reference(ids, 32), device.decode(ids)
+    rates = [r.acceptance_rate for r in results]
+    assert all(0.0 < rate < 1.0 for rate in rates), rates  # guesses both accepted and rejected on each prompt
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
 async def test_sampled_with_a_seed_reproduces(smollm2_verifier, smollm2_draft, device_id):
     from sled_protocol import SamplingParams
 
