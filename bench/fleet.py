@@ -17,6 +17,10 @@ on the other cores, each device its own MQTT client) whose drafting costs the se
   length the fleet reached, measured here in the same run; and the same at the mean batch B the fleet
   reached (T(B x (k+1)) in place of T(N x (k+1))), which separates what scheduling lost (B < N, as with
   devices of very different speeds) from what the step lost;
+- the conditions each side is timed under (``TIMING_CONDITIONS``): server-only and the ceiling's step times run
+  back to back, hot, while the verifier idles between rounds by design; each row says the fleet's mean idle gap
+  between steps and what a pass at the fleet's batch costs after that gap against back to back (issue 22,
+  item 8; ``bench/idle.py``), so a ceiling the service cannot reach for a cooled core shows as such;
 - per-session tokens/s p50 and p10, queue delay p50/p99 (verifier histogram), mean batch, capacity at an
   SLO for both, and where the verifier's time went.
 
@@ -61,6 +65,14 @@ CLASSES = [
     {"name": "rpi5", "draft": "rpi5", "draft_ms_per_token": 2.0},
     {"name": "rpi5-0.5b", "draft": None, "draft_ms_per_token": 40.0},
 ]
+TIMING_CONDITIONS = {  # printed and stored with every result (issue 22, item 8)
+    "sled": "the verifier's process CPU over the fleet's steady window: its steps with the idle gaps between rounds",
+    "server_only": "back to back: prefill, then every decode step at once after the last (a server-only server runs "
+                   "hot), process CPU, fastest of its runs, while the verifier idles",
+    "ceiling": "T(N x 1) and T(N x (k+1)) back to back, interleaved, process CPU, median of pairs",
+    "after_gap": "CPU of a B x (k+1) pass (B: the fleet's mean batch) after the fleet's mean idle gap between steps, "
+                 "over the same pass back to back (medians, interleaved)",
+}
 
 
 def quick_shape_target(out: Path) -> Path:
@@ -227,6 +239,16 @@ def histogram_quantile(metrics: dict, name: str, q: float) -> float | None:
     return previous_bound
 
 
+def after_gap(verifying, fleet: dict, batch: int, width: int, context: int) -> dict:
+    """The fleet's mean idle gap between steps, and the CPU of a ``batch`` x ``width`` pass after it over the same
+    pass back to back (``bench/idle.py``): how much colder the service's passes run than the ceiling's."""
+    from bench.idle import cpu_after_gap, idle_gap_s
+
+    gap_s = idle_gap_s(fleet["metrics"], fleet["window_s"])
+    factor = cpu_after_gap(verifying, batch, width, context, gap_s, samples=5 if batch >= 32 else 9)
+    return {"idle_gap_ms": round(1000 * gap_s, 2), "pass_cpu_after_gap": round(factor, 3)}
+
+
 def run_fleet(url: str, verifier: Verifier, workdir: Path, spec: dict) -> dict:
     """One fleet run: the verifier's CPU and metrics at the edges of the steady window (CLOCK_MONOTONIC is
     system-wide, so both processes mean the same instants)."""
@@ -361,6 +383,10 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.1f}" for k, v in r["steps_ms"].items()) + "   ceiling "
               + "  ".join(f"k={k} {v:.2f}x" for k, v in r["ceiling_per_k"].items()))
+    print("\ntimed under: " + "; ".join(f"{side}: {how}" for side, how in result.get("timing_conditions", {}).items()))
+    print("the verifier's mean idle gap between steps, and a pass at its mean batch after that gap (x back to back): "
+          + "  ".join(f"N={r['n']} {r['idle_gap_ms']:.1f} ms {r['pass_cpu_after_gap']:.2f}x"
+                      for r in result["rows"] if "idle_gap_ms" in r))
     print("\nper-session tokens/s by device class, p50/p10 (sessions):")
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v['p50']}/{v['p10']} ({v['sessions']})"
@@ -500,6 +526,7 @@ def main() -> int:
                 batch = max(1, round(m.get("sled_verifier_batch_size_sum", 0) / max(1, m.get("sled_verifier_batch_size_count", 0))))
                 at_batch = {"n": batch, **step_times(target, verifying, batch, [args.k], context)}
                 rows.append(summarise(n, fleet, *baselines[n], at_batch, acceptance, args.k))
+                rows[-1].update(after_gap(verifying, fleet, batch, args.k + 1, context))
                 log(f"N={n}: ratio {rows[-1]['ratio']}x of ceiling {rows[-1]['ceiling']}x "
                     f"({rows[-1]['fraction_of_ceiling']:.0%}), best-k ceiling {rows[-1]['ceiling_best_k']}x at "
                     f"k={rows[-1]['best_k']} ({rows[-1]['fraction_of_best_k_ceiling']:.0%}), batch {rows[-1]['mean_batch']}, "
@@ -514,6 +541,7 @@ def main() -> int:
         return 0 if wrong == 0 else 1
     result = {"profile": args.profile, "target": f"{args.target} ({target_dir})", "target_name": args.target,
               "k": args.k, "k_mode": args.k_mode, "acceptance": acceptance, "classes": classes, "rows": rows,
+              "timing_conditions": TIMING_CONDITIONS,
               "verifier_flags": ["--runtime", args.runtime, "--dtype", args.dtype, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
               "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
                          f"on {sorted(DEVICE_CORES)}"}
