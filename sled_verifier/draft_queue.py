@@ -10,7 +10,7 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
 - bounded: a draft of a session with nothing queued is refused while ``max_drafts`` are queued, or while
   its device has ``device_max_drafts`` queued (one device cannot fill the queue for the others);
 - taken fairly: round robin across devices (each device's oldest draft, devices in the order of their
-  oldest draft; then each one's second oldest; ...), so when a step cannot take everything, a device with
+  oldest draft, those over their share last; then each one's second oldest; ...), so when a step cannot take everything, a device with
   200 queued drafts gets one place per round like a device with one; and one device's drafts add at most
   ``device_step_tokens`` tokens to a step (its first always goes), so a device running many sessions cannot
   make every step long for the others: its sessions share its part of each step; a device over its share
@@ -124,8 +124,12 @@ class DraftQueue:
                     self.device_step_tokens is None or tokens[device] + cost <= self.device_step_tokens):
                 by_device.setdefault(device, []).append(queued)
                 tokens[device] += cost
-        rounds = max((len(drafts) for drafts in by_device.values()), default=0)
-        return [drafts[i] for i in range(rounds) for drafts in by_device.values() if i < len(drafts)]
+        # Devices over their share go after the others: a step that cannot take every draft (--max-batch-drafts 1,
+        # a token budget) would otherwise take an indebted device's deferred draft from the head again and again,
+        # its prefill deferred each time for the others' sake while the others' drafts never ran (a stall).
+        order = sorted(by_device.values(), key=lambda drafts: drafts[0].draft.device_id in self._one_draft)
+        rounds = max((len(drafts) for drafts in order), default=0)
+        return [drafts[i] for i in range(rounds) for drafts in order if i < len(drafts)]
 
     def scored_tokens(self) -> list[int]:
         """Tokens each queued draft adds to a step's forward (k + 1), in ``fair_order``: what ``batch_size`` weighs."""

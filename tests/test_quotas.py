@@ -179,9 +179,28 @@ def test_a_device_over_its_share_adds_one_draft_and_rides_along_others_steps():
     assert delay_s(policy, state, [], StepCost(), now_s=1.060) == 0.0  # budget out: it steps on its own
     queue.offer(draft("honest", "h"), now_s=1.01)
     queue.over_share(fair.over_share(queue.devices(), active))
-    assert not queue.state(1.0, 0).held and devices(queue.fair_order()) == ["flood", "honest"]  # rides along
+    assert not queue.state(1.0, 0).held and devices(queue.fair_order()) == ["honest", "flood"]  # rides along, after
     queue.over_share(frozenset())
     assert devices(queue.fair_order()) == ["flood", "honest", *["flood"] * 5]  # in credit: all six (24 tokens)
+
+
+def test_a_step_of_one_draft_takes_a_device_in_credit_before_a_deferred_one():
+    """--max-batch-drafts 1 (bench/run.py's no-batching mode): a device in debt has a new session's draft at the
+    head (deferred: its prefill waits for the others' sake). Taken first again, it would be deferred again, and
+    the others' drafts never ran: the verifier stalled with seven sessions queued (bench/run.py on SmolLM2)."""
+    fair = FairShare()
+    active = {"newcomer", "honest"}
+    fair.charge(active, step_s=0.010, spent_s={"newcomer": 0.009})  # its prefill took most of the step
+    queue = DraftQueue(max_drafts=64)
+    queue.offer(draft("newcomer", "n1"), now_s=0.0)
+    queue.offer(draft("honest", "h1"), now_s=0.5)
+    taken = queue.take(1)
+    queue.requeue(taken)                                          # deferred: back at the head
+    queue.over_share(fair.over_share(queue.devices(), active))
+    assert devices(queue.take(1)) == ["honest"]                   # the device in credit goes first
+    fair.charge(active, step_s=0.050, spent_s={})                 # its step credits both devices
+    queue.over_share(fair.over_share(queue.devices(), active))
+    assert devices(queue.take(1)) == ["newcomer"]
 
 
 def test_a_device_spending_while_alone_banks_nothing():
