@@ -89,6 +89,7 @@ bench: setup pretrained ## emulated fleet N=1..256 on the 12M family and on Smol
 	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME) --k-mode $(K_MODE)
 	$(PY) bench/fleet.py --target smollm2 --profile full --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)
 	$(PY) bench/roofline.py --target smollm2 --runtimes transformers,compiled --threads 1,2 --profile-shape 16x5
+	$(PY) bench/idle.py --target smollm2  # a pass after the idle gaps between rounds against back to back
 	-$(PIP) install --quiet -e '.[bench-llamacpp]' || echo "llama.cpp stage: llama-cpp-python did not build; bench/llamacpp.py says so and is skipped"
 	$(PY) bench/llamacpp.py --ns 1,4,16,64,128
 	$(PY) bench/run.py --profile full
