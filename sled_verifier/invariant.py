@@ -2,28 +2,38 @@
 
 Everything in a decoder is per token (embedding, norms, rotary, activations) or per row (slot attention reads
 one row's slot over its own length), except the matrix products, whose kernel - and so its order of
-summation - depends on the row count and on where a row falls in it. On this CPU (MKL) a lone row goes
-through a matrix-vector kernel, and rows past the last full group of 4 through an edge kernel: a one-token
-row's logits are ~1e-6 away from the same row inside a batch, enough to flip an argmax near a tie. When the
-row count is a multiple of 4, every row comes out bitwise the same whatever the count and its position
-(checked up to 1100 rows, 1 and 2 threads, every shape of the family).
+summation - may depend on the row count and on where a row falls in it. With MKL a lone row goes through a
+matrix-vector kernel and rows past the last full group of 4 through an edge kernel: a one-token row's logits
+are ~1e-6 away from the same row inside a batch, enough to flip an argmax near a tie.
 
-So at load ``make_batch_invariant`` probes each distinct weight shape of the model on its device for the
-smallest row group g (1, 2, 4, ... 64) such that a row's product is the same in every product of a multiple
-of g rows (every multiple up to 64, then up to 512: a verification step's sizes) at every position, and pads
-each product to a multiple of its own shape's group (at most g - 1 zero rows). One shape that needs a larger
-group (a BLAS that splits rows between threads, say) costs only its own products, and only a shape with no
-group at all runs in fixed ``[tile, in]`` blocks as one batched product (invariant, but up to twice the time
-of one large product at hundreds of rows on CPU); the other shapes keep their padding. The log line
-``target_loaded`` says which (``batch_invariance``: ``rows-of-4``; ``rows-of-4+16`` when shapes differ;
-``rows-of-4+tiles-8`` when some shape has no group; ``tiles-8``; ``off``).
+So at load ``make_batch_invariant`` probes each distinct weight shape of the model, for each product kernel
+this device has, for the cheapest padding rule under which a row's product is the same in every product the
+verifier can make (every row count up to 64, then a spread up to 512: a verification step's sizes) at every
+position. A rule pads a product of n rows to at least ``floor`` rows, rounded up to a multiple of ``group``:
 
-Measured bitwise on CPU fp32 by tests/test_invariance.py; on a GPU the probe decides, measured, not assumed.
+- ``floor`` alone (group 1): the kernel is the same for any n >= floor. oneDNN's inner product over a weight
+  reordered once at load (``onednn``) is one on AVX-512 CPUs with floor 1: no padding at all, and at a few rows
+  it reads its weight about twice as fast as MKL's small-M GEMM, which re-packs the weight on every call (the
+  vocabulary head at 1-5 rows: ~6 ms against 10-19 ms on a Zen 4 core). MKL (``blas``) has floor 4 there with
+  one thread.
+- ``group`` (floor = group): every multiple of g rows agrees (MKL on two threads splits rows between them).
+
+Where more than one kernel holds, the one that is fastest on this shape's real weight at the step's row
+counts (1, 5, 20, 80) is kept; only a shape with no rule at all runs in fixed ``[tile, in]`` blocks as one
+batched product (invariant, but up to twice the time of one large product at hundreds of rows on CPU). The
+log line ``target_loaded`` says which (``batch_invariance``: e.g. ``onednn``, ``rows-of-4``,
+``blas-from-4+onednn``, ``rows-of-4+tiles-8``, ``tiles-8``; ``off``). A linear whose weight no other module
+shares keeps only its reordered copy (a tied vocabulary head keeps both: the embedding reads the plain one).
+
+Measured bitwise on CPU by tests/test_invariance.py; on a GPU the probe decides, measured, not assumed.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,24 +41,71 @@ from torch import nn
 
 CPU_TILE = 8    # rows per block on CPU when no padding regime exists
 CUDA_TILE = 64  # rows per block on a GPU: small enough to pad little, large enough to keep tensor cores fed
-GROUPS = (1, 2, 4, 8, 16, 32, 64)  # row groups the probe tries, smallest first
+FLOORS = (1, 2, 4, 8)                # least rows per product the probe tries (any count above: no group)
+GROUPS = (1, 2, 4, 8, 16, 32, 64)    # row groups the probe tries, smallest first
 PROBE_ROWS = 512           # the largest product the probe checks (64 rows x 8 tokens)
 PROBE_OUT = 4096           # the probe uses at most this many output features of a weight (a vocabulary head is big)
+TIMED_ROWS = (1, 5, 20, 80)  # row counts the kernels are timed at when more than one holds
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one weight shape's products are made batch invariant: ``kernel`` (``blas``: ``F.linear``;
+    ``onednn``: oneDNN's inner product over a weight reordered once), every product padded with zero rows to at
+    least ``floor`` rows and a multiple of ``group``."""
+
+    kernel: str
+    floor: int
+    group: int
+
+    def rows(self, n: int) -> int:
+        return -(-max(n, self.floor) // self.group) * self.group
+
+    def label(self) -> str:
+        if self.kernel == "blas":
+            return f"rows-of-{self.group}" if self.group > 1 or self.floor == 1 else f"blas-from-{self.floor}"
+        return self.kernel + (f"-from-{self.floor}" if self.floor > 1 else "") + (f"-of-{self.group}" if self.group > 1 else "")
 
 
 def default_tile(device: torch.device) -> int:
     return CUDA_TILE if device.type == "cuda" else CPU_TILE
 
 
-def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
-    """``F.linear`` over a multiple of ``group`` rows (zero rows added), so no row ever meets an edge kernel."""
+def kernels(device: torch.device) -> tuple[str, ...]:
+    """The product kernels this device has: oneDNN's reordered inner product on a CPU build with it, and the BLAS."""
+    onednn = device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ("onednn", "blas") if onednn else ("blas",)
+
+
+def prepare(kernel: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight as ``kernel`` reads it: oneDNN's own layout, reordered once (a copy), or the weight itself."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None) if kernel == "onednn" else weight
+
+
+def product(kernel: str, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``flat @ weight.T + bias`` by ``kernel``, ``weight`` as ``prepare`` made it: ``[T, in]`` -> ``[T, out]``."""
+    if kernel == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return F.linear(flat, weight, bias)
+
+
+def ruled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rule: Rule,
+                 out_features: int) -> torch.Tensor:
+    """``x @ weight.T + bias`` over ``rule.rows(T)`` rows (zero rows added), so every row meets the same kernel."""
     features = x.shape[-1]
-    flat = x.reshape(-1, features)
+    flat = x.reshape(-1, features)                                                   # [T, in]
     rows = flat.shape[0]
-    pad = (-rows) % group
+    pad = rule.rows(rows) - rows
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, features)])
-    return F.linear(flat, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    out = product(rule.kernel, flat, weight, bias)
+    return (out[:rows] if pad else out).reshape(*x.shape[:-1], out_features)
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    """``F.linear`` over a multiple of ``group`` rows (zero rows added), so no row ever meets an edge kernel."""
+    return ruled_linear(x, weight, bias, Rule("blas", group, group), weight.shape[0])
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
@@ -67,15 +124,51 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def stable_group(in_features: int, out_features: int, has_bias: bool, device: torch.device,
-                 dtype: torch.dtype) -> int | None:
-    """The smallest row group g in ``GROUPS`` such that every row's product is bitwise the same in products of
-    every multiple of g rows up to 64 and a spread of larger ones up to ``PROBE_ROWS``, wherever it falls in
-    them; None if there is none."""
+def probe_tensors(in_features: int, out_features: int, has_bias: bool, device: torch.device, dtype: torch.dtype):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(min(out_features, PROBE_OUT), in_features, generator=generator).to(device, dtype)
     bias = torch.randn(weight.shape[0], generator=generator).to(device, dtype) if has_bias else None
     x = torch.randn(PROBE_ROWS, in_features, generator=generator).to(device, dtype)
+    return x, weight, bias
+
+
+def stable_rule(kernel: str, in_features: int, out_features: int, has_bias: bool, device: torch.device,
+                dtype: torch.dtype) -> Rule | None:
+    """The cheapest rule under which ``kernel`` gives every row the same bits in every product the verifier
+    can make, wherever the row falls in it: the smallest floor in ``FLOORS`` with no group, else the smallest
+    group in ``GROUPS``; None if there is none (or the kernel refuses this dtype)."""
+    x, weight, bias = probe_tensors(in_features, out_features, has_bias, device, dtype)
+    with torch.inference_mode():
+        try:
+            weight = prepare(kernel, weight)
+            product(kernel, x[:2], weight, bias)
+        except RuntimeError:
+            return None
+        for rule in [*(Rule(kernel, f, 1) for f in FLOORS), *(Rule(kernel, g, g) for g in GROUPS[1:])]:
+            if rule_holds(x, weight, bias, rule):
+                return rule
+    return None
+
+
+def rule_holds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rule: Rule) -> bool:
+    """Whether each row of ``x`` gets the same bits in every product ``rule`` makes: against the product of all
+    of x, every count up to 64 and a spread above, at the start of x and one row in (a row's position moves)."""
+    reference = product(rule.kernel, x, weight, bias)                                # [rows, out]
+    rows = x.shape[0]
+    counts = sorted({rule.rows(n) for n in (*range(1, 65), 96, 128, 160, 192, 256, 320, 384, rows - 1)})
+    for n in counts:
+        for start in (0, 1):
+            if start + n <= rows and not torch.equal(product(rule.kernel, x[start : start + n], weight, bias),
+                                                     reference[start : start + n]):
+                return False
+    return True
+
+
+def stable_group(in_features: int, out_features: int, has_bias: bool, device: torch.device,
+                 dtype: torch.dtype) -> int | None:
+    """The BLAS's smallest row group g in ``GROUPS`` such that every row's product is bitwise the same in
+    products of every multiple of g rows, wherever it falls in them; None if there is none."""
+    x, weight, bias = probe_tensors(in_features, out_features, has_bias, device, dtype)
     with torch.inference_mode():
         for group in GROUPS:
             if row_invariant(x, weight, bias, group):
@@ -97,31 +190,62 @@ def row_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return all(torch.equal(F.linear(x[:n], weight, bias), chunks[:n]) for n in counts)
 
 
-def regime(groups: list[int | None], tile: int) -> str:
-    """How products are kept invariant, for the log: ``rows-of-4``, ``rows-of-4+16``, ``rows-of-4+tiles-8``,
-    ``tiles-8``."""
-    sizes = "+".join(str(g) for g in sorted({g for g in groups if g is not None}))
-    tiles = f"tiles-{tile}" if None in groups else ""
-    return "+".join(part for part in (f"rows-of-{sizes}" if sizes else "", tiles) if part)
+def fastest(rules: list[Rule], module: nn.Linear, repeat: int = 3) -> Rule:
+    """Of the rules that hold, the one whose products over this module's own weight take the least time at the
+    step's row counts (geometric mean over ``TIMED_ROWS``; best of ``repeat``)."""
+    if len(rules) == 1:
+        return rules[0]
+    weight, bias = module.weight, module.bias
+    scores = []
+    with torch.inference_mode():
+        for rule in rules:
+            prepared = prepare(rule.kernel, weight)
+            logs = []
+            for n in TIMED_ROWS:
+                x = torch.randn(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                ruled_linear(x, prepared, bias, rule, weight.shape[0])
+                best = math.inf
+                for _ in range(repeat):
+                    started = time.perf_counter()
+                    ruled_linear(x, prepared, bias, rule, weight.shape[0])
+                    best = min(best, time.perf_counter() - started)
+                logs.append(math.log(best))
+            scores.append(sum(logs))
+            del prepared
+    return rules[scores.index(min(scores))]
+
+
+def regime(labels: list[str]) -> str:
+    """How products are kept invariant, for the log: each shape's rule (``Rule.label``), or ``tiles-<n>``,
+    joined: ``onednn``, ``rows-of-4``, ``rows-of-4+rows-of-16``, ``blas-from-4+onednn``, ``rows-of-4+tiles-8``."""
+    return "+".join(sorted(set(labels)))
 
 
 def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "auto") -> str:
     """Route every ``nn.Linear`` of ``model`` through a batch-invariant product, each weight shape with its own
-    probed group; returns what was chosen (``regime``). ``mode``: auto (probe; pad where a group exists),
-    tiles (always blocks)."""
+    probed rule; returns what was chosen (``regime``). ``mode``: auto (probe every kernel, keep the fastest
+    that holds), blas (probe the BLAS only), tiles (always blocks)."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]  # subclasses (quantised) keep their kernels
     dtype = next(model.parameters()).dtype
     tile = default_tile(device)
+    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
 
     def shape(m: nn.Linear) -> tuple[int, int, bool]:
         return m.in_features, m.out_features, m.bias is not None
 
-    shapes = sorted({shape(m) for m in linears})
-    groups = {s: stable_group(*s, device, dtype) if mode == "auto" else None for s in shapes}
+    candidates = {"auto": kernels(device), "blas": ("blas",), "tiles": ()}[mode]
+    rules: dict[tuple, Rule | None] = {}
+    for s in sorted({shape(m) for m in linears}):
+        holding = [r for r in (stable_rule(k, *s, device, dtype) for k in candidates) if r is not None]
+        rules[s] = fastest(holding, next(m for m in linears if shape(m) == s)) if holding else None
     for module in linears:
-        group = groups[shape(module)]
-        if group is not None:
-            module.forward = types.MethodType(lambda self, x, g=group: padded_linear(x, self.weight, self.bias, g), module)
-        else:
+        rule = rules[shape(module)]
+        if rule is None:
             module.forward = types.MethodType(lambda self, x: tiled_linear(x, self.weight, self.bias, tile), module)
-    return regime(list(groups.values()), tile)
+            continue
+        weight = prepare(rule.kernel, module.weight.detach())
+        if rule.kernel != "blas" and id(module.weight) not in shared:  # keep only the copy the kernel reads
+            module.weight = nn.Parameter(weight, requires_grad=False)
+        module.forward = types.MethodType(
+            lambda self, x, r=rule, w=weight: ruled_linear(x, w, self.bias, r, self.out_features), module)
+    return regime([r.label() if r is not None else f"tiles-{tile}" for r in rules.values()])

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sled_verifier.compiled import CompiledTarget
-from sled_verifier.invariant import make_batch_invariant, padded_linear, regime, row_invariant, stable_group, tiled_linear
+from sled_verifier.invariant import (Rule, kernels, make_batch_invariant, padded_linear, prepare, regime, row_invariant,
+                                     ruled_linear, stable_group, stable_rule, tiled_linear)
 from sled_verifier.runtime import load_target
 
 SESSIONS = 10
@@ -96,14 +97,15 @@ def test_the_check_sees_the_kernels_batch_dependence(tiny_models):
 
 
 def test_the_probe_chooses_a_regime_that_holds(tiny_models, record_property):
-    """Whatever regime the probe finds on this CPU (rows-of-4 with MKL on AVX2, rows-of-8 on AVX-512/AMX,
-    tiles where no row group exists), its product gives every row the same bits in any batch: asserted on the
+    """Whatever regime the probe finds on this CPU (rows-of-4 with MKL on AVX2, oneDNN with no padding on
+    AVX-512, tiles where no rule holds), its product gives every row the same bits in any batch: asserted on the
     property, never on which regime a machine has (that is reported)."""
     target = load_target(tiny_models.target, "transformers", "cpu")
     regime = target.batch_invariance
     record_property("batch_invariance", regime)
     print(f"batch_invariance on this CPU: {regime}")
-    assert re.fullmatch(r"rows-of-\d+(\+\d+)*(\+tiles-\d+)?|tiles-\d+", regime), regime
+    rule = r"(rows-of-\d+|blas-from-\d+|onednn(-from-\d+)?(-of-\d+)?|tiles-\d+)"
+    assert re.fullmatch(rf"{rule}(\+{rule})*", regime), regime
     for session, alone, batched in alone_and_batched(target, 7):
         assert torch.equal(alone, batched), f"{regime}: session {session} {(alone - batched).abs().max().item():.3g} apart"
 
@@ -119,10 +121,26 @@ def test_the_invariant_products_are_the_linear(product):
 
 
 def test_the_regime_names_each_shapes_choice():
-    assert regime([4, 4, 4], 8) == "rows-of-4"
-    assert regime([16, 4, 4], 8) == "rows-of-4+16"
-    assert regime([4, None, 8], 8) == "rows-of-4+8+tiles-8"
-    assert regime([None, None], 64) == "tiles-64"
+    labels = [Rule(*r).label() for r in (("blas", 4, 4), ("blas", 4, 1), ("onednn", 1, 1), ("onednn", 2, 1), ("onednn", 4, 4))]
+    assert labels == ["rows-of-4", "blas-from-4", "onednn", "onednn-from-2", "onednn-from-4-of-4"]
+    assert regime(["rows-of-4", "rows-of-4", "rows-of-4"]) == "rows-of-4"
+    assert regime(["onednn", "onednn-from-2", "onednn"]) == "onednn+onednn-from-2"
+    assert regime(["rows-of-4", "tiles-8"]) == "rows-of-4+tiles-8"
+
+
+@pytest.mark.parametrize("kernel", kernels(torch.device("cpu")))
+def test_each_kernels_rule_pads_as_little_as_holds(kernel):
+    """A rule's products give a row the bits of the whole product whatever their row count and the row's
+    position; its padding is the least that does (floor, else group), and ``ruled_linear`` is the linear."""
+    rule = stable_rule(kernel, 40, 24, True, torch.device("cpu"), torch.float32)
+    assert rule is not None and rule.rows(1) >= 1 and all(rule.rows(n) >= n for n in range(1, 70))
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 7, 40), torch.randn(24, 40), torch.randn(24)
+    prepared = prepare(kernel, weight)
+    out = ruled_linear(x, prepared, bias, rule, 24)
+    assert torch.allclose(out, torch.nn.functional.linear(x, weight, bias), atol=1e-5)
+    flat = x.reshape(-1, 40)
+    assert torch.equal(torch.cat([ruled_linear(flat[i : i + 1], prepared, bias, rule, 24) for i in range(21)]), out.reshape(-1, 24))
 
 
 SMOLLM2 = [(576, 576, False), (576, 192, False), (576, 1536, False), (1536, 576, False), (576, 49152, False)]
@@ -146,5 +164,33 @@ def test_every_weight_shape_of_a_real_model_finds_a_row_group(threads, record_pr
             weight, x = torch.randn(outputs, features, generator=generator), torch.randn(256 + 4, features, generator=generator)
             with torch.inference_mode():
                 assert row_invariant(x[: len(x) - len(x) % group], weight, None, group), (features, outputs, group)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_kernels_rule_holds_on_a_real_models_whole_weights(threads, record_property):
+    """The same shapes through every kernel this CPU has: the rule the probe finds on 4096 outputs holds on the
+    whole weight (the vocabulary head's 49,152 outputs included), for every row count of a step's range at
+    three positions, against one 260-row product."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(2)
+        for kernel in kernels(torch.device("cpu")):
+            rules = [stable_rule(kernel, *shape, torch.device("cpu"), torch.float32) for shape in SMOLLM2]
+            record_property(kernel, [r.label() if r else None for r in rules])
+            print(f"{threads} thread(s) {kernel}: {[r.label() if r else None for r in rules]}")
+            for (features, outputs, _), rule in zip(SMOLLM2, rules):
+                if rule is None:
+                    continue
+                weight = prepare(kernel, torch.randn(outputs, features, generator=generator))
+                x = torch.randn(260, features, generator=generator)
+                with torch.inference_mode():
+                    whole = ruled_linear(x, weight, None, rule, outputs)
+                    for n in (*range(1, 10), 17, 20, 63, 80, 129, 200):
+                        for start in (0, 3, 260 - n):
+                            part = ruled_linear(x[start : start + n], weight, None, rule, outputs)
+                            assert torch.equal(part, whole[start : start + n]), (kernel, features, outputs, rule, n, start)
     finally:
         torch.set_num_threads(previous)
