@@ -81,11 +81,14 @@ class Variants:
         self.attend = eager.attend_rows
         self.invariant = {m: vars(m)["forward"] for m in target.model.modules()
                           if type(m) is nn.Linear and "forward" in vars(m)}
+        self.dense: dict = {}
 
     def use(self, variant: str) -> None:
         for module, forward in self.invariant.items():
-            if variant == "plain":
-                vars(module).pop("forward", None)
+            if variant == "plain":  # F.linear (MKL) over the plain weight; a reordered one (oneDNN) is densified once
+                if module not in self.dense:
+                    self.dense[module] = module.weight.to_dense() if module.weight.is_mkldnn else module.weight
+                module.forward = lambda x, m=module: F.linear(x, self.dense[m], m.bias)
             else:
                 module.forward = forward
         attend = attend_per_query if variant == "loop" else self.attend

@@ -1,7 +1,8 @@
 """The verification step against the hardware's roofline (issue 22, item 2).
 
-In one run, on the cores this process may use: the machine's memory bandwidth (a STREAM-like copy with torch),
-its GEMM peak (float32; bfloat16 where the CPU has AMX or AVX512-BF16, else said so), and for each step shape
+In one run, on the cores this process may use: the machine's memory bandwidth (the faster of a STREAM-like copy
+and a read-only stream, with torch), its GEMM peak (the faster of the BLAS and oneDNN; float32, and bfloat16
+where the CPU has AMX or AVX512-BF16, else said so), and for each step shape
 N x M (N rows of M new tokens each, at a context of ``--context``) the verifier's forward time against the
 bound max(bytes / bandwidth, FLOPs / peak), where bytes are the weights read once plus the rows' keys and
 values read by attention, and FLOPs are the products (2 x weights x tokens, the vocabulary head included) plus
@@ -46,11 +47,14 @@ def median_time(fn, repeat: int) -> float:
     return float(np.median(samples))
 
 
-def bandwidth_bytes_per_s(mib: int = 256, repeat: int = 7) -> float:
-    """A STREAM-like copy: b <- a over ``mib`` MiB (far beyond the caches); bytes moved = read + write."""
+def bandwidth_bytes_per_s(mib: int = 256, repeat: int = 7) -> dict:
+    """A STREAM-like copy, b <- a over ``mib`` MiB (far beyond the caches; bytes moved = read + write), and a
+    read-only stream (a sum: weights are only read); the bound takes the faster."""
     a = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
     b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / median_time(lambda: b.copy_(a), repeat)
+    copy = 2 * a.numel() * 4 / median_time(lambda: b.copy_(a), repeat)
+    read = a.numel() * 4 / median_time(lambda: a.sum(), repeat)
+    return {"copy": copy, "read": read, "best": max(copy, read)}
 
 
 def native_bf16() -> bool:
@@ -59,10 +63,17 @@ def native_bf16() -> bool:
 
 
 def gemm_flops_per_s(dtype: torch.dtype, size: int = 1536, repeat: int = 5) -> float:
-    """The peak of one large square product: what the BLAS reaches on these cores."""
+    """The peak of one large square product: the faster of the BLAS (torch.mm) and, where the build has it,
+    oneDNN's inner product over a weight reordered once (what ``sled_verifier.invariant`` may run)."""
+    from sled_verifier.invariant import kernels, prepare, product
+
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    return 2 * size**3 / median_time(lambda: torch.mm(a, b), repeat)
+    best = median_time(lambda: torch.mm(a, b), repeat)
+    if "onednn" in kernels(torch.device("cpu")):
+        packed = prepare("onednn", b)
+        best = min(best, median_time(lambda: product("onednn", a, packed, None), repeat))
+    return 2 * size**3 / best
 
 
 def model_costs(target, rows: int, tokens: int, context: int) -> dict:
@@ -122,8 +133,9 @@ def where_it_goes(target, rows: int, tokens: int, context: int) -> dict:
     calls: dict[str, int] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         name, shapes = event.key, [s or [] for s in (event.input_shapes or [])]
-        if name in ("aten::addmm", "aten::mm", "aten::bmm"):
+        if name in ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise"):
             operand = shapes[1] if name == "aten::addmm" and len(shapes) > 1 else (shapes[0] if shapes else [])
+            operand = [1, *operand] if len(operand) == 1 else operand
             m = operand[-2] if len(operand) >= 2 else 0
             kind = "vocabulary head" if any(vocab in s for s in shapes) else f"products of {m} rows"
         elif "scaled_dot_product" in name or "attention" in name:
@@ -174,16 +186,18 @@ def main() -> int:
         # One thread: CPU seconds, which a shared machine's other work does not inflate (time descheduled is not
         # counted); two: wall time (CPU time would add both threads), honest only on a quiet machine.
         CLOCK[0] = time.process_time if threads == 1 else time.perf_counter
-        hardware = {"bandwidth": bandwidth_bytes_per_s(), "peak": gemm_flops_per_s(torch.float32)}
+        streams = bandwidth_bytes_per_s()
+        hardware = {"bandwidth": streams["best"], "copy": streams["copy"], "read": streams["read"],
+                    "peak": gemm_flops_per_s(torch.float32)}
         if args.dtype == "bfloat16" or native_bf16():
             hardware["peak_bf16"] = gemm_flops_per_s(torch.bfloat16)
         if args.dtype == "bfloat16":
             hardware["peak"] = hardware["peak_bf16"]
-        log(f"{threads} thread(s): copy {hardware['bandwidth'] / 1e9:.1f} GB/s, float32 GEMM "
+        log(f"{threads} thread(s): copy {hardware['copy'] / 1e9:.1f} GB/s, read {hardware['read'] / 1e9:.1f} GB/s, float32 GEMM "
             f"{hardware['peak'] / 1e9:.1f} GFLOP/s" + (f", bfloat16 {hardware['peak_bf16'] / 1e9:.1f}" if "peak_bf16" in hardware else ""))
         for runtime in args.runtimes.split(","):
             target = load_target(target_dir, runtime, device="cpu", dtype=args.dtype, batch_invariant=not args.no_invariance)
-            run = {"threads": threads, "runtime": runtime, "hardware": hardware,
+            run = {"threads": threads, "runtime": runtime, "hardware": hardware, "products": target.batch_invariance,
                    "clock": "process CPU time" if threads == 1 else "wall time",
                    "shapes": measure(target, hardware, args.context, args.repeat,
                                      [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")])}
@@ -207,7 +221,8 @@ def print_table(result: dict) -> None:
     print(f"native bfloat16 (AMX / AVX512-BF16): {'yes' if native_bf16() else 'no'}")
     for run in result["runs"]:
         hw = run["hardware"]
-        print(f"\n{run['runtime']}, {run['threads']} thread(s), {run['clock']}: copy {hw['bandwidth'] / 1e9:.1f} GB/s, GEMM "
+        print(f"\n{run['runtime']}, {run['threads']} thread(s), {run['clock']}, products {run.get('products', '?')}: "
+              f"copy {hw.get('copy', hw['bandwidth']) / 1e9:.1f} GB/s, read {hw.get('read', 0) / 1e9:.1f} GB/s, GEMM "
               f"{hw['peak'] / 1e9:.1f} GFLOP/s" + (f" (bfloat16 {hw['peak_bf16'] / 1e9:.1f})" if "peak_bf16" in hw else ""))
         print("  shape      ms   bound ms  (memory / compute)  x bound  GFLOP/s")
         for s in run["shapes"]:
