@@ -102,8 +102,6 @@ class CompiledTarget:
             raise ValueError(f"unknown compile mode {compile!r}; expected one of {', '.join(COMPILE_MODES)}")
         self.device = resolve_device(device)
         self.model = load_causal_lm(self.model_dir, self.device, dtype)
-        self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
-        self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -116,6 +114,11 @@ class CompiledTarget:
         self.kv: SlotKV | None = None
         self.mode = ("reduce-overhead" if self.device.type == "cuda" else "off") if compile == "auto" else compile
         self.static = self.mode != "off"
+        # Inductor lowers oneDNN's product over a reordered weight only where the weight is a frozen constant, so
+        # a compiled forward keeps the BLAS's products (``sled_verifier.invariant``).
+        products = "blas" if self.static else "auto"
+        self.batch_invariance = make_batch_invariant(self.model, self.device, products) if batch_invariant else "off"
+        self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         self.shapes = ShapeBudget(max_compiled_shapes)
         self._compiled = None
         if self.static:
