@@ -1,8 +1,9 @@
 """The ``compiled`` runtime: one readable forward for the Llama family over the KV slots, compilable.
 
-The same weights as the ``transformers`` runtime (loaded by transformers, never copied), but the forward is
-ours, in the spirit of gpt-fast: embed, then per layer norm -> q/k/v -> rotary -> write the new keys and
-values into the rows' slots -> attention -> o_proj -> MLP, then norm and the vocabulary projection. No
+The same weights as the ``transformers`` runtime (loaded by transformers; q/k/v and gate/up concatenated once
+at load into one product each, ``fuse_projections``), but the forward is ours, in the spirit of gpt-fast:
+embed, then per layer norm -> q/k/v -> rotary -> write the new keys and values into the rows' slots ->
+attention -> o_proj -> MLP, then norm and the vocabulary projection. No
 attention-mask construction, cache objects or keyword plumbing per call, and every shape is ours to fix.
 
 Two ways to attend, chosen by ``compile``:
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
@@ -85,6 +87,29 @@ def static_shape(arguments: tuple, kv: SlotKV) -> tuple:
     return (*input_ids.shape, visible.shape[-1], last_only, kv.capacity, kv.length)
 
 
+def fused(*linears: nn.Linear) -> nn.Linear:
+    """One linear whose outputs are ``linears``' outputs side by side: one product streams all their weights
+    (at a few rows on a CPU the product reads its weight at a fixed rate per call, and per-call costs add up)."""
+    first = linears[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                    device="meta")
+    out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    if first.bias is not None:
+        out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return out
+
+
+def fuse_projections(model) -> None:
+    """Per layer, q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (the originals are dropped: this
+    forward is the only one that runs the model). Three products a layer where there were five: at 1-5 rows a
+    SmolLM2 step's products took ~12% less time (one core)."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = fused(attn.q_proj, attn.k_proj, attn.v_proj)
+        mlp.gate_up_proj = fused(mlp.gate_proj, mlp.up_proj)
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
+
 class CompiledTarget:
     name = "compiled"
 
@@ -117,6 +142,7 @@ class CompiledTarget:
         # Inductor lowers oneDNN's product over a reordered weight only where the weight is a frozen constant, so
         # a compiled forward keeps the BLAS's products (``sled_verifier.invariant``).
         products = "blas" if self.static else "auto"
+        fuse_projections(self.model)
         self.batch_invariance = make_batch_invariant(self.model, self.device, products) if batch_invariant else "off"
         self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         self.shapes = ShapeBudget(max_compiled_shapes)
@@ -184,16 +210,19 @@ class CompiledTarget:
         batch, m = hidden.shape[:2]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, m, self.heads, self.head_dim).transpose(1, 2)      # [B, H, M, D]
-        k = attn.k_proj(x).view(batch, m, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, M, D]
-        v = attn.v_proj(x).view(batch, m, self.kv_heads, self.head_dim)                  # [B, M, Hkv, D]
+        q, k, v = attn.qkv_proj(x).split([self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2], dim=-1)
+        q = q.view(batch, m, self.heads, self.head_dim).transpose(1, 2)                     # [B, H, M, D]
+        k = k.view(batch, m, self.kv_heads, self.head_dim).transpose(1, 2)                  # [B, Hkv, M, D]
+        v = v.view(batch, m, self.kv_heads, self.head_dim)                                  # [B, M, Hkv, D]
         q, k = self._rotate(q, k, cos, sin)
         keys, values = self.kv.keys[index], self.kv.values[index]                           # [S+1, Hkv, L, D]
         keys[write_slots, :, write_positions] = k.transpose(1, 2)
         values[write_slots, :, write_positions] = v
         attended = attend(q, keys, values)                                                  # [B, M, H, D]
         hidden = hidden + attn.o_proj(attended.reshape(batch, m, self.heads * self.head_dim))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        mlp = layer.mlp
+        gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _head(self, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:  # prefill: only the caches matter; project one position per row

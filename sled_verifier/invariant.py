@@ -12,10 +12,11 @@ verifier can make (every row count up to 64, then a spread up to 512: a verifica
 position. A rule pads a product of n rows to at least ``floor`` rows, rounded up to a multiple of ``group``:
 
 - ``floor`` alone (group 1): the kernel is the same for any n >= floor. oneDNN's inner product over a weight
-  reordered once at load (``onednn``) is one on AVX-512 CPUs with floor 1: no padding at all, and at a few rows
-  it reads its weight about twice as fast as MKL's small-M GEMM, which re-packs the weight on every call (the
-  vocabulary head at 1-5 rows: ~6 ms against 10-19 ms on a Zen 4 core). MKL (``blas``) has floor 4 there with
-  one thread.
+  reordered once at load (``onednn``) is one on AVX-512 CPUs with floor 1 (2 for a 1536-wide input), and at a
+  few rows it reads its weight about twice as fast as MKL's small-M GEMM, which re-packs the weight on every
+  call (the vocabulary head at 1-5 rows: ~6 ms against 10-19 ms on a Zen 4 core). A floor that holds holds
+  above it too, so oneDNN's products still get at least ``SPEED_FLOOR`` rows, for speed alone. MKL (``blas``)
+  has floor 4 there with one thread.
 - ``group`` (floor = group): every multiple of g rows agrees (MKL on two threads splits rows between them).
 
 Where more than one kernel holds, the one that pads least at a step's small row counts is kept
@@ -43,6 +44,10 @@ FLOORS = (1, 2, 4, 8)                # least rows per product the probe tries (a
 GROUPS = (1, 2, 4, 8, 16, 32, 64)    # row groups the probe tries, smallest first
 PROBE_ROWS = 512           # the largest product the probe checks (64 rows x 8 tokens)
 PROBE_OUT = 4096           # the probe uses at most this many output features of a weight (a vocabulary head is big)
+# A rule with a floor (and no group) holds for any larger floor too: padding changes no row's bits. Products of
+# fewer rows are padded to this many for speed alone: oneDNN's 3-5 row kernel streams a weight faster than its
+# 1-2 row one (SmolLM2's 1x1 step ~49 ms against ~57 with no padding, one Zen 4 core, medians of 7, twice).
+SPEED_FLOOR = 4
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,10 @@ def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "au
     rules: dict[tuple, Rule | None] = {}
     for s in sorted({shape(m) for m in linears}):
         holding = [r for r in (stable_rule(k, *s, device, dtype) for k in candidates) if r is not None]
-        rules[s] = least_padding(holding) if holding else None
+        rule = least_padding(holding) if holding else None
+        if rule is not None and rule.kernel == "onednn" and rule.group == 1:
+            rule = Rule(rule.kernel, max(rule.floor, SPEED_FLOOR), 1)
+        rules[s] = rule
     for module in linears:
         rule = rules[shape(module)]
         if rule is None:
