@@ -20,8 +20,9 @@ position. A rule pads a product of n rows to at least ``floor`` rows, rounded up
 - ``group`` (floor = group): every multiple of g rows agrees (MKL on two threads splits rows between them).
 
 Where more than one kernel holds, the one that pads least at a step's small row counts is kept
-(``least_padding``: deterministic, so a restarted verifier computes the same bits); only a shape with no rule at all runs in fixed ``[tile, in]`` blocks as one
-batched product (invariant, but up to twice the time of one large product at hundreds of rows on CPU). The
+(``least_padding``: deterministic, so a restarted verifier computes the same bits); only a shape with no rule
+at all runs in fixed ``[tile, in]`` blocks as one batched product (invariant, but up to twice the time of one
+large product at hundreds of rows on CPU). The
 log line ``target_loaded`` says which (``batch_invariance``: e.g. ``onednn``, ``rows-of-4``,
 ``blas-from-4+onednn``, ``rows-of-4+tiles-8``, ``tiles-8``; ``off``). A linear whose weight no other module
 shares keeps only its reordered copy (a tied vocabulary head keeps both: the embedding reads the plain one).
@@ -66,7 +67,8 @@ class Rule:
     def label(self) -> str:
         if self.kernel == "blas":
             return f"rows-of-{self.group}" if self.group > 1 or self.floor == 1 else f"blas-from-{self.floor}"
-        return self.kernel + (f"-from-{self.floor}" if self.floor > 1 else "") + (f"-of-{self.group}" if self.group > 1 else "")
+        return (self.kernel + (f"-from-{self.floor}" if self.floor > 1 else "")
+                + (f"-of-{self.group}" if self.group > 1 else ""))
 
 
 def default_tile(device: torch.device) -> int:
