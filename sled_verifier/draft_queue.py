@@ -25,7 +25,7 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -155,10 +155,12 @@ class DraftQueue:
                 self._per_device[queued.draft.device_id] += 1
         self._in_flight, self._closed = set(), set()
 
-    def state(self, idle_since_s: float, prefill_budget: int) -> QueueState:
+    def state(self, idle_since_s: float, prefill_budget: int,
+              gap_of: Callable[[SessionKey], float] | None = None) -> QueueState:
         """The queue as the scheduler sees it: drafts, and the tokens a step over all of them would score
         (each k + 1, plus prefill of new contexts up to the per-step ``prefill_budget``). A draft could first
-        run at its arrival or when the model went idle, whichever is later."""
+        run at its arrival or when the model went idle, whichever is later. ``gap_of``: a session's gap (its
+        rounds outside the verifier, ``Arrivals.gap_s``), summed over the drafts a step would take."""
         takeable = self.fair_order()  # the globally oldest draft is always among them (its device's first)
         oldest = next(iter(self._queued.values()), None)
         ready_s = max(oldest.arrival_s, idle_since_s) if oldest is not None else None
@@ -170,4 +172,5 @@ class DraftQueue:
         held = bool(takeable) and all(q.draft.device_id in self._one_draft and self._per_device[q.draft.device_id] > 1
                                       for q in takeable)
         prefill_only = bool(takeable) and all(q.draft.context is not None for q in takeable)
-        return QueueState(len(takeable), scored + prefill, ready_s, prefill, held, prefill_only)
+        gaps_s = sum(gap_of(q.key) for q in takeable) if gap_of is not None else 0.0
+        return QueueState(len(takeable), scored + prefill, ready_s, prefill, held, prefill_only, gaps_s)

@@ -23,6 +23,13 @@ sessions share a rhythm and arrive together), a compute-bound one does not wait 
 past the deadline, and when every active session is queued the step runs at once. Drafts are taken
 oldest first and one per session, so under overload every session gets an equal share of steps.
 
+A wait is weighed by round time too (issue 22, item 5): a session's rate is tokens per round, and a device
+drafting slowly (a 0.5B draft on a Pi 5, 40 ms a token) has rounds several times a fast one's. Its draft,
+arriving during a fast convoy's step, would wait out that step and then the convoy's next arrival and its
+step; a wait that moves more round-weighted delay onto the longer rounds than the server time it saves is
+declined (``_onto_longer_rounds``), so that draft steps on its own. Between sessions of like rounds nothing
+changes.
+
 Anchors: WISP (arXiv 2601.11652: a verification-time estimator driving SLO-aware batching) and GoodSpeed
 (fairness across drafters). Pure: no asyncio, no clock of its own; ``now_s`` is an argument.
 """
@@ -58,6 +65,7 @@ class QueueState:
     prefill_tokens: int = 0       # the prefill part of ``tokens`` (predicted arrivals bring none)
     held: bool = False            # every draft a step could take is of a device over its share of time
     prefill_only: bool = False    # every draft a step could take opens a session (its prefill is the step's work)
+    gaps_s: float = 0.0           # sum of the queued sessions' gaps (drafting + network: their rounds outside the verifier)
 
 
 @dataclass
@@ -157,6 +165,11 @@ class Arrivals:
         """Stop expecting ``key`` (its rhythm stays: the device's next session will keep it)."""
         self._waiting.pop(key, None)
 
+    def gap_s(self, key: Hashable) -> float:
+        """The mean gap of ``key``'s rounds (its device's drafting plus the network): its round outside the verifier."""
+        rhythm = self._rhythm.get(self.rhythm_of(key))
+        return rhythm.gap_s if rhythm is not None else self.fleet_gap_s
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -167,6 +180,10 @@ class Arrivals:
 
     def expected(self, now_s: float) -> list[float]:
         """Predicted arrival times (>= now) of the sessions still expected, soonest first."""
+        return [at for at, _ in self.expected_rounds(now_s)]
+
+    def expected_rounds(self, now_s: float) -> list[tuple[float, float]]:
+        """(predicted arrival time >= now, the session's gap) of the sessions still expected, soonest first."""
         times = []
         for key, sent in list(self._waiting.items()):
             if now_s - sent > self.forget_s:
@@ -175,17 +192,18 @@ class Arrivals:
             rhythm = self._rhythm.get(self.rhythm_of(key)) or _Rhythm(self.fleet_gap_s, self.fleet_dev_s)
             due = sent + rhythm.gap_s
             if due >= now_s:
-                times.append(due)
+                times.append((due, rhythm.gap_s))
             elif now_s - due <= self.grace_devs * rhythm.dev_s + self.grace_s:
-                times.append(now_s + max(rhythm.dev_s, 0.0005))  # late, but within its usual jitter
+                times.append((now_s + max(rhythm.dev_s, 0.0005), rhythm.gap_s))  # late, but within its usual jitter
         times.sort()
         return times
 
 
 def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float], cost: StepCost,
-            now_s: float, slack_s: float = 0.0) -> float | None:
+            now_s: float, slack_s: float = 0.0, gaps_s: Sequence[float] = ()) -> float | None:
     """0.0: step now; > 0: look again after that many seconds (or at the next arrival); None: queue empty.
-    ``slack_s``: how late the caller's wake-ups run on average; the deadline moves twice that much earlier."""
+    ``slack_s``: how late the caller's wake-ups run on average; the deadline moves twice that much earlier.
+    ``gaps_s``: each expected session's gap (``Arrivals.expected_rounds``), for waiting by round time."""
     if queue.drafts == 0:
         return None
     if queue.held:  # only devices over their share: they ride along others' steps, or step once the budget is out
@@ -196,19 +214,54 @@ def delay_s(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float]
     if not expected or queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens:
         return 0.0
     deadline = (queue.ready_since_s if queue.ready_since_s is not None else now_s) + policy.max_wait_s - 2 * slack_s
+    if deadline - now_s < 0.0002:
+        return 0.0
     tokens_per_draft = (queue.tokens - queue.prefill_tokens) / queue.drafts
     now_cost = cost.predict(queue.drafts, queue.tokens) / queue.drafts
-    best_cost, best_at = now_cost, None
+    best_cost, best_joined = now_cost, 0
     for joined, at in enumerate(expected, start=1):
         if at > deadline or queue.drafts + joined > policy.max_drafts:
             break
         drafts = queue.drafts + joined
         per_draft = cost.predict(drafts, round(queue.tokens + joined * tokens_per_draft)) / drafts
         if per_draft < best_cost:
-            best_cost, best_at = per_draft, at
-    if best_at is None or best_cost > now_cost * (1 - policy.min_gain) or deadline - now_s < 0.0002:
+            best_cost, best_joined = per_draft, joined
+    if not best_joined or best_cost > now_cost * (1 - policy.min_gain):
         return 0.0
-    return min(max(best_at - now_s, 0.0002), deadline - now_s)
+    if len(gaps_s) == len(expected) and _onto_longer_rounds(queue, expected[:best_joined], gaps_s[:best_joined],
+                                                               cost, now_s):
+        return 0.0
+    return min(max(expected[best_joined - 1] - now_s, 0.0002), deadline - now_s)
+
+
+def _onto_longer_rounds(queue: QueueState, joining: Sequence[float], gaps_s: Sequence[float], cost: StepCost,
+                        now_s: float) -> bool:
+    """Whether waiting for ``joining`` (their arrival times and gaps) moves more delay onto the sessions with the
+    longer rounds than the server time it saves.
+
+    Waiting ``w`` for the last of them delays the queued drafts by ``w`` plus what the joiners add to the step;
+    each joiner's verdict moves by the merged step less the rest of this step and the step of its own it would
+    otherwise have had; the server saves ``S``, a step's fixed cost. With d_i that change for each of the n
+    sessions and R_i its round (its gap, drafting and network, plus a step), the wait moves
+    sum_i (R_i - mean R) d_i of round-weighted delay onto the longer rounds; it is declined when that exceeds
+    S n mean R, the same saving given to every one of them. A session's rate is its tokens per round, so a
+    draft of a slow drafter (40 ms a token: a round several times a fast device's) that would wait out a convoy
+    of fast ones, on top of the rest of the step it arrived during, steps now instead; between sessions of like
+    rounds the sum is about zero and the wait stands on the step's cost alone (convoys still merge)."""
+    step_s = cost.predict(queue.drafts, queue.tokens)
+    k1 = (queue.tokens - queue.prefill_tokens) / queue.drafts
+    joined = len(joining)
+    wait_s = joining[-1] - now_s
+    merged_s = cost.predict(queue.drafts + joined, round(queue.tokens + joined * k1))
+    queued_delay_s = wait_s + merged_s - step_s
+    joiner_delay_s = merged_s - cost.predict(joined, round(joined * k1)) - max(step_s - wait_s, 0.0)
+    saved_s = step_s + cost.predict(joined, round(joined * k1)) - merged_s
+    rounds = [gap + step_s for gap in gaps_s]
+    queued_round_s = queue.gaps_s / queue.drafts + step_s
+    mean_round_s = (queue.drafts * queued_round_s + sum(rounds)) / (queue.drafts + joined)
+    shift = queue.drafts * (queued_round_s - mean_round_s) * queued_delay_s \
+        + sum(r - mean_round_s for r in rounds) * joiner_delay_s
+    return shift > saved_s * (queue.drafts + joined) * mean_round_s
 
 
 def batch_size(policy: SchedulePolicy, costs: Sequence[int]) -> int:

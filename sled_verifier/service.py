@@ -253,8 +253,11 @@ class VerifierService:
             started = time.perf_counter()
             # Devices over their share of the verifier's time add one draft to the next step (FairShare).
             self.queue.over_share(self.engine.fair.over_share(self.queue.devices(), self._active_devices()))
-            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.max_prefill_tokens),
-                            self.arrivals.expected(now_s), self.cost, now_s, slack_s=self.wake_lag_s)
+            expected = self.arrivals.expected_rounds(now_s)  # (when, the session's gap): waits weigh round times
+            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.max_prefill_tokens,
+                                                          gap_of=self.arrivals.gap_s),
+                            [at for at, _ in expected], self.cost, now_s, slack_s=self.wake_lag_s,
+                            gaps_s=[gap for _, gap in expected])
             self.stats.schedule_s += time.perf_counter() - started
             if delay is None or delay > 0:
                 await self._wait_for_arrivals(delay, now_s)

@@ -3,6 +3,8 @@ No event loop, no model: drafts are plain dataclasses and time is an argument.""
 
 from __future__ import annotations
 
+import pytest
+
 from sled_protocol import Draft
 from sled_verifier.draft_queue import DraftQueue, Offer
 
@@ -92,3 +94,6 @@ def test_state_is_what_the_scheduler_weighs():
     assert state.ready_since_s == 1.0                                                 # the oldest arrival
     assert queue.state(idle_since_s=5.0, prefill_budget=1000).ready_since_s == 5.0   # the model was busy until then
     assert queue.state(5.0, 1000).prefill_tokens == 340
+    gaps = {"a": 0.02, "b": 0.16, "c": 0.03}  # each session's rounds outside the verifier (Arrivals.gap_s)
+    assert queue.state(5.0, 1000, gap_of=lambda key: gaps[key[1]]).gaps_s == pytest.approx(0.21)
+    assert queue.state(5.0, 1000).gaps_s == 0.0
