@@ -338,13 +338,17 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
 
 
 def per_class_rates(sessions: list[dict]) -> dict:
-    """Per device class: p50 and p10 of its sessions' tokens/s (capacity per class, issue 22 item 5)."""
+    """Per device class: p50 and p10 of its sessions' tokens/s (capacity per class, issue 22 item 5), and the mean
+    time a round spent between its draft's publication and its verdict (the verifier's queue and step)."""
     out = {}
     for klass in sorted({s["klass"] for s in sessions}):
-        rates = sorted(s["tokens"] / s["seconds"] for s in sessions if s["klass"] == klass and s["seconds"] > 0)
+        mine = [s for s in sessions if s["klass"] == klass and s["seconds"] > 0]
+        rates = sorted(s["tokens"] / s["seconds"] for s in mine)
         if rates:
+            rounds = sum(s["rounds"] for s in mine)
             out[klass] = {"p50": round(rates[len(rates) // 2], 2), "p10": round(rates[len(rates) // 10], 2),
-                          "sessions": len(rates)}
+                          "sessions": len(rates),
+                          "verifier_ms_per_round": round(1000 * sum(s.get("verifier_s", 0.0) for s in mine) / max(1, rounds), 1)}
     return out
 
 
@@ -353,11 +357,18 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def capacity(rows: list[dict], slos: list[float]) -> list[dict]:
+    """Per SLO: the largest tested N whose p10 per-session rate meets it, mixed and per device class for SLED (each
+    class's own p10 in the mixed fleet); server-only decodes every session alike, whatever drafts on its device."""
     out = []
+    classes = sorted({klass for r in rows for klass in r.get("session_tokens_per_s_by_class", {})})
     for slo in slos:
         sled = max((r["n"] for r in rows if (r["session_tokens_per_s_p10"] or 0) >= slo), default=0)
         server = max((r["n"] for r in rows if r["server_only_session_tokens_per_s"] >= slo), default=0)
-        out.append({"slo_tokens_per_s": slo, "sled_sessions": sled, "server_only_sessions": server})
+        by_class = {klass: max((r["n"] for r in rows
+                                if r.get("session_tokens_per_s_by_class", {}).get(klass, {}).get("p10", 0) >= slo), default=0)
+                    for klass in classes}
+        out.append({"slo_tokens_per_s": slo, "sled_sessions": sled, "server_only_sessions": server,
+                    "sled_sessions_by_class": by_class})
     return out
 
 
@@ -387,18 +398,30 @@ def print_table(result: dict) -> None:
     print("the verifier's mean idle gap between steps, and a pass at its mean batch after that gap (x back to back): "
           + "  ".join(f"N={r['n']} {r['idle_gap_ms']:.1f} ms {r['pass_cpu_after_gap']:.2f}x"
                       for r in result["rows"] if "idle_gap_ms" in r))
-    print("\nper-session tokens/s by device class, p50/p10 (sessions):")
+    print("\nper-session tokens/s by device class, p50/p10 (sessions), and ms a round waited on the verifier (publish to verdict):")
     for r in result["rows"]:
-        print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v['p50']}/{v['p10']} ({v['sessions']})"
+        print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v['p50']}/{v['p10']} ({v['sessions']}) {v.get('verifier_ms_per_round', '-')} ms"
                                          for k, v in r.get("session_tokens_per_s_by_class", {}).items()))
     print("\nwhere the verifier's time went (seconds over the run):")
     for r in result["rows"]:
         print(f"  {r['n']:>3}  " + "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown_s"].items()))
     print("\ncapacity (largest tested N whose p10 per-session rate meets the SLO; p10 is the slowest device class, "
           "whose own drafting caps its rate): " + "; ".join(
-              f">= {c['slo_tokens_per_s']:g} tok/s: SLED {c['sled_sessions']}, server-only {c['server_only_sessions']}"
-              for c in result["capacity"]))
+              f">= {c['slo_tokens_per_s']:g} tok/s: SLED {c['sled_sessions']} ("
+              + ", ".join(f"{klass} {n}" for klass, n in c.get("sled_sessions_by_class", {}).items())
+              + f"), server-only {c['server_only_sessions']}" for c in result["capacity"]))
     print(f"verdicts differing from the target's own continuation: {sum(r['wrong'] for r in result['rows'])}")
+
+
+def chosen_classes(names: str) -> list[dict]:
+    """The device classes named (comma-separated; empty: all, the mixed fleet), devices dealt round robin."""
+    if not names:
+        return CLASSES
+    known = {c["name"]: c for c in CLASSES}
+    unknown = [name for name in names.split(",") if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown device class {unknown}; known: {sorted(known)}")
+    return [known[name] for name in names.split(",")]
 
 
 def prepare(args, profile: dict, workdir: Path):
@@ -410,7 +433,7 @@ def prepare(args, profile: dict, workdir: Path):
         target_dir = smollm2_dir(args.smollm2_dir)
         acceptance = acceptance_profile(args.acceptance or str(args.alpha))
         classes = [{"name": c["name"], "draft_ms_per_token": c["draft_ms_per_token"], "acceptance": acceptance[: args.k],
-                    "k": args.k} for c in CLASSES]
+                    "k": args.k} for c in chosen_classes(args.classes)]
         cache = workdir / f"pool-smollm2-{args.profile}-{args.dtype}.json"
         return target_dir, classes, acceptance, lambda verifying: engine_pool(
             verifying, target_dir, profile["pool"], PROMPT_TOKENS, OUTPUT_TOKENS[1] + 1, OUTPUT_TOKENS[0] + 1, cache, log)
@@ -424,12 +447,12 @@ def prepare(args, profile: dict, workdir: Path):
         log(f"no model family at {args.family}: a random-initialised target of its shape, acceptance {args.alpha}")
         target_dir = quick_shape_target(workdir / "quick-shape-target")
     classes = []
-    for c in CLASSES:
+    for c in chosen_classes(args.classes):
         measured = evals.get(c["draft"], {}) if c["draft"] else {}
         alpha = measured.get("alpha_continuations", args.alpha)
         classes.append({"name": c["name"], "draft_ms_per_token": measured.get("draft_ms_per_token", c["draft_ms_per_token"]),
                         "acceptance": [alpha] * args.k, "k": args.k})
-    # The ceiling assumes the fleet's mean profile (each class a third of the devices).
+    # The ceiling assumes the fleet's mean profile (each class an equal share of the devices).
     acceptance = [sum(c["acceptance"][0] for c in classes) / len(classes)]
     if args.dtype != "float32":  # the continuations must be the verifier's own, in its dtype
         from bench.fleet_target import engine_pool
@@ -457,6 +480,8 @@ def main() -> int:
     parser.add_argument("--k-mode", choices=("fixed", "adaptive", "priced"), default="fixed",
                         help="fixed: --k; adaptive: each device's controller for its own tokens/s; priced: against "
                              "the verifier's announced step cost (k = 0 where drafting cannot pay), up to 8")
+    parser.add_argument("--classes", default="",
+                        help=f"device classes of the fleet, comma-separated [default: all, mixed: {','.join(c['name'] for c in CLASSES)}]")
     parser.add_argument("--slo-tokens-per-s", default="5,10",
                         help="per-session rates for capacity, comma-separated [default: 5,10; reading speed is ~5]")
     parser.add_argument("--duration-s", type=float, default=0.0, help="seconds devices keep starting sessions after the ramp [default: the profile's]")
@@ -520,7 +545,10 @@ def main() -> int:
                     m = fleet["metrics"]
                     log(f"N={n}: {1000 * fleet['cpu_s'] / max(1, fleet['committed']):.3f} ms/token, batch "
                         f"{m.get('sled_verifier_batch_size_sum', 0) / max(1, m.get('sled_verifier_batch_size_count', 0)):.1f}, "
-                        f"cpu {fleet['cpu_s'] / fleet['window_s']:.2f}, wrong {len(fleet['wrong'])} {fleet['errors']}")
+                        f"cpu {fleet['cpu_s'] / fleet['window_s']:.2f}, wrong {len(fleet['wrong'])} {fleet['errors']}; "
+                        f"tokens/s p50/p10 by class: " + "  ".join(
+                            f"{klass} {v['p50']}/{v['p10']} ({v['verifier_ms_per_round']} ms a round on the verifier)"
+                            for klass, v in per_class_rates(fleet["sessions"]).items()))
                     continue
                 m = fleet["metrics"]
                 batch = max(1, round(m.get("sled_verifier_batch_size_sum", 0) / max(1, m.get("sled_verifier_batch_size_count", 0))))

@@ -61,6 +61,7 @@ class SessionRecord:
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
+    verifier_s: float = 0.0   # publish to verdict, summed over rounds: the verifier's queue and step (and the broker)
     ks: list[int] = field(default_factory=list)
 
 
@@ -139,7 +140,9 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                     sent = time.monotonic()  # a device times its round from publishing to the verdict's arrival
                     await asyncio.sleep(one_way_s())
                     draft = session.draft(tokens)
+                    published = time.monotonic()
                     verdict = await exchange(client, draft_topic, draft, inbox, tally)
+                    record.verifier_s += time.monotonic() - published
                     await asyncio.sleep(one_way_s())
                     if verdict.kind is VerdictKind.RESYNC:
                         tally.resyncs += 1
@@ -206,7 +209,7 @@ async def main_async(spec: dict) -> dict:
         "rounds_all": len(tally.commits),
         "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
         "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
-                      "accepted": s.accepted, "drafted": s.drafted,
+                      "accepted": s.accepted, "drafted": s.drafted, "verifier_s": s.verifier_s,
                       "k_mean": round(sum(s.ks) / max(1, len(s.ks)), 2), "k0_rounds": s.ks.count(0)} for s in sessions],
     }
 

@@ -99,3 +99,23 @@ def test_timed_reports_its_statistic_of_its_clock():
                     sync=lambda: synced.append(1))
     assert samples == [2, 2, 2] and len(calls) == 4 and len(synced) == 4
     assert timed(lambda: None, repeat=3, warm_up=False, clock=iter([0, 1, 1, 4, 4, 6]).__next__, statistic=min) == 1
+
+
+def test_fleet_capacity_per_device_class():
+    """Each class's own p10 in the mixed fleet decides its capacity; server-only serves every class alike."""
+    from bench.fleet import capacity as fleet_capacity, per_class_rates
+
+    sessions = [{"klass": "fast", "tokens": 60, "seconds": 3.0, "rounds": 20, "verifier_s": 1.0},
+                {"klass": "slow", "tokens": 60, "seconds": 10.0, "rounds": 20, "verifier_s": 2.0}]
+    assert per_class_rates(sessions) == {
+        "fast": {"p50": 20.0, "p10": 20.0, "sessions": 1, "verifier_ms_per_round": 50.0},
+        "slow": {"p50": 6.0, "p10": 6.0, "sessions": 1, "verifier_ms_per_round": 100.0}}
+    rows = [{"n": 8, "session_tokens_per_s_p10": 12.0, "server_only_session_tokens_per_s": 30.0,
+             "session_tokens_per_s_by_class": {"fast": {"p10": 25.0}, "slow": {"p10": 12.0}}},
+            {"n": 16, "session_tokens_per_s_p10": 6.0, "server_only_session_tokens_per_s": 9.0,
+             "session_tokens_per_s_by_class": {"fast": {"p10": 14.0}, "slow": {"p10": 6.0}}}]
+    assert fleet_capacity(rows, [5, 10]) == [
+        {"slo_tokens_per_s": 5, "sled_sessions": 16, "server_only_sessions": 16,
+         "sled_sessions_by_class": {"fast": 16, "slow": 16}},
+        {"slo_tokens_per_s": 10, "sled_sessions": 8, "server_only_sessions": 8,
+         "sled_sessions_by_class": {"fast": 16, "slow": 8}}]
