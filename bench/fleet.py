@@ -543,10 +543,11 @@ def main() -> int:
                 wrong += len(fleet["wrong"])
                 if args.no_baseline:
                     m = fleet["metrics"]
+                    rates = sorted(s["tokens"] / s["seconds"] for s in fleet["sessions"] if s["seconds"] > 0) or [0.0]
                     log(f"N={n}: {1000 * fleet['cpu_s'] / max(1, fleet['committed']):.3f} ms/token, batch "
                         f"{m.get('sled_verifier_batch_size_sum', 0) / max(1, m.get('sled_verifier_batch_size_count', 0)):.1f}, "
                         f"cpu {fleet['cpu_s'] / fleet['window_s']:.2f}, wrong {len(fleet['wrong'])} {fleet['errors']}; "
-                        f"tokens/s p50/p10 by class: " + "  ".join(
+                        f"tokens/s p50/p10 {rates[len(rates) // 2]:.2f}/{rates[len(rates) // 10]:.2f}, by class: " + "  ".join(
                             f"{klass} {v['p50']}/{v['p10']} ({v['verifier_ms_per_round']} ms a round on the verifier)"
                             for klass, v in per_class_rates(fleet["sessions"]).items()))
                     continue
