@@ -253,11 +253,12 @@ def _onto_longer_rounds(queue: QueueState, joining: Sequence[float], gaps_s: Seq
     joined = len(joining)
     wait_s = joining[-1] - now_s
     merged_s = cost.predict(queue.drafts + joined, round(queue.tokens + joined * k1))
+    alone_s = cost.predict(joined, round(joined * k1))  # the joiners' own step, had this one not waited
     queued_delay_s = wait_s + merged_s - step_s
-    joiner_delay_s = merged_s - cost.predict(joined, round(joined * k1)) - max(step_s - wait_s, 0.0)
-    saved_s = step_s + cost.predict(joined, round(joined * k1)) - merged_s
+    joiner_delay_s = merged_s - alone_s - max(step_s - wait_s, 0.0)
+    saved_s = step_s + alone_s - merged_s
     rounds = [gap + step_s for gap in gaps_s]
-    queued_round_s = queue.gaps_s / queue.drafts + step_s
+    queued_round_s = queue.gaps_s / queue.drafts + step_s  # the queued drafts share d_i: their mean round is exact
     mean_round_s = (queue.drafts * queued_round_s + sum(rounds)) / (queue.drafts + joined)
     shift = queue.drafts * (queued_round_s - mean_round_s) * queued_delay_s \
         + sum(r - mean_round_s for r in rounds) * joiner_delay_s
