@@ -271,10 +271,14 @@ class VerifierEngine:
     def _debit(self, device: str, seconds: float) -> None:
         self._spent_s[device] = self._spent_s.get(device, 0.0) + seconds
 
-    def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), draft_tokens: int = 4,
+    def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), widths: Sequence[int] = (1, 5),
                   context: int = 32) -> list[tuple[int, int, float]]:
         """Time verification forwards of a few batch sizes on scratch slots: (drafts, tokens, seconds) for the
-        scheduler's cost model, so it starts from this hardware's figures rather than a guess."""
+        scheduler's cost model, so it starts from this hardware's figures rather than a guess. Each size at
+        several ``widths`` (tokens a row, k + 1): at one width tokens are a fixed multiple of drafts, and the
+        fit could not tell a draft's cost from a token's, which is what the devices' draft lengths are priced
+        on (at a single width the fit put SmolLM2's cost on drafts, 23 ms each, and devices kept k = 4 where
+        k = 1-2 was cheaper)."""
         samples = []
         for size in batch_sizes:
             if size > len(self.kv.free) + self.kv.max_slots - self.kv.capacity:
@@ -282,11 +286,11 @@ class VerifierEngine:
             slots = [self.kv.acquire() for _ in range(size)]
             try:
                 self.target.forward_rows(slots, [0] * size, [[1] * context] * size)
-                rows = [[1] * (draft_tokens + 1)] * size
                 for _ in range(2):
-                    started = time.perf_counter()
-                    self.target.forward_rows(slots, [context] * size, rows)
-                    samples.append((size, size * (draft_tokens + 1), time.perf_counter() - started))
+                    for width in widths:
+                        started = time.perf_counter()
+                        self.target.forward_rows(slots, [context] * size, [[1] * width] * size)
+                        samples.append((size, size * width, time.perf_counter() - started))
             finally:
                 for slot in slots:
                     self.kv.release(slot)

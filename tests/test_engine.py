@@ -302,3 +302,14 @@ def test_a_mixed_step_answers_each_draft_as_alone(tiny_models, target):
     for draft, outcome in zip(batch, together):
         [single] = alone.step_until_answered([draft])
         assert outcome.verdict.kind is VerdictKind.VERIFIED and outcome.verdict == single.verdict
+
+
+def test_calibration_times_each_batch_at_two_widths_so_a_token_is_priced_apart_from_a_draft(tiny_models, target):
+    """At one width (k + 1 = 5 tokens a row) tokens are always 5 x drafts and the step-cost fit cannot tell a
+    draft's cost from a token's, which the devices' draft lengths are priced on: every batch size is timed at
+    one token a row and at five, on scratch slots that go back to the pool."""
+    engine = VerifierEngine(target, "v-calibrate", 8, VerifierStats())
+    free = len(engine.kv.free)
+    samples = engine.calibrate(batch_sizes=(1, 4))
+    assert {(drafts, tokens) for drafts, tokens, _ in samples} == {(1, 1), (1, 5), (4, 4), (4, 20)}
+    assert all(seconds > 0 for _, _, seconds in samples) and len(engine.kv.free) == free

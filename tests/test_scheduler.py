@@ -287,3 +287,22 @@ def test_limits_and_batch_defaults_have_one_source(tmp_path):
     custom = VerifierConfig(target=str(tmp_path), verifier_id="v", max_wait_ms=12.5, min_wait_gain=0.1,
                             max_batch_drafts=7, max_batch_tokens=99)
     assert SchedulePolicy.from_config(custom) == SchedulePolicy(0.0125, 0.1, 7, 99)
+
+
+def test_two_widths_separate_a_drafts_cost_from_a_tokens():
+    """The step cost fitted from the service's calibration recovers the per-draft and per-token split only when
+    the samples vary tokens a draft (engine.calibrate's widths 1 and 5); at one width the split is arbitrary."""
+    def true_s(drafts: int, tokens: int) -> float:
+        return 0.010 + 0.002 * drafts + 0.004 * tokens    # token-bound: k = 0-1 is the cheapest per token
+
+    two = StepCost()
+    for _ in range(2):
+        for drafts in (1, 8, 32):
+            for width in (1, 5):
+                two.observe(drafts, drafts * width, true_s(drafts, drafts * width))
+    assert two.coef[2] == pytest.approx(0.004, rel=0.1) and two.coef[1] == pytest.approx(0.002, rel=0.35)
+    one = StepCost()
+    for _ in range(2):
+        for drafts in (1, 8, 32):
+            one.observe(drafts, drafts * 5, true_s(drafts, drafts * 5))
+    assert one.coef[1] > 2 * 0.002  # at one width the fit puts a share of each token's cost on the draft
