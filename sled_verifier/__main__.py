@@ -83,6 +83,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     samples = await asyncio.to_thread(engine.calibrate)
     for drafts, tokens, seconds in samples:
         service.cost.observe(drafts, tokens, seconds)
+        service.price_cost.observe(drafts, tokens, seconds)
     log.info("step_cost_calibrated", samples=[(d, t, round(1000 * s, 2)) for d, t, s in samples],
              coef=[round(c, 6) for c in service.cost.coef])
     await service.run(ready)
