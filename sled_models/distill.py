@@ -31,32 +31,18 @@ import copy
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
-import numpy as np
-
+from sled_models.answers import Answer, acceptance, encode_prompt, greedy_agreement, load_answers, save_answers, \
+    target_answers
 from sled_models.build import Stages, bar
 from sled_models.recipe import DistilledDraft, DistillRecipe, QuantizedDraft, stage_key
 
-__all__ = ["Answer", "distill_draft", "layer_choice", "load_target", "make_draft"]
+__all__ = ["Answer", "acceptance", "distill_draft", "greedy_agreement", "layer_choice", "load_target", "make_draft"]
 
 _LAYER = re.compile(r"^(.*\.(?:layers|h)\.)(\d+)(\..*)$")  # Llama, Qwen2, Mistral...: layers.N; GPT-2: h.N
-
-
-@dataclass
-class Answer:
-    """One prompt and the target's greedy answer: ``tokens`` [L] (prompt first); the target's hidden states
-    at each of the first L-1 tokens ``hidden[i]`` [L-1, H] (i: the input of layer i; -1: the final, normed
-    one), and its top-k logits ``top_ids`` / ``top_logits`` [L-P, k] at the positions that produced the
-    answer (P-1 .. L-2)."""
-
-    tokens: list[int]
-    prompt_len: int
-    hidden: dict | None = None
-    top_ids: object = None
-    top_logits: object = None
 
 
 def load_target(path: Path):
@@ -77,64 +63,6 @@ def target_stamp(path: Path) -> list:
     path = Path(path).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return [[str(p), (s := p.stat()).st_size, s.st_mtime_ns] for p in files]
-
-
-def eos_ids(model) -> list[int]:
-    """The end-of-answer ids from the model's configs (a GGUF tokenizer may name another eos token)."""
-    eos = model.generation_config.eos_token_id or model.config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The request as the device sends it: chat-templated with the generation prompt when there is a template."""
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return tokenizer(prompt).input_ids
-
-
-def target_answers(model, prompts: list[list[int]], new_tokens: int, batch: int, top_k: int, progress,
-                   hidden_layers: tuple[int, ...] = ()) -> list[Answer]:
-    """Greedy answers of ``model`` to token ``prompts``, ``batch`` at a time (left-padded), each cut after its
-    EOS; with ``top_k`` > 0, the top-k logits and the hidden states of ``hidden_layers`` an ``Answer`` carries.
-    ``progress`` advances by one a generated step (``new_tokens`` a batch)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Tick(StoppingCriteria):  # generate's one per-step hook: progress on a minute-long call, never a stop
-        def __call__(self, input_ids, scores, **kwargs):
-            progress.update(1)
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    stops = eos_ids(model)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stops or [0])[0]
-    answers = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])                      # [B, P]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 top_k=None, top_p=None, temperature=None, pad_token_id=pad, eos_token_id=stops,
-                                 return_dict_in_generate=True, output_hidden_states=top_k > 0, output_logits=top_k > 0,
-                                 stopping_criteria=StoppingCriteriaList([Tick()]))
-        generated = out.sequences[:, width:]                                                   # [B, G]
-        progress.update(new_tokens - generated.shape[1])  # the steps an early end (every row at EOS) skipped
-        if top_k > 0:
-            hidden = {i: torch.cat([step[i] for step in out.hidden_states], dim=1) for i in hidden_layers}  # [B, P+G-1, H]
-            top_logits, top_ids = torch.stack(out.logits, dim=1).topk(top_k, dim=-1)          # [B, G, k]
-        for row, prompt in enumerate(chunk):
-            new = generated[row].tolist()
-            end = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
-            answer = Answer(prompt + new[:end], len(prompt))
-            if top_k > 0:
-                answer.hidden = {i: h[row, width - len(prompt) : width + end - 1].half().clone() for i, h in hidden.items()}
-                answer.top_ids = top_ids[row, :end].int().clone()
-                answer.top_logits = top_logits[row, :end].half().clone()
-            answers.append(answer)
-    return answers
 
 
 def layer_choice(total: int, keep: int, frozen: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -170,22 +98,6 @@ def make_draft(target, layers: tuple[int, ...]):
     return draft.eval()
 
 
-def greedy_agreement(logits_of, answers: list[Answer]) -> list[np.ndarray]:
-    """Per answer: does the draft's argmax equal the target's next token, at every answer position."""
-    agree = []
-    for a in answers:
-        logits = logits_of(a.tokens[:-1])                                                    # [L-1, V]
-        agree.append(np.asarray(logits[a.prompt_len - 1 :]).argmax(-1) == np.asarray(a.tokens[a.prompt_len :]))
-    return agree
-
-
-def acceptance(agree: list[np.ndarray], k: int) -> dict[str, float]:
-    from sled_models.evaluate import mean_acceptance_length
-
-    return {"alpha": round(float(np.mean(np.concatenate(agree))), 4),
-            f"mean_accepted_length_k{k}": round(float(np.mean([mean_acceptance_length(a, k) for a in agree])), 3)}
-
-
 def torch_logits(model):
     import torch
 
@@ -193,18 +105,6 @@ def torch_logits(model):
         with torch.inference_mode():
             return model(input_ids=torch.tensor([tokens])).logits[0].numpy()
     return logits_of
-
-
-def _save_answers(path: Path, answers: list[Answer]) -> None:
-    import torch
-
-    torch.save([asdict(a) for a in answers], path)
-
-
-def _load_answers(path: Path) -> list[Answer]:
-    import torch
-
-    return [Answer(**a) for a in torch.load(path, weights_only=True)]
 
 
 def build_answers(work: Path, recipe: DistillRecipe, hidden_layers: tuple[int, ...], target) -> None:
@@ -216,14 +116,14 @@ def build_answers(work: Path, recipe: DistillRecipe, hidden_layers: tuple[int, .
     for split, prompts in (("train", train), ("held_out", held_out_prompts(recipe.eval_prompts))):
         new_tokens = recipe.new_tokens if split == "train" else recipe.eval_tokens
         if not prompts:
-            _save_answers(work / f"answers_{split}.pt", [])
+            save_answers(work / f"answers_{split}.pt", [])
             continue
         batches = -(-len(prompts) // recipe.generate_batch)
         with bar(f"answers ({split}, tokens a row)", batches * new_tokens) as progress:
             answers = target_answers(model, [encode_prompt(tokenizer, p) for p in prompts], new_tokens,
                                      recipe.generate_batch, recipe.top_k if _trained(recipe) else 0, progress,
                                      hidden_layers)
-        _save_answers(work / f"answers_{split}.pt", answers)
+        save_answers(work / f"answers_{split}.pt", answers)
 
 
 def build_draft(work: Path, name: str, layers: tuple[tuple[int, ...], tuple[int, ...]], recipe: DistillRecipe,
@@ -232,7 +132,7 @@ def build_draft(work: Path, name: str, layers: tuple[tuple[int, ...], tuple[int,
     model, tokenizer = target()
     frozen, trained = layers
     top = make_draft(model, trained)
-    train, held_out = _load_answers(work / "answers_train.pt"), _load_answers(work / "answers_held_out.pt")
+    train, held_out = load_answers(work / "answers_train.pt"), load_answers(work / "answers_held_out.pt")
     from sled_models.train import train_draft
 
     with bar(f"train {name}", recipe.train.steps) as progress:
@@ -300,7 +200,7 @@ def build_report(out: Path, work: Path, target_path: Path, recipe: DistillRecipe
     from sled_protocol.vocab import vocab_hash
 
     model, _ = target()
-    held_out = _load_answers(work / "answers_held_out.pt")
+    held_out = load_answers(work / "answers_held_out.pt")
     context = held_out[0].tokens[:64]
     drafts = {}
     with bar("eval", sum(len(_variants(d)) for d in recipe.drafts)) as progress:

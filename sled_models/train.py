@@ -165,7 +165,7 @@ def train_draft(top, first: int, answers: list, recipe, held_out: list, progress
     """AdamW on the draft's trained layers ``top`` over random batches of answers, from the target's hidden
     states entering layer ``first`` (the frozen layers below compute exactly those); every ``curve_every``
     steps (and at both ends) the acceptance on ``held_out`` and the training seconds so far: the curve."""
-    from sled_models.distill import acceptance
+    from sled_models.answers import acceptance
 
     schedule = recipe.train
     parameters = [p for p in top.parameters() if p.requires_grad]
