@@ -282,7 +282,7 @@ class VerifierService:
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
             verify_s = self.stats.forward_s - forward_before
-            if verified and verify_s > 0:
+            if verified and verify_s > 0:  # a step that verified drafts (not only prefill): what devices are priced on
                 self.price_cost.observe(len(verified), sum(len(o.draft.tokens) + 1 for o in verified), verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
