@@ -15,7 +15,7 @@ Every variant runs each shape in turn (interleaved, so a burst of other work on 
 alike), ``--rounds`` times; each figure is the median over rounds of the process's CPU seconds (and wall
 seconds) for the shape, and each ratio the median of the per-round ratios to ``plain``. ``--probe`` runs the
 load-time probe on the weight shapes of real models (random weights) at 1 and 2 threads and prints each
-shape's row group and the probe's time.
+kernel's rule for each shape and the probe's time.
 """
 
 from __future__ import annotations
@@ -168,17 +168,17 @@ def cost(model_dir: Path, runtime: str, rounds: int, repeat: int) -> None:
 
 
 def probe(families: list[str]) -> None:
-    from sled_verifier.invariant import stable_group
+    from sled_verifier.invariant import kernels, stable_rule
 
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for family in families:
-            found = []
-            started = time.perf_counter()
-            for shape in SHAPES[family]:
-                found.append(stable_group(*shape, torch.device("cpu"), torch.float32))
-            groups = ", ".join(f"{i}x{o}: {g if g else 'none'}" for (i, o, _), g in zip(SHAPES[family], found))
-            print(f"{threads} thread(s) {family:<14} {time.perf_counter() - started:6.1f} s   {groups}", flush=True)
+            for kernel in kernels(torch.device("cpu")):
+                started = time.perf_counter()
+                found = [stable_rule(kernel, *shape, torch.device("cpu"), torch.float32) for shape in SHAPES[family]]
+                rules = ", ".join(f"{i}x{o}: {r.label() if r else 'none'}" for (i, o, _), r in zip(SHAPES[family], found))
+                print(f"{threads} thread(s) {family:<14} {kernel:<7} {time.perf_counter() - started:6.1f} s   {rules}",
+                      flush=True)
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# device -> (what it runs: distill's draft for its class, sled_models.pretrained.drafts_by_device; its question)
+# device -> its question; its draft is distill's for its class (sled_models.pretrained.drafts_by_device)
 DEVICES = {
-    "jetson-orin": ("the larger draft", "Explain in two sentences why the sky is blue."),
-    "rpi5": ("the smaller draft", "Give me three short tips for writing clear Python code."),
-    "rpi4": ("the smaller draft (int8 where built)", "What is the capital of Japan, and what is it famous for?"),
+    "jetson-orin": "Explain in two sentences why the sky is blue.",
+    "rpi5": "Give me three short tips for writing clear Python code.",
+    "rpi4": "What is the capital of Japan, and what is it famous for?",
 }
 EOS_TEXT = "<|im_end|>"
 
@@ -40,22 +40,15 @@ def done(started: float, what: str) -> None:
 
 def build_drafts(gguf: Path) -> tuple[dict[str, Path], str]:
     """device -> draft directory, and where the drafts came from."""
-    from sled_models.pretrained import distilled_drafts, self_draft
+    from sled_models.pretrained import distilled_drafts, drafts_by_device, self_draft
 
     out = distilled_drafts(gguf)
     if out is not None:
-        return choose_drafts(out), ("built for the target by sled-models distill (its default recipe: the target's "
+        return drafts_by_device(out), ("built for the target by sled-models distill (its default recipe: the target's "
                                     "own weights quantized block-wise, 8 bits on the Jetson, 4 bits on the Pis)")
     draft = self_draft(gguf, log=lambda message: print(f"      {message}", flush=True))
     return {device: draft for device in DEVICES}, \
         "the target's own ONNX export (sled-models distill is not available here: every greedy token is accepted)"
-
-
-def choose_drafts(out: Path) -> dict[str, Path]:
-    """Each device's draft among the ONNX directories under ``out``."""
-    from sled_models.pretrained import drafts_by_device
-
-    return drafts_by_device(out)
 
 
 class Printer:
@@ -112,7 +105,7 @@ async def ask_all(ports: dict[str, int], max_tokens: int) -> dict[str, dict]:
     printer = Printer()
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        answers = await asyncio.gather(*(ask(session, device, port, DEVICES[device][1], max_tokens, printer)
+        answers = await asyncio.gather(*(ask(session, device, port, DEVICES[device], max_tokens, printer)
                                          for device, port in ports.items()))
     return dict(zip(ports, answers))
 
@@ -126,7 +119,7 @@ def check_exact(hf_dir: Path, answers: dict[str, dict], max_tokens: int) -> dict
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     exact = {}
     for device, answer in answers.items():
-        ids = torch.tensor([list(tokenizer.apply_chat_template([{"role": "user", "content": DEVICES[device][1]}],
+        ids = torch.tensor([list(tokenizer.apply_chat_template([{"role": "user", "content": DEVICES[device]}],
                                                               add_generation_prompt=True))])
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
@@ -217,7 +210,7 @@ def run(workdir: Path, max_tokens: int) -> int:
         done(started, f"ready, {time.monotonic() - first:.0f} s after start")
         print(f"\neach device asks its own question (chat template, greedy, up to {max_tokens} tokens); streaming:")
         for device in ports:
-            print(f"  {device:<12}> {DEVICES[device][1]}")
+            print(f"  {device:<12}> {DEVICES[device]}")
         answers = asyncio.run(ask_all(ports, max_tokens))
     finally:
         for child in reversed(children):

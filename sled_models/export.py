@@ -62,10 +62,7 @@ def quantize_int8(onnx_dir: Path, out_dir: Path) -> Path:
     """Dynamic int8 quantisation of the weights (activations stay float): smaller and faster on ARM CPUs."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in onnx_dir.iterdir():
-        if item.suffix != ".onnx" and item.is_file() and not item.name.endswith(".onnx_data"):
-            shutil.copy2(item, out_dir / item.name)
+    _copy_beside_model(onnx_dir, out_dir)
     quantize_dynamic(str(onnx_dir / "model.onnx"), str(out_dir / "model.onnx"), weight_type=QuantType.QInt8)
     return out_dir
 
@@ -83,15 +80,21 @@ def quantize_blockwise(onnx_dir: Path, out_dir: Path, bits: int, block_size: int
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a product
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in onnx_dir.iterdir():
-        if item.is_file() and not item.name.startswith("model.onnx"):
-            shutil.copy2(item, out_dir / item.name)
+    _copy_beside_model(onnx_dir, out_dir)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(onnx_dir / "model.onnx")), bits=bits, block_size=block_size,
                                      is_symmetric=symmetric, accuracy_level=4)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out_dir / "model.onnx"), use_external_data_format=True)
     return out_dir
+
+
+def _copy_beside_model(onnx_dir: Path, out_dir: Path) -> None:
+    """Everything of an export but its ONNX graph and weights (config, tokenizer, chat template) into ``out_dir``,
+    which a quantizer then fills with its own model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in onnx_dir.iterdir():
+        if item.is_file() and ".onnx" not in item.name:  # model.onnx, model.onnx_data, model.onnx.data
+            shutil.copy2(item, out_dir / item.name)
 
 
 def check_vocab(draft_dir: Path, target_dir: Path) -> str:

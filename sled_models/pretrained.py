@@ -140,18 +140,9 @@ def self_draft(model: str | Path, cache: Path | None = None, log=None) -> Path:
 
     source = model_directory(model, log=log)
     out = (cache or sled_cache_dir()) / "self-drafts" / source.resolve().name
-    if (out / "model.onnx").is_file():
-        return out
-    if log is not None:
+    if log is not None and not (out / "model.onnx").is_file():
         log(f"exporting {source.name} to ONNX as its own draft, once: {out}")
-    partial = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(partial, ignore_errors=True)
-    export_draft(source, partial)
-    try:
-        partial.rename(out)
-    except OSError:  # another process exported it meanwhile
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return _built_once(out, lambda partial: export_draft(source, partial))
 
 
 def quantized_self_draft(model: str | Path, bits: int = 4, cache: Path | None = None, log=None) -> Path:
@@ -161,12 +152,18 @@ def quantized_self_draft(model: str | Path, bits: int = 4, cache: Path | None = 
     from sled_models.export import quantize_blockwise
 
     source = self_draft(model, cache, log)
-    out = source.with_name(f"{source.name}-nbits{bits}")
+    return _built_once(source.with_name(f"{source.name}-nbits{bits}"),
+                       lambda partial: quantize_blockwise(source, partial, bits))
+
+
+def _built_once(out: Path, build) -> Path:
+    """``out``, built by ``build(partial)`` into a directory of this process's own and renamed into place unless
+    it holds a model already: a concurrent reader never sees half a draft, and a concurrent builder's copy wins."""
     if (out / "model.onnx").is_file():
         return out
     partial = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(partial, ignore_errors=True)
-    quantize_blockwise(source, partial, bits)
+    build(partial)
     try:
         partial.rename(out)
     except OSError:  # another process built it meanwhile

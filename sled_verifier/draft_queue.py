@@ -10,10 +10,11 @@ deferred; ``sled_verifier.scheduler`` decides when and how many (``delay_s``, ``
 - bounded: a draft of a session with nothing queued is refused while ``max_drafts`` are queued, or while
   its device has ``device_max_drafts`` queued (one device cannot fill the queue for the others);
 - taken fairly: round robin across devices (each device's oldest draft, devices in the order of their
-  oldest draft, those over their share last; then each one's second oldest; ...), so when a step cannot take everything, a device with
-  200 queued drafts gets one place per round like a device with one; and one device's drafts add at most
-  ``device_step_tokens`` tokens to a step (its first always goes), so a device running many sessions cannot
-  make every step long for the others: its sessions share its part of each step; a device over its share
+  oldest draft, those over their share last; then each one's second oldest; ...), so when a step cannot
+  take everything, a device with 200 queued drafts gets one place per round like a device with one; and
+  one device's drafts add at most ``device_step_tokens`` tokens to a step (its first always goes), so a
+  device running many sessions cannot make every step long for the others: its sessions share its part
+  of each step; a device over its share
   of the verifier's time (``FairShare``, told by ``over_share``) adds its first draft only, and a queue of
   such drafts alone, of devices with more queued behind them, is ``held`` (the scheduler lets them ride
   along others' steps);

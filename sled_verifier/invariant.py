@@ -168,32 +168,6 @@ def rule_holds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return True
 
 
-def stable_group(in_features: int, out_features: int, has_bias: bool, device: torch.device,
-                 dtype: torch.dtype) -> int | None:
-    """The BLAS's smallest row group g in ``GROUPS`` such that every row's product is bitwise the same in
-    products of every multiple of g rows, wherever it falls in them; None if there is none."""
-    x, weight, bias = probe_tensors(in_features, out_features, has_bias, device, dtype)
-    with torch.inference_mode():
-        for group in GROUPS:
-            if row_invariant(x, weight, bias, group):
-                return group
-    return None
-
-
-def row_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: int) -> bool:
-    """Whether each row of ``x`` gets the same bits in every product of a multiple of ``group`` rows: the
-    reference computes every row in a product of exactly ``group`` rows, at two positions in it (chunks of x,
-    and chunks of x shifted by one row); each probed product of n rows must give every row those bits."""
-    rows = x.shape[0]
-    chunks = torch.cat([F.linear(x[i : i + group], weight, bias) for i in range(0, rows, group)])   # [rows, out]
-    shifted = torch.roll(x, 1, 0)
-    moved = torch.cat([F.linear(shifted[i : i + group], weight, bias) for i in range(0, rows, group)])
-    if not torch.equal(torch.roll(moved, -1, 0), chunks):
-        return False
-    counts = [*range(group, 65, group), *(n for n in (96, 128, 160, 192, 256, 320, 384, rows) if n % group == 0)]
-    return all(torch.equal(F.linear(x[:n], weight, bias), chunks[:n]) for n in counts)
-
-
 def least_padding(rules: list[Rule]) -> Rule:
     """Of the rules that hold, the one that pads least at a step's small row counts (a lone token, one
     verification of 5, then 2-4 rows); ties go to the kernel listed first (``kernels``: oneDNN before the BLAS,
