@@ -64,15 +64,19 @@ def native_bf16() -> bool:
 
 def gemm_flops_per_s(dtype: torch.dtype, size: int = 1536, repeat: int = 5) -> float:
     """The peak of one large square product: the faster of the BLAS (torch.mm) and, where the build has it,
-    oneDNN's inner product over a weight reordered once (what ``sled_verifier.invariant`` may run)."""
+    each of ``sled_verifier.invariant``'s own kernels (oneDNN's inner product over a weight reordered once, the
+    native panel kernel) over a weight prepared once, as the verifier runs them."""
     from sled_verifier.invariant import kernels, prepare, product
 
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     best = median_time(lambda: torch.mm(a, b), repeat)
-    if "onednn" in kernels(torch.device("cpu")):
-        packed = prepare("onednn", b)
-        best = min(best, median_time(lambda: product("onednn", a, packed, None), repeat))
+    for kernel in set(kernels(torch.device("cpu"))) - {"blas"}:
+        try:
+            packed = prepare(kernel, b.t().contiguous())  # a linear's weight is [out, in]: a @ b = a @ (b^T)^T
+            best = min(best, median_time(lambda: product(kernel, a, packed, None, size), repeat))
+        except RuntimeError:  # this kernel does not take the dtype
+            continue
     return 2 * size**3 / best
 
 
@@ -84,7 +88,9 @@ def model_costs(target, rows: int, tokens: int, context: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in weights.values())
     embedding = model.get_input_embeddings().weight
     tied = any(p is embedding for p in (model.get_output_embeddings().weight,))
-    matmul_params = sum(p.numel() for p in weights.values() if p.dim() == 2) - (0 if tied else embedding.numel())
+    # products' weights: 2-D as loaded or reordered, 3-D as native panels (whose zero fill past a non-multiple of
+    # 64 outputs counts too: the kernel computes it)
+    matmul_params = sum(p.numel() for p in weights.values() if p.dim() >= 2) - (0 if tied else embedding.numel())
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", heads)
@@ -133,7 +139,10 @@ def where_it_goes(target, rows: int, tokens: int, context: int) -> dict:
     calls: dict[str, int] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         name, shapes = event.key, [s or [] for s in (event.input_shapes or [])]
-        if name in ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise"):
+        if name.startswith("sled::native_linear["):  # [rows x in x out]
+            rows_in_out = [int(v) for v in name[len("sled::native_linear["):-1].split("x")]
+            kind = "vocabulary head" if rows_in_out[2] == vocab else f"products of {rows_in_out[0]} rows"
+        elif name in ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise"):
             operand = shapes[1] if name == "aten::addmm" and len(shapes) > 1 else (shapes[0] if shapes else [])
             operand = [1, *operand] if len(operand) == 1 else operand
             m = operand[-2] if len(operand) >= 2 else 0

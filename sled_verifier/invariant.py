@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sled_verifier import native
+
 CPU_TILE = 8    # rows per block on CPU when no padding regime exists
 CUDA_TILE = 64  # rows per block on a GPU: small enough to pad little, large enough to keep tensor cores fed
 FLOORS = (1, 2, 4, 8)                # least rows per product the probe tries (any count above: no group)
@@ -76,19 +78,28 @@ def default_tile(device: torch.device) -> int:
 
 
 def kernels(device: torch.device) -> tuple[str, ...]:
-    """The product kernels this device has: oneDNN's reordered inner product on a CPU build with it, and the BLAS."""
-    onednn = device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+    """The product kernels this device has, in order of preference: the verifier's own (``native``: one thread
+    on a CPU with AVX2/FMA and a C compiler), oneDNN's reordered inner product on a CPU build with it, the BLAS."""
+    cpu = device.type == "cpu"
+    native_ok = cpu and torch.get_num_threads() == 1 and native.available()
+    onednn = cpu and torch.backends.mkldnn.is_available() and \
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return ("onednn", "blas") if onednn else ("blas",)
+    return ("native",) * native_ok + ("onednn",) * onednn + ("blas",)
 
 
 def prepare(kernel: str, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as ``kernel`` reads it: oneDNN's own layout, reordered once (a copy), or the weight itself."""
+    """The weight as ``kernel`` reads it: packed in 64-output panels, oneDNN's own layout (each a copy, made
+    once), or the weight itself."""
+    if kernel == "native":
+        return native.pack(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight, None) if kernel == "onednn" else weight
 
 
-def product(kernel: str, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def product(kernel: str, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            out_features: int) -> torch.Tensor:
     """``flat @ weight.T + bias`` by ``kernel``, ``weight`` as ``prepare`` made it: ``[T, in]`` -> ``[T, out]``."""
+    if kernel == "native":
+        return native.linear(flat, weight, bias, out_features)
     if kernel == "onednn":
         return torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
     return F.linear(flat, weight, bias)
@@ -103,7 +114,7 @@ def ruled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     pad = rule.rows(rows) - rows
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, features)])
-    out = product(rule.kernel, flat, weight, bias)
+    out = product(rule.kernel, flat, weight, bias, out_features)
     return (out[:rows] if pad else out).reshape(*x.shape[:-1], out_features)
 
 
@@ -142,27 +153,28 @@ def stable_rule(kernel: str, in_features: int, out_features: int, has_bias: bool
     can make, wherever the row falls in it: the smallest floor in ``FLOORS`` with no group, else the smallest
     group in ``GROUPS``; None if there is none (or the kernel refuses this dtype)."""
     x, weight, bias = probe_tensors(in_features, out_features, has_bias, device, dtype)
+    out = weight.shape[0]
     with torch.inference_mode():
         try:
             weight = prepare(kernel, weight)
-            product(kernel, x[:2], weight, bias)
+            product(kernel, x[:2], weight, bias, out)
         except RuntimeError:
             return None
         for rule in [*(Rule(kernel, f, 1) for f in FLOORS), *(Rule(kernel, g, g) for g in GROUPS[1:])]:
-            if rule_holds(x, weight, bias, rule):
+            if rule_holds(x, weight, bias, rule, out):
                 return rule
     return None
 
 
-def rule_holds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rule: Rule) -> bool:
+def rule_holds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rule: Rule, out: int) -> bool:
     """Whether each row of ``x`` gets the same bits in every product ``rule`` makes: against the product of all
     of x, every count up to 64 and a spread above, at the start of x and one row in (a row's position moves)."""
-    reference = product(rule.kernel, x, weight, bias)                                # [rows, out]
+    reference = product(rule.kernel, x, weight, bias, out)                           # [rows, out]
     rows = x.shape[0]
     counts = sorted({rule.rows(n) for n in (*range(1, 65), 96, 128, 160, 192, 256, 320, 384, rows - 1)})
     for n in counts:
         for start in (0, 1):
-            if start + n <= rows and not torch.equal(product(rule.kernel, x[start : start + n], weight, bias),
+            if start + n <= rows and not torch.equal(product(rule.kernel, x[start : start + n], weight, bias, out),
                                                      reference[start : start + n]):
                 return False
     return True

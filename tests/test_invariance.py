@@ -104,7 +104,7 @@ def test_the_probe_chooses_a_regime_that_holds(tiny_models, record_property):
     regime = target.batch_invariance
     record_property("batch_invariance", regime)
     print(f"batch_invariance on this CPU: {regime}")
-    rule = r"(rows-of-\d+|blas-from-\d+|onednn(-from-\d+)?(-of-\d+)?|tiles-\d+)"
+    rule = r"(rows-of-\d+|blas-from-\d+|(onednn|native)(-from-\d+)?(-of-\d+)?|tiles-\d+)"
     assert re.fullmatch(rf"{rule}(\+{rule})*", regime), regime
     for session, alone, batched in alone_and_batched(target, 7):
         assert torch.equal(alone, batched), f"{regime}: session {session} {(alone - batched).abs().max().item():.3g} apart"

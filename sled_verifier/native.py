@@ -1,0 +1,138 @@
+"""The verifier's own CPU kernels (``csrc/*.c``): built once per machine with its C compiler, called through ctypes.
+
+Why our own: at the 1-5 rows of a verification step a float32 product is a stream of its weight, and neither
+of torch's CPU kernels streams it at memory speed on one core (MKL's small-M GEMM re-packs the weight on every
+call; oneDNN's inner product reads it at ~2/3 of the read bandwidth). ``csrc/linear.c`` reads a weight packed once
+into 64-output panels as one contiguous stream, and is batch invariant by construction (each output one fused
+multiply-add chain over its inputs in order), so no row padding is needed either. It is one candidate of the
+load-time probe (``sled_verifier.invariant``), which checks its invariance bitwise like any other kernel's.
+
+Every ``csrc/*.c`` is built, as one library, with ``-O3 -march=native`` (no fast-math: the arithmetic is the one
+written) into ``$SLED_CACHE/native/kernels-<key>.so``, the key covering the sources, the flags, the compiler and this CPU's
+flags, so a cache shared between machines never loads another CPU's build. Without a C compiler, or on a CPU
+without AVX2 and FMA, there is no native kernel and the probe keeps torch's. ``SLED_NATIVE=0`` turns it off.
+One thread: a product runs on the calling thread (the verifier's torch thread count is set at start; with more
+than one thread the probe keeps oneDNN's, which splits a product between threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import structlog
+import torch
+
+from sled_verifier.gguf import sled_cache_dir
+
+log = structlog.get_logger("sled_verifier")
+
+SOURCES = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+PANEL = 64  # outputs per packed panel (csrc/linear.c's PANEL)
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(cc: str) -> Path:
+    """The compiled library, from the cache when this source, compiler and CPU built it before."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    sources = sorted(SOURCES.glob("*.c"))
+    texts = [f"{p.name}\0{p.read_text()}" for p in sources]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, cpu_flags()]).encode()).hexdigest()[:16]
+    target = sled_cache_dir() / "native" / f"kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([cc, *FLAGS, "-o", str(built), *map(str, sources)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "cc failed")
+            os.replace(built, target)  # atomic: a concurrent loader sees the whole library or none
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (no compiler, no AVX2/FMA, a failed build, ``SLED_NATIVE=0``), said once."""
+    if os.environ.get("SLED_NATIVE", "1") == "0":
+        return None
+    cc = compiler()
+    if cc is None:
+        log.info("native_kernels_unavailable", reason="no C compiler (cc/gcc, or $CC)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.info("native_kernels_unavailable", reason=str(exc))
+        return None
+    return lib
+
+
+@functools.cache
+def function(name: str, *argtypes) -> ctypes._CFuncPtr | None:
+    """The library's C function ``name`` with its argument types set (returning void), or None without it."""
+    lib = library()
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), None
+    return fn
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` float32 -> panels ``[ceil(out / 64), in, 64]`` (zero rows fill the last panel): once, at load."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise RuntimeError("native kernels take float32 on the CPU")
+    width = PANEL
+    out, features = weight.shape
+    padded = -(-out // width) * width
+    if padded != out:
+        weight = torch.cat([weight, weight.new_zeros(padded - out, features)])
+    return weight.reshape(padded // width, width, features).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` ``[T, in]`` float32 and ``packed`` from ``pack``: ``[T, out]``."""
+    fn = function("sled_linear", P, P, P, P, I64, I64, I64, I64, I64)
+    if fn is None:
+        raise RuntimeError("native kernels unavailable")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise RuntimeError("native kernels take float32 on the CPU")
+    x = x.contiguous()
+    rows, features = x.shape
+    panels = packed.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()
+    y = x.new_empty(rows, out_features)
+    if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
+        with torch.profiler.record_function(f"sled::native_linear[{rows}x{features}x{out_features}]"):
+            fn(x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
+                            y.data_ptr(), rows, features, out_features, 0, panels)
+        return y
+    fn(x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                    rows, features, out_features, 0, panels)
+    return y

@@ -1,0 +1,71 @@
+"""The verifier's own CPU kernels (sled_verifier/native.py, csrc/): built on this machine, checked bitwise.
+
+The native product is chosen by the load-time probe at one thread on a CPU with AVX2/FMA; it must be the
+linear (to float tolerance), give every row the same bits in any product (any row count, any position, any
+output count), and carry a model's rows through both runtimes batch-invariantly. Where the machine cannot
+build it the tests say so and skip: the verifier then runs torch's kernels (tests/test_invariance.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sled_verifier import native
+from sled_verifier.invariant import kernels
+from sled_verifier.runtime import load_target
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels on this machine (no cc or no AVX2/FMA)")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("outputs, features, bias", [(24, 40, True), (130, 576, False), (64, 1536, True), (1, 7, True)])
+def test_the_native_product_is_the_linear_and_row_invariant(outputs, features, bias):
+    """Output counts inside, at and past a 64-wide panel; an input length no vector divides; with and without
+    bias. Every row's bits are the same in products of every size from 1 to 40 rows, starting anywhere."""
+    generator = torch.Generator().manual_seed(outputs)
+    weight = torch.randn(outputs, features, generator=generator)
+    b = torch.randn(outputs, generator=generator) if bias else None
+    x = torch.randn(48, features, generator=generator)
+    packed = native.pack(weight)
+    assert packed.shape == (-(-outputs // 64), features, 64)
+    whole = native.linear(x, packed, b, outputs)
+    assert torch.allclose(whole, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+    for rows in range(1, 41):
+        for start in (0, 1, 48 - rows):
+            assert torch.equal(native.linear(x[start : start + rows], packed, b, outputs), whole[start : start + rows]), \
+                f"{rows} rows from {start}"
+
+
+def test_the_native_product_refuses_what_it_cannot_compute():
+    with pytest.raises(RuntimeError):
+        native.pack(torch.randn(8, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError):
+        native.linear(torch.randn(2, 8, dtype=torch.float64), native.pack(torch.randn(8, 8)), None, 8)
+
+
+def test_the_probe_offers_it_at_one_thread_only(one_thread):
+    """One thread: native first (the kernel runs on the calling thread); more threads: oneDNN's, which splits."""
+    assert kernels(torch.device("cpu"))[0] == "native"
+    torch.set_num_threads(2)
+    assert "native" not in kernels(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "compiled"])
+def test_a_model_served_through_it_is_batch_invariant(tiny_models, runtime, one_thread):
+    """Both runtimes at one thread take the native product for every shape, and a row's logits are bitwise
+    the same alone and in random batches (the check of tests/test_invariance.py)."""
+    from tests.test_invariance import alone_and_batched
+
+    target = load_target(tiny_models.target, runtime, "cpu")
+    assert target.batch_invariance == "native", target.batch_invariance
+    for seed in range(2):
+        for session, alone, batched in alone_and_batched(target, seed):
+            assert torch.equal(alone, batched), f"seed {seed} session {session}"
