@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sled_verifier import tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
@@ -145,6 +146,7 @@ class CompiledTarget:
         fuse_projections(self.model)
         self.batch_invariance = make_batch_invariant(self.model, self.device, products) if batch_invariant else "off"
         self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
+        self.per_token = not self.static and tokenwise.usable(self.model, self.device)  # native per-token work (eager)
         self.shapes = ShapeBudget(max_compiled_shapes)
         self._compiled = None
         if self.static:
@@ -207,6 +209,8 @@ class CompiledTarget:
         return arguments, rows, m_max
 
     def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
+        if self.per_token:
+            return self._tokenwise_layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)
         batch, m = hidden.shape[:2]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -223,6 +227,19 @@ class CompiledTarget:
         mlp = layer.mlp
         gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _tokenwise_layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
+        """The same layer with its per-token work in native calls (``sled_verifier.tokenwise``)."""
+        batch, m = hidden.shape[:2]
+        attn, mlp = layer.self_attn, layer.mlp
+        keys, values = self.kv.keys[index], self.kv.values[index]                           # [S+1, Hkv, L, D]
+        qkv = tokenwise.rope_write(attn.qkv_proj(tokenwise.rmsnorm(hidden, layer.input_layernorm)), cos, sin, keys, values,
+                               write_slots, write_positions, self.heads, self.kv_heads)     # q rotated in place
+        q = qkv[..., : self.heads * self.head_dim].view(batch, m, self.heads, self.head_dim).transpose(1, 2)
+        attended = attend(q, keys, values)                                                  # [B, M, H, D]
+        hidden = hidden + attn.o_proj(attended.reshape(batch, m, self.heads * self.head_dim))
+        gate_up = mlp.gate_up_proj(tokenwise.rmsnorm(hidden, layer.post_attention_layernorm))
+        return hidden + mlp.down_proj(tokenwise.silu_mul(gate_up))
 
     def _head(self, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:  # prefill: only the caches matter; project one position per row

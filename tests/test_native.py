@@ -69,3 +69,39 @@ def test_a_model_served_through_it_is_batch_invariant(tiny_models, runtime, one_
     for seed in range(2):
         for session, alone, batched in alone_and_batched(target, seed):
             assert torch.equal(alone, batched), f"seed {seed} session {session}"
+
+
+def test_the_per_token_kernels_are_torchs_operators_to_float_rounding():
+    """RMS norm, SiLU(gate) x up and the rotary embedding with its KV write (``sled_verifier.tokenwise``) against
+    transformers' own modules, on shapes with tails no vector divides; each token's output its own (bitwise the
+    same computed alone)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from sled_verifier import tokenwise
+
+    generator = torch.Generator().manual_seed(5)
+    norm = LlamaRMSNorm(100, eps=1e-6)
+    norm.weight.data = torch.randn(100, generator=generator)
+    x = torch.randn(3, 7, 100, generator=generator) * 3
+    normed = tokenwise.rmsnorm(x, norm)
+    assert torch.allclose(normed, norm(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokenwise.rmsnorm(x[1:2, 3:4], norm), normed[1:2, 3:4])
+    gate_up = torch.randn(2, 5, 2 * 37, generator=generator) * 6
+    gate_up[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # far tails of the exponential
+    expected = torch.nn.functional.silu(gate_up[..., :37]) * gate_up[..., 37:]
+    assert torch.allclose(tokenwise.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
+    heads, kv_heads, dim, batch, m = 4, 2, 16, 2, 3
+    qkv = torch.randn(batch, m, (heads + 2 * kv_heads) * dim, generator=generator)
+    angles = torch.randn(batch, m, dim // 2, generator=generator).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    keys, values = torch.zeros(4, kv_heads, 10, dim), torch.zeros(4, kv_heads, 10, dim)
+    slots, positions = torch.tensor([[1, 1, 1], [2, 2, 3]]), torch.tensor([[4, 5, 6], [0, 1, 0]])
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q_ref, k_ref = apply_rotary_pos_emb(q.view(batch, m, heads, dim).transpose(1, 2),
+                                        k.view(batch, m, kv_heads, dim).transpose(1, 2), cos, sin)
+    out = tokenwise.rope_write(qkv.clone(), cos, sin, keys, values, slots, positions, heads, kv_heads)
+    assert torch.equal(out[..., : heads * dim].view(batch, m, heads, dim).transpose(1, 2), q_ref)
+    for b in range(batch):
+        for t in range(m):
+            assert torch.equal(keys[slots[b, t], :, positions[b, t]], k_ref[b, :, t])
+            assert torch.equal(values[slots[b, t], :, positions[b, t]], v.view(batch, m, kv_heads, dim)[b, t])

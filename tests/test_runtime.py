@@ -22,10 +22,13 @@ ROUNDS = [[1, 2, 3], [4], [6, 7]]
 
 
 def test_both_runtimes_give_the_same_logits(tiny_models):
+    """To float rounding: the compiled runtime's norms, rotary embedding and SiLU are native calls on a CPU
+    (``sled_verifier.tokenwise``), rounded differently from torch's operators (~1e-5 on logits of ~15-20 here,
+    a few float32 ulps)."""
     reference = scores(load_target(tiny_models.target, "transformers", "cpu"), CONTEXTS, ROUNDS)
     compiled = scores(load_target(tiny_models.target, "compiled", "cpu"), CONTEXTS, ROUNDS)
     for row, tokens in enumerate(ROUNDS):
-        assert torch.allclose(reference[row, : len(tokens)], compiled[row, : len(tokens)], atol=1e-5)
+        assert torch.allclose(reference[row, : len(tokens)], compiled[row, : len(tokens)], atol=1e-4, rtol=0)
 
 
 def test_the_compiled_runtime_refuses_other_architectures_by_name(tiny_models):

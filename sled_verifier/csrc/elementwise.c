@@ -1,0 +1,142 @@
+/* The per-token work between a layer's products, float32, for the compiled runtime's forward on a CPU
+   (sled_verifier/tokenwise.py): an RMS norm, SiLU(gate) * up, and the rotary embedding with the KV write. One C
+   call each per layer, where torch spends 8-20 operators (and their Python) on each: at the few rows of a
+   verification step those operators, not their arithmetic, were a quarter of the step.
+
+   Every output is a function of its own token's inputs alone, by one fixed arithmetic (the vector path for
+   every element, tails through a zero-padded vector): batch and width invariant by construction. Built with
+   -std=c11, so the compiler contracts nothing into fused multiply-adds that is not written as one. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+typedef __m512 vec;
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VSET(s) _mm512_set1_ps(s)
+#define VZERO() _mm512_setzero_ps()
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VDIV(a, b) _mm512_div_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VMIN(a, b) _mm512_min_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* 2^n for integral n in [-127, 127] as a float: the exponent field built directly */
+#define VPOW2I(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
+                                                                           _mm512_set1_epi32(127)), 23))
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LANES 8
+typedef __m256 vec;
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VSET(s) _mm256_set1_ps(s)
+#define VZERO() _mm256_setzero_ps()
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSUB(a, b) _mm256_sub_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VDIV(a, b) _mm256_div_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VMIN(a, b) _mm256_min_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2I(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
+                                                                           _mm256_set1_epi32(127)), 23))
+#else
+#error "sled kernels need AVX2 with FMA, or AVX-512"
+#endif
+
+/* e^x, within ~2 ulp over the float range (Cody-Waite reduction, degree-6 polynomial); below -87 it flushes
+   to a tiny normal number rather than a denormal, which SiLU (x / (1 + e^-x)) does not see. */
+static inline vec vexp(vec x) {
+    x = VMAX(VMIN(x, VSET(88.0f)), VSET(-87.0f));
+    vec n = VROUND(VMUL(x, VSET(1.44269504088896341f)));
+    vec r = VFMA(n, VSET(-0.693359375f), x);
+    r = VFMA(n, VSET(2.12194440e-4f), r);
+    vec p = VSET(1.9875691500e-4f);
+    p = VFMA(p, r, VSET(1.3981999507e-3f));
+    p = VFMA(p, r, VSET(8.3334519073e-3f));
+    p = VFMA(p, r, VSET(4.1665795894e-2f));
+    p = VFMA(p, r, VSET(1.6666665459e-1f));
+    p = VFMA(p, r, VSET(5.0000001201e-1f));
+    p = VFMA(VMUL(p, r), r, VADD(r, VSET(1.0f)));
+    return VMUL(p, VPOW2I(n));
+}
+
+/* out[t][i] = silu(gu[t][i]) * gu[t][inter + i] for the [T][2 * inter] output of a fused gate/up product */
+void sled_silu_mul(const float *gu, float *out, int64_t T, int64_t inter) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * inter, *u = g + inter;
+        float *o = out + t * inter;
+        for (int64_t i = 0; i < inter; i += LANES) {
+            float gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
+            int64_t n = inter - i < LANES ? inter - i : LANES;
+            const float *gp = g + i, *up = u + i;
+            float *op = o + i;
+            if (n < LANES) {
+                memcpy(gb, gp, n * sizeof(float)), memcpy(ub, up, n * sizeof(float));
+                gp = gb, up = ub, op = ob;
+            }
+            vec gv = VLOAD(gp);
+            vec silu = VDIV(gv, VADD(VSET(1.0f), vexp(VSUB(VZERO(), gv))));
+            VSTORE(op, VMUL(silu, VLOAD(up)));
+            if (n < LANES) memcpy(o + i, ob, n * sizeof(float));
+        }
+    }
+}
+
+/* out[t] = weight * (x[t] / sqrt(mean(x[t]^2) + eps)), as transformers' LlamaRMSNorm computes it in float32 */
+void sled_rmsnorm(const float *x, const float *weight, float *out, int64_t T, int64_t dim, float eps) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * dim;
+        vec acc = VZERO();
+        for (int64_t i = 0; i < dim; i += LANES) {
+            float b[LANES] = {0};
+            int64_t n = dim - i < LANES ? dim - i : LANES;
+            const float *p = xt + i;
+            if (n < LANES) memcpy(b, p, n * sizeof(float)), p = b;
+            vec v = VLOAD(p);
+            acc = VFMA(v, v, acc);
+        }
+        float lanes[LANES], sum = 0.0f;
+        VSTORE(lanes, acc);
+        for (int l = 0; l < LANES; l++) sum += lanes[l];
+        float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) out[t * dim + i] = weight[i] * (xt[i] * inv);
+    }
+}
+
+/* The rotary embedding of each token's q (in place) and k heads, as transformers' apply_rotary_pos_emb
+   computes it (x * cos + rotate_half(x) * sin, no fused multiply-add), then k and v written into the layer's
+   KV store: qkv [T][(H + 2 Hkv) D] (one fused product's output), cos/sin [T][D], keys/values
+   [S+1][Hkv][L][D], token t's key into slot slots[t] at position positions[t]. */
+void sled_rope_write(float *qkv, const float *cos, const float *sin, float *keys, float *values,
+                     const int64_t *slots, const int64_t *positions, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                     int64_t L) {
+    int64_t half = D / 2, width = (H + 2 * Hkv) * D;
+    float rotated[1024];
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * width;
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < H + Hkv; h++) {
+            float *x = row + h * D;
+            for (int64_t d = 0; d < half; d++) {
+                rotated[d] = x[d] * c[d] + (-x[d + half]) * s[d];
+                rotated[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
+            }
+            if (h < H) {
+                memcpy(x, rotated, D * sizeof(float));
+            } else {
+                memcpy(keys + ((slots[t] * Hkv + (h - H)) * L + positions[t]) * D, rotated, D * sizeof(float));
+            }
+        }
+        for (int64_t h = 0; h < Hkv; h++)
+            memcpy(values + ((slots[t] * Hkv + h) * L + positions[t]) * D, row + (H + Hkv + h) * D, D * sizeof(float));
+    }
+}
