@@ -31,6 +31,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sled_verifier import tokenwise
 from sled_verifier.attention import attend_rows, row_plan
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
@@ -110,6 +111,8 @@ class TransformersTarget:
         self.device = self.model.get_input_embeddings().weight.device  # inputs go in here; logits come back
         self.layer_devices = layer_devices(self.model)
         self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
+        if all(d.type == "cpu" for d in self.layer_devices) and tokenwise.usable(self.model, self.device):
+            tokenwise.route_modules(self.model)  # native norms and SiLU x up (``sled_verifier.tokenwise``)
         self.width_invariant = batch_invariant  # block attention (``sled_verifier.attention``); off: plain kernels
         config = self.model.config
         self.vocab_size: int = config.vocab_size

@@ -6,11 +6,14 @@ in their arithmetic: ~200 operators a layer, a quarter of a 1x5 step on one core
 Each output depends on its own token alone, so the forward stays batch and width invariant; its bits differ
 from torch's operators' (by float rounding: tests/test_runtime.py holds both runtimes within 1e-5).
 
-Used by the eager forward of ``sled_verifier.compiled`` on a CPU in float32 with the native library built, for
-a model whose MLP is SiLU-gated and whose norms are RMS norms (the Llama family it serves); otherwise torch's.
+Used on a CPU in float32 with the native library built, for a model whose MLP is SiLU-gated and whose norms
+are RMS norms (the Llama family): all of it by the eager forward of ``sled_verifier.compiled``; the norms and
+the MLP by the transformers runtime (``route_modules``); otherwise torch's operators.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -42,8 +45,43 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
-    native.function("sled_silu_mul", P, P, I64, I64)(gate_up.data_ptr(), out.data_ptr(), out.numel() // inter, inter)
+    _silu_mul()(gate_up.data_ptr(), gate_up.data_ptr() + 4 * inter, 2 * inter, out.data_ptr(), out.numel() // inter, inter)
     return out
+
+
+def silu_mul_apart(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for two products' outputs ``[..., inter]`` each."""
+    gate, up = gate.contiguous(), up.contiguous()
+    inter = gate.shape[-1]
+    out = torch.empty_like(gate)
+    _silu_mul()(gate.data_ptr(), up.data_ptr(), inter, out.data_ptr(), out.numel() // inter, inter)
+    return out
+
+
+def _silu_mul():
+    return native.function("sled_silu_mul", P, P, I64, P, I64, I64)
+
+
+NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # weight * x / rms(x): not Gemma's (1 + weight)
+MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")               # down(act(gate(x)) * up(x))
+
+
+def route_modules(model) -> int:
+    """The transformers runtime's share: the Llama family's RMS norms and SiLU-gated MLPs (their products stay
+    the modules' own linears) through the native calls. The rotary embedding and KV write stay transformers'
+    (inside its attention); returns the modules routed."""
+    routed = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(lambda self, x: rmsnorm(x, self), module)
+        elif kind in MLPS and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(
+                lambda self, x: self.down_proj(silu_mul_apart(self.gate_proj(x), self.up_proj(x))), module)
+        else:
+            continue
+        routed += 1
+    return routed
 
 
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

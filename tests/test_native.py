@@ -105,3 +105,21 @@ def test_the_per_token_kernels_are_torchs_operators_to_float_rounding():
         for t in range(m):
             assert torch.equal(keys[slots[b, t], :, positions[b, t]], k_ref[b, :, t])
             assert torch.equal(values[slots[b, t], :, positions[b, t]], v.view(batch, m, kv_heads, dim)[b, t])
+
+
+def test_the_transformers_runtime_routes_the_llama_familys_norms_and_mlp(tiny_models):
+    """Its RMS norms and SiLU-gated MLPs run the native calls (the products stay the modules' linears), and its
+    logits stay the plain torch model's to float rounding."""
+    from sled_verifier import tokenwise
+    from tests.test_runtime import CONTEXTS, ROUNDS, scores
+
+    target = load_target(tiny_models.target, "transformers", "cpu")
+    routed = [m for m in target.model.modules() if type(m).__name__ in (*tokenwise.NORMS, *tokenwise.MLPS)]
+    assert routed and all("forward" in vars(m) for m in routed)
+    plain = load_target(tiny_models.target, "transformers", "cpu")
+    for module in plain.model.modules():
+        if type(module).__name__ in (*tokenwise.NORMS, *tokenwise.MLPS):
+            del module.forward  # the class's own forward: torch's operators
+    ours, theirs = scores(target, CONTEXTS, ROUNDS), scores(plain, CONTEXTS, ROUNDS)
+    for row, tokens in enumerate(ROUNDS):
+        assert torch.allclose(ours[row, : len(tokens)], theirs[row, : len(tokens)], atol=1e-4, rtol=0)

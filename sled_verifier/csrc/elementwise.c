@@ -69,23 +69,24 @@ static inline vec vexp(vec x) {
     return VMUL(p, VPOW2I(n));
 }
 
-/* out[t][i] = silu(gu[t][i]) * gu[t][inter + i] for the [T][2 * inter] output of a fused gate/up product */
-void sled_silu_mul(const float *gu, float *out, int64_t T, int64_t inter) {
+/* out[t][i] = silu(gate[t][i]) * up[t][i], rows of gate and up ld floats apart (a fused gate/up product's
+   output: up = gate + inter, ld = 2 inter; two products' outputs: ld = inter) */
+void sled_silu_mul(const float *gate, const float *up, int64_t ld, float *out, int64_t T, int64_t inter) {
     for (int64_t t = 0; t < T; t++) {
-        const float *g = gu + t * 2 * inter, *u = g + inter;
+        const float *g = gate + t * ld, *u = up + t * ld;
         float *o = out + t * inter;
         for (int64_t i = 0; i < inter; i += LANES) {
             float gb[LANES] = {0}, ub[LANES] = {0}, ob[LANES];
             int64_t n = inter - i < LANES ? inter - i : LANES;
-            const float *gp = g + i, *up = u + i;
+            const float *gp = g + i, *up_ = u + i;
             float *op = o + i;
             if (n < LANES) {
-                memcpy(gb, gp, n * sizeof(float)), memcpy(ub, up, n * sizeof(float));
-                gp = gb, up = ub, op = ob;
+                memcpy(gb, gp, n * sizeof(float)), memcpy(ub, up_, n * sizeof(float));
+                gp = gb, up_ = ub, op = ob;
             }
             vec gv = VLOAD(gp);
             vec silu = VDIV(gv, VADD(VSET(1.0f), vexp(VSUB(VZERO(), gv))));
-            VSTORE(op, VMUL(silu, VLOAD(up)));
+            VSTORE(op, VMUL(silu, VLOAD(up_)));
             if (n < LANES) memcpy(o + i, ob, n * sizeof(float));
         }
     }
