@@ -41,13 +41,15 @@ class RowLayout:
     A padding query repeats its row's last real position (never past the model's position table) and writes
     into the spare slot, which no row reads. The one layout both runtimes and the cache use."""
 
-    input_ids: torch.Tensor        # [B, M] padding: token 0
+    input_ids: torch.Tensor        # [B, M] padding: token 0 (packed: [1, T])
     lens: torch.Tensor             # [B] real inputs per row
     starts: torch.Tensor           # [B] positions already in the row's slot
     slots: torch.Tensor            # [B] the row's slot (read)
-    positions: torch.Tensor        # [B, M] each input's position
-    write_slots: torch.Tensor      # [B, M] the row's slot, or the spare slot for padding
-    write_positions: torch.Tensor  # [B, M] where its key and value go in that slot
+    positions: torch.Tensor        # [B, M] each input's position (packed: [1, T])
+    write_slots: torch.Tensor      # [B, M] the row's slot, or the spare slot for padding (packed: [1, T])
+    write_positions: torch.Tensor  # [B, M] where its key and value go in that slot (packed: [1, T])
+    unpack: torch.Tensor | None = None  # packed only: [B, M] each padded place's token in [0, T) (padding: its row's last)
+    pack: torch.Tensor | None = None    # packed only: [T] each token's place in the padded rows flattened, [0, B * M)
 
     @property
     def width(self) -> int:
@@ -68,6 +70,32 @@ def row_layout(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Seq
                      positions=starts_t[:, None] + torch.minimum(offsets, (lens - 1)[:, None]),
                      write_slots=torch.where(real, slots_t[:, None], spare),
                      write_positions=torch.where(real, starts_t[:, None] + offsets, offsets))
+
+
+def packed_layout(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                  device: torch.device) -> RowLayout:
+    """The rows' T tokens end to end as one sequence ``[1, T]``, no padding: every product of the forward (q/k/v,
+    output, MLP, the vocabulary head) runs over T rows instead of B x the longest row. A step's rows are ragged (k
+    from 0 to 8 as each device prices it, prefill chunks up to 64): padded, SmolLM2's fleet at N = 64 made its
+    products over 1.6x the real tokens a verification and 1.4x a prefill. ``unpack`` and ``pack`` move per-token
+    tensors between this and the padded rows (attention and the logits stay per row)."""
+    lens = [len(x) for x in inputs]
+    m = max(lens)
+    first = [0]
+    for length in lens[:-1]:
+        first.append(first[-1] + length)
+    rows = len(lens)
+    tokens = [t for x in inputs for t in x]
+    row_of = [row for row, length in enumerate(lens) for _ in range(length)]
+    offset = [j for length in lens for j in range(length)]
+    unpack = [[first[row] + min(j, lens[row] - 1) for j in range(m)] for row in range(rows)]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    starts_t, slots_t = as_tensor(list(starts)), as_tensor(list(slots))
+    row_t, offset_t = as_tensor(row_of), as_tensor(offset)
+    positions = starts_t[row_t] + offset_t                                                  # [T]
+    return RowLayout(input_ids=as_tensor(tokens)[None], lens=as_tensor(lens), starts=starts_t, slots=slots_t,
+                     positions=positions[None], write_slots=slots_t[row_t][None], write_positions=positions[None],
+                     unpack=as_tensor(unpack), pack=row_t * m + offset_t)
 
 
 class SlotKV:
@@ -164,6 +192,13 @@ class SlotKV:
         """``row_layout`` with this store's spare slot, the store grown to hold it."""
         layout = row_layout(slots, starts, inputs, m, self.trash, device)
         self.ensure_length(max(layout.width, m))
+        return layout
+
+    def packed(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+               device: torch.device) -> RowLayout:
+        """``packed_layout``, the store grown to hold it."""
+        layout = packed_layout(slots, starts, inputs, device)
+        self.ensure_length(layout.width)
         return layout
 
     def view(self, layout: RowLayout, in_place: bool = False) -> BatchView:

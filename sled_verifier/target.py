@@ -1,9 +1,11 @@
 """The target model: any Hugging Face causal LM from a local directory, scored over ragged batches.
 
 Every session's KV cache lives in a slot of one preallocated ``SlotKV`` (``sled_verifier.kvslots``).
-A forward takes rows (slot, start, tokens): each row's tokens are appended at its own offset, inputs
-are right-padded to the longest row, with explicit position ids. Sessions with different context
-lengths and draft lengths share ONE forward, and each row's logits are those of scoring it alone.
+A forward takes rows (slot, start, tokens): each row's tokens are appended at its own offset, with explicit
+position ids. Sessions with different context lengths and draft lengths share ONE forward, and each row's
+logits are those of scoring it alone. With slot attention the rows' tokens go end to end as one sequence
+(``kvslots.packed_layout``), so the products run over the real tokens only, not every row padded to the longest
+(a step's drafts range over k = 0..8 and its prefill chunks up to 64 tokens); the gather fallback pads.
 
 Attention, two ways:
 - ``slots`` (default): ``slot_attention``, registered with transformers' attention interface, reads each
@@ -24,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,14 +42,28 @@ from sled_verifier.kvslots import SlotKV
 SLOT_ATTENTION = "sled_slots"
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """What slot attention needs of a packed forward (``sled_verifier.kvslots.packed_layout``): each row's plan
+    (``row_plan``), and the moves between the packed tokens and the padded rows ``attend_rows`` takes."""
+
+    plan: list
+    unpack: torch.Tensor  # [B, M] each padded place's token
+    pack: torch.Tensor    # [T] each token's place in [B * M]
+
+
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                   dropout: float = 0.0, scaling: float | None = None, sled_rows=None, **kwargs):
-    """transformers' attention interface over ``attend_rows``. Without ``sled_rows`` (the model called some
-    other way: generate, a plain call) it is plain SDPA."""
+                   dropout: float = 0.0, scaling: float | None = None, sled_rows: PackedRows | None = None, **kwargs):
+    """transformers' attention interface over ``attend_rows``: ``query`` ``[1, H, T, D]`` of a packed forward is
+    unpacked to the rows ``[B, H, M, D]`` (laid out as an unpacked forward's, so each row's attention is the same
+    call on the same values) and the result packed back to ``[1, T, H, D]``. Without ``sled_rows`` (the model
+    called some other way: generate, a plain call) it is plain SDPA."""
     if sled_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    return attend_rows(query, key, value, sled_rows, scaling), None
+    rows = query[0].transpose(0, 1)[sled_rows.unpack].transpose(1, 2)                     # [B, H, M, D]
+    attended = attend_rows(rows, key, value, sled_rows.plan, scaling)                     # [B, M, H, D]
+    return attended.flatten(0, 1)[sled_rows.pack][None], None                             # [1, T, H, D]
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
@@ -170,16 +187,19 @@ class TransformersTarget:
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         dev = self.device
-        m_max = max(len(x) for x in inputs)
-        rows = self.kv.layout(slots, starts, inputs, m_max, dev)
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
-        if self.attention == "slots":
+        if self.attention == "slots":  # the rows' tokens end to end: no product runs over padding
+            rows = self.kv.packed(slots, starts, inputs, dev)
+            plan = PackedRows(row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
+                              rows.unpack, rows.pack)
             out = self.model(input_ids=rows.input_ids, position_ids=rows.positions,
                              past_key_values=self.kv.view(rows, in_place=True), use_cache=True,
-                             cache_position=torch.arange(m_max, device=dev),
-                             sled_rows=row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
-                             **keep)
-            return out.logits
+                             cache_position=torch.arange(rows.input_ids.shape[1], device=dev), sled_rows=plan, **keep)
+            if not logits:
+                return out.logits[:, -1:].expand(len(inputs), -1, -1)
+            return out.logits[0][rows.unpack]                                                # [B, M, V]
+        m_max = max(len(x) for x in inputs)
+        rows = self.kv.layout(slots, starts, inputs, m_max, dev)
         visible = torch.arange(rows.width, device=dev)[None, None, :] <= rows.positions[:, :, None]   # [B, M, W]
         mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=dev)
         mask = mask.masked_fill(~visible, torch.finfo(self.model.dtype).min)[:, None]                 # [B, 1, M, W]
