@@ -28,9 +28,12 @@ and tests/test_attention.py check it with ``torch.equal``; on another kernel (a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sled_verifier import native
 
 QUERY_BLOCK = 8   # queries per block: position p is row p % 8 of block p // 8
 KEY_BLOCK = 64    # a block attends over its last position + 1 rounded up to this, the rest masked
@@ -65,10 +68,26 @@ def block_groups(start: int, m: int, dtype: torch.dtype, device: torch.device) -
     return groups
 
 
+@dataclass(frozen=True)
+class NativeRows:
+    """The width-invariant form on the native kernel (``csrc/attention.c``): one call per layer for all rows."""
+    table: torch.Tensor   # [B, 3] int64: slot, start, m
+    longest: int          # the largest start + m
+
+    def blocks(self, dtype: torch.dtype, device: torch.device) -> list:
+        """The SDPA block plan of the same rows, for a head size the kernel does not serve."""
+        return [(slot, start + m, m, None, block_groups(start, m, dtype, device)) for slot, start, m in self.table.tolist()]
+
+
 def row_plan(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], device: torch.device,
-             blocks: bool = False, dtype: torch.dtype = torch.float32) -> list:
+             blocks: bool = False, dtype: torch.dtype = torch.float32) -> list | NativeRows:
     """Per row: (slot, width = start + m, m, causal mask of its m new tokens over its width or None, its block
-    groups or None). Built once per forward; every layer reads it."""
+    groups or None). Built once per forward; every layer reads it. The width-invariant form in float32 on the
+    CPU takes the native kernel where this machine has one (``NativeRows``)."""
+    if blocks and dtype == torch.float32 and device.type == "cpu" and native.available():
+        table = torch.tensor([[int(slot), start, len(tokens)] for slot, start, tokens in zip(slots, starts, inputs)],
+                             dtype=torch.int64)
+        return NativeRows(table, max(start + len(tokens) for start, tokens in zip(starts, inputs)))
     plan = []
     for slot, start, tokens in zip(slots, starts, inputs):
         m = len(tokens)
@@ -86,6 +105,11 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row
     layer's whole store ``[S+1, Hkv, L, D]``, ``rows`` from ``row_plan``. Returns ``[B, M, H, D]``; a row's
     result is computed exactly as if it were alone. Rows planned with blocks take the width-invariant form."""
     batch, heads, m_max, head_dim = query.shape
+    if isinstance(rows, NativeRows):
+        if native.attends(head_dim) and query.device.type == "cpu" and query.dtype == torch.float32:
+            return native.attend(query, key, value, rows.table, rows.longest,
+                                 scaling if scaling is not None else head_dim ** -0.5)
+        rows = rows.blocks(query.dtype, query.device)
     out = query.new_zeros(batch, m_max, heads, head_dim)
     gqa = key.shape[1] != heads
     for row, (slot, width, m, mask, groups) in enumerate(rows):

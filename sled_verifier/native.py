@@ -136,3 +136,35 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     fn(x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
                     rows, features, out_features, 0, panels)
     return y
+
+
+def attends(head_dim: int) -> bool:
+    """Whether ``attend`` serves this head size (whole vectors of 16 floats, at most 128): the rest keep SDPA."""
+    return available() and head_dim % 16 == 0 and head_dim <= 128
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, longest: int,
+           scale: float) -> torch.Tensor:
+    """Slot attention of ``csrc/attention.c``: ``query`` ``[B, H, M, D]``, ``key``/``value`` one layer's store
+    ``[S+1, Hkv, L, D]`` read in place, ``rows`` ``[B, 3]`` int64 (slot, start, m), ``longest`` the largest
+    start + m. Returns ``[B, M, H, D]`` (zero past each row's m)."""
+    fn = function("sled_attend", P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64,
+                  ctypes.c_float, P)
+    if fn is None:
+        raise RuntimeError("native kernels unavailable")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (query, key, value)):
+        raise RuntimeError("native attention takes float32 on the CPU, unit stride along the head dimension")
+    if key.stride() != value.stride():
+        raise RuntimeError("native attention reads keys and values with one layout")
+    batch, heads, m_max, head_dim = query.shape
+    out = query.new_zeros(batch, m_max, heads, head_dim)
+    scratch = query.new_empty((longest + head_dim) * 16)
+    arguments = (query.data_ptr(), *query.stride()[:3], key.data_ptr(), value.data_ptr(), *key.stride()[:3],
+                 out.data_ptr(), rows.data_ptr(), batch, heads, key.shape[1], m_max, head_dim, scale,
+                 scratch.data_ptr())
+    if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
+        with torch.profiler.record_function(f"sled::native_attention[{batch}x{m_max}]"):
+            fn(*arguments)
+        return out
+    fn(*arguments)
+    return out

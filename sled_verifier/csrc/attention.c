@@ -1,0 +1,214 @@
+/* Slot attention over ragged rows, width and batch invariant by construction (sled_verifier/native.py builds it
+   with csrc/linear.c into one library; sled_verifier/attention.py calls it where the SDPA blocks were the
+   width-invariant form).
+
+   sled_attend: for each row (slot, start, m) and each of its m queries at positions p = start .. start + m - 1,
+   for each head, over its slot's keys and values 0 .. p read in place from one layer's store:
+       s_j = (q . k_j) * scale       one FMA chain over d = 0 .. D-1 in order, from zero
+       w_j = exp(s_j - max_j s_j)    one vectorised exp, the same instructions for every element
+       out = (sum_j w_j v_j) / (sum_j w_j)   both sums over j = 0 .. p in key order (FMA chain, add chain)
+   Every output's arithmetic is a function of its own query and its slot's keys and values 0 .. p alone: not of
+   m, of where the position falls in a tile, of the lane it gets, of the other rows or of the thread. So a
+   position gets the same bits in a 2,048-token prefill, a prefill cut in pieces, a 5-token verification and
+   one-token decoding, alone or in any batch (tests/test_attention.py checks it bitwise).
+
+   How it stays fast: the queries that share a key/value head (a GQA group's heads at consecutive positions)
+   go in tiles of one vector's lanes, so the scores of a key for a whole tile are one FMA chain per lane over
+   d (the key's elements broadcast, the tile's queries transposed once), each key read once per tile; the
+   scores are kept ([keys][lanes], a few hundred KB at most) so the softmax is exact in three passes (scores
+   and max, exp and sum, weighted values) with no rescaling; the weighted values of a few queries at a time
+   are vectors across d, each value row loaded once for them. Keys past a lane's position get -inf (weight 0)
+   in the first two passes and are skipped in the third. */
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VBCAST(s) _mm512_set1_ps(s)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VDIV(a, b) _mm512_div_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VSCALE2(y, n) _mm512_scalef_ps(y, n)                                            /* y * 2^n */
+#define VSELECT_GT(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x, y) /* a > b ? y : x */
+#define QUERIES 4  /* queries per weighted-value pass: 4 x D/16 accumulators and a value row in 32 registers */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LANES 8
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VBCAST(s) _mm256_set1_ps(s)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VFNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSUB(a, b) _mm256_sub_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VDIV(a, b) _mm256_div_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VSCALE2(y, n) _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))       /* n >= -126: 2^n is normal */
+#define VSELECT_GT(a, b, x, y) _mm256_blendv_ps(x, y, _mm256_cmp_ps(a, b, _CMP_GT_OQ))
+#define QUERIES 1  /* 16 registers */
+#else
+#error "sled kernels need AVX2 with FMA, or AVX-512"
+#endif
+
+#define MAX_VECS 16  /* head_dim up to 16 vectors (256 with AVX-512, 128 with AVX2): native.py checks */
+#define KEYS 8       /* keys scored together: one load of the tile's queries per d feeds 8 FMA chains */
+
+
+/* e^x for x <= 0 (a score minus its row's max), exactly 0 below -87 (the masked keys' -inf included): the
+   Cephes expf reduction and polynomial (~1 ulp), the same instructions for every element. */
+static inline __attribute__((always_inline)) vec vexp(vec x) {
+    const vec low = VBCAST(-87.0f);
+    vec xc = VMAX(x, low);
+    vec n = VROUND(VMUL(xc, VBCAST(1.44269504088896341f)));
+    vec r = VFNMA(n, VBCAST(0.693359375f), xc);
+    r = VFNMA(n, VBCAST(-2.12194440e-4f), r);
+    vec p = VBCAST(1.9875691500e-4f);
+    p = VFMA(p, r, VBCAST(1.3981999507e-3f));
+    p = VFMA(p, r, VBCAST(8.3334519073e-3f));
+    p = VFMA(p, r, VBCAST(4.1665795894e-2f));
+    p = VFMA(p, r, VBCAST(1.6666665459e-1f));
+    p = VFMA(p, r, VBCAST(5.0000001201e-1f));
+    vec y = VADD(VFMA(p, VMUL(r, r), r), VBCAST(1.0f));
+    return VSELECT_GT(low, x, VSCALE2(y, n), VZERO());
+}
+
+/* Scores of keys j .. j + count - 1 for the tile (lanes = queries): s[j][lane], -inf past each lane's position. */
+static inline __attribute__((always_inline)) void score(const float *qt, const float *keys, int64_t kt, int64_t D,
+                                                        float scale, vec posv, int64_t pmin, int64_t j, float *s,
+                                                        vec *mx, const int count) {
+    vec acc[KEYS];
+    for (int i = 0; i < count; i++) acc[i] = VZERO();
+    const float *k = keys + j * kt;
+    for (int64_t d = 0; d < D; d++) {
+        vec qd = VLOAD(qt + d * LANES);
+        for (int i = 0; i < count; i++) acc[i] = VFMA(qd, VBCAST(k[i * kt + d]), acc[i]);
+    }
+    for (int i = 0; i < count; i++) {
+        vec sv = VMUL(acc[i], VBCAST(scale));
+        if (j + i > pmin) sv = VSELECT_GT(VBCAST((float)(j + i)), posv, sv, VBCAST(-__builtin_inff()));
+        VSTORE(s + (j + i) * LANES, sv);
+        *mx = VMAX(*mx, sv);
+    }
+}
+
+/* out[i] = sum_j w[j][lane0 + i] v_j / sums[lane0 + i] for ``nq`` queries at positions pos[0..nq-1] (rising):
+   each output one FMA chain over j = 0 .. its position, whatever the other queries of the pass. */
+static inline __attribute__((always_inline)) void weigh(const float *s, int lane0, const int64_t *pos, int nq,
+                                                        const float *values, int64_t kt, const float *sums,
+                                                        float *const *out, const int vecs) {
+    vec acc[QUERIES][MAX_VECS];
+    for (int i = 0; i < nq; i++)
+        for (int v = 0; v < vecs; v++) acc[i][v] = VZERO();
+    int64_t j = 0;
+    for (; j <= pos[0]; j++) {  /* keys every query of the pass sees */
+        const float *row = values + j * kt;
+        vec vv[MAX_VECS];
+        for (int v = 0; v < vecs; v++) vv[v] = VLOAD(row + v * LANES);
+        for (int i = 0; i < nq; i++) {
+            vec w = VBCAST(s[j * LANES + lane0 + i]);
+            for (int v = 0; v < vecs; v++) acc[i][v] = VFMA(w, vv[v], acc[i][v]);
+        }
+    }
+    for (; j <= pos[nq - 1]; j++) {  /* the causal triangle: only the queries at or past key j */
+        const float *row = values + j * kt;
+        for (int i = 0; i < nq; i++) {
+            if (pos[i] < j) continue;
+            vec w = VBCAST(s[j * LANES + lane0 + i]);
+            for (int v = 0; v < vecs; v++) acc[i][v] = VFMA(w, VLOAD(row + v * LANES), acc[i][v]);
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        vec total = VBCAST(sums[lane0 + i]);
+        for (int v = 0; v < vecs; v++) VSTORE(out[i] + v * LANES, VDIV(acc[i][v], total));
+    }
+}
+
+static void weigh_any(const float *s, int lane0, const int64_t *pos, int nq, const float *values, int64_t kt,
+                      const float *sums, float *const *out, int vecs) {
+    switch (vecs) {  /* constant trip counts for the common head sizes, so the accumulators stay in registers */
+        case 1: weigh(s, lane0, pos, nq, values, kt, sums, out, 1); break;
+        case 2: weigh(s, lane0, pos, nq, values, kt, sums, out, 2); break;
+        case 4: weigh(s, lane0, pos, nq, values, kt, sums, out, 4); break;
+        case 8: weigh(s, lane0, pos, nq, values, kt, sums, out, 8); break;
+        default: weigh(s, lane0, pos, nq, values, kt, sums, out, vecs); break;
+    }
+}
+
+/* One tile: ``used`` queries of kv head ``kvh`` (pairs first .. first + used - 1 of (position, head in group),
+   position-major), of a row whose queries start at position ``start``. */
+static void tile(const float *q, int64_t qh, int64_t qt_stride, const float *keys, const float *values, int64_t kt,
+                 float *out, int64_t H, int64_t D, int64_t start, int64_t first, int used, int64_t group, int64_t kvh,
+                 float scale, float *qt, float *s) {
+    int64_t pos[LANES];
+    float *dst[LANES];
+    float posf[LANES];
+    memset(qt, 0, (size_t)(D * LANES) * sizeof(float));
+    for (int l = 0; l < LANES; l++) {
+        int64_t pair = first + (l < used ? l : used - 1);
+        int64_t t = pair / group, head = kvh * group + pair % group;
+        pos[l] = start + t;
+        posf[l] = (float)pos[l];
+        dst[l] = out + (t * H + head) * D;
+        if (l < used)
+            for (int64_t d = 0; d < D; d++) qt[d * LANES + l] = q[head * qh + t * qt_stride + d];
+    }
+    const vec posv = VLOAD(posf);
+    const int64_t pmin = pos[0], n = pos[used - 1] + 1;
+    /* 1. scores and their max per lane */
+    vec mx = VBCAST(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + KEYS <= n; j += KEYS) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, KEYS);
+    for (; j < n; j++) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, 1);
+    /* 2. weights and their sum per lane, in key order */
+    vec sum = VZERO();
+    for (j = 0; j < n; j++) {
+        vec w = vexp(VSUB(VLOAD(s + j * LANES), mx));
+        VSTORE(s + j * LANES, w);
+        sum = VADD(sum, w);
+    }
+    float sums[LANES];
+    VSTORE(sums, sum);
+    /* 3. weighted values, a few queries at a time */
+    for (int l = 0; l < used; l += QUERIES) {
+        int nq = used - l < QUERIES ? used - l : QUERIES;
+        weigh_any(s, l, pos + l, nq, values, kt, sums, dst + l, (int)(D / LANES));
+    }
+}
+
+/* rows [R][3] = (slot, start, m); q [B][H][M][D] with strides (qb, qh, qt) and unit d; keys and values one
+   layer's store [S+1][Hkv][L][D] with strides (ks, kh, kt) and unit d; out [B][M][H][D] contiguous (positions
+   past a row's m untouched). D a multiple of LANES, at most MAX_VECS vectors. scratch: (D + the longest row's
+   start + m) x 16 floats. */
+void sled_attend(const float *q, int64_t qb, int64_t qh, int64_t qt_stride, const float *keys, const float *values,
+                 int64_t ks, int64_t kh, int64_t kt, float *out, const int64_t *rows, int64_t R, int64_t H,
+                 int64_t Hkv, int64_t M, int64_t D, float scale, float *scratch) {
+    float *qt = scratch, *s = scratch + D * LANES;
+    const int64_t group = H / Hkv;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t slot = rows[3 * r], start = rows[3 * r + 1], m = rows[3 * r + 2];
+        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+            const float *k = keys + slot * ks + kvh * kh, *v = values + slot * ks + kvh * kh;
+            for (int64_t first = 0; first < m * group; first += LANES) {
+                int used = m * group - first < LANES ? (int)(m * group - first) : LANES;
+                tile(q + r * qb, qh, qt_stride, k, v, kt, out + r * M * H * D, H, D, start, first, used, group,
+                     kvh, scale, qt, s);
+            }
+        }
+    }
+}
