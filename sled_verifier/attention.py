@@ -1,7 +1,7 @@
 """Slot attention over ragged rows, and the width-invariant form every position gets the same bits from.
 
 A forward's rows are (slot, start, new tokens): each row's queries attend over its own slot in place, up to
-its own length. Two forms:
+its own length. Three forms:
 
 - plain (``blocks=False``): one masked SDPA per row over its m queries. Cheap, but the kernel blocks its
   reduction over keys by the call's shape, so a position's bits depend on how many queries share its row
@@ -16,6 +16,12 @@ its own length. Two forms:
   slot's keys expanded (a view): the CPU kernel computes each (block, head) as its own task with the same
   code, so a block's bits do not depend on the batch it is stacked in. So a 2,048-token prefill is 32 calls
   per layer (one per 64 keys), a (k+1)-token verification one or two, decoding one.
+- native (width invariance in float32 on the CPU where ``sled_verifier.native`` builds its kernels; the
+  default there): ``csrc/attention.c``, one call per layer for all rows, in which each position's output is
+  one fixed arithmetic over its own query and its slot's keys and values up to it (see that file), so it is
+  width and batch invariant by construction, with no padded queries or keys: ~4x less work than the blocks
+  at verification shapes. Its bits differ from the blocks' (another summation order), so one verifier
+  process keeps one form; which one follows from the machine and the head size alone (``row_plan``).
 
 Why 8 queries and an even key count (CPU flash kernel, fp32): each thread computes its tasks in a scratch
 buffer of ``q_block * (kv_block + 2 + head_dim)`` floats laid end to end, and the BLAS's results depend on
