@@ -78,10 +78,10 @@ def default_tile(device: torch.device) -> int:
 
 
 def kernels(device: torch.device) -> tuple[str, ...]:
-    """The product kernels this device has, in order of preference: the verifier's own (``native``: one thread
-    on a CPU with AVX2/FMA and a C compiler), oneDNN's reordered inner product on a CPU build with it, the BLAS."""
+    """The product kernels this device has, in order of preference: the verifier's own (``native``: a CPU with
+    AVX2/FMA and a C compiler), oneDNN's reordered inner product on a CPU build with it, the BLAS."""
     cpu = device.type == "cpu"
-    native_ok = cpu and torch.get_num_threads() == 1 and native.available()
+    native_ok = cpu and native.available()
     onednn = cpu and torch.backends.mkldnn.is_available() and \
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     return ("native",) * native_ok + ("onednn",) * onednn + ("blas",)

@@ -11,8 +11,9 @@ Every ``csrc/*.c`` is built, as one library, with ``-O3 -march=native`` (no fast
 written) into ``$SLED_CACHE/native/kernels-<key>.so``, the key covering the sources, the flags, the compiler and this CPU's
 flags, so a cache shared between machines never loads another CPU's build. Without a C compiler, or on a CPU
 without AVX2 and FMA, there is no native kernel and the probe keeps torch's. ``SLED_NATIVE=0`` turns it off.
-One thread: a product runs on the calling thread (the verifier's torch thread count is set at start; with more
-than one thread the probe keeps oneDNN's, which splits a product between threads).
+At torch's thread count: a product's 64-output panels are split in contiguous shares between the calling thread
+and a small pool of workers (``sled_linear_threads``), which spin briefly between a forward's products and then
+sleep; an output's arithmetic does not depend on its thread, so the bits do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from sled_verifier.gguf import sled_cache_dir
 log = structlog.get_logger("sled_verifier")
 
 SOURCES = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-pthread")
 PANEL = 64  # outputs per packed panel (csrc/linear.c's PANEL)
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -117,7 +118,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` ``[T, in]`` float32 and ``packed`` from ``pack``: ``[T, out]``."""
-    fn = function("sled_linear", P, P, P, P, I64, I64, I64, I64, I64)
+    fn = function("sled_linear_threads", P, P, P, P, I64, I64, I64, I64, ctypes.c_int)
     if fn is None:
         raise RuntimeError("native kernels unavailable")
     if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -128,13 +129,14 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     if bias is not None:
         bias = bias.contiguous()
     y = x.new_empty(rows, out_features)
+    threads = torch.get_num_threads()
+    args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows,
+            features, out_features, panels, threads)
     if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
         with torch.profiler.record_function(f"sled::native_linear[{rows}x{features}x{out_features}]"):
-            fn(x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
-                            y.data_ptr(), rows, features, out_features, 0, panels)
+            fn(*args)
         return y
-    fn(x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-                    rows, features, out_features, 0, panels)
+    fn(*args)
     return y
 
 
