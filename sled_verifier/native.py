@@ -8,12 +8,13 @@ multiply-add chain over its inputs in order), so no row padding is needed either
 load-time probe (``sled_verifier.invariant``), which checks its invariance bitwise like any other kernel's.
 
 Every ``csrc/*.c`` is built, as one library, with ``-O3 -march=native`` (no fast-math: the arithmetic is the one
-written) into ``$SLED_CACHE/native/kernels-<key>.so``, the key covering the sources, the flags, the compiler and this CPU's
-flags, so a cache shared between machines never loads another CPU's build. Without a C compiler, or on a CPU
-without AVX2 and FMA, there is no native kernel and the probe keeps torch's. ``SLED_NATIVE=0`` turns it off.
-At torch's thread count: a product's 64-output panels are split in contiguous shares between the calling thread
-and a small pool of workers (``sled_linear_threads``), which spin briefly between a forward's products and then
-sleep; an output's arithmetic does not depend on its thread, so the bits do not depend on the thread count.
+written) into ``$SLED_CACHE/native/kernels-<key>.so``, the key covering the sources, the flags, the compiler and
+this CPU's flags, so a cache shared between machines never loads another CPU's build. Without a C compiler, or
+on a CPU without AVX2 and FMA, there is no native kernel and the probe keeps torch's. ``SLED_NATIVE=0`` turns it
+off. Kernels run at torch's thread count: a product's 64-output panels (attention's (row, key/value head) tasks)
+are split in contiguous shares between the calling thread and a small pool of workers (``csrc/pool.c``), which
+spin briefly between a forward's kernels and then sleep; an output's arithmetic does not depend on its thread,
+so the bits do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: to
     ``[S+1, Hkv, L, D]`` read in place, ``rows`` ``[B, 3]`` int64 (slot, start, m), ``longest`` the largest
     start + m. Returns ``[B, M, H, D]`` (zero past each row's m)."""
     fn = function("sled_attend", P, I64, I64, I64, P, P, I64, I64, I64, P, P, I64, I64, I64, I64, I64,
-                  ctypes.c_float, P)
+                  ctypes.c_float, P, I64, ctypes.c_int)
     if fn is None:
         raise RuntimeError("native kernels unavailable")
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (query, key, value)):
@@ -160,10 +161,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: to
         raise RuntimeError("native attention reads keys and values with one layout")
     batch, heads, m_max, head_dim = query.shape
     out = query.new_zeros(batch, m_max, heads, head_dim)
-    scratch = query.new_empty((longest + head_dim) * 16)
+    threads = min(torch.get_num_threads(), batch * key.shape[1])  # (row, key/value head) tasks share out
+    per_thread = (longest + head_dim) * 16
+    scratch = query.new_empty(per_thread * threads)
     arguments = (query.data_ptr(), *query.stride()[:3], key.data_ptr(), value.data_ptr(), *key.stride()[:3],
                  out.data_ptr(), rows.data_ptr(), batch, heads, key.shape[1], m_max, head_dim, scale,
-                 scratch.data_ptr())
+                 scratch.data_ptr(), per_thread, threads)
     if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
         with torch.profiler.record_function(f"sled::native_attention[{batch}x{m_max}]"):
             fn(*arguments)

@@ -194,21 +194,45 @@ static void tile(const float *q, int64_t qh, int64_t qt_stride, const float *key
 /* rows [R][3] = (slot, start, m); q [B][H][M][D] with strides (qb, qh, qt) and unit d; keys and values one
    layer's store [S+1][Hkv][L][D] with strides (ks, kh, kt) and unit d; out [B][M][H][D] contiguous (positions
    past a row's m untouched). D a multiple of LANES, at most MAX_VECS vectors. scratch: (D + the longest row's
-   start + m) x 16 floats. */
-void sled_attend(const float *q, int64_t qb, int64_t qh, int64_t qt_stride, const float *keys, const float *values,
-                 int64_t ks, int64_t kh, int64_t kt, float *out, const int64_t *rows, int64_t R, int64_t H,
-                 int64_t Hkv, int64_t M, int64_t D, float scale, float *scratch) {
-    float *qt = scratch, *s = scratch + D * LANES;
-    const int64_t group = H / Hkv;
-    for (int64_t r = 0; r < R; r++) {
-        const int64_t slot = rows[3 * r], start = rows[3 * r + 1], m = rows[3 * r + 2];
-        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-            const float *k = keys + slot * ks + kvh * kh, *v = values + slot * ks + kvh * kh;
-            for (int64_t first = 0; first < m * group; first += LANES) {
-                int used = m * group - first < LANES ? (int)(m * group - first) : LANES;
-                tile(q + r * qb, qh, qt_stride, k, v, kt, out + r * M * H * D, H, D, start, first, used, group,
-                     kvh, scale, qt, s);
-            }
+   start + m) x 16 floats per thread. Work goes in (row, key/value head) tasks, split in contiguous shares
+   between `threads` threads (csrc/pool.c); an output's arithmetic does not depend on its thread. */
+struct attend_job {
+    const float *q;
+    int64_t qb, qh, qt_stride;
+    const float *keys, *values;
+    int64_t ks, kh, kt;
+    float *out;
+    const int64_t *rows;
+    int64_t R, H, Hkv, M, D;
+    float scale;
+    float *scratch;
+    int64_t scratch_floats;
+};
+
+static void attend_share(void *context, int index, int threads) {
+    const struct attend_job *j = context;
+    float *qt = j->scratch + index * j->scratch_floats, *s = qt + j->D * LANES;
+    const int64_t group = j->H / j->Hkv, tasks = j->R * j->Hkv;
+    for (int64_t task = tasks * index / threads; task < tasks * (index + 1) / threads; task++) {
+        const int64_t r = task / j->Hkv, kvh = task % j->Hkv;
+        const int64_t slot = j->rows[3 * r], start = j->rows[3 * r + 1], m = j->rows[3 * r + 2];
+        const float *k = j->keys + slot * j->ks + kvh * j->kh, *v = j->values + slot * j->ks + kvh * j->kh;
+        for (int64_t first = 0; first < m * group; first += LANES) {
+            int used = m * group - first < LANES ? (int)(m * group - first) : LANES;
+            tile(j->q + r * j->qb, j->qh, j->qt_stride, k, v, j->kt, j->out + r * j->M * j->H * j->D, j->H, j->D,
+                 start, first, used, group, kvh, j->scale, qt, s);
         }
     }
+}
+
+void sled_parallel(int threads, void (*fn)(void *, int, int), void *context);
+
+void sled_attend(const float *q, int64_t qb, int64_t qh, int64_t qt_stride, const float *keys, const float *values,
+                 int64_t ks, int64_t kh, int64_t kt, float *out, const int64_t *rows, int64_t R, int64_t H,
+                 int64_t Hkv, int64_t M, int64_t D, float scale, float *scratch, int64_t scratch_floats,
+                 int threads) {
+    struct attend_job job = {q, qb, qh, qt_stride, keys, values, ks, kh, kt, out, rows, R, H, Hkv, M, D, scale,
+                             scratch, scratch_floats};
+    if (threads > R * Hkv) threads = (int)(R * Hkv);
+    sled_parallel(threads, attend_share, &job);
 }

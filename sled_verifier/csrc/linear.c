@@ -91,84 +91,26 @@ void sled_linear(const float *x, const float *packed, const float *bias, float *
     }
 }
 
-/* ---- the same product on several threads: panels split in contiguous shares, one per thread ------------------
-   An output's arithmetic does not depend on which thread computes it, so the bits are the same at any thread
-   count. Workers are kept in a small pool: each spins briefly for the next product (a forward's products are
-   microseconds apart), then sleeps on a condition variable (between steps the verifier idles by design). */
+/* ---- the same product on several threads (pool.c): panels split in contiguous shares, one per thread. An
+   output's arithmetic does not depend on which thread computes it, so the bits are the same at any thread count. */
 
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <immintrin.h>
+void sled_parallel(int threads, void (*fn)(void *, int, int), void *context);
 
-#define MAX_WORKERS 63
-#define SPIN 2000   /* pause-loops a worker waits for the next product before it sleeps (~10-50 microseconds) */
-
-static struct {
+struct linear_job {
     const float *x, *packed, *bias;
     float *y;
     int64_t M, K, N, P;
-    int threads;
-} job;
-static atomic_long generation;
-static atomic_int remaining;
-static int workers;
-static pthread_t pool[MAX_WORKERS];
-static long born[MAX_WORKERS];
-static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER, call_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+};
 
-static void share(int index) {
-    int64_t p0 = job.P * index / job.threads, p1 = job.P * (index + 1) / job.threads;
-    sled_linear(job.x, job.packed, job.bias, job.y, job.M, job.K, job.N, p0, p1);
+static void linear_share(void *context, int index, int threads) {
+    struct linear_job *job = context;
+    sled_linear(job->x, job->packed, job->bias, job->y, job->M, job->K, job->N, job->P * index / threads,
+                job->P * (index + 1) / threads);
 }
 
-static void *worker(void *arg) {
-    int index = (int)(intptr_t)arg;
-    long seen = born[index - 1];  /* the generation before the first product it must answer */
-    for (;;) {
-        long now;
-        int spins = 0;
-        while ((now = atomic_load(&generation)) == seen && spins++ < SPIN) _mm_pause();
-        if (now == seen) {
-            pthread_mutex_lock(&sleep_lock);
-            while ((now = atomic_load(&generation)) == seen) pthread_cond_wait(&wake, &sleep_lock);
-            pthread_mutex_unlock(&sleep_lock);
-        }
-        seen = now;
-        if (index < job.threads) share(index);
-        atomic_fetch_sub(&remaining, 1);  /* every worker answers every product, so none reads the next one's job early */
-    }
-    return 0;
-}
-
-/* sled_linear over all P panels on `threads` threads (the caller's included); returns the threads used. */
-int sled_linear_threads(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t K,
-                        int64_t N, int64_t P, int threads) {
-    if (threads > P) threads = (int)P;
-    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
-    pthread_mutex_lock(&call_lock);
-    while (workers < threads - 1) {
-        born[workers] = atomic_load(&generation);
-        if (pthread_create(&pool[workers], 0, worker, (void *)(intptr_t)(workers + 1)) != 0) break;
-        workers++;
-    }
-    if (threads > workers + 1) threads = workers + 1;
-    if (threads <= 1) {
-        pthread_mutex_unlock(&call_lock);
-        sled_linear(x, packed, bias, y, M, K, N, 0, P);
-        return 1;
-    }
-    job.x = x, job.packed = packed, job.bias = bias, job.y = y;
-    job.M = M, job.K = K, job.N = N, job.P = P, job.threads = threads;
-    atomic_store(&remaining, workers);
-    pthread_mutex_lock(&sleep_lock);
-    atomic_fetch_add(&generation, 1);
-    pthread_cond_broadcast(&wake);
-    pthread_mutex_unlock(&sleep_lock);
-    share(0);
-    for (int spins = 0; atomic_load(&remaining) > 0;)  /* a worker preempted (a shared core): give it the core */
-        if (++spins < SPIN) _mm_pause(); else sched_yield();
-    pthread_mutex_unlock(&call_lock);
-    return threads;
+/* sled_linear over all P panels on up to `threads` threads (the caller's included). */
+void sled_linear_threads(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t K,
+                         int64_t N, int64_t P, int threads) {
+    struct linear_job job = {x, packed, bias, y, M, K, N, P};
+    sled_parallel(threads > P ? (int)P : threads, linear_share, &job);
 }
