@@ -244,7 +244,8 @@ class CompiledTarget:
     def _head(self, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:  # prefill: only the caches matter; project one position per row
             hidden = hidden[:, -1:]
-        return self.model.lm_head(self.model.model.norm(hidden))
+        norm = self.model.model.norm
+        return self.model.lm_head(tokenwise.rmsnorm(hidden, norm) if self.per_token else norm(hidden))
 
     def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan, last_only: bool):
         body = self.model.model
