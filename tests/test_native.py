@@ -132,3 +132,23 @@ def test_the_transformers_runtime_routes_the_llama_familys_norms_and_mlp(tiny_mo
     ours, theirs = scores(target, CONTEXTS, ROUNDS), scores(plain, CONTEXTS, ROUNDS)
     for row, tokens in enumerate(ROUNDS):
         assert torch.allclose(ours[row, : len(tokens)], theirs[row, : len(tokens)], atol=1e-4, rtol=0)
+
+
+def test_a_forked_child_starts_its_own_workers():
+    """A child forked after the pool started has none of its workers: its threaded products must still finish
+    (with the same bits), not wait forever for workers that are not there."""
+    import os
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weight, x = torch.randn(640, 64), torch.randn(3, 64)
+        packed = native.pack(weight)
+        parent = native.linear(x, packed, None, 640)  # starts the pool
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if torch.equal(native.linear(x, packed, None, 640), parent) else 3)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(before)

@@ -46,7 +46,21 @@ static void *worker(void *arg) {
     return 0;
 }
 
+static void forget_pool(void);
+static void register_fork_handler(void) { pthread_atfork(0, 0, forget_pool); }
+
+/* A forked child has none of the parent's workers: it starts its own pool (fork is called with no job in
+   flight, since a job holds the caller until it is done). */
+static void forget_pool(void) {
+    workers = 0;
+    pthread_mutex_init(&sleep_lock, 0);
+    pthread_mutex_init(&call_lock, 0);
+    pthread_cond_init(&wake, 0);
+}
+
 void sled_parallel(int threads, void (*fn)(void *, int, int), void *context) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
     if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
     if (threads <= 1) {
         fn(context, 0, 1);
