@@ -138,6 +138,7 @@ def test_a_forked_child_starts_its_own_workers():
     """A child forked after the pool started has none of its workers: its threaded products must still finish
     (with the same bits), not wait forever for workers that are not there."""
     import os
+    import signal
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -147,6 +148,7 @@ def test_a_forked_child_starts_its_own_workers():
         parent = native.linear(x, packed, None, 640)  # starts the pool
         child = os.fork()
         if child == 0:
+            signal.alarm(60)  # a hang kills the child: the test fails instead of waiting forever
             os._exit(0 if torch.equal(native.linear(x, packed, None, 640), parent) else 3)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
