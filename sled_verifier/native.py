@@ -59,7 +59,7 @@ def build(cc: str) -> Path:
     """The compiled library, from the cache when this source, compiler and CPU built it before."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     sources = sorted(SOURCES.glob("*.c"))
-    texts = [f"{p.name}\0{p.read_text()}" for p in sources]
+    texts = [f"{p.name}\0{p.read_text()}" for p in sorted(SOURCES.glob("*.[ch]"))]  # headers count too
     key = hashlib.sha256("\0".join([*texts, *FLAGS, version, cpu_flags()]).encode()).hexdigest()[:16]
     target = sled_cache_dir() / "native" / f"kernels-{key}.so"
     if not target.exists():
@@ -101,6 +101,15 @@ def function(name: str, *argtypes) -> ctypes._CFuncPtr | None:
     return fn
 
 
+def call(fn, arguments: tuple, label) -> None:
+    """``fn(*arguments)``, named ``label()`` for torch.profiler when it records (bench/roofline.py --profile-shape)."""
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(label()):
+            fn(*arguments)
+        return
+    fn(*arguments)
+
+
 def available() -> bool:
     return library() is not None
 
@@ -133,11 +142,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     threads = torch.get_num_threads()
     args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows,
             features, out_features, panels, threads)
-    if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
-        with torch.profiler.record_function(f"sled::native_linear[{rows}x{features}x{out_features}]"):
-            fn(*args)
-        return y
-    fn(*args)
+    call(fn, args, lambda: f"sled::native_linear[{rows}x{features}x{out_features}]")
     return y
 
 
@@ -167,9 +172,5 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: to
     arguments = (query.data_ptr(), *query.stride()[:3], key.data_ptr(), value.data_ptr(), *key.stride()[:3],
                  out.data_ptr(), rows.data_ptr(), batch, heads, key.shape[1], m_max, head_dim, scale,
                  scratch.data_ptr(), per_thread, threads)
-    if torch.autograd._profiler_enabled():  # name the call for torch.profiler (bench/roofline.py --profile-shape)
-        with torch.profiler.record_function(f"sled::native_attention[{batch}x{m_max}]"):
-            fn(*arguments)
-        return out
-    fn(*arguments)
+    call(fn, arguments, lambda: f"sled::native_attention[{batch}x{m_max}]")
     return out

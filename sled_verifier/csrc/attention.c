@@ -23,70 +23,17 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define LANES 16
-typedef __m512 vec;
-#define VZERO() _mm512_setzero_ps()
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VBCAST(s) _mm512_set1_ps(s)
-#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VFNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
-#define VADD(a, b) _mm512_add_ps(a, b)
-#define VSUB(a, b) _mm512_sub_ps(a, b)
-#define VMUL(a, b) _mm512_mul_ps(a, b)
-#define VDIV(a, b) _mm512_div_ps(a, b)
-#define VMAX(a, b) _mm512_max_ps(a, b)
-#define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define VSCALE2(y, n) _mm512_scalef_ps(y, n)                                            /* y * 2^n */
-#define VSELECT_GT(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x, y) /* a > b ? y : x */
+#include "simd.h"
+
+#if LANES == 16
 #define QUERIES 4  /* queries per weighted-value pass: 4 x D/16 accumulators and a value row in 32 registers */
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LANES 8
-typedef __m256 vec;
-#define VZERO() _mm256_setzero_ps()
-#define VLOAD(p) _mm256_loadu_ps(p)
-#define VSTORE(p, v) _mm256_storeu_ps(p, v)
-#define VBCAST(s) _mm256_set1_ps(s)
-#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define VFNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
-#define VADD(a, b) _mm256_add_ps(a, b)
-#define VSUB(a, b) _mm256_sub_ps(a, b)
-#define VMUL(a, b) _mm256_mul_ps(a, b)
-#define VDIV(a, b) _mm256_div_ps(a, b)
-#define VMAX(a, b) _mm256_max_ps(a, b)
-#define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define VSCALE2(y, n) _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32( \
-    _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))       /* n >= -126: 2^n is normal */
-#define VSELECT_GT(a, b, x, y) _mm256_blendv_ps(x, y, _mm256_cmp_ps(a, b, _CMP_GT_OQ))
-#define QUERIES 1  /* 16 registers */
 #else
-#error "sled kernels need AVX2 with FMA, or AVX-512"
+#define QUERIES 1  /* 16 registers */
 #endif
 
 #define MAX_VECS 16  /* head_dim up to 16 vectors (256 with AVX-512, 128 with AVX2): native.py checks */
 #define KEYS 8       /* keys scored together: one load of the tile's queries per d feeds 8 FMA chains */
 
-
-/* e^x for x <= 0 (a score minus its row's max), exactly 0 below -87 (the masked keys' -inf included): the
-   Cephes expf reduction and polynomial (~1 ulp), the same instructions for every element. */
-static inline __attribute__((always_inline)) vec vexp(vec x) {
-    const vec low = VBCAST(-87.0f);
-    vec xc = VMAX(x, low);
-    vec n = VROUND(VMUL(xc, VBCAST(1.44269504088896341f)));
-    vec r = VFNMA(n, VBCAST(0.693359375f), xc);
-    r = VFNMA(n, VBCAST(-2.12194440e-4f), r);
-    vec p = VBCAST(1.9875691500e-4f);
-    p = VFMA(p, r, VBCAST(1.3981999507e-3f));
-    p = VFMA(p, r, VBCAST(8.3334519073e-3f));
-    p = VFMA(p, r, VBCAST(4.1665795894e-2f));
-    p = VFMA(p, r, VBCAST(1.6666665459e-1f));
-    p = VFMA(p, r, VBCAST(5.0000001201e-1f));
-    vec y = VADD(VFMA(p, VMUL(r, r), r), VBCAST(1.0f));
-    return VSELECT_GT(low, x, VSCALE2(y, n), VZERO());
-}
 
 /* Scores of keys j .. j + count - 1 for the tile (lanes = queries): s[j][lane], -inf past each lane's position. */
 static inline __attribute__((always_inline)) void score(const float *qt, const float *keys, int64_t kt, int64_t D,

@@ -11,63 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define LANES 16
-typedef __m512 vec;
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VSET(s) _mm512_set1_ps(s)
-#define VZERO() _mm512_setzero_ps()
-#define VADD(a, b) _mm512_add_ps(a, b)
-#define VSUB(a, b) _mm512_sub_ps(a, b)
-#define VMUL(a, b) _mm512_mul_ps(a, b)
-#define VDIV(a, b) _mm512_div_ps(a, b)
-#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VMIN(a, b) _mm512_min_ps(a, b)
-#define VMAX(a, b) _mm512_max_ps(a, b)
-#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* 2^n for integral n in [-127, 127] as a float: the exponent field built directly */
-#define VPOW2I(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
-                                                                           _mm512_set1_epi32(127)), 23))
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LANES 8
-typedef __m256 vec;
-#define VLOAD(p) _mm256_loadu_ps(p)
-#define VSTORE(p, v) _mm256_storeu_ps(p, v)
-#define VSET(s) _mm256_set1_ps(s)
-#define VZERO() _mm256_setzero_ps()
-#define VADD(a, b) _mm256_add_ps(a, b)
-#define VSUB(a, b) _mm256_sub_ps(a, b)
-#define VMUL(a, b) _mm256_mul_ps(a, b)
-#define VDIV(a, b) _mm256_div_ps(a, b)
-#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define VMIN(a, b) _mm256_min_ps(a, b)
-#define VMAX(a, b) _mm256_max_ps(a, b)
-#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define VPOW2I(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
-                                                                           _mm256_set1_epi32(127)), 23))
-#else
-#error "sled kernels need AVX2 with FMA, or AVX-512"
-#endif
-
-/* e^x, within ~2 ulp over the float range (Cody-Waite reduction, degree-6 polynomial); below -87 it flushes
-   to a tiny normal number rather than a denormal, which SiLU (x / (1 + e^-x)) does not see. */
-static inline vec vexp(vec x) {
-    x = VMAX(VMIN(x, VSET(88.0f)), VSET(-87.0f));
-    vec n = VROUND(VMUL(x, VSET(1.44269504088896341f)));
-    vec r = VFMA(n, VSET(-0.693359375f), x);
-    r = VFMA(n, VSET(2.12194440e-4f), r);
-    vec p = VSET(1.9875691500e-4f);
-    p = VFMA(p, r, VSET(1.3981999507e-3f));
-    p = VFMA(p, r, VSET(8.3334519073e-3f));
-    p = VFMA(p, r, VSET(4.1665795894e-2f));
-    p = VFMA(p, r, VSET(1.6666665459e-1f));
-    p = VFMA(p, r, VSET(5.0000001201e-1f));
-    p = VFMA(VMUL(p, r), r, VADD(r, VSET(1.0f)));
-    return VMUL(p, VPOW2I(n));
-}
+#include "simd.h"
 
 /* out[t][i] = silu(gate[t][i]) * up[t][i], rows of gate and up ld floats apart (a fused gate/up product's
    output: up = gate + inter, ld = 2 inter; two products' outputs: ld = inter) */
@@ -85,7 +29,7 @@ void sled_silu_mul(const float *gate, const float *up, int64_t ld, float *out, i
                 gp = gb, up_ = ub, op = ob;
             }
             vec gv = VLOAD(gp);
-            vec silu = VDIV(gv, VADD(VSET(1.0f), vexp(VSUB(VZERO(), gv))));
+            vec silu = VDIV(gv, VADD(VBCAST(1.0f), vexp(VSUB(VZERO(), gv))));
             VSTORE(op, VMUL(silu, VLOAD(up_)));
             if (n < LANES) memcpy(o + i, ob, n * sizeof(float));
         }

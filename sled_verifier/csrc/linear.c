@@ -14,28 +14,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define LANES 16
-typedef __m512 vec;
-#define VZERO() _mm512_setzero_ps()
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VBCAST(s) _mm512_set1_ps(s)
-#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define ROWS 6
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LANES 8
-typedef __m256 vec;
-#define VZERO() _mm256_setzero_ps()
-#define VLOAD(p) _mm256_loadu_ps(p)
-#define VSTORE(p, v) _mm256_storeu_ps(p, v)
-#define VBCAST(s) _mm256_set1_ps(s)
-#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define ROWS 1  /* 16 registers: a row's 8 accumulators, its weights and its broadcast */
+#include "simd.h"
+
+#if LANES == 16
+#define ROWS 6  /* 6 rows x 4 accumulators, the weights and a broadcast in 32 registers */
 #else
-#error "sled kernels need AVX2 with FMA, or AVX-512"
+#define ROWS 1  /* 16 registers: a row's 8 accumulators, its weights and its broadcast */
 #endif
 
 #define PANEL 64                 /* outputs per panel */
