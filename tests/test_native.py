@@ -154,3 +154,52 @@ def test_a_forked_child_starts_its_own_workers():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_avx2_build_computes_the_same_things(tmp_path, monkeypatch, one_thread):
+    """CPUs without AVX-512 get the AVX2+FMA build: compiled here for AVX2 alone and served through the same
+    wrappers (product at 1 and 2 threads, per-token calls, attention), checked against torch and for row
+    invariance, so that path is not only compiled on the machines that take it."""
+    import ctypes
+    import subprocess
+
+    from sled_verifier import tokenwise
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if not {"avx2", "fma"} <= set(native.cpu_flags().split()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    library = tmp_path / "kernels-avx2.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-mavx2", "-mfma", "-mno-avx512f"]
+    subprocess.run([native.compiler(), *flags, "-o", str(library), *map(str, sorted(native.SOURCES.glob("*.c")))],
+                   check=True, capture_output=True)
+    monkeypatch.setattr(native, "library", lambda: ctypes.CDLL(str(library)))
+    native.function.cache_clear()
+    try:
+        generator = torch.Generator().manual_seed(8)
+        weight, bias = torch.randn(130, 100, generator=generator), torch.randn(130, generator=generator)
+        x = torch.randn(9, 100, generator=generator)
+        packed = native.pack(weight)
+        whole = native.linear(x, packed, bias, 130)
+        assert torch.allclose(whole, torch.nn.functional.linear(x, weight, bias), atol=1e-4)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(native.linear(x[i : i + n], packed, bias, 130), whole[i : i + n])
+                       for n in (1, 2, 5) for i in (0, 3))
+        gate_up = torch.randn(3, 74, generator=generator) * 6
+        assert torch.allclose(tokenwise.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :37]) * gate_up[:, 37:],
+                              rtol=1e-5, atol=1e-6)
+        norm = LlamaRMSNorm(100, eps=1e-6)
+        assert torch.allclose(tokenwise.rmsnorm(x, norm), norm(x), rtol=1e-5, atol=1e-5)
+        heads, kv_heads, dim, length = 4, 2, 32, 40
+        keys, values = torch.randn(3, kv_heads, length, dim, generator=generator), \
+            torch.randn(3, kv_heads, length, dim, generator=generator)
+        query = torch.randn(1, heads, 6, dim, generator=generator)
+        out = native.attend(query, keys, values, torch.tensor([[1, 30, 6]]), 36, dim ** -0.5)    # [1, 6, H, D]
+        visible = torch.arange(36)[None, :] <= (30 + torch.arange(6))[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys[1:2, :, :36], values[1:2, :, :36], attn_mask=visible, enable_gqa=True)
+        assert torch.allclose(out.transpose(1, 2), expected, atol=1e-5)
+        alone = native.attend(query[:, :, 2:3].contiguous(), keys, values, torch.tensor([[1, 32, 1]]), 33, dim ** -0.5)
+        assert torch.equal(alone[0, 0], out[0, 2])
+    finally:
+        native.function.cache_clear()
