@@ -1,8 +1,8 @@
 """The fleet bench: an emulated fleet through the real broker and the real ``sled-verifier``, against the
 server decoding for the same sessions itself, as a fraction of what the model allows.
 
-For each N: a real Mosquitto (the project's dev config), one ``sled-verifier`` process with default flags
-pinned to one core with one torch thread, and N emulated devices (``bench/fleet_devices.py``, one process
+For each N: a real Mosquitto (the project's dev config), one ``sled-verifier`` process with default flags but
+its context limit (``context_flags``) pinned to one core with one torch thread, and N emulated devices (``bench/fleet_devices.py``, one process
 on the other cores, each device its own MQTT client) whose drafting costs the server nothing. Measured:
 
 - server cost per committed token: the verifier process's CPU seconds (user + system, every thread: model,
@@ -57,6 +57,12 @@ KS = {"quick": [1, 2, 3, 4, 6], "full": [1, 2, 3, 4, 5, 6, 8]}  # draft lengths 
 PROMPT_TOKENS = (24, 96)    # each session's prompt length, uniform
 OUTPUT_TOKENS = (32, 96)    # each session's output length, uniform
 RTT_MS = (2.0, 30.0)        # network round trip, uniform per message pair
+# The verifier's context limit: the fleet's longest session (prompt, output, a draft past it), rounded up to
+# attention's 64-key block. Server-only holds N sessions of their own lengths; at the default (4096) the KV budget
+# reserves 4096 positions a session, and SmolLM2's held 52 sessions on a 20 GB machine: at N = 64 and 128 the
+# rest of the fleet was refused as overloaded (881 and 9,698 refusals in a window), re-sent new sessions, and the
+# verifier served about 26 drafts a step where server-only decoded N rows.
+SESSION_CONTEXT = -(-(PROMPT_TOKENS[1] + OUTPUT_TOKENS[1] + 9) // 64) * 64
 K = 4
 # Device classes: the family's drafts (timings of this machine's x86 core stand in for the boards) and a
 # real 0.5B draft (Qwen2.5-0.5B class) on a Raspberry Pi 5 at tens of ms per token.
@@ -73,6 +79,13 @@ TIMING_CONDITIONS = {  # printed and stored with every result (issue 22, item 8)
     "after_gap": "CPU of a B x (k+1) pass (B: the fleet's mean batch) after the fleet's mean idle gap between steps, "
                  "over the same pass back to back (medians, interleaved)",
 }
+
+
+def context_flags(flags: list[str]) -> list[str]:
+    """The verifier's context limit sized to the fleet's sessions (``SESSION_CONTEXT``), unless ``flags`` set one."""
+    if any(flag.split("=")[0] == "--max-context-tokens" for flag in flags):
+        return []
+    return ["--max-context-tokens", str(SESSION_CONTEXT)]
 
 
 def quick_shape_target(out: Path) -> Path:
@@ -515,12 +528,13 @@ def main() -> int:
     mean_out = sum(OUTPUT_TOKENS) // 2
     context = sum(PROMPT_TOKENS) // 2 + mean_out // 2
     baselines = {}
+    verifier_flags = ["--runtime", args.runtime, "--dtype", args.dtype, *context_flags(args.verifier_flag),
+                      *args.verifier_flag]
     broker, port = start_dev_broker(workdir / "broker-fleet")
     url = f"mqtt://127.0.0.1:{port}"
     rows, wrong = [], 0
     try:
-        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", "--runtime", args.runtime, "--dtype", args.dtype,
-                            *args.verifier_flag)
+        verifier = Verifier(url, target_dir, workdir, "fleet-verifier", *verifier_flags)
         try:
             for n in ns:
                 if not args.no_baseline:  # timed while the verifier idles, before its fleet (rows land one by one)
@@ -571,7 +585,7 @@ def main() -> int:
     result = {"profile": args.profile, "target": f"{args.target} ({target_dir})", "target_name": args.target,
               "k": args.k, "k_mode": args.k_mode, "acceptance": acceptance, "classes": classes, "rows": rows,
               "timing_conditions": TIMING_CONDITIONS,
-              "verifier_flags": ["--runtime", args.runtime, "--dtype", args.dtype, *args.verifier_flag], "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
+              "verifier_flags": verifier_flags, "capacity": capacity(rows, [float(x) for x in args.slo_tokens_per_s.split(",")]),
               "machine": f"verifier and baselines on core {sorted(SERVER_CORES)} (1 torch thread), devices and broker "
                          f"on {sorted(DEVICE_CORES)}"}
     args.out.mkdir(parents=True, exist_ok=True)
