@@ -141,8 +141,8 @@ static void tile(const float *q, int64_t qh, int64_t qt_stride, const float *key
 /* rows [R][3] = (slot, start, m); q [B][H][M][D] with strides (qb, qh, qt) and unit d; keys and values one
    layer's store [S+1][Hkv][L][D] with strides (ks, kh, kt) and unit d; out [B][M][H][D] contiguous (positions
    past a row's m untouched). D a multiple of LANES, at most MAX_VECS vectors. scratch: (D + the longest row's
-   start + m) x 16 floats per thread. Work goes in (row, key/value head) tasks, split in contiguous shares
-   between `threads` threads (csrc/pool.c); an output's arithmetic does not depend on its thread. */
+   start + m) x 16 floats per thread. Work goes in (row, key/value head) tasks, in chunks the threads claim
+   (csrc/pool.c); an output's arithmetic does not depend on its thread. */
 struct attend_job {
     const float *q;
     int64_t qb, qh, qt_stride;
@@ -156,11 +156,11 @@ struct attend_job {
     int64_t scratch_floats;
 };
 
-static void attend_share(void *context, int index, int threads) {
+static void attend_chunk(void *context, int64_t chunk, int64_t chunks, int thread) {
     const struct attend_job *j = context;
-    float *qt = j->scratch + index * j->scratch_floats, *s = qt + j->D * LANES;
+    float *qt = j->scratch + thread * j->scratch_floats, *s = qt + j->D * LANES;
     const int64_t group = j->H / j->Hkv, tasks = j->R * j->Hkv;
-    for (int64_t task = tasks * index / threads; task < tasks * (index + 1) / threads; task++) {
+    for (int64_t task = tasks * chunk / chunks; task < tasks * (chunk + 1) / chunks; task++) {
         const int64_t r = task / j->Hkv, kvh = task % j->Hkv;
         const int64_t slot = j->rows[3 * r], start = j->rows[3 * r + 1], m = j->rows[3 * r + 2];
         const float *k = j->keys + slot * j->ks + kvh * j->kh, *v = j->values + slot * j->ks + kvh * j->kh;
@@ -172,7 +172,7 @@ static void attend_share(void *context, int index, int threads) {
     }
 }
 
-void sled_parallel(int threads, void (*fn)(void *, int, int), void *context);
+void sled_parallel(int threads, int64_t chunks, void (*fn)(void *, int64_t, int64_t, int), void *context);
 
 void sled_attend(const float *q, int64_t qb, int64_t qh, int64_t qt_stride, const float *keys, const float *values,
                  int64_t ks, int64_t kh, int64_t kt, float *out, const int64_t *rows, int64_t R, int64_t H,
@@ -180,6 +180,6 @@ void sled_attend(const float *q, int64_t qb, int64_t qh, int64_t qt_stride, cons
                  int threads) {
     struct attend_job job = {q, qb, qh, qt_stride, keys, values, ks, kh, kt, out, rows, R, H, Hkv, M, D, scale,
                              scratch, scratch_floats};
-    if (threads > R * Hkv) threads = (int)(R * Hkv);
-    sled_parallel(threads, attend_share, &job);
+    int64_t tasks = R * Hkv, chunks = threads > 1 ? 4 * (int64_t)threads : 1;  /* claimed: see pool.c */
+    sled_parallel(threads, chunks < tasks ? chunks : tasks, attend_chunk, &job);
 }

@@ -75,10 +75,10 @@ void sled_linear(const float *x, const float *packed, const float *bias, float *
     }
 }
 
-/* ---- the same product on several threads (pool.c): panels split in contiguous shares, one per thread. An
-   output's arithmetic does not depend on which thread computes it, so the bits are the same at any thread count. */
+/* ---- the same product on several threads (pool.c): panels in chunks that threads claim. An output's arithmetic
+   does not depend on which thread computes it, so the bits are the same at any thread count. */
 
-void sled_parallel(int threads, void (*fn)(void *, int, int), void *context);
+void sled_parallel(int threads, int64_t chunks, void (*fn)(void *, int64_t, int64_t, int), void *context);
 
 struct linear_job {
     const float *x, *packed, *bias;
@@ -86,15 +86,18 @@ struct linear_job {
     int64_t M, K, N, P;
 };
 
-static void linear_share(void *context, int index, int threads) {
+static void linear_chunk(void *context, int64_t chunk, int64_t chunks, int thread) {
     struct linear_job *job = context;
-    sled_linear(job->x, job->packed, job->bias, job->y, job->M, job->K, job->N, job->P * index / threads,
-                job->P * (index + 1) / threads);
+    (void)thread;
+    sled_linear(job->x, job->packed, job->bias, job->y, job->M, job->K, job->N, job->P * chunk / chunks,
+                job->P * (chunk + 1) / chunks);
 }
 
-/* sled_linear over all P panels on up to `threads` threads (the caller's included). */
+/* sled_linear over all P panels on up to `threads` threads (the caller's included), in up to 4 chunks a thread
+   (fewer when panels are fewer), so a thread the OS did not schedule leaves its chunks to the others. */
 void sled_linear_threads(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t K,
                          int64_t N, int64_t P, int threads) {
     struct linear_job job = {x, packed, bias, y, M, K, N, P};
-    sled_parallel(threads > P ? (int)P : threads, linear_share, &job);
+    int64_t chunks = threads > 1 ? 4 * (int64_t)threads : 1;
+    sled_parallel(threads, chunks < P ? chunks : P, linear_chunk, &job);
 }
