@@ -228,13 +228,15 @@ class CompiledTarget:
         gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def _tokenwise_layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
+    def _tokenwise_layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions,
+                         attend) -> torch.Tensor:
         """The same layer with its per-token work in native calls (``sled_verifier.tokenwise``)."""
         batch, m = hidden.shape[:2]
         attn, mlp = layer.self_attn, layer.mlp
         keys, values = self.kv.keys[index], self.kv.values[index]                           # [S+1, Hkv, L, D]
-        qkv = tokenwise.rope_write(attn.qkv_proj(tokenwise.rmsnorm(hidden, layer.input_layernorm)), cos, sin, keys, values,
-                               write_slots, write_positions, self.heads, self.kv_heads)     # q rotated in place
+        qkv = attn.qkv_proj(tokenwise.rmsnorm(hidden, layer.input_layernorm))
+        qkv = tokenwise.rope_write(qkv, cos, sin, keys, values, write_slots, write_positions, self.heads,
+                                   self.kv_heads)                                           # q rotated in place
         q = qkv[..., : self.heads * self.head_dim].view(batch, m, self.heads, self.head_dim).transpose(1, 2)
         attended = attend(q, keys, values)                                                  # [B, M, H, D]
         hidden = hidden + attn.o_proj(attended.reshape(batch, m, self.heads * self.head_dim))

@@ -9,7 +9,10 @@ are ~1e-6 away from the same row inside a batch, enough to flip an argmax near a
 So at load ``make_batch_invariant`` probes each distinct weight shape of the model, for each product kernel
 this device has, for the cheapest padding rule under which a row's product is the same in every product the
 verifier can make (every row count up to 64, then a spread up to 512: a verification step's sizes) at every
-position. A rule pads a product of n rows to at least ``floor`` rows, rounded up to a multiple of ``group``:
+position. A rule pads a product of n rows to at least ``floor`` rows, rounded up to a multiple of ``group``.
+The verifier's own product (``native``, ``sled_verifier.native``: one FMA chain per output in a fixed order)
+is invariant by construction and holds with floor 1 wherever it builds, so it is listed and taken first; the
+probe still checks it like the others. Torch's kernels, for a machine without it:
 
 - ``floor`` alone (group 1): the kernel is the same for any n >= floor. oneDNN's inner product over a weight
   reordered once at load (``onednn``) is one on AVX-512 CPUs with floor 1 (2 for a 1536-wide input), and at a
@@ -182,7 +185,7 @@ def rule_holds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def least_padding(rules: list[Rule]) -> Rule:
     """Of the rules that hold, the one that pads least at a step's small row counts (a lone token, one
-    verification of 5, then 2-4 rows); ties go to the kernel listed first (``kernels``: oneDNN before the BLAS,
+    verification of 5, then 2-4 rows); ties go to the kernel listed first (``kernels``: native, oneDNN, the BLAS,
     since its reordered weight is read faster at few rows). Not timed at load: on a shared CPU a timing picked
     MKL for one shape in one load and oneDNN in the next (a different kernel, so different bits, after a
     restart), and a product timed alone keeps its weight in cache where a model's forward streams it."""
