@@ -392,7 +392,13 @@ def _ms(seconds: float | None) -> float | None:
 
 def capacity(rows: list[dict], slos: list[float]) -> list[dict]:
     """Per SLO: the largest tested N whose p10 per-session rate meets it, mixed and per device class for SLED (each
-    class's own p10 in the mixed fleet); server-only decodes every session alike, whatever drafts on its device."""
+    class's own p10 in the mixed fleet); server-only decodes every session alike, whatever drafts on its device.
+
+    ``ceiling_sessions`` is what the model allows SLED at all: the largest tested N where server-only's per-session
+    rate times the best-k ceiling (SLED's server throughput at its best, every device drafting instantly) meets the
+    SLO. Where that is no more than server-only's own, no scheduling can lift SLED's capacity above it: at the
+    sessions a saturated core serves at a few tokens/s each the step is compute-bound, and a verified token costs
+    what a decoded one does."""
     out = []
     classes = sorted({klass for r in rows for klass in r.get("session_tokens_per_s_by_class", {})})
     for slo in slos:
@@ -401,8 +407,10 @@ def capacity(rows: list[dict], slos: list[float]) -> list[dict]:
         by_class = {klass: max((r["n"] for r in rows
                                 if r.get("session_tokens_per_s_by_class", {}).get(klass, {}).get("p10", 0) >= slo), default=0)
                     for klass in classes}
+        ceiling = max((r["n"] for r in rows
+                       if r["ceiling_best_k"] * r["server_only_session_tokens_per_s"] >= slo), default=0)
         out.append({"slo_tokens_per_s": slo, "sled_sessions": sled, "server_only_sessions": server,
-                    "sled_sessions_by_class": by_class})
+                    "sled_sessions_by_class": by_class, "ceiling_sessions": ceiling})
     return out
 
 
@@ -443,7 +451,8 @@ def print_table(result: dict) -> None:
           "whose own drafting caps its rate): " + "; ".join(
               f">= {c['slo_tokens_per_s']:g} tok/s: SLED {c['sled_sessions']} ("
               + ", ".join(f"{klass} {n}" for klass, n in c.get("sled_sessions_by_class", {}).items())
-              + f"), server-only {c['server_only_sessions']}" for c in result["capacity"]))
+              + f"), server-only {c['server_only_sessions']}, the best-k ceiling allows SLED {c.get('ceiling_sessions', '-')}"
+              for c in result["capacity"]))
     print(f"verdicts differing from the target's own continuation: {sum(r['wrong'] for r in result['rows'])}")
 
 
