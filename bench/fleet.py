@@ -470,8 +470,9 @@ def chosen_classes(names: str) -> list[dict]:
 def prepare(args, profile: dict, workdir: Path):
     """The target's directory, the device classes, the acceptance profile the ceiling assumes, and a function of
     the verifying runtime returning the pool of prompts with the target's own continuations."""
+    from bench.fleet_target import acceptance_profile, engine_pool, smollm2_dir
+
     if args.target == "smollm2":
-        from bench.fleet_target import acceptance_profile, engine_pool, smollm2_dir
 
         target_dir = smollm2_dir(args.smollm2_dir)
         acceptance = acceptance_profile(args.acceptance or str(args.alpha))
@@ -498,8 +499,6 @@ def prepare(args, profile: dict, workdir: Path):
     # The ceiling assumes the fleet's mean profile (each class an equal share of the devices).
     acceptance = [sum(c["acceptance"][0] for c in classes) / len(classes)]
     if args.dtype != "float32":  # the continuations must be the verifier's own, in its dtype
-        from bench.fleet_target import engine_pool
-
         cache = workdir / f"pool-family-{args.profile}-{args.dtype}.json"
         return target_dir, classes, acceptance, lambda verifying: engine_pool(
             verifying, target_dir, profile["pool"], PROMPT_TOKENS, OUTPUT_TOKENS[1] + 1, OUTPUT_TOKENS[0] + 1, cache, log)
