@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sled_verifier import tokenwise
+from sled_verifier import native, tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
@@ -147,6 +147,9 @@ class CompiledTarget:
         self.batch_invariance = make_batch_invariant(self.model, self.device, products) if batch_invariant else "off"
         self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         self.per_token = not self.static and tokenwise.usable(self.model, self.device)  # native per-token work (eager)
+        # every product and the attention native too: torch's operators run inline (``native.torch_inline``)
+        self.native_forward = self.per_token and self.batch_invariance == "native" and self.width_invariant \
+            and native.attends(self.head_dim)
         self.shapes = ShapeBudget(max_compiled_shapes)
         self._compiled = None
         if self.static:
@@ -166,6 +169,9 @@ class CompiledTarget:
                      logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row."""
         arguments, rows, m_max = self.prepare(slots, starts, inputs, logits)
+        if self.native_forward:
+            with native.torch_inline():
+                return self._run(arguments)[:rows, : (m_max if logits else 1)]
         return self._run(arguments)[:rows, : (m_max if logits else 1)]
 
     def _run(self, arguments: tuple) -> torch.Tensor:

@@ -11,14 +11,23 @@ Every ``csrc/*.c`` is built, as one library, with ``-O3 -march=native`` (no fast
 written) into ``$SLED_CACHE/native/kernels-<key>.so``, the key covering the sources, the flags, the compiler and
 this CPU's flags, so a cache shared between machines never loads another CPU's build. Without a C compiler, or
 on a CPU without AVX2 and FMA, there is no native kernel and the probe keeps torch's. ``SLED_NATIVE=0`` turns it
-off. Kernels run at torch's thread count: a product's 64-output panels (attention's (row, key/value head) tasks)
+off. Kernels run at torch's thread count (``threads``): a product's 64-output panels (attention's (row, key/value head) tasks)
 are split in contiguous shares between the calling thread and a small pool of workers (``csrc/pool.c``), which
 spin briefly between a forward's kernels and then sleep; an output's arithmetic does not depend on its thread,
 so the bits do not depend on the thread count.
+
+A forward whose products and attention are these kernels runs torch's own operators inline (``torch_inline``):
+torch's OpenMP workers spin for milliseconds after each parallel operator (libgomp's default wait policy), and
+on a machine with as many cores as threads a spinning worker holds the core the pool's worker needs. At two
+threads on two cores one residual add a layer was enough for the products to run on about one core (a 64 x 5
+SmolLM2 step ~1.2x faster than one thread; with OMP_WAIT_POLICY=PASSIVE ~1.8x), and with other processes on
+the machine a 16 x 5 step took ~4x the one-thread time. Between these kernels torch's operators are glue (adds,
+an embedding, a few small copies) that one thread does in microseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import structlog
@@ -101,6 +111,31 @@ def function(name: str, *argtypes) -> ctypes._CFuncPtr | None:
     return fn
 
 
+_inline = threading.local()  # .threads: the kernels' thread count while torch's operators run inline
+
+
+def threads() -> int:
+    """The threads a kernel runs on: torch's count, or, inside ``torch_inline``, the count torch had before."""
+    return getattr(_inline, "threads", 0) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_inline():
+    """Torch's operators on this thread run on one thread, the native kernels on torch's count (see the module
+    docstring for why); a no-op at one thread or without the kernels. Nests."""
+    count = torch.get_num_threads()
+    if count == 1 or getattr(_inline, "threads", 0) or not available():
+        yield
+        return
+    _inline.threads = count
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)
+        _inline.threads = 0
+
+
 def call(fn, arguments: tuple, label) -> None:
     """``fn(*arguments)``, named ``label()`` for torch.profiler when it records (bench/roofline.py --profile-shape)."""
     if torch.autograd._profiler_enabled():
@@ -139,9 +174,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     if bias is not None:
         bias = bias.contiguous()
     y = x.new_empty(rows, out_features)
-    threads = torch.get_num_threads()
     args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows,
-            features, out_features, panels, threads)
+            features, out_features, panels, threads())
     call(fn, args, lambda: f"sled::native_linear[{rows}x{features}x{out_features}]")
     return y
 
@@ -166,11 +200,11 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: to
         raise RuntimeError("native attention reads keys and values with one layout")
     batch, heads, m_max, head_dim = query.shape
     out = query.new_zeros(batch, m_max, heads, head_dim)
-    threads = min(torch.get_num_threads(), batch * key.shape[1])  # (row, key/value head) tasks share out
+    count = min(threads(), batch * key.shape[1])  # (row, key/value head) tasks share out
     per_thread = (longest + head_dim) * 16
-    scratch = query.new_empty(per_thread * threads)
+    scratch = query.new_empty(per_thread * count)
     arguments = (query.data_ptr(), *query.stride()[:3], key.data_ptr(), value.data_ptr(), *key.stride()[:3],
                  out.data_ptr(), rows.data_ptr(), batch, heads, key.shape[1], m_max, head_dim, scale,
-                 scratch.data_ptr(), per_thread, threads)
+                 scratch.data_ptr(), per_thread, count)
     call(fn, arguments, lambda: f"sled::native_attention[{batch}x{m_max}]")
     return out

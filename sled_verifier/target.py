@@ -34,7 +34,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sled_verifier import tokenwise
+from sled_verifier import native, tokenwise
 from sled_verifier.attention import attend_rows, row_plan
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
@@ -128,9 +128,13 @@ class TransformersTarget:
         self.device = self.model.get_input_embeddings().weight.device  # inputs go in here; logits come back
         self.layer_devices = layer_devices(self.model)
         self.batch_invariance = make_batch_invariant(self.model, self.device) if batch_invariant else "off"
-        if all(d.type == "cpu" for d in self.layer_devices) and tokenwise.usable(self.model, self.device):
+        routed = all(d.type == "cpu" for d in self.layer_devices) and tokenwise.usable(self.model, self.device)
+        if routed:
             tokenwise.route_modules(self.model)  # native norms and SiLU x up (``sled_verifier.tokenwise``)
         self.width_invariant = batch_invariant  # block attention (``sled_verifier.attention``); off: plain kernels
+        # products and attention native (with slot attention): torch's operators inline (``native.torch_inline``)
+        self.native_forward = routed and self.batch_invariance == "native" and batch_invariant \
+            and native.attends(self._kv_shape()[1])
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -186,6 +190,13 @@ class TransformersTarget:
         is then one meaningless position per row)."""
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
+        if self.native_forward and self.attention == "slots":
+            with native.torch_inline():
+                return self._forward_rows(slots, starts, inputs, logits)
+        return self._forward_rows(slots, starts, inputs, logits)
+
+    def _forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                      logits: bool) -> torch.Tensor:
         dev = self.device
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":  # the rows' tokens end to end: no product runs over padding

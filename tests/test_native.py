@@ -80,6 +80,38 @@ def test_a_model_served_through_it_is_batch_invariant(tiny_models, runtime, one_
             assert torch.equal(alone, batched), f"seed {seed} session {session}"
 
 
+def test_torch_inline_keeps_the_kernels_threads_and_gives_torch_its_own_back():
+    """Inside ``torch_inline`` torch's operators run on one thread and the kernels on the count torch had; it
+    nests, and torch's count comes back after, an exception included."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyError), native.torch_inline():
+            assert (torch.get_num_threads(), native.threads()) == (1, 2)
+            with native.torch_inline():
+                assert (torch.get_num_threads(), native.threads()) == (1, 2)
+            assert (torch.get_num_threads(), native.threads()) == (1, 2)
+            raise KeyError
+        assert (torch.get_num_threads(), native.threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "compiled"])
+def test_a_forward_on_two_threads_gives_the_bits_of_one(tiny_models, runtime, one_thread):
+    """A forward whose products and attention are native runs torch's operators inline and the kernels on two
+    threads: a row's logits are bitwise those of one thread, and torch's thread count is its own again after."""
+    from tests.test_invariance import rounds
+
+    target = load_target(tiny_models.target, runtime, "cpu")
+    assert target.native_forward
+    _, slots, starts, inputs = rounds(target, 0)
+    alone = target.forward_rows(slots, starts, inputs)
+    torch.set_num_threads(2)
+    assert torch.equal(target.forward_rows(slots, starts, inputs), alone)
+    assert torch.get_num_threads() == 2
+
+
 def test_the_per_token_kernels_are_torchs_operators_to_float_rounding():
     """RMS norm, SiLU(gate) x up and the rotary embedding with its KV write (``sled_verifier.tokenwise``) against
     transformers' own modules, on shapes with tails no vector divides; each token's output its own (bitwise the
