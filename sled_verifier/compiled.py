@@ -241,9 +241,9 @@ class CompiledTarget:
         attn, mlp = layer.self_attn, layer.mlp
         keys, values = self.kv.keys[index], self.kv.values[index]                           # [S+1, Hkv, L, D]
         qkv = attn.qkv_proj(tokenwise.rmsnorm(hidden, layer.input_layernorm))
-        qkv = tokenwise.rope_write(qkv, cos, sin, keys, values, write_slots, write_positions, self.heads,
-                                   self.kv_heads)                                           # q rotated in place
-        q = qkv[..., : self.heads * self.head_dim].view(batch, m, self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2], dim=-1)
+        tokenwise.rope_write(q, k, v, cos, sin, keys, values, write_slots, write_positions)  # q rotated in place
+        q = q.view(batch, m, self.heads, self.head_dim).transpose(1, 2)                     # [B, H, M, D]
         attended = attend(q, keys, values)                                                  # [B, M, H, D]
         hidden = hidden + attn.o_proj(attended.reshape(batch, m, self.heads * self.head_dim))
         gate_up = mlp.gate_up_proj(tokenwise.rmsnorm(hidden, layer.post_attention_layernorm))

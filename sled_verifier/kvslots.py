@@ -233,6 +233,14 @@ class BatchView(Cache):
             return keys, values  # [S+1, H, L, D]: slot attention takes each row's own slot and length as views
         return keys[read_slots, :, : self.width], values[read_slots, :, : self.width]
 
+    def layer_writes(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        """``(keys, values, write_slots, write_positions)``: the layer's whole store and where this forward's
+        tokens go in it, for a forward that writes them itself (``tokenwise.attention_forward``) instead of
+        calling ``update``."""
+        keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]
+        write_slots, write_positions, _ = self._indices(keys.device)
+        return keys, values, write_slots, write_positions
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width
 

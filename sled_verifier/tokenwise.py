@@ -7,8 +7,10 @@ Each output depends on its own token alone, so the forward stays batch and width
 from torch's operators' (by float rounding: tests/test_runtime.py holds both runtimes within 1e-5).
 
 Used on a CPU in float32 with the native library built, for a model whose MLP is SiLU-gated and whose norms
-are RMS norms (the Llama family): all of it by the eager forward of ``sled_verifier.compiled``; the norms and
-the MLP by the transformers runtime (``route_modules``); otherwise torch's operators.
+are RMS norms (the Llama family): all of it by the eager forward of ``sled_verifier.compiled``; the norms, the
+MLP, and (with slot attention) the rotary embedding with the KV write by the transformers runtime
+(``route_modules``); otherwise torch's operators. The rotary embedding is transformers' arithmetic exactly (no
+fused multiply-add), so the transformers runtime's attention gives the bits of its own operators.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import types
 import torch
 
 from sled_verifier import native
+from sled_verifier.kvslots import BatchView
 from sled_verifier.native import I64, P
 
 F32 = native.ctypes.c_float
@@ -64,12 +67,32 @@ def _silu_mul():
 
 NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")  # weight * x / rms(x): not Gemma's (1 + weight)
 MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")               # down(act(gate(x)) * up(x))
+ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")  # q/k/v products, Llama's rotary, o
+
+
+def attention_forward(self, hidden_states: torch.Tensor, position_embeddings: tuple, attention_mask,
+                      past_key_values=None, cache_position=None, **kwargs):
+    """The Llama family's attention forward with the rotary embedding and the KV write in one native call
+    (``rope_write``, transformers' own arithmetic: the same bits), where the cache is the verifier's slot view
+    read in place (slot attention): at 1-5 rows those were ~20 of transformers' operators a layer. Any other call
+    (generate, the gather fallback) takes the class's own forward."""
+    if not (isinstance(past_key_values, BatchView) and past_key_values.in_place):
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  past_key_values=past_key_values, cache_position=cache_position, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # [B, T, n D]
+    keys, values, write_slots, write_positions = past_key_values.layer_writes(self.layer_idx)
+    rope_write(q, k, v, *position_embeddings, keys, values, write_slots, write_positions)       # q rotated in place
+    query = q.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)                # [B, H, T, D]
+    attended, weights = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation](
+        self, query, keys, values, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    return self.o_proj(attended.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
 def route_modules(model) -> int:
-    """The transformers runtime's share: the Llama family's RMS norms and SiLU-gated MLPs (their products stay
-    the modules' own linears) through the native calls. The rotary embedding and KV write stay transformers'
-    (inside its attention); returns the modules routed."""
+    """The transformers runtime's share: the Llama family's RMS norms, SiLU-gated MLPs and attention (their
+    products stay the modules' own linears) through the native calls; returns the modules routed."""
     routed = 0
     for module in model.modules():
         kind = type(module).__name__
@@ -78,23 +101,32 @@ def route_modules(model) -> int:
         elif kind in MLPS and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
             module.forward = types.MethodType(
                 lambda self, x: self.down_proj(silu_mul_apart(self.gate_proj(x), self.up_proj(x))), module)
+        elif kind in ATTENTIONS and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            module.forward = types.MethodType(attention_forward, module)
         else:
             continue
         routed += 1
     return routed
 
 
-def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               write_slots: torch.Tensor, write_positions: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """Rotate each token's q (in place, in ``qkv``) and k by its position's ``cos``/``sin`` ``[B, M, D]``, write
-    k and v into ``keys``/``values`` ``[S+1, Hkv, L, D]`` at (``write_slots``, ``write_positions``) ``[B, M]``;
-    returns ``qkv`` (contiguous, ``[B, M, (H + 2 Hkv) D]``)."""
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, write_slots: torch.Tensor,
+               write_positions: torch.Tensor) -> None:
+    """Rotate each token's q (in place) and k by its position's ``cos``/``sin`` ``[B, M, D]``, write k and v into
+    ``keys``/``values`` ``[S+1, Hkv, L, D]`` at (``write_slots``, ``write_positions``) ``[B, M]``. ``q``, ``k``,
+    ``v``: ``[B, M, heads x D]`` each, views of one fused product's output or three products' (rows any stride
+    apart, elements adjacent); ``q`` is written, so it must be a view."""
+    cos, sin = cos.contiguous(), sin.contiguous()
     slots, positions = write_slots.contiguous(), write_positions.contiguous()
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise RuntimeError("the KV store must be contiguous")
     tokens, head_dim = slots.numel(), cos.shape[-1]
-    native.function("sled_rope_write", P, P, P, P, P, P, P, I64, I64, I64, I64, I64)(
-        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(),
-        positions.data_ptr(), tokens, heads, kv_heads, head_dim, keys.shape[2])
-    return qkv
+    if q.stride(-1) != 1:
+        raise RuntimeError("q is rotated in place: its elements must be adjacent")
+    q2 = q.view(tokens, q.shape[-1])  # a view: the rotation lands in q
+    k2, v2 = (t.reshape(tokens, t.shape[-1]) for t in (k, v))  # views where the layout allows, else copies
+    k2, v2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (k2, v2))
+    native.function("sled_rope_write", P, I64, P, I64, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I64)(
+        q2.data_ptr(), q2.stride(0), k2.data_ptr(), k2.stride(0), v2.data_ptr(), v2.stride(0), cos.data_ptr(),
+        sin.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), positions.data_ptr(), tokens,
+        q2.shape[1] // head_dim, k2.shape[1] // head_dim, head_dim, keys.shape[2])

@@ -140,12 +140,19 @@ def test_the_per_token_kernels_are_torchs_operators_to_float_rounding():
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     q_ref, k_ref = apply_rotary_pos_emb(q.view(batch, m, heads, dim).transpose(1, 2),
                                         k.view(batch, m, kv_heads, dim).transpose(1, 2), cos, sin)
-    out = tokenwise.rope_write(qkv.clone(), cos, sin, keys, values, slots, positions, heads, kv_heads)
+    out = qkv.clone()
+    tokenwise.rope_write(*out.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1), cos, sin, keys, values,
+                         slots, positions)
     assert torch.equal(out[..., : heads * dim].view(batch, m, heads, dim).transpose(1, 2), q_ref)
     for b in range(batch):
         for t in range(m):
             assert torch.equal(keys[slots[b, t], :, positions[b, t]], k_ref[b, :, t])
             assert torch.equal(values[slots[b, t], :, positions[b, t]], v.view(batch, m, kv_heads, dim)[b, t])
+    apart = [t.clone() for t in (q, k, v)]  # three products' outputs (the transformers runtime's)
+    keys_apart, values_apart = torch.zeros_like(keys), torch.zeros_like(values)
+    tokenwise.rope_write(*apart, cos, sin, keys_apart, values_apart, slots, positions)
+    assert torch.equal(apart[0], out[..., : heads * dim]) and torch.equal(keys_apart, keys)
+    assert torch.equal(values_apart, values)
 
 
 def test_the_transformers_runtime_routes_the_llama_familys_norms_and_mlp(tiny_models):
@@ -164,6 +171,23 @@ def test_the_transformers_runtime_routes_the_llama_familys_norms_and_mlp(tiny_mo
     ours, theirs = scores(target, CONTEXTS, ROUNDS), scores(plain, CONTEXTS, ROUNDS)
     for row, tokens in enumerate(ROUNDS):
         assert torch.allclose(ours[row, : len(tokens)], theirs[row, : len(tokens)], atol=1e-4, rtol=0)
+
+
+def test_the_transformers_runtimes_native_rotary_and_kv_write_give_its_own_bits(tiny_models, one_thread):
+    """With slot attention its attention modules rotate q and k and write the KV store in one native call
+    (``tokenwise.attention_forward``): the logits are bitwise those of transformers' own attention forward."""
+    from sled_verifier import tokenwise
+    from tests.test_runtime import CONTEXTS, ROUNDS, scores
+
+    target = load_target(tiny_models.target, "transformers", "cpu")
+    assert target.attention == "slots"
+    routed = [m for m in target.model.modules() if type(m).__name__ in tokenwise.ATTENTIONS]
+    assert routed and all("forward" in vars(m) for m in routed)
+    plain = load_target(tiny_models.target, "transformers", "cpu")
+    for module in plain.model.modules():
+        if type(module).__name__ in tokenwise.ATTENTIONS:
+            del module.forward
+    assert torch.equal(scores(target, CONTEXTS, ROUNDS), scores(plain, CONTEXTS, ROUNDS))
 
 
 def test_a_forked_child_starts_its_own_workers():

@@ -59,29 +59,26 @@ void sled_rmsnorm(const float *x, const float *weight, float *out, int64_t T, in
 
 /* The rotary embedding of each token's q (in place) and k heads, as transformers' apply_rotary_pos_emb
    computes it (x * cos + rotate_half(x) * sin, no fused multiply-add), then k and v written into the layer's
-   KV store: qkv [T][(H + 2 Hkv) D] (one fused product's output), cos/sin [T][D], keys/values
-   [S+1][Hkv][L][D], token t's key into slot slots[t] at position positions[t]. */
-void sled_rope_write(float *qkv, const float *cos, const float *sin, float *keys, float *values,
-                     const int64_t *slots, const int64_t *positions, int64_t T, int64_t H, int64_t Hkv, int64_t D,
-                     int64_t L) {
-    int64_t half = D / 2, width = (H + 2 * Hkv) * D;
+   KV store: token t's q, k and v at q + t ldq, k + t ldk, v + t ldv ([H][D], [Hkv][D], [Hkv][D]: one fused
+   product's output, or three products'), cos/sin [T][D], keys/values [S+1][Hkv][L][D], token t's key into slot
+   slots[t] at position positions[t]. */
+void sled_rope_write(float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,
+                     const float *cos, const float *sin, float *keys, float *values, const int64_t *slots,
+                     const int64_t *positions, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t L) {
+    int64_t half = D / 2;
     float rotated[1024];
     for (int64_t t = 0; t < T; t++) {
-        float *row = qkv + t * width;
         const float *c = cos + t * D, *s = sin + t * D;
         for (int64_t h = 0; h < H + Hkv; h++) {
-            float *x = row + h * D;
+            const float *x = h < H ? q + t * ldq + h * D : k + t * ldk + (h - H) * D;
             for (int64_t d = 0; d < half; d++) {
                 rotated[d] = x[d] * c[d] + (-x[d + half]) * s[d];
                 rotated[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
             }
-            if (h < H) {
-                memcpy(x, rotated, D * sizeof(float));
-            } else {
-                memcpy(keys + ((slots[t] * Hkv + (h - H)) * L + positions[t]) * D, rotated, D * sizeof(float));
-            }
+            float *to = h < H ? q + t * ldq + h * D : keys + ((slots[t] * Hkv + (h - H)) * L + positions[t]) * D;
+            memcpy(to, rotated, D * sizeof(float));
         }
         for (int64_t h = 0; h < Hkv; h++)
-            memcpy(values + ((slots[t] * Hkv + h) * L + positions[t]) * D, row + (H + Hkv + h) * D, D * sizeof(float));
+            memcpy(values + ((slots[t] * Hkv + h) * L + positions[t]) * D, v + t * ldv + h * D, D * sizeof(float));
     }
 }
