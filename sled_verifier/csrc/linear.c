@@ -27,15 +27,24 @@
 #define AHEAD 32                 /* panel rows (k) prefetched ahead: ~8 KB, enough in flight for DRAM's latency */
 
 
+/* One tile: `rows` rows of x against one panel. Meanwhile it prefetches: the first tile of a panel streams it
+   from memory and prefetches it AHEAD rows on (into L1); the later tiles read the panel from L2 and prefetch
+   `lines` cache lines a k of `share`, their share of the next panel (into L2), so the next panel's first tile
+   finds it there (`first`: a constant, so each kind of tile has one loop). Without that the first tile of every panel ran at memory speed, about half its FMA rate:
+   SmolLM2's products at 12-32 rows, one core, ran at 78-99 GFLOP/s against 91-107 with it. */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t K, const float *panel,
                                                        const float *bias, float *y, int64_t ldy, int64_t cols,
-                                                       const int rows) {
+                                                       const float *share, int lines, const int rows,
+                                                       const int first) {
     vec acc[ROWS][VECS];
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < VECS; j++) acc[i][j] = VZERO();
     for (int64_t k = 0; k < K; k++) {
         const float *pk = panel + k * PANEL;
-        for (int line = 0; line < PANEL; line += 16) __builtin_prefetch(pk + AHEAD * PANEL + line, 0, 3);
+        if (first)
+            for (int line = 0; line < PANEL; line += 16) __builtin_prefetch(pk + AHEAD * PANEL + line, 0, 3);
+        else
+            for (int i = 0; i < lines; i++) __builtin_prefetch(share + (k * lines + i) * 16, 0, 2);
         vec w[VECS];
         for (int j = 0; j < VECS; j++) w[j] = VLOAD(pk + j * LANES);
         for (int i = 0; i < rows; i++) {
@@ -60,17 +69,28 @@ void sled_linear(const float *x, const float *packed, const float *bias, float *
         const float *b = bias ? bias + p * PANEL : 0;
         int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
         float *yp = y + p * PANEL;
-        int64_t m = 0;
-        for (; m + ROWS <= M; m += ROWS) tile(x + m * K, K, panel, b, yp + m * N, N, cols, ROWS);
-        switch (M - m) {  /* the last rows: the same arithmetic per output, fewer rows per tile */
+        /* the later tiles' shares of this chunk's next panel: `lines` cache lines a k each, enough to cover it */
+        int64_t tiles = (M + ROWS - 1) / ROWS, panel_lines = K * (PANEL / 16);
+        int lines = tiles > 1 && p + 1 < p1 ? (int)((panel_lines + (tiles - 1) * K - 1) / ((tiles - 1) * K)) : 0;
+        for (int64_t m = 0, t = 0; m < M; m += ROWS, t++) {
+            const float *share = t == 0 ? 0 : panel + K * PANEL + (t - 1) * K * lines * 16;
+            int n = t > 0 && (t - 1) * K * lines < panel_lines ? lines : 0;
+            const float *xm = x + m * K;
+            float *ym = yp + m * N;
+#define TILE(r) (t == 0 ? tile(xm, K, panel, b, ym, N, cols, 0, 0, r, 1) \
+                        : tile(xm, K, panel, b, ym, N, cols, share, n, r, 0))
+            switch (M - m < ROWS ? M - m : ROWS) {  /* the last rows: the same arithmetic per output, fewer a tile */
+                case ROWS: TILE(ROWS); break;
 #if ROWS > 5
-            case 5: tile(x + m * K, K, panel, b, yp + m * N, N, cols, 5); break;
-            case 4: tile(x + m * K, K, panel, b, yp + m * N, N, cols, 4); break;
-            case 3: tile(x + m * K, K, panel, b, yp + m * N, N, cols, 3); break;
-            case 2: tile(x + m * K, K, panel, b, yp + m * N, N, cols, 2); break;
-            case 1: tile(x + m * K, K, panel, b, yp + m * N, N, cols, 1); break;
+                case 5: TILE(5); break;
+                case 4: TILE(4); break;
+                case 3: TILE(3); break;
+                case 2: TILE(2); break;
+                case 1: TILE(1); break;
 #endif
-            default: break;
+                default: break;
+            }
+#undef TILE
         }
     }
 }
