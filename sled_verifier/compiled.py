@@ -8,8 +8,10 @@ attention-mask construction, cache objects or keyword plumbing per call, and eve
 
 Two ways to attend, chosen by ``compile``:
 
-- eager (``compile="off"``, the default on CPU): each row attends over its own slot in place, over its own
-  length (``attend_rows``, shared with the transformers runtime). Shapes are the batch's own.
+- eager (``compile="off"``, the default on CPU): the rows' tokens packed end to end as one sequence (as the
+  transformers runtime packs them: no product runs over padding, though a step's rows are ragged, k = 0-8 as
+  each device prices it), and each row attends over its own slot in place, over its own length
+  (``PackedRows.attend``, shared with the transformers runtime). Shapes are the batch's own.
 - static (any compile mode, the default on a GPU: ``reduce-overhead``, i.e. CUDA graphs): rows, tokens per
   row and attended width are padded up to a few buckets (powers of two), padding rows write into the spare
   slot and are never read, and attention is one SDPA over each row's slot read up to the bucketed width with
@@ -40,8 +42,8 @@ from sled_verifier import native, tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
-from sled_verifier.attention import attend_rows, row_plan
-from sled_verifier.target import eos_ids_of, load_causal_lm, resolve_device
+from sled_verifier.attention import row_plan
+from sled_verifier.target import PackedRows, eos_ids_of, load_causal_lm, resolve_device
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -194,25 +196,25 @@ class CompiledTarget:
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         rows, m_max = len(inputs), max(len(x) for x in inputs)
-        m_b = m_max
-        if self.static:  # pad to the buckets: padding rows are one token written to the spare slot
-            # Tokens per row are bucketed up to the KV capacity at most (a context limit need not be a power
-            # of two, and padding queries only write into the spare slot).
-            rows_b, m_b = bucket(rows), min(bucket(m_max), self.kv.max_length)
-            slots = [*slots] + [self.kv.trash] * (rows_b - rows)
-            starts = [*starts] + [0] * (rows_b - rows)
-            inputs = [*inputs] + [[0]] * (rows_b - rows)
+        if not self.static:  # the rows' tokens end to end: no product runs over padding (ragged k, prefill chunks)
+            layout = self.kv.packed(slots, starts, inputs, self.device)
+            plan = PackedRows(row_plan(slots, starts, inputs, self.device, self.width_invariant, self.model.dtype),
+                              layout.unpack, layout.pack)
+            return (layout.input_ids, layout.positions, layout.write_slots, layout.write_positions, plan,
+                    not logits), rows, m_max
+        # Static: pad to the buckets; padding rows are one token written to the spare slot. Tokens per row are
+        # bucketed up to the KV capacity at most (a context limit need not be a power of two, and padding queries
+        # only write into the spare slot).
+        rows_b, m_b = bucket(rows), min(bucket(m_max), self.kv.max_length)
+        slots = [*slots] + [self.kv.trash] * (rows_b - rows)
+        starts = [*starts] + [0] * (rows_b - rows)
+        inputs = [*inputs] + [[0]] * (rows_b - rows)
         layout = self.kv.layout(slots, starts, inputs, m_b, self.device)                 # grows the store
         indices = (layout.input_ids, layout.positions, layout.write_slots, layout.write_positions)
-        if self.static:
-            width_b = min(bucket(layout.width, 64), self.kv.length)
-            keys = torch.arange(width_b, device=self.device)
-            visible = keys[None, None, :] <= layout.positions[:, :, None]                           # [B, M, W]
-            arguments = (*indices, layout.slots, visible, not logits)
-        else:
-            plan = row_plan(slots, starts, inputs, self.device, self.width_invariant, self.model.dtype)
-            arguments = (*indices, plan, not logits)
-        return arguments, rows, m_max
+        width_b = min(bucket(layout.width, 64), self.kv.length)
+        keys = torch.arange(width_b, device=self.device)
+        visible = keys[None, None, :] <= layout.positions[:, :, None]                               # [B, M, W]
+        return (*indices, layout.slots, visible, not logits), rows, m_max
 
     def _layer(self, index: int, layer, hidden, cos, sin, write_slots, write_positions, attend) -> torch.Tensor:
         if self.per_token:
@@ -255,17 +257,23 @@ class CompiledTarget:
         norm = self.model.model.norm
         return self.model.lm_head(tokenwise.rmsnorm(hidden, norm) if self.per_token else norm(hidden))
 
-    def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan, last_only: bool):
+    def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan: PackedRows, last_only: bool):
+        """The rows packed as one sequence ``[1, T]`` (``kvslots.packed_layout``): every product, norm and rotary
+        embedding runs over the T real tokens; attention unpacks each row (``PackedRows.attend``). Returns
+        ``[B, M, V]``, or for prefill (``last_only``) one meaningless position per row, as the transformers
+        runtime does: only the caches matter then."""
         body = self.model.model
-        hidden = body.embed_tokens(input_ids)                                               # [B, M, E]
+        hidden = body.embed_tokens(input_ids)                                               # [1, T, E]
         cos, sin = body.rotary_emb(hidden, positions)
 
         def attend(q, keys, values):
-            return attend_rows(q, keys, values, plan, self.scaling)
+            return plan.attend(q, keys, values, self.scaling)                               # [1, T, H, D]
 
         for index, layer in enumerate(body.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)
-        return self._head(hidden, last_only)
+        if last_only:
+            return self._head(hidden, True).expand(plan.unpack.shape[0], -1, -1)            # [B, 1, V]
+        return self._head(hidden, False)[0][plan.unpack]                                    # [B, M, V]
 
     def _forward_static(self, input_ids, positions, write_slots, write_positions, slots, visible, last_only: bool):
         body = self.model.model

@@ -51,19 +51,24 @@ class PackedRows:
     unpack: torch.Tensor  # [B, M] each padded place's token
     pack: torch.Tensor    # [T] each token's place in [B * M]
 
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:
+        """``attend_rows`` of a packed forward: ``query`` ``[1, H, T, D]`` unpacked to the rows ``[B, H, M, D]``
+        (laid out as an unpacked forward's, so each row's attention is the same call on the same values), the
+        result packed back to ``[1, T, H, D]``."""
+        rows = query[0].transpose(0, 1)[self.unpack].transpose(1, 2)                      # [B, H, M, D]
+        attended = attend_rows(rows, key, value, self.plan, scaling)                      # [B, M, H, D]
+        return attended.flatten(0, 1)[self.pack][None]                                    # [1, T, H, D]
+
 
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                    dropout: float = 0.0, scaling: float | None = None, sled_rows: PackedRows | None = None, **kwargs):
-    """transformers' attention interface over ``attend_rows``: ``query`` ``[1, H, T, D]`` of a packed forward is
-    unpacked to the rows ``[B, H, M, D]`` (laid out as an unpacked forward's, so each row's attention is the same
-    call on the same values) and the result packed back to ``[1, T, H, D]``. Without ``sled_rows`` (the model
-    called some other way: generate, a plain call) it is plain SDPA."""
+    """transformers' attention interface over ``attend_rows`` for a packed forward (``PackedRows.attend``).
+    Without ``sled_rows`` (the model called some other way: generate, a plain call) it is plain SDPA."""
     if sled_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    rows = query[0].transpose(0, 1)[sled_rows.unpack].transpose(1, 2)                     # [B, H, M, D]
-    attended = attend_rows(rows, key, value, sled_rows.plan, scaling)                     # [B, M, H, D]
-    return attended.flatten(0, 1)[sled_rows.pack][None], None                             # [1, T, H, D]
+    return sled_rows.attend(query, key, value, scaling), None
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
