@@ -122,7 +122,9 @@ def threads() -> int:
 @contextlib.contextmanager
 def torch_inline():
     """Torch's operators on this thread run on one thread, the native kernels on torch's count (see the module
-    docstring for why); a no-op at one thread or without the kernels. Nests."""
+    docstring for why); a no-op at one thread or without the kernels. Nests. MKL's thread count is the
+    process's, so torch products another Python thread runs meanwhile get one thread too (the verifier runs one
+    forward at a time)."""
     count = torch.get_num_threads()
     if count == 1 or getattr(_inline, "threads", 0) or not available():
         yield
