@@ -115,6 +115,7 @@ def fuse_projections(model) -> None:
 
 class CompiledTarget:
     name = "compiled"
+    packs_rows = False  # no ``logit_rows`` yet (its static path pads rows): a step's prefill chunks keep their forward
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32", *,
                  compile: str = "auto", batch_invariant: bool = True,

@@ -48,6 +48,7 @@ class TargetRuntime(Protocol):
     max_positions: int | None
     eos_ids: torch.Tensor         # int64 ids on ``device``
     batch_invariance: str         # how products are kept batch-invariant: rows-of-<g>, tiles-<n>, or off
+    packs_rows: bool              # rows of any lengths share a forward at no padding cost (``logit_rows`` served)
     kv: KVSlots | None
 
     def init_kv(self, max_slots: int, max_length: int) -> KVSlots: ...
@@ -55,7 +56,8 @@ class TargetRuntime(Protocol):
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
                      logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` of each row's ``inputs`` after the first ``starts[i]`` positions of its slot,
-        writing the rows' keys and values into their slots; ``logits=False``: prefill, logits not needed."""
+        writing the rows' keys and values into their slots; ``logits=False``: prefill, logits not needed. Where
+        ``packs_rows``, ``logit_rows=R`` projects only the first R rows (``[R, M_R, V]``), the rest writing caches."""
         ...
 
 

@@ -62,9 +62,10 @@ class VerifierService:
         self.policy = SchedulePolicy.from_config(config)
         self.cost = StepCost()
         # What devices are told a draft and a token cost (Status.step_cost): verification forwards alone (a
-        # step's prefill is its own forward, cheap per token, and counted as scored tokens it drifted the split
-        # toward long drafts), forgetting slowly, so the start-up calibration's split of a draft's cost from a
-        # token's (steps of many widths) outlives a run of steps whose tokens are all about (k + 1) x drafts.
+        # step's prefill, cheap per token, counted as scored tokens drifted the split toward long drafts; chunks
+        # that rode in the verification forward are taken out at the price's own cost per token), forgetting
+        # slowly, so the start-up calibration's split of a draft's cost from a token's (steps of many widths)
+        # outlives a run of steps whose tokens are all about (k + 1) x drafts.
         self.price_cost = StepCost(decay=0.998)
         self.drafts_per_step = 1.0  # recent mean, announced with the step cost (edges price their k with it)
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
@@ -273,7 +274,7 @@ class VerifierService:
             self.steps += 1
             self.arrived.clear()  # set again by any draft arriving during the step
             batch = self.queue.take(batch_size(self.policy, self.queue.scored_tokens()))
-            prefill_before, forward_before = self.stats.prefill_tokens, self.stats.forward_s
+            prefill_before = self.stats.prefill_tokens
             outcomes = await self._run_step([queued.draft for queued in batch])
             # 3. Teach the cost model what this step cost.
             step_s = time.perf_counter() - busy_from
@@ -281,9 +282,11 @@ class VerifierService:
             tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
-            verify_s = self.stats.forward_s - forward_before
-            if verified and verify_s > 0:  # a step that verified drafts (not only prefill): what devices are priced on
-                self.price_cost.observe(len(verified), sum(len(o.draft.tokens) + 1 for o in verified), verify_s)
+            if verified and self.engine.verify_cost is not None:  # a step that verified drafts: what devices are priced on
+                verify_s, rode_tokens = self.engine.verify_cost  # prefill chunks that rode in it: theirs at the price
+                verify_s -= rode_tokens * self.price_cost.coef[2]
+                if verify_s > 0:
+                    self.price_cost.observe(len(verified), sum(len(o.draft.tokens) + 1 for o in verified), verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}

@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sled_verifier import native, tokenwise
 from sled_verifier.attention import attend_rows, row_plan
 from sled_verifier.invariant import make_batch_invariant
-from sled_verifier.kvslots import SlotKV
+from sled_verifier.kvslots import SlotKV, packed_layout
 
 SLOT_ATTENTION = "sled_slots"
 
@@ -61,8 +61,30 @@ class PackedRows:
         return attended.flatten(0, 1)[self.pack][None]                                    # [1, T, H, D]
 
 
+@dataclass(frozen=True)
+class PackedGroups:
+    """A packed forward's rows in consecutive groups, each unpacked to its own longest row: a step's (k + 1)-token
+    rows are not padded to the 64 tokens of a prefill chunk beside them (padded together, the query gather of 40
+    rows grew 12x and ate the saving of running the chunk in the verification forward)."""
+
+    groups: list[PackedRows]
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float | None) -> torch.Tensor:
+        """``PackedRows.attend`` of each group, its tokens in packed order: ``[1, T, H, D]``."""
+        return torch.cat([group.attend(query, key, value, scaling) for group in self.groups], dim=1)
+
+
+def packed_rows(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], device: torch.device,
+                blocks: bool, dtype: torch.dtype, first_token: int = 0) -> PackedRows:
+    """``PackedRows`` of rows whose tokens start at ``first_token`` of the packed sequence."""
+    layout = packed_layout(slots, starts, inputs, device)
+    return PackedRows(row_plan(slots, starts, inputs, device, blocks, dtype), layout.unpack + first_token, layout.pack)
+
+
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                   dropout: float = 0.0, scaling: float | None = None, sled_rows: PackedRows | None = None, **kwargs):
+                   dropout: float = 0.0, scaling: float | None = None, sled_rows: PackedRows | PackedGroups | None = None,
+                   **kwargs):
     """transformers' attention interface over ``attend_rows`` for a packed forward (``PackedRows.attend``).
     Without ``sled_rows`` (the model called some other way: generate, a plain call) it is plain SDPA."""
     if sled_rows is None:
@@ -186,31 +208,52 @@ class TransformersTarget:
                          max_length=min(max_length, self.max_positions or max_length))
         return self.kv
 
+    @property
+    def packs_rows(self) -> bool:
+        """Rows of any lengths share a forward at no padding cost (slot attention packs them), so the engine runs a
+        step's prefill chunks in its verification forward (``forward_rows(logit_rows=)``)."""
+        return self.attention == "slots" and self._keeps_logits
+
     @torch.inference_mode()
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                     logits: bool = True) -> torch.Tensor:
+                     logits: bool = True, logit_rows: int | None = None) -> torch.Tensor:
         """Logits ``[B, M, V]`` of each row's ``inputs`` after the first ``starts[i]`` positions of its slot;
         the rows' keys and values are written into their slots (positions start .. start + len - 1).
         ``logits=False`` (prefill): only the caches matter; the vocabulary projection is skipped (its output
-        is then one meaningless position per row)."""
+        is then one meaningless position per row). ``logit_rows`` (with ``packs_rows``): only the first R rows
+        are projected, ``[R, M_R, V]`` with M_R their longest; the others only write their caches. A row may
+        continue another row's slot in the same forward (a prefill chunk, then the verification after it):
+        every layer writes all the rows' keys and values before any row attends."""
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         if self.native_forward and self.attention == "slots":
             with native.torch_inline():
-                return self._forward_rows(slots, starts, inputs, logits)
-        return self._forward_rows(slots, starts, inputs, logits)
+                return self._forward_rows(slots, starts, inputs, logits, logit_rows)
+        return self._forward_rows(slots, starts, inputs, logits, logit_rows)
 
     def _forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                      logits: bool) -> torch.Tensor:
+                      logits: bool, logit_rows: int | None = None) -> torch.Tensor:
         dev = self.device
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":  # the rows' tokens end to end: no product runs over padding
             rows = self.kv.packed(slots, starts, inputs, dev)
-            plan = PackedRows(row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
-                              rows.unpack, rows.pack)
+            split = logit_rows if logit_rows is not None and 0 < logit_rows < len(inputs) else len(inputs)
+            if split == len(inputs):
+                plan = PackedRows(row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
+                                  rows.unpack, rows.pack)
+            else:  # rows without logits (prefill chunks) attend as a group of their own
+                plan = PackedGroups([
+                    packed_rows(slots[:split], starts[:split], inputs[:split], dev, self.width_invariant,
+                                self.model.dtype),
+                    packed_rows(slots[split:], starts[split:], inputs[split:], dev, self.width_invariant,
+                                self.model.dtype, first_token=sum(len(x) for x in inputs[:split]))])
+            if logit_rows is not None:  # the first rows' tokens lead the packed sequence: project those alone
+                keep = {"logits_to_keep": slice(0, sum(len(x) for x in inputs[:logit_rows]))}
             out = self.model(input_ids=rows.input_ids, position_ids=rows.positions,
                              past_key_values=self.kv.view(rows, in_place=True), use_cache=True,
                              cache_position=torch.arange(rows.input_ids.shape[1], device=dev), sled_rows=plan, **keep)
+            if logit_rows is not None:                                                       # [R, M_R, V]
+                return out.logits[0][plan.groups[0].unpack if isinstance(plan, PackedGroups) else rows.unpack]
             if not logits:
                 return out.logits[:, -1:].expand(len(inputs), -1, -1)
             return out.logits[0][rows.unpack]                                                # [B, M, V]

@@ -28,16 +28,21 @@ class Recording:
     """The target, recording the logits of every verification forward by slot."""
 
     def __init__(self, target) -> None:
-        self.target, self.logits = target, {}
+        self.target, self.logits, self.calls = target, {}, []  # calls: (slots, logits) of each verification forward
+        self.forwards = 0
 
     def __getattr__(self, name):
         return getattr(self.target, name)
 
-    def forward_rows(self, slots, starts, inputs, logits: bool = True):
-        out = self.target.forward_rows(slots, starts, inputs, logits=logits)
+    def forward_rows(self, slots, starts, inputs, logits: bool = True, logit_rows: int | None = None):
+        self.forwards += 1
+        out = self.target.forward_rows(slots, starts, inputs, logits=logits, **(
+            {} if logit_rows is None else {"logit_rows": logit_rows}))
         if logits:
             for row, (slot, tokens) in enumerate(zip(slots, inputs)):
-                self.logits[slot] = out[row, : len(tokens)].clone()
+                if row < (len(inputs) if logit_rows is None else logit_rows):
+                    self.logits[slot] = out[row, : len(tokens)].clone()
+            self.calls.append((list(slots[: len(out)]), out.clone()))
         return out
 
 
@@ -112,3 +117,44 @@ def test_a_chunk_that_does_not_fit_waits_rather_than_taking_a_leftover(target):
     cached = {d.device_id: engine.sessions.get(d.device_id, d.session_id).cached for d in (a, b)}
     assert cached == {"a": CHUNK, "b": 0}  # b's next chunk did not fit the 10 tokens left: it waited
 
+
+
+class Apart(Recording):
+    """The target with its prefill chunks in forwards of their own, as a runtime that pads rows runs them."""
+
+    packs_rows = False
+
+
+def test_chunks_in_the_verification_forward_change_no_bit(target):
+    """Where the runtime packs rows, a step's prefill chunks ride in its verification forward (one forward, not
+    two): every verified row's logits, every verdict and every cache are the same bits as with the chunks apart."""
+    def run(recording):
+        engine = VerifierEngine(recording, "v", max_sessions=16, stats=VerifierStats(), max_context=512,
+                                quotas=QUOTAS)
+        rng, verdicts, logged = random.Random(9), [], []
+        opened = [first_round(f"d{i % 3}", f"s{i}", length, seed=i) for i, length in enumerate((7, 64, 129, 200))]
+        verdicts += [o.verdict for o in engine.step_until_answered(opened)]
+        for round_ in range(1, 4):  # later rounds of the open sessions beside new sessions' prefill
+            later = []
+            for draft in opened:
+                state = engine.sessions.get(draft.device_id, draft.session_id)
+                if not state.finished:
+                    later.append(Draft(draft.device_id, draft.session_id, round_, base_len=len(state.committed),
+                                       tokens=tuple(rng.randrange(3, 500) for _ in range(round_)),
+                                       max_len=draft.max_len, vocab="v"))
+            fresh = [first_round("d9", f"new{round_}", 40 + 70 * round_, seed=100 + round_)]
+            verdicts += [o.verdict for o in engine.step_until_answered(later + fresh)]
+            opened += fresh
+        for draft in opened:
+            state = engine.sessions.get(draft.device_id, draft.session_id)
+            logged.append(tuple(state.committed))
+        return verdicts, logged, recording.calls, engine.stats, recording.forwards
+
+    together, apart = run(Recording(target)), run(Apart(target))
+    if getattr(target, "packs_rows", False):
+        assert together[4] < apart[4]  # the chunks did ride along
+    assert together[0] == apart[0] and together[1] == apart[1]
+    assert len(together[2]) == len(apart[2])
+    for (slots_a, logits_a), (slots_b, logits_b) in zip(together[2], apart[2]):
+        assert slots_a == slots_b and torch.equal(logits_a, logits_b)
+    assert together[3].prefill_tokens == apart[3].prefill_tokens
