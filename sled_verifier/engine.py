@@ -22,7 +22,7 @@ from sled_verifier.config import VerifierConfig
 from sled_verifier.decide import decide
 from sled_verifier.fairshare import FairShare
 from sled_verifier.kvslots import slots_within
-from sled_verifier.runtime import TargetRuntime
+from sled_verifier.runtime import TargetRuntime, cpu_clock
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
 from sled_verifier.verify import NO_TOKEN, VerifyResult
@@ -269,14 +269,14 @@ class VerifierEngine:
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
         slots = [s.slot for _, s in runnable] + [s.slot for s, _ in chunks]
         starts = [s.cached + planned.get(id(s), 0) for _, s in runnable] + [s.cached for s, _ in chunks]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_clock()()  # wall seconds count what else the machine runs
         logits = self.target.forward_rows(slots, starts, inputs + [chunk for _, chunk in chunks],
                                           **({"logit_rows": len(runnable)} if chunks else {}))
         if logits.is_cuda:
             torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
         forward_s, tokens = time.perf_counter() - started, sum(len(x) for x in inputs)
         prefill_tokens = sum(len(chunk) for _, chunk in chunks)
-        self.verify_cost = (forward_s, prefill_tokens)
+        self.verify_cost = (forward_s if logits.is_cuda else cpu_clock()() - cpu_started, prefill_tokens)
         if chunks:
             self._prefilled([s for s, _ in chunks], [chunk for _, chunk in chunks],
                             forward_s * prefill_tokens / (tokens + prefill_tokens))
@@ -299,7 +299,8 @@ class VerifierEngine:
         several ``widths`` (tokens a row, k + 1): at one width tokens are a fixed multiple of drafts, and the
         fit could not tell a draft's cost from a token's, which is what the devices' draft lengths are priced
         on (at a single width the fit put SmolLM2's cost on drafts, 23 ms each, and devices kept k = 4 where
-        k = 1-2 was cheaper)."""
+        k = 1-2 was cheaper). CPU seconds on a CPU target, as the price's steps are timed (``verify_cost``)."""
+        clock = cpu_clock() if self.target.device.type == "cpu" else time.perf_counter
         samples = []
         for size in batch_sizes:
             if size > len(self.kv.free) + self.kv.max_slots - self.kv.capacity:
@@ -309,9 +310,9 @@ class VerifierEngine:
                 self.target.forward_rows(slots, [0] * size, [[1] * context] * size)
                 for _ in range(2):
                     for width in widths:
-                        started = time.perf_counter()
+                        started = clock()
                         self.target.forward_rows(slots, [context] * size, [[1] * width] * size)
-                        samples.append((size, size * width, time.perf_counter() - started))
+                        samples.append((size, size * width, clock() - started))
             finally:
                 for slot in slots:
                     self.kv.release(slot)

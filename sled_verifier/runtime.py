@@ -16,6 +16,7 @@ which sessions share its step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +60,13 @@ class TargetRuntime(Protocol):
         writing the rows' keys and values into their slots; ``logits=False``: prefill, logits not needed. Where
         ``packs_rows``, ``logit_rows=R`` projects only the first R rows (``[R, M_R, V]``), the rest writing caches."""
         ...
+
+
+def cpu_clock():
+    """The clock a forward's cost is read on, on a CPU: this thread's CPU seconds with one torch thread (another
+    process on the core does not count, nor the event loop's work meanwhile), the process's with several (the
+    kernels' worker threads do the work)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
 
 
 def load_target(model_dir: str | Path, runtime: str = "transformers", device: str = "auto",
