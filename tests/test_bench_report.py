@@ -111,11 +111,13 @@ def test_fleet_capacity_per_device_class():
         "fast": {"p50": 20.0, "p10": 20.0, "sessions": 1, "verifier_ms_per_round": 50.0},
         "slow": {"p50": 6.0, "p10": 6.0, "sessions": 1, "verifier_ms_per_round": 100.0}}
     rows = [{"n": 8, "session_tokens_per_s_p10": 12.0, "server_only_session_tokens_per_s": 30.0,
-             "session_tokens_per_s_by_class": {"fast": {"p10": 25.0}, "slow": {"p10": 12.0}}},
+             "ceiling_best_k": 1.2, "session_tokens_per_s_by_class": {"fast": {"p10": 25.0}, "slow": {"p10": 12.0}}},
             {"n": 16, "session_tokens_per_s_p10": 6.0, "server_only_session_tokens_per_s": 9.0,
-             "session_tokens_per_s_by_class": {"fast": {"p10": 14.0}, "slow": {"p10": 6.0}}}]
+             "ceiling_best_k": 1.05, "session_tokens_per_s_by_class": {"fast": {"p10": 14.0}, "slow": {"p10": 6.0}}}]
+    # ceiling_sessions: what the model allows SLED (server-only's rate x the best-k ceiling): 9.45 tokens/s at N = 16
+    # meets 5, not 10; a ceiling barely above 1 at the loaded N leaves SLED no capacity beyond server-only's.
     assert fleet_capacity(rows, [5, 10]) == [
         {"slo_tokens_per_s": 5, "sled_sessions": 16, "server_only_sessions": 16,
-         "sled_sessions_by_class": {"fast": 16, "slow": 16}},
+         "sled_sessions_by_class": {"fast": 16, "slow": 16}, "ceiling_sessions": 16},
         {"slo_tokens_per_s": 10, "sled_sessions": 8, "server_only_sessions": 8,
-         "sled_sessions_by_class": {"fast": 16, "slow": 8}}]
+         "sled_sessions_by_class": {"fast": 16, "slow": 8}, "ceiling_sessions": 8}]

@@ -34,17 +34,3 @@ def test_server_only_takes_the_strongest_forward_and_the_ceiling_its_one_token_s
     steps = step_times(plain, verifying, 2, [1, 2], 12)
     assert steps["t_n_x_1_s"] > 0 and set(steps["t_n_x_k1_s"]) == {1, 2}
 
-
-def test_capacity_names_what_the_ceiling_allows_sled_beside_what_each_side_reached() -> None:
-    from bench.fleet import capacity
-
-    def row(n, p10, server_rate, ceiling):
-        return {"n": n, "session_tokens_per_s_p10": p10, "server_only_session_tokens_per_s": server_rate,
-                "ceiling_best_k": ceiling, "session_tokens_per_s_by_class": {"pi": {"p10": p10}}}
-
-    rows = [row(1, 40.0, 20.0, 2.4), row(4, 8.0, 18.0, 1.4), row(16, 4.0, 7.9, 1.1), row(64, 1.3, 2.4, 1.0)]
-    five, ten = capacity(rows, [5.0, 10.0])
-    assert (five["sled_sessions"], five["server_only_sessions"], five["ceiling_sessions"]) == (4, 16, 16)
-    assert five["sled_sessions_by_class"] == {"pi": 4}
-    # At 10 tokens/s the ceiling lifts N = 4 (18 x 1.4) but not N = 16 (7.9 x 1.1 = 8.7).
-    assert (ten["sled_sessions"], ten["server_only_sessions"], ten["ceiling_sessions"]) == (1, 4, 4)
