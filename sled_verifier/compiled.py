@@ -43,7 +43,7 @@ from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
 from sled_verifier.attention import row_plan
-from sled_verifier.target import PackedRows, eos_ids_of, load_causal_lm, resolve_device
+from sled_verifier.target import PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_rows, resolve_device
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -115,7 +115,6 @@ def fuse_projections(model) -> None:
 
 class CompiledTarget:
     name = "compiled"
-    packs_rows = False  # no ``logit_rows`` yet (its static path pads rows): a step's prefill chunks keep their forward
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "float32", *,
                  compile: str = "auto", batch_invariant: bool = True,
@@ -162,6 +161,12 @@ class CompiledTarget:
             self._compiled = torch.compile(self._forward_static, mode=None if self.mode == "default" else self.mode,
                                            dynamic=False, fullgraph=True)
 
+    @property
+    def packs_rows(self) -> bool:
+        """The eager forward packs rows, so a step's prefill chunks ride in its verification forward
+        (``forward_rows(logit_rows=)``); the static forward pads to its buckets and keeps them apart."""
+        return not self.static
+
     def init_kv(self, max_slots: int, max_length: int) -> SlotKV:
         self.kv = SlotKV(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim, self.model.dtype,
                          self.device, max_slots=max_slots, max_length=min(max_length, self.max_positions or max_length))
@@ -169,9 +174,14 @@ class CompiledTarget:
 
     @torch.inference_mode()
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                     logits: bool = True) -> torch.Tensor:
-        """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row."""
-        arguments, rows, m_max = self.prepare(slots, starts, inputs, logits)
+                     logits: bool = True, logit_rows: int | None = None) -> torch.Tensor:
+        """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row;
+        ``logit_rows=R`` (eager only: ``packs_rows``) the first R rows alone, ``[R, M_R, V]``."""
+        if logit_rows is not None and self.static:
+            raise ValueError("logit_rows needs the eager forward (packs_rows)")
+        arguments, rows, m_max = self.prepare(slots, starts, inputs, logits, logit_rows)
+        if logit_rows is not None:
+            rows, m_max = logit_rows, max(len(x) for x in inputs[:logit_rows])
         if self.native_forward:
             with native.torch_inline():
                 return self._run(arguments)[:rows, : (m_max if logits else 1)]
@@ -191,7 +201,7 @@ class CompiledTarget:
         return self._forward_static(*arguments)
 
     def prepare(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                logits: bool = True) -> tuple[tuple, int, int]:
+                logits: bool = True, logit_rows: int | None = None) -> tuple[tuple, int, int]:
         """The forward's tensors (padded to the buckets when static), the real row count and longest row. A
         static forward's arguments can be captured as a CUDA graph and replayed (bench/gpu_server.py)."""
         if self.kv is None:
@@ -199,10 +209,21 @@ class CompiledTarget:
         rows, m_max = len(inputs), max(len(x) for x in inputs)
         if not self.static:  # the rows' tokens end to end: no product runs over padding (ragged k, prefill chunks)
             layout = self.kv.packed(slots, starts, inputs, self.device)
-            plan = PackedRows(row_plan(slots, starts, inputs, self.device, self.width_invariant, self.model.dtype),
-                              layout.unpack, layout.pack)
+            split = logit_rows if logit_rows is not None and 0 < logit_rows < rows else rows
+            blocks, dtype = self.width_invariant, self.model.dtype
+            if split == rows:
+                plan = PackedRows(row_plan(slots, starts, inputs, self.device, blocks, dtype), layout.unpack,
+                                  layout.pack)
+            else:  # rows without logits (prefill chunks) attend as a group of their own (``PackedGroups``)
+                plan = PackedGroups([
+                    packed_rows(slots[:split], starts[:split], inputs[:split], self.device, blocks, dtype),
+                    packed_rows(slots[split:], starts[split:], inputs[split:], self.device, blocks, dtype,
+                                first_token=sum(len(x) for x in inputs[:split]))])
+            # The first rows' tokens lead the packed sequence: the head projects those alone.
+            head = (sum(len(x) for x in inputs[:split]), plan.groups[0].unpack) if split < rows \
+                else (None, layout.unpack)
             return (layout.input_ids, layout.positions, layout.write_slots, layout.write_positions, plan,
-                    not logits), rows, m_max
+                    not logits, *head), rows, m_max
         # Static: pad to the buckets; padding rows are one token written to the spare slot. Tokens per row are
         # bucketed up to the KV capacity at most (a context limit need not be a power of two, and padding queries
         # only write into the spare slot).
@@ -258,10 +279,12 @@ class CompiledTarget:
         norm = self.model.model.norm
         return self.model.lm_head(tokenwise.rmsnorm(hidden, norm) if self.per_token else norm(hidden))
 
-    def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan: PackedRows, last_only: bool):
+    def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan: PackedRows | PackedGroups,
+                       last_only: bool, head_tokens: int | None, unpack: torch.Tensor):
         """The rows packed as one sequence ``[1, T]`` (``kvslots.packed_layout``): every product, norm and rotary
         embedding runs over the T real tokens; attention unpacks each row (``PackedRows.attend``). Returns
-        ``[B, M, V]``, or for prefill (``last_only``) one meaningless position per row, as the transformers
+        ``[B, M, V]`` (``unpack``: each padded place's token), the first ``head_tokens`` tokens' alone where set
+        (``logit_rows``), or for prefill (``last_only``) one meaningless position per row, as the transformers
         runtime does: only the caches matter then."""
         body = self.model.model
         hidden = body.embed_tokens(input_ids)                                               # [1, T, E]
@@ -273,8 +296,10 @@ class CompiledTarget:
         for index, layer in enumerate(body.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, write_slots, write_positions, attend)
         if last_only:
-            return self._head(hidden, True).expand(plan.unpack.shape[0], -1, -1)            # [B, 1, V]
-        return self._head(hidden, False)[0][plan.unpack]                                    # [B, M, V]
+            return self._head(hidden, True).expand(unpack.shape[0], -1, -1)                 # [B, 1, V]
+        if head_tokens is not None:
+            hidden = hidden[:, :head_tokens]
+        return self._head(hidden, False)[0][unpack]                                         # [B, M, V]
 
     def _forward_static(self, input_ids, positions, write_slots, write_positions, slots, visible, last_only: bool):
         body = self.model.model
