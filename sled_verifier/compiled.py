@@ -42,8 +42,7 @@ from sled_verifier import native, tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
-from sled_verifier.attention import row_plan
-from sled_verifier.target import PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_rows, resolve_device
+from sled_verifier.target import PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_plan, resolve_device
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -209,21 +208,10 @@ class CompiledTarget:
         rows, m_max = len(inputs), max(len(x) for x in inputs)
         if not self.static:  # the rows' tokens end to end: no product runs over padding (ragged k, prefill chunks)
             layout = self.kv.packed(slots, starts, inputs, self.device)
-            split = logit_rows if logit_rows is not None and 0 < logit_rows < rows else rows
-            blocks, dtype = self.width_invariant, self.model.dtype
-            if split == rows:
-                plan = PackedRows(row_plan(slots, starts, inputs, self.device, blocks, dtype), layout.unpack,
-                                  layout.pack)
-            else:  # rows without logits (prefill chunks) attend as a group of their own (``PackedGroups``)
-                plan = PackedGroups([
-                    packed_rows(slots[:split], starts[:split], inputs[:split], self.device, blocks, dtype),
-                    packed_rows(slots[split:], starts[split:], inputs[split:], self.device, blocks, dtype,
-                                first_token=sum(len(x) for x in inputs[:split]))])
-            # The first rows' tokens lead the packed sequence: the head projects those alone.
-            head = (sum(len(x) for x in inputs[:split]), plan.groups[0].unpack) if split < rows \
-                else (None, layout.unpack)
+            plan, head_tokens, unpack = packed_plan(layout, slots, starts, inputs, self.device, self.width_invariant,
+                                                    self.model.dtype, logit_rows)
             return (layout.input_ids, layout.positions, layout.write_slots, layout.write_positions, plan,
-                    not logits, *head), rows, m_max
+                    not logits, head_tokens, unpack), rows, m_max
         # Static: pad to the buckets; padding rows are one token written to the spare slot. Tokens per row are
         # bucketed up to the KV capacity at most (a context limit need not be a power of two, and padding queries
         # only write into the spare slot).

@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sled_verifier import native, tokenwise
 from sled_verifier.attention import attend_rows, row_plan
 from sled_verifier.invariant import make_batch_invariant
-from sled_verifier.kvslots import SlotKV, packed_layout
+from sled_verifier.kvslots import RowLayout, SlotKV, packed_layout
 
 SLOT_ATTENTION = "sled_slots"
 
@@ -80,6 +80,23 @@ def packed_rows(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Se
     """``PackedRows`` of rows whose tokens start at ``first_token`` of the packed sequence."""
     layout = packed_layout(slots, starts, inputs, device)
     return PackedRows(row_plan(slots, starts, inputs, device, blocks, dtype), layout.unpack + first_token, layout.pack)
+
+
+def packed_plan(layout: RowLayout, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
+                device: torch.device, blocks: bool, dtype: torch.dtype, logit_rows: int | None = None
+                ) -> tuple[PackedRows | PackedGroups, int | None, torch.Tensor]:
+    """A packed forward's attention plan (``layout`` from ``SlotKV.packed``) and what its head projects: the first
+    tokens' count (None: every token) and the unpack of their rows into ``[R, M_R]``. With ``logit_rows`` below
+    the row count, the rows after it (prefill chunks, no logits) attend as a group of their own. Both runtimes'
+    packed forwards take it."""
+    split = logit_rows if logit_rows is not None and 0 < logit_rows < len(inputs) else len(inputs)
+    if split == len(inputs):
+        return PackedRows(row_plan(slots, starts, inputs, device, blocks, dtype), layout.unpack, layout.pack), \
+            None, layout.unpack
+    head_tokens = sum(len(x) for x in inputs[:split])
+    first = packed_rows(slots[:split], starts[:split], inputs[:split], device, blocks, dtype)
+    rest = packed_rows(slots[split:], starts[split:], inputs[split:], device, blocks, dtype, first_token=head_tokens)
+    return PackedGroups([first, rest]), head_tokens, first.unpack
 
 
 def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -237,23 +254,15 @@ class TransformersTarget:
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":  # the rows' tokens end to end: no product runs over padding
             rows = self.kv.packed(slots, starts, inputs, dev)
-            split = logit_rows if logit_rows is not None and 0 < logit_rows < len(inputs) else len(inputs)
-            if split == len(inputs):
-                plan = PackedRows(row_plan(slots, starts, inputs, dev, self.width_invariant, self.model.dtype),
-                                  rows.unpack, rows.pack)
-            else:  # rows without logits (prefill chunks) attend as a group of their own
-                plan = PackedGroups([
-                    packed_rows(slots[:split], starts[:split], inputs[:split], dev, self.width_invariant,
-                                self.model.dtype),
-                    packed_rows(slots[split:], starts[split:], inputs[split:], dev, self.width_invariant,
-                                self.model.dtype, first_token=sum(len(x) for x in inputs[:split]))])
+            plan, _, unpack = packed_plan(rows, slots, starts, inputs, dev, self.width_invariant, self.model.dtype,
+                                          logit_rows)
             if logit_rows is not None:  # the first rows' tokens lead the packed sequence: project those alone
                 keep = {"logits_to_keep": slice(0, sum(len(x) for x in inputs[:logit_rows]))}
             out = self.model(input_ids=rows.input_ids, position_ids=rows.positions,
                              past_key_values=self.kv.view(rows, in_place=True), use_cache=True,
                              cache_position=torch.arange(rows.input_ids.shape[1], device=dev), sled_rows=plan, **keep)
             if logit_rows is not None:                                                       # [R, M_R, V]
-                return out.logits[0][plan.groups[0].unpack if isinstance(plan, PackedGroups) else rows.unpack]
+                return out.logits[0][unpack]
             if not logits:
                 return out.logits[:, -1:].expand(len(inputs), -1, -1)
             return out.logits[0][rows.unpack]                                                # [B, M, V]
