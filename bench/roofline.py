@@ -85,9 +85,12 @@ def model_costs(target, rows: int, tokens: int, context: int) -> dict:
     model = target.model
     config = model.config
     weights = {id(p): p for p in model.parameters()}  # a tied head counts once: read once, as the head
-    weight_bytes = sum(p.numel() * p.element_size() for p in weights.values())
     embedding = model.get_input_embeddings().weight
     tied = any(p is embedding for p in (model.get_output_embeddings().weight,))
+    # a tied head's products read their own packed copy, in bfloat16 with bfloat16 weights (the float32 embedding
+    # is only gathered, a few rows a step)
+    head_element = 2 if tied and getattr(target, "weights", None) == torch.bfloat16 else embedding.element_size()
+    weight_bytes = sum(p.numel() * (head_element if p is embedding else p.element_size()) for p in weights.values())
     # products' weights: 2-D as loaded or reordered, 3-D as native panels (whose zero fill past a non-multiple of
     # 64 outputs counts too: the kernel computes it)
     matmul_params = sum(p.numel() for p in weights.values() if p.dim() >= 2) - (0 if tied else embedding.numel())
@@ -139,8 +142,8 @@ def where_it_goes(target, rows: int, tokens: int, context: int) -> dict:
     calls: dict[str, int] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         name, shapes = event.key, [s or [] for s in (event.input_shapes or [])]
-        if name.startswith("sled::native_linear["):  # [rows x in x out]
-            rows_in_out = [int(v) for v in name[len("sled::native_linear["):-1].split("x")]
+        if name.startswith("sled::native_linear"):  # [rows x in x out], float32 or _bf16
+            rows_in_out = [int(v) for v in name[name.index("[") + 1:-1].split("x")]
             kind = "vocabulary head" if rows_in_out[2] == vocab else f"products of {rows_in_out[0]} rows"
         elif name in ("aten::addmm", "aten::mm", "aten::bmm", "mkldnn::_linear_pointwise"):
             operand = shapes[1] if name == "aten::addmm" and len(shapes) > 1 else (shapes[0] if shapes else [])

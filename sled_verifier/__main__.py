@@ -40,6 +40,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
 
     from sled_protocol.vocab import vocab_hash
     from sled_verifier.engine import KVBudgetError, Quotas, VerifierEngine
+    from sled_verifier import native
     from sled_verifier.gguf import model_directory
     from sled_verifier.identity import target_identity
     from sled_verifier.service import VerifierService
@@ -68,6 +69,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     identity = await asyncio.to_thread(target_identity, config.target, config.dtype)  # cached after the first start
     log.info("target_loaded", model=target.model_id, target=identity, runtime=target.name,
              batch_invariance=target.batch_invariance,
+             products=f"native {native.bf16_products()}, bfloat16 weights" if target.weights is not None else None,
              device=str(target.device), vocab=vocab,
              vocab_size=target.vocab_size, threads=torch.get_num_threads(), config=redacted_config(config))
     budget = parse_memory(config.kv_memory, free_bytes=free_memory_bytes(target.device))

@@ -42,7 +42,8 @@ from sled_verifier import native, tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
-from sled_verifier.target import PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_plan, resolve_device
+from sled_verifier.target import (PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_plan, packed_weights,
+                                  resolve_device)
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -128,7 +129,8 @@ class CompiledTarget:
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; expected one of {', '.join(COMPILE_MODES)}")
         self.device = resolve_device(device)
-        self.model = load_causal_lm(self.model_dir, self.device, dtype)
+        load_dtype, self.weights = packed_weights(dtype, self.device) if compile in ("auto", "off") else (dtype, None)
+        self.model = load_causal_lm(self.model_dir, self.device, load_dtype)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -145,7 +147,8 @@ class CompiledTarget:
         # a compiled forward keeps the BLAS's products (``sled_verifier.invariant``).
         products = "blas" if self.static else "auto"
         fuse_projections(self.model)
-        self.batch_invariance = make_batch_invariant(self.model, self.device, products) if batch_invariant else "off"
+        self.batch_invariance = make_batch_invariant(self.model, self.device, products, weights=self.weights) \
+            if batch_invariant or self.weights is not None else "off"
         self.width_invariant = batch_invariant  # block attention in the eager forward (``sled_verifier.attention``)
         self.per_token = not self.static and tokenwise.usable(self.model, self.device)  # native per-token work (eager)
         # every product and the attention native too: torch's operators run inline (``native.torch_inline``)

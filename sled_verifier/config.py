@@ -46,7 +46,9 @@ class VerifierConfig(BrokerConfig):
         "once to float32 and cached in $SLED_CACHE, default ~/.cache/sled)"))
     verifier_id: str = field(default="", metadata=_help("this verifier's topic level; empty: the host name"))
     device: str = field(default="auto", metadata=_help("torch device: auto (cuda when present), cpu, cuda:0"))
-    dtype: str = field(default="float32", metadata=_help("torch dtype of the target weights (bfloat16 on a GPU)"))
+    dtype: str = field(default="float32", metadata=_help(
+        "dtype of the target weights: float32, or bfloat16 (on a GPU torch's; on a CPU with AMX or AVX512-BF16 the "
+        "products' weights alone, in the verifier's own kernels: half the bytes a step reads, the rest float32)"))
     runtime: str = field(default="transformers", metadata=_help(
         "transformers (any causal LM; the reference) or compiled (Llama/Qwen2/Mistral: our own forward, "
         "static shape buckets and torch.compile; CUDA graphs on a GPU)"))

@@ -90,11 +90,12 @@ def kernels(device: torch.device) -> tuple[str, ...]:
     return ("native",) * native_ok + ("onednn",) * onednn + ("blas",)
 
 
-def prepare(kernel: str, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as ``kernel`` reads it: packed in 64-output panels, oneDNN's own layout (each a copy, made
+def prepare(kernel: str, weight: torch.Tensor, weights: torch.dtype | None = None) -> torch.Tensor:
+    """The weight as ``kernel`` reads it: packed in 64-output panels (in ``weights``' dtype: bfloat16 for a
+    ``--dtype bfloat16`` target on a CPU, ``sled_verifier.native``), oneDNN's own layout (each a copy, made
     once), or the weight itself."""
     if kernel == "native":
-        return native.pack(weight)
+        return native.pack(weight, weights or torch.float32)
     return torch.ops.mkldnn._reorder_linear_weight(weight, None) if kernel == "onednn" else weight
 
 
@@ -151,7 +152,7 @@ def probe_tensors(in_features: int, out_features: int, has_bias: bool, device: t
 
 
 def stable_rule(kernel: str, in_features: int, out_features: int, has_bias: bool, device: torch.device,
-                dtype: torch.dtype) -> Rule | None:
+                dtype: torch.dtype, weights: torch.dtype | None = None) -> Rule | None:
     """The cheapest rule under which ``kernel`` gives every row the same bits in every product the verifier
     can make, wherever the row falls in it: the smallest floor in ``FLOORS`` with no group, else the smallest
     group in ``GROUPS``; None if there is none (or the kernel refuses this dtype)."""
@@ -159,7 +160,7 @@ def stable_rule(kernel: str, in_features: int, out_features: int, has_bias: bool
     out = weight.shape[0]
     with torch.inference_mode():
         try:
-            weight = prepare(kernel, weight)
+            weight = prepare(kernel, weight, weights)
             product(kernel, x[:2], weight, bias, out)
         except RuntimeError:
             return None
@@ -198,10 +199,13 @@ def regime(labels: list[str]) -> str:
     return "+".join(sorted(set(labels)))
 
 
-def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "auto") -> str:
+def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "auto",
+                         weights: torch.dtype | None = None) -> str:
     """Route every ``nn.Linear`` of ``model`` through a batch-invariant product, each weight shape with its own
     probed rule; returns what was chosen (``regime``). ``mode``: auto (probe every kernel, keep the one that
-    pads least), blas (probe the BLAS only), tiles (always blocks)."""
+    pads least), blas (probe the BLAS only), tiles (always blocks). ``weights=torch.bfloat16`` (a float32 model
+    on a CPU whose native kernels have a bfloat16 product, ``native.bf16_products``): every product reads its
+    weight packed in bfloat16 by the native kernel, the only one that takes it; ``RuntimeError`` if it cannot."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]  # subclasses (quantised) keep their kernels
     dtype = next(model.parameters()).dtype
     tile = default_tile(device)
@@ -210,11 +214,13 @@ def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "au
     def shape(m: nn.Linear) -> tuple[int, int, bool]:
         return m.in_features, m.out_features, m.bias is not None
 
-    candidates = {"auto": kernels(device), "blas": ("blas",), "tiles": ()}[mode]
+    candidates = {"auto": kernels(device), "blas": ("blas",), "tiles": ()}[mode] if weights is None else ("native",)
     rules: dict[tuple, Rule | None] = {}
     for s in sorted({shape(m) for m in linears}):
-        holding = [r for r in (stable_rule(k, *s, device, dtype) for k in candidates) if r is not None]
+        holding = [r for r in (stable_rule(k, *s, device, dtype, weights) for k in candidates) if r is not None]
         rule = least_padding(holding) if holding else None
+        if rule is None and weights is not None:
+            raise RuntimeError(f"no native {weights} product holds for a {s[0]} -> {s[1]} weight on this CPU")
         if rule is not None and rule.kernel == "onednn" and rule.group == 1:
             rule = Rule(rule.kernel, max(rule.floor, SPEED_FLOOR), 1)
         rules[s] = rule
@@ -223,7 +229,7 @@ def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "au
         if rule is None:
             module.forward = types.MethodType(lambda self, x: tiled_linear(x, self.weight, self.bias, tile), module)
             continue
-        weight = prepare(rule.kernel, module.weight.detach())
+        weight = prepare(rule.kernel, module.weight.detach(), weights)
         if rule.kernel != "blas" and id(module.weight) not in shared:  # keep only the copy the kernel reads
             module.weight = nn.Parameter(weight, requires_grad=False)
         module.forward = types.MethodType(

@@ -101,13 +101,14 @@ def library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def function(name: str, *argtypes) -> ctypes._CFuncPtr | None:
-    """The library's C function ``name`` with its argument types set (returning void), or None without it."""
+def function(name: str, *argtypes, returns=None) -> ctypes._CFuncPtr | None:
+    """The library's C function ``name`` with its argument types set (returning void, or ``returns``), or None
+    without it."""
     lib = library()
     if lib is None:
         return None
     fn = getattr(lib, name)
-    fn.argtypes, fn.restype = list(argtypes), None
+    fn.argtypes, fn.restype = list(argtypes), returns
     return fn
 
 
@@ -138,34 +139,61 @@ def torch_inline():
         _inline.threads = 0
 
 
-def call(fn, arguments: tuple, label) -> None:
+def call(fn, arguments: tuple, label):
     """``fn(*arguments)``, named ``label()`` for torch.profiler when it records (bench/roofline.py --profile-shape)."""
     if torch.autograd._profiler_enabled():
         with torch.profiler.record_function(label()):
-            fn(*arguments)
-        return
-    fn(*arguments)
+            return fn(*arguments)
+    return fn(*arguments)
 
 
 def available() -> bool:
     return library() is not None
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` float32 -> panels ``[ceil(out / 64), in, 64]`` (zero rows fill the last panel): once, at load."""
+BF16_KINDS = {0: None, 1: "amx", 2: "avx512-bf16"}
+BF16_STEP = 32  # a bfloat16 panel's inputs are padded to a multiple of this (csrc/linear_bf16.c's KSTEP)
+
+
+@functools.cache
+def bf16_products() -> str | None:
+    """The bfloat16-weight product this machine runs (``csrc/linear_bf16.c``): ``amx`` (Intel's tile unit),
+    ``avx512-bf16`` (its dot products, e.g. AMD Zen 4), or None (no such instructions, or no native kernels).
+    ``SLED_AMX=0`` keeps AVX512-BF16 on a CPU with both (the two round differently: other bits)."""
+    fn = function("sled_bf16_kind", returns=ctypes.c_int)
+    return BF16_KINDS.get(fn(), None) if fn is not None else None
+
+
+def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[out, in]`` float32 -> panels ``[ceil(out / 64), in, 64]`` (zero rows fill the last panel): once, at load.
+    ``dtype=torch.bfloat16``: rounded to bfloat16 (to nearest even) as ``[ceil(out / 64), in2 / 2, 64, 2]``, each
+    output's weights for a pair of inputs side by side, ``in2`` the inputs padded with zeros to a multiple of 32
+    (``csrc/linear_bf16.c``)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise RuntimeError("native kernels take float32 on the CPU")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError(f"native kernels pack weights in float32 or bfloat16, not {dtype}")
     width = PANEL
     out, features = weight.shape
     padded = -(-out // width) * width
     if padded != out:
         weight = torch.cat([weight, weight.new_zeros(padded - out, features)])
-    return weight.reshape(padded // width, width, features).transpose(1, 2).contiguous()
+    if dtype == torch.float32:
+        return weight.reshape(padded // width, width, features).transpose(1, 2).contiguous()
+    if bf16_products() is None:
+        raise RuntimeError("this CPU has no bfloat16 product (AMX or AVX512-BF16) for the native kernels")
+    inputs = -(-features // BF16_STEP) * BF16_STEP
+    if inputs != features:
+        weight = torch.cat([weight, weight.new_zeros(padded, inputs - features)], dim=1)
+    weight = weight.to(torch.bfloat16).reshape(padded // width, width, inputs // 2, 2)
+    return weight.permute(0, 2, 1, 3).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` ``[T, in]`` float32 and ``packed`` from ``pack``: ``[T, out]``."""
-    fn = function("sled_linear_threads", P, P, P, P, I64, I64, I64, I64, ctypes.c_int)
+    bf16 = packed.dtype == torch.bfloat16
+    fn = function("sled_linear_bf16_threads", P, P, P, P, I64, I64, I64, I64, ctypes.c_int, returns=ctypes.c_int) \
+        if bf16 else function("sled_linear_threads", P, P, P, P, I64, I64, I64, I64, ctypes.c_int)
     if fn is None:
         raise RuntimeError("native kernels unavailable")
     if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -173,11 +201,17 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     x = x.contiguous()
     rows, features = x.shape
     panels = packed.shape[0]
+    if (packed.shape[1] * 2 if bf16 else packed.shape[1]) != (-(-features // BF16_STEP) * BF16_STEP if bf16 else features):
+        raise RuntimeError(f"a packed weight of {tuple(packed.shape)} does not take {features} inputs")
     if bias is not None:
         bias = bias.contiguous()
     y = x.new_empty(rows, out_features)
     args = (x.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows,
             features, out_features, panels, threads())
+    if bf16:
+        if call(fn, args, lambda: f"sled::native_linear_bf16[{rows}x{features}x{out_features}]") != 0:
+            raise RuntimeError("no bfloat16 product on this CPU (or out of memory)")
+        return y
     call(fn, args, lambda: f"sled::native_linear[{rows}x{features}x{out_features}]")
     return y
 

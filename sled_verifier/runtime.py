@@ -49,6 +49,7 @@ class TargetRuntime(Protocol):
     max_positions: int | None
     eos_ids: torch.Tensor         # int64 ids on ``device``
     batch_invariance: str         # how products are kept batch-invariant: rows-of-<g>, tiles-<n>, or off
+    weights: torch.dtype | None   # the products' weights packed in this dtype by the native kernels (bfloat16), or None
     packs_rows: bool              # rows of any lengths share a forward at no padding cost (``logit_rows`` served)
     kv: KVSlots | None
 

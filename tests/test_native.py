@@ -259,3 +259,101 @@ def test_the_avx2_build_computes_the_same_things(tmp_path, monkeypatch, one_thre
         assert torch.equal(alone[0, 0], out[0, 2])
     finally:
         native.function.cache_clear()
+
+
+BF16 = pytest.mark.skipif(native.bf16_products() is None, reason="no bfloat16 product here (AMX or AVX512-BF16)")
+
+
+def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the bfloat16 product computes, in float64: x and the weight rounded to bfloat16, products summed exactly."""
+    out = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
+    return (out + bias.double() if bias is not None else out).float()
+
+
+@BF16
+@pytest.mark.parametrize("outputs, features, bias", [(24, 40, True), (130, 576, False), (64, 1536, True), (1, 7, True)])
+def test_the_bfloat16_product_is_the_rounded_linear_and_row_invariant(outputs, features, bias):
+    """bfloat16 weights (``--dtype bfloat16`` on a CPU): the product of x and the weight each rounded to bfloat16,
+    summed in float32 (to float32 rounding of the float64 sum), and every row's bits the same in products of 1 to
+    40 rows starting anywhere: AMX's 16-row tiles and AVX512-BF16's 6-row ones alike."""
+    generator = torch.Generator().manual_seed(outputs)
+    weight = torch.randn(outputs, features, generator=generator)
+    b = torch.randn(outputs, generator=generator) if bias else None
+    x = torch.randn(48, features, generator=generator)
+    packed = native.pack(weight, torch.bfloat16)
+    assert packed.dtype == torch.bfloat16 and packed.shape == (-(-outputs // 64), -(-features // 32) * 16, 64, 2)
+    whole = native.linear(x, packed, b, outputs)
+    reference = bf16_linear_reference(x, weight, b)
+    assert torch.allclose(whole, reference, atol=2e-5 * features ** 0.5, rtol=1e-5)
+    assert not torch.allclose(whole, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-6)  # it is bfloat16
+    for rows in range(1, 41):
+        for start in (0, 1, 48 - rows):
+            assert torch.equal(native.linear(x[start : start + rows], packed, b, outputs), whole[start : start + rows]), \
+                f"{rows} rows from {start}"
+    with pytest.raises(RuntimeError):
+        native.linear(torch.randn(2, features + 32), packed, b, outputs)  # inputs the packed weight does not take
+
+
+@BF16
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_bfloat16_product_gives_the_same_bits_at_any_thread_count(threads, one_thread):
+    generator = torch.Generator().manual_seed(threads)
+    for outputs in (64 * 7 + 5, 3072):
+        weight, x = torch.randn(outputs, 576, generator=generator), torch.randn(21, 576, generator=generator)
+        packed = native.pack(weight, torch.bfloat16)
+        alone = native.linear(x, packed, None, outputs)
+        torch.set_num_threads(threads)
+        together = [native.linear(x[:rows], packed, None, outputs) for rows in (21, 1, 17)]
+        torch.set_num_threads(1)
+        assert all(torch.equal(t, alone[: t.shape[0]]) for t in together)
+
+
+@BF16
+def test_the_avx512_bf16_path_computes_the_same_product_where_amx_serves(tmp_path):
+    """On a CPU with AMX the AVX512-BF16 path (AMD Zen 4's) is what ``SLED_AMX=0`` runs: checked in a child
+    process (the choice is made once a process) against the same reference and for row invariance."""
+    if native.bf16_products() != "amx":
+        pytest.skip(f"this CPU's bfloat16 product is {native.bf16_products()}, checked above")
+    script = (
+        "import torch\nfrom sled_verifier import native\nfrom tests.test_native import bf16_linear_reference\n"
+        "assert native.bf16_products() == 'avx512-bf16', native.bf16_products()\n"
+        "g = torch.Generator().manual_seed(0)\nw, b, x = torch.randn(130, 576, generator=g), torch.randn(130, generator=g), "
+        "torch.randn(13, 576, generator=g)\np = native.pack(w, torch.bfloat16)\ny = native.linear(x, p, b, 130)\n"
+        "assert torch.allclose(y, bf16_linear_reference(x, w, b), atol=5e-4, rtol=1e-5)\n"
+        "assert all(torch.equal(native.linear(x[s:s + n], p, b, 130), y[s:s + n]) for n in (1, 5, 6, 7) for s in (0, 3))\n"
+        "print('ok')\n")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "SLED_AMX": "0", "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@BF16
+@pytest.mark.parametrize("runtime", ["transformers", "compiled"])
+def test_a_bfloat16_target_packs_its_products_and_stays_batch_invariant(tiny_models, runtime, one_thread):
+    """``dtype="bfloat16"`` on this CPU: the model is float32 but for its products' weights, packed in bfloat16
+    (half the bytes: no float32 copy is kept but a tied embedding's), rows are bitwise the same alone and in
+    batches, and the logits are the float32 model's to bfloat16 rounding."""
+    from tests.test_invariance import alone_and_batched, rounds
+
+    target = load_target(tiny_models.target, runtime, "cpu", "bfloat16")
+    assert target.weights == torch.bfloat16 and target.batch_invariance == "native" and target.native_forward
+    assert target.model.dtype == torch.float32
+    linears = [m for m in target.model.modules() if isinstance(m, torch.nn.Linear)]
+    tied = target.model.get_output_embeddings().weight is target.model.get_input_embeddings().weight
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears if not (tied and m is target.model.get_output_embeddings()))
+    for session, alone, batched in alone_and_batched(target, 0):
+        assert torch.equal(alone, batched), f"session {session}"
+    full = load_target(tiny_models.target, runtime, "cpu", "float32")
+    _, slots, starts, inputs = rounds(target, 1)
+    _, slots32, starts32, inputs32 = rounds(full, 1)
+    a, b = target.forward_rows(slots, starts, inputs), full.forward_rows(slots32, starts32, inputs32)
+    print(f"bfloat16 against float32 logits: mean |diff| {(a - b).abs().mean():.4f}, logits' std {b.std():.3f}, "
+          f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
+    assert not torch.equal(a, b) and (a - b).abs().mean() < 0.05 * b.std()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9

@@ -262,3 +262,60 @@ def test_check_takes_the_gguf_and_its_export(smollm2, smollm2_draft):
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout) == {"vocab_hash": vocab_hash(smollm2_draft), "match": True}
     assert vocab_hash(model_directory(smollm2.gguf)) == vocab_hash(smollm2_draft)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16_verifier(broker, smollm2, tmp_path_factory):
+    """``sled-verifier --dtype bfloat16`` on the GGUF where this CPU has a native bfloat16 product (AMX or
+    AVX512-BF16): float32 but for the products' weights, packed in bfloat16."""
+    import uuid
+
+    from conftest import start_verifier
+    from sled_verifier import native
+
+    if native.bf16_products() is None:
+        pytest.skip("no native bfloat16 product on this CPU (AMX or AVX512-BF16): --dtype bfloat16 runs torch's")
+    running = start_verifier(broker, smollm2.gguf, tmp_path_factory.mktemp("logs"), f"vb-{uuid.uuid4().hex[:6]}",
+                             "--threads", "2", "--dtype", "bfloat16", online_timeout_s=300)
+    yield running
+    running.process.terminate()
+    running.process.wait(timeout=15)
+
+
+def own_greedy(model_dir, dtype: str, prompt: list[int], n: int) -> list[int]:
+    """The verifier's own forward (transformers runtime, one thread) decoding one token a step: the target alone,
+    in the numerics the verifier serves (bfloat16 weights are not transformers' bfloat16 model)."""
+    import torch
+
+    from sled_verifier.runtime import load_target
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        target = load_target(model_dir, "transformers", "cpu", dtype)
+        target.init_kv(max_slots=2, max_length=len(prompt) + n + 8)
+        slot = target.kv.acquire()
+        logits = target.forward_rows([slot], [0], [prompt])[0, len(prompt) - 1]
+        out, eos = [], set(target.eos_ids.tolist())
+        while len(out) < n:
+            out.append(int(logits.argmax()))
+            if out[-1] in eos:
+                break
+            logits = target.forward_rows([slot], [len(prompt) + len(out) - 1], [[out[-1]]])[0, 0]
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_bfloat16_weights_greedy_exact_against_their_own_decoding(smollm2_bf16_verifier, smollm2_draft4, smollm2,
+                                                                         device_id):
+    """Through the real broker and a ``--dtype bfloat16`` verifier (two threads), with the 4-bit draft the target
+    often rejects: token for token the same target decoding alone, one token a step, on one thread."""
+    async with smollm2_edge(smollm2_bf16_verifier, smollm2_draft4, device_id) as device:
+        prompt = device.encode_prompt(PLAIN[1])
+        result = await device.generate(prompt, 32)
+    assert "bfloat16 weights" in smollm2_bf16_verifier.log_path.read_text()  # target_loaded says what it serves
+    assert result.token_ids == own_greedy(smollm2.hf_dir, "bfloat16", prompt, 32), device.decode(result.token_ids)
+    assert 0.0 < result.acceptance_rate < 1.0, result.acceptance_rate
