@@ -134,9 +134,9 @@ def packed_weights(dtype: str, device: torch.device, device_map: str = "") -> tu
     """(the dtype to load the model in, the dtype its products' weights are packed in by the native kernels, or
     None). ``bfloat16`` on a CPU with a native bfloat16 product (AMX or AVX512-BF16, ``native.bf16_products``)
     loads float32 and packs only the products' weights in bfloat16: half the bytes a step streams, and on AMX
-    bfloat16 products at several times float32's rate, while norms, attention and the KV cache stay float32
-    (torch's bfloat16 operators on a CPU ran a SmolLM2 step slower than float32). Elsewhere the model loads in
-    ``dtype`` and torch's kernels run it."""
+    bfloat16 products at several times float32's rate, while norms, attention and the KV cache stay float32 (the
+    native kernels between the products are float32 ones). Elsewhere the model loads in ``dtype`` and torch's
+    kernels run it."""
     if dtype == "bfloat16" and device.type == "cpu" and not device_map and native.bf16_products() is not None:
         return "float32", torch.bfloat16
     return dtype, None
