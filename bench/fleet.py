@@ -169,9 +169,11 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int, verifying=Non
             # first row of the first N x 1 step.
             prefill()
             tokens = [p[-1] for p in prompts]
+            packed = {"packed_logits": True} if runtime.packs_rows else {}  # as the verifier's engine reads them
             for step in range(out_tokens):
-                logits = runtime.forward_rows(slots, [length - 1 + step for length in lens], [[t] for t in tokens])
-                tokens = logits[:, 0].argmax(-1).tolist()
+                logits = runtime.forward_rows(slots, [length - 1 + step for length in lens], [[t] for t in tokens],
+                                              **packed)
+                tokens = logits.argmax(dim=-1)[:, 0].tolist()
 
         def prefill() -> None:
             runtime.forward_rows(slots, [0] * n, [p[:-1] for p in prompts], logits=False)
@@ -222,8 +224,8 @@ def step_times(plain, verifying, n: int, ks: list[int], context: int) -> dict:
     for runtime, slots in ((plain, plain_slots), (verifying, wide_slots), (verifying, own_slots)):
         runtime.forward_rows(slots, [0] * n, prefix, logits=False)
 
-    def one_by(runtime, slots) -> None:
-        runtime.forward_rows(slots, [context] * n, [[1]] * n)
+    def one_by(runtime, slots) -> None:  # logits as the engine takes them (no padded copy where rows pack)
+        runtime.forward_rows(slots, [context] * n, [[1]] * n, **({"packed_logits": True} if runtime.packs_rows else {}))
 
     fastest = min(((plain, plain_slots), (verifying, own_slots)),
                   key=lambda pair: timed(lambda: one_by(*pair), repeat=3, clock=cpu_clock, statistic=min))
@@ -232,7 +234,8 @@ def step_times(plain, verifying, n: int, ks: list[int], context: int) -> dict:
         one_by(*fastest)
 
     def wide(k: int) -> None:
-        verifying.forward_rows(wide_slots, [context] * n, [[1] * (k + 1)] * n)
+        verifying.forward_rows(wide_slots, [context] * n, [[1] * (k + 1)] * n,
+                               **({"packed_logits": True} if verifying.packs_rows else {}))
 
     one()
     for k in ks:  # warm-up

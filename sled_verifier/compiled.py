@@ -30,6 +30,7 @@ else is refused at load with a pointer to ``--runtime transformers``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,8 @@ from sled_verifier import native, tokenwise
 from sled_verifier.config import COMPILE_MODES
 from sled_verifier.invariant import make_batch_invariant
 from sled_verifier.kvslots import SlotKV
-from sled_verifier.target import (PackedGroups, PackedRows, eos_ids_of, load_causal_lm, packed_plan, packed_weights,
-                                  resolve_device)
+from sled_verifier.target import (PackedGroups, PackedLogits, PackedRows, eos_ids_of, load_causal_lm, packed_plan,
+                                  packed_weights, resolve_device)
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 MAX_COMPILED_SHAPES = 64  # static graphs per target; later buckets run eagerly (dynamo's default limit is 8)
@@ -176,18 +177,20 @@ class CompiledTarget:
 
     @torch.inference_mode()
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                     logits: bool = True, logit_rows: int | None = None) -> torch.Tensor:
+                     logits: bool = True, logit_rows: int | None = None,
+                     packed_logits: bool = False) -> torch.Tensor | PackedLogits:
         """Logits ``[B, M, V]`` (``TargetRuntime.forward_rows``); ``logits=False`` projects one position per row;
-        ``logit_rows=R`` (eager only: ``packs_rows``) the first R rows alone, ``[R, M_R, V]``."""
-        if logit_rows is not None and self.static:
-            raise ValueError("logit_rows needs the eager forward (packs_rows)")
+        ``logit_rows=R`` (eager only: ``packs_rows``) the first R rows alone, ``[R, M_R, V]``; ``packed_logits``
+        (eager only) as ``PackedLogits``, not copied into the padded rows."""
+        if (logit_rows is not None or packed_logits) and self.static:
+            raise ValueError("logit_rows and packed_logits need the eager forward (packs_rows)")
         arguments, rows, m_max = self.prepare(slots, starts, inputs, logits, logit_rows)
         if logit_rows is not None:
             rows, m_max = logit_rows, max(len(x) for x in inputs[:logit_rows])
-        if self.native_forward:
-            with native.torch_inline():
-                return self._run(arguments)[:rows, : (m_max if logits else 1)]
-        return self._run(arguments)[:rows, : (m_max if logits else 1)]
+        with native.torch_inline() if self.native_forward else contextlib.nullcontext():
+            if packed_logits and logits:
+                return self._forward_eager(*arguments, packed=True)
+            return self._run(arguments)[:rows, : (m_max if logits else 1)]
 
     def _run(self, arguments: tuple) -> torch.Tensor:
         """The compiled graph of the arguments' bucket if the budget holds it, else the same forward eagerly."""
@@ -271,7 +274,7 @@ class CompiledTarget:
         return self.model.lm_head(tokenwise.rmsnorm(hidden, norm) if self.per_token else norm(hidden))
 
     def _forward_eager(self, input_ids, positions, write_slots, write_positions, plan: PackedRows | PackedGroups,
-                       last_only: bool, head_tokens: int | None, unpack: torch.Tensor):
+                       last_only: bool, head_tokens: int | None, unpack: torch.Tensor, packed: bool = False):
         """The rows packed as one sequence ``[1, T]`` (``kvslots.packed_layout``): every product, norm and rotary
         embedding runs over the T real tokens; attention unpacks each row (``PackedRows.attend``). Returns
         ``[B, M, V]`` (``unpack``: each padded place's token), the first ``head_tokens`` tokens' alone where set
@@ -290,6 +293,8 @@ class CompiledTarget:
             return self._head(hidden, True).expand(unpack.shape[0], -1, -1)                 # [B, 1, V]
         if head_tokens is not None:
             hidden = hidden[:, :head_tokens]
+        if packed:
+            return PackedLogits(self._head(hidden, False)[0], unpack)
         return self._head(hidden, False)[0][unpack]                                         # [B, M, V]
 
     def _forward_static(self, input_ids, positions, write_slots, write_positions, slots, visible, last_only: bool):

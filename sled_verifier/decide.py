@@ -26,10 +26,11 @@ def is_sampled(draft: Draft) -> bool:
     return draft.sampling is not None and not draft.sampling.greedy
 
 
-def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits: torch.Tensor,
-           eos_ids: torch.Tensor) -> VerifyResult:
-    """``logits`` [B, >=K+1, V]: the target's scores of each row's ``[x[n-1], d_1..d_k]``; ``budgets`` [B]:
-    tokens each session may still commit; ``eos_ids`` [E]. One result row per draft, in order."""
+def decide(drafts: Sequence[Draft], budgets: Sequence[int], logits, eos_ids: torch.Tensor) -> VerifyResult:
+    """``logits`` [B, >=K+1, V]: the target's scores of each row's ``[x[n-1], d_1..d_k]``, a tensor or a packed
+    forward's ``target.PackedLogits`` (greedy rows then take each token's argmax, with no padded copy; sampled
+    rows are copied out alone); ``budgets`` [B]: tokens each session may still commit; ``eos_ids`` [E]. One
+    result row per draft, in order."""
     batch = padded_rows(drafts, budgets, logits.device)
     sampled = [row for row, draft in enumerate(drafts) if is_sampled(draft)]
     if not sampled:

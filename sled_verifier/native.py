@@ -216,6 +216,18 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     return y
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for ``x`` ``[T, V]`` float32 on the CPU (``csrc/elementwise.c``: torch's answer, the
+    first maximum or the first NaN, at memory speed): int64 ``[T]``. torch's own without the kernels."""
+    fn = function("sled_argmax_rows", P, I64, I64, P)
+    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] == 0:
+        return x.argmax(dim=-1)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    call(fn, (x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()), lambda: f"sled::native_argmax[{x.shape[0]}]")
+    return out
+
+
 def attends(head_dim: int) -> bool:
     """Whether ``attend`` serves this head size (whole vectors of 16 floats, at most 128): the rest keep SDPA."""
     return available() and head_dim % 16 == 0 and head_dim <= 128

@@ -59,7 +59,8 @@ class TargetRuntime(Protocol):
                      logits: bool = True) -> torch.Tensor:
         """Logits ``[B, M, V]`` of each row's ``inputs`` after the first ``starts[i]`` positions of its slot,
         writing the rows' keys and values into their slots; ``logits=False``: prefill, logits not needed. Where
-        ``packs_rows``, ``logit_rows=R`` projects only the first R rows (``[R, M_R, V]``), the rest writing caches."""
+        ``packs_rows``, ``logit_rows=R`` projects only the first R rows (``[R, M_R, V]``), the rest writing caches,
+        and ``packed_logits=True`` returns the logits as ``target.PackedLogits`` (no padded copy)."""
         ...
 
 

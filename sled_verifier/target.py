@@ -75,6 +75,43 @@ class PackedGroups:
         return torch.cat([group.attend(query, key, value, scaling) for group in self.groups], dim=1)
 
 
+@dataclass(frozen=True)
+class PackedLogits:
+    """A packed forward's logits as its head wrote them, ``[T, V]``, read as the rows' ``[B, M, V]`` through
+    ``unpack`` without copying them there (``forward_rows(packed_logits=True)``): a step's rows are ragged (k =
+    0-8 as each device prices it), so the padded copy was several times the logits (SmolLM2, 38 rows of up to 9
+    tokens: 67 MB, ~31 ms a step on one core) and torch's argmax over it another ~25 ms, where the greedy path needs
+    only each real token's argmax. ``argmax`` is per token then unpacked; ``rows[i]`` copies those rows alone (the
+    sampled ones)."""
+
+    packed: torch.Tensor  # [T, V]
+    unpack: torch.Tensor  # [B, M]: each padded place's token
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.unpack.shape, self.packed.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.packed.is_cuda
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """Each place's argmax ``[B, M]``: bitwise the padded tensor's ``argmax(dim=-1)``."""
+        if dim not in (-1, 2):
+            raise ValueError("PackedLogits.argmax is over the vocabulary only")
+        return native.argmax_rows(self.packed)[self.unpack.to(self.packed.device)]
+
+    def padded(self) -> torch.Tensor:
+        return self.packed[self.unpack]                                                   # [B, M, V]
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.packed[self.unpack[rows]]                                             # [R, M, V]
+
+
 def packed_rows(slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]], device: torch.device,
                 blocks: bool, dtype: torch.dtype, first_token: int = 0) -> PackedRows:
     """``PackedRows`` of rows whose tokens start at ``first_token`` of the packed sequence."""
@@ -251,23 +288,26 @@ class TransformersTarget:
 
     @torch.inference_mode()
     def forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                     logits: bool = True, logit_rows: int | None = None) -> torch.Tensor:
+                     logits: bool = True, logit_rows: int | None = None,
+                     packed_logits: bool = False) -> torch.Tensor | PackedLogits:
         """Logits ``[B, M, V]`` of each row's ``inputs`` after the first ``starts[i]`` positions of its slot;
         the rows' keys and values are written into their slots (positions start .. start + len - 1).
         ``logits=False`` (prefill): only the caches matter; the vocabulary projection is skipped (its output
         is then one meaningless position per row). ``logit_rows`` (with ``packs_rows``): only the first R rows
         are projected, ``[R, M_R, V]`` with M_R their longest; the others only write their caches. A row may
         continue another row's slot in the same forward (a prefill chunk, then the verification after it):
-        every layer writes all the rows' keys and values before any row attends."""
+        every layer writes all the rows' keys and values before any row attends. ``packed_logits`` (with
+        ``packs_rows``): the logits as ``PackedLogits``, not copied into the padded rows."""
         if self.kv is None:
             self.init_kv(max_slots=64, max_length=self.max_positions or 4096)
         if self.native_forward and self.attention == "slots":
             with native.torch_inline():
-                return self._forward_rows(slots, starts, inputs, logits, logit_rows)
-        return self._forward_rows(slots, starts, inputs, logits, logit_rows)
+                return self._forward_rows(slots, starts, inputs, logits, logit_rows, packed_logits)
+        return self._forward_rows(slots, starts, inputs, logits, logit_rows, packed_logits)
 
     def _forward_rows(self, slots: Sequence[int], starts: Sequence[int], inputs: Sequence[Sequence[int]],
-                      logits: bool, logit_rows: int | None = None) -> torch.Tensor:
+                      logits: bool, logit_rows: int | None = None,
+                      packed_logits: bool = False) -> torch.Tensor | PackedLogits:
         dev = self.device
         keep = {} if logits or not self._keeps_logits else {"logits_to_keep": 1}
         if self.attention == "slots":  # the rows' tokens end to end: no product runs over padding
@@ -279,11 +319,10 @@ class TransformersTarget:
             out = self.model(input_ids=rows.input_ids, position_ids=rows.positions,
                              past_key_values=self.kv.view(rows, in_place=True), use_cache=True,
                              cache_position=torch.arange(rows.input_ids.shape[1], device=dev), sled_rows=plan, **keep)
-            if logit_rows is not None:                                                       # [R, M_R, V]
-                return out.logits[0][unpack]
             if not logits:
                 return out.logits[:, -1:].expand(len(inputs), -1, -1)
-            return out.logits[0][rows.unpack]                                                # [B, M, V]
+            unpack = unpack if logit_rows is not None else rows.unpack                   # [R, M_R] or [B, M]
+            return PackedLogits(out.logits[0], unpack) if packed_logits else out.logits[0][unpack]
         m_max = max(len(x) for x in inputs)
         rows = self.kv.layout(slots, starts, inputs, m_max, dev)
         visible = torch.arange(rows.width, device=dev)[None, None, :] <= rows.positions[:, :, None]   # [B, M, W]

@@ -146,3 +146,54 @@ def test_a_step_of_empty_sampled_drafts_has_one_position():
     logits = torch.full((3, 1, V), -1e9)
     logits[:, 0, 4] = 0.0  # all the target's mass on token 4
     assert rows(decide(drafts, [5, 5, 5], logits, EOS)) == [(0, 4, True, False)] * 3
+
+
+def packed(padded: torch.Tensor, lens: list[int]):
+    """The ``PackedLogits`` of a packed forward whose rows have ``lens`` tokens: each row's real places packed end
+    to end, padding places pointing at the row's last token (as ``kvslots.packed_layout`` unpacks)."""
+    from sled_verifier.target import PackedLogits
+
+    tokens, unpack = [], []
+    for row, n in enumerate(lens):
+        first = len(tokens)
+        tokens += [padded[row, i] for i in range(n)]
+        unpack.append([first + min(i, n - 1) for i in range(padded.shape[1])])
+    return PackedLogits(torch.stack(tokens), torch.tensor(unpack))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_logits_decide_as_the_padded_ones(seed):
+    """Greedy, sampled and mixed batches of ragged drafts: the verdicts from a packed forward's logits (argmax per
+    token, sampled rows copied out alone) are the padded tensor's, bit for bit; ties and a NaN included."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(torch.randint(0, 7, (1,), generator=g)) for _ in range(6)]
+    drafts = [make([int(t) for t in torch.randint(1, V, (n,), generator=g)], session=f"s{i}") for i, n in enumerate(lengths)]
+    settings = SamplingParams(0.9, 0, 1.0, 7)
+    sampled_q = lambda d: [([t], [1.0]) for t in d.tokens]  # noqa: E731
+    batches = [drafts,
+               [make(d.tokens, settings, sampled_q(d), session=d.session_id) for d in drafts],
+               [make(d.tokens, settings, sampled_q(d), session=d.session_id) if i % 2 else d for i, d in enumerate(drafts)]]
+    for batch in batches:
+        padded = logits_for(batch, seed)
+        padded[0, 0, 3] = padded[0, 0, 5] = padded[0, 0].max() + 1  # a tie: the first index wins
+        padded[-1, 0, 2] = float("nan")                               # torch's argmax takes the NaN
+        lens = [len(d.tokens) + 1 for d in batch]
+        budgets = [100] * len(batch)
+        assert rows(decide(batch, budgets, packed(padded, lens), EOS)) == rows(decide(batch, budgets, padded, EOS))
+
+
+def test_a_packed_forward_gives_the_padded_logits(tiny_models):
+    """Both runtimes' ``packed_logits=True``: the same logits, token for token, without the padded copy."""
+    from tests.test_invariance import rounds
+    from sled_verifier.runtime import load_target
+
+    for runtime in ("transformers", "compiled"):
+        target = load_target(tiny_models.target, runtime, "cpu")
+        _, slots, starts, inputs = rounds(target, 3)
+        padded = target.forward_rows(slots, starts, inputs)
+        _, slots, starts, inputs = rounds(target, 3)
+        lazy = target.forward_rows(slots, starts, inputs, packed_logits=True)
+        assert lazy.shape == padded.shape
+        for row, tokens in enumerate(inputs):
+            assert torch.equal(lazy[torch.tensor([row])][0, : len(tokens)], padded[row, : len(tokens)])
+            assert torch.equal(lazy.argmax(dim=-1)[row, : len(tokens)], padded[row, : len(tokens)].argmax(dim=-1))

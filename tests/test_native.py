@@ -357,3 +357,22 @@ def test_a_bfloat16_target_packs_its_products_and_stays_batch_invariant(tiny_mod
           f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
     assert not torch.equal(a, b) and (a - b).abs().mean() < 0.05 * b.std()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_the_native_argmax_is_torchs():
+    """Random rows of SmolLM2's vocabulary and odd widths, ties (the first wins), infinities and NaNs (the first
+    NaN wins), an all -inf row, signed zeros: ``argmax_rows`` is ``torch.argmax``, index for index."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, width in ((189, 49152), (3, 7), (5, 16), (4, 17), (2, 33), (1, 1), (7, 1000)):
+        x = torch.randn(rows, width, generator=generator)
+        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1)), (rows, width)
+    x = torch.zeros(7, 100)
+    x[1, 50] = x[1, 70] = 1.0
+    x[2, 40] = x[2, 90] = float("nan")
+    x[3] = float("-inf")
+    x[4, 99], x[4, 3] = float("inf"), float("nan")
+    x[5, 0] = float("nan")
+    x[6, 17], x[6, 60] = -0.0, 0.0
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    coarse = torch.randint(-3, 3, (50, 1000), generator=generator).float()  # many ties in every row
+    assert torch.equal(native.argmax_rows(coarse), coarse.argmax(dim=-1))

@@ -34,7 +34,8 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.target, name)
 
-    def forward_rows(self, slots, starts, inputs, logits: bool = True, logit_rows: int | None = None):
+    def forward_rows(self, slots, starts, inputs, logits: bool = True, logit_rows: int | None = None,
+                     packed_logits: bool = False):  # recorded padded: the engine takes either
         self.forwards += 1
         out = self.target.forward_rows(slots, starts, inputs, logits=logits, **(
             {} if logit_rows is None else {"logit_rows": logit_rows}))
