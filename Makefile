@@ -85,10 +85,12 @@ else
 	$(VENV)/bin/sled-models build --profile $(PROFILE)
 endif
 
-bench: setup pretrained ## emulated fleet N=1..256 on the 12M family and on SmolLM2-135M (server cost vs server-only, best-k ceiling), the step at the roofline, llama.cpp side by side (optional), then real devices, k sweep, memory, draft cache, proactive drafting
+bench: setup pretrained ## emulated fleet N=1..256 on the 12M family and on SmolLM2-135M (server cost vs server-only, best-k ceiling; float32, then bfloat16 weights), the step at the roofline (both dtypes), llama.cpp side by side (optional), then real devices, k sweep, memory, draft cache, proactive drafting
 	$(PY) bench/fleet.py --profile full --runtime $(RUNTIME) --k-mode $(K_MODE)
 	$(PY) bench/fleet.py --target smollm2 --profile full --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)
+	$(PY) bench/fleet.py --target smollm2 --profile quick --ns 1,4,16,64,128 --dtype bfloat16 --runtime $(RUNTIME) --k-mode $(K_MODE) --acceptance $(ACCEPTANCE)  # a user's choice: bfloat16 weights, both sides
 	$(PY) bench/roofline.py --target smollm2 --runtimes transformers,compiled --threads 1,2 --profile-shape 16x5
+	$(PY) bench/roofline.py --target smollm2 --runtimes transformers,compiled --threads 1,2 --dtype bfloat16
 	$(PY) bench/idle.py --target smollm2  # a pass after the idle gaps between rounds against back to back
 	-$(PIP) install --quiet -e '.[bench-llamacpp]' || echo "llama.cpp stage: llama-cpp-python did not build; bench/llamacpp.py says so and is skipped"
 	$(PY) bench/llamacpp.py --ns 1,4,16,64,128

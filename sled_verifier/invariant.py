@@ -230,8 +230,46 @@ def make_batch_invariant(model: nn.Module, device: torch.device, mode: str = "au
             module.forward = types.MethodType(lambda self, x: tiled_linear(x, self.weight, self.bias, tile), module)
             continue
         weight = prepare(rule.kernel, module.weight.detach(), weights)
-        if rule.kernel != "blas" and id(module.weight) not in shared:  # keep only the copy the kernel reads
-            module.weight = nn.Parameter(weight, requires_grad=False)
-        module.forward = types.MethodType(
-            lambda self, x, r=rule, w=weight: ruled_linear(x, w, self.bias, r, self.out_features), module)
+        route(module, rule, weight, keeps=rule.kernel != "blas" and id(module.weight) not in shared)
     return regime([r.label() if r is not None else f"tiles-{tile}" for r in rules.values()])
+
+
+def route(module: nn.Linear, rule: Rule, weight: torch.Tensor, keeps: bool) -> None:
+    """``module`` computes through ``rule`` over ``weight`` (as ``prepare`` made it), which it keeps as its
+    parameter where ``keeps`` (no other module shares its weight: only the copy the kernel reads stays)."""
+    if keeps:
+        module.weight = nn.Parameter(weight, requires_grad=False)
+    module.sled_rule, module.sled_weight = rule, weight
+    module.forward = types.MethodType(
+        lambda self, x, r=rule, w=weight: ruled_linear(x, w, self.bias, r, self.out_features), module)
+
+
+def fuse_native(linears: list[nn.Linear]):
+    """One native product for several linears of one input (a layer's q/k/v, its gate/up), or None where it cannot
+    be: ``x -> [..., sum of their outputs]``, their outputs side by side. At the few rows of a verification step
+    a product costs a fixed amount per call on top of its bytes (the transformers runtime ran 7 a layer where the
+    compiled runtime, which fuses its weights at load, runs 4). The packed weights are panels of 64 outputs, so
+    where every output count but the last is a multiple of 64 the fused weight is their panels end to end and
+    each output's arithmetic is what its own product's was: the same bits. Each module then reads its share of
+    the fused weight (a view: one copy in memory), so calling it alone gives those bits too."""
+    rules = [getattr(m, "sled_rule", None) for m in linears]
+    if any(r != Rule("native", 1, 1) for r in rules) or len({m.in_features for m in linears}) != 1:
+        return None
+    packed = [m.sled_weight for m in linears]
+    biased = [m.bias is not None for m in linears]
+    if len({p.dtype for p in packed}) != 1 or any(m.out_features % native.PANEL for m in linears[:-1]) \
+            or any(biased) != all(biased):
+        return None
+    fused = torch.cat(packed)
+    bias = torch.cat([m.bias.detach() for m in linears]) if all(biased) else None
+    outputs, start = sum(m.out_features for m in linears), 0
+    for module, weight in zip(linears, packed):
+        keeps = isinstance(module.weight, nn.Parameter) and module.weight is not None and \
+            module.weight.data_ptr() == weight.data_ptr()
+        route(module, module.sled_rule, fused[start : start + weight.shape[0]], keeps)
+        start += weight.shape[0]
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return native.linear(x.reshape(-1, x.shape[-1]), fused, bias, outputs).reshape(*x.shape[:-1], outputs)
+
+    return product

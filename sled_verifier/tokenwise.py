@@ -20,6 +20,7 @@ import types
 import torch
 
 from sled_verifier import native
+from sled_verifier.invariant import fuse_native
 from sled_verifier.kvslots import BatchView
 from sled_verifier.native import I64, P
 
@@ -81,7 +82,11 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings: tu
                                   past_key_values=past_key_values, cache_position=cache_position, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # [B, T, n D]
+    if getattr(self, "sled_qkv", None) is not None:  # one product (route_modules): views of its output
+        q, k, v = self.sled_qkv(hidden_states).split(
+            [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # [B, T, n D]
     keys, values, write_slots, write_positions = past_key_values.layer_writes(self.layer_idx)
     rope_write(q, k, v, *position_embeddings, keys, values, write_slots, write_positions)       # q rotated in place
     query = q.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)                # [B, H, T, D]
@@ -91,22 +96,32 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings: tu
 
 
 def route_modules(model) -> int:
-    """The transformers runtime's share: the Llama family's RMS norms, SiLU-gated MLPs and attention (their
-    products stay the modules' own linears) through the native calls; returns the modules routed."""
+    """The transformers runtime's share: the Llama family's RMS norms, SiLU-gated MLPs and attention through the
+    native calls; returns the modules routed. Where the products are native, a layer's q/k/v and its gate/up are
+    each one product (``invariant.fuse_native``: the same bits, one copy of the weights), as the compiled
+    runtime's are; else they stay the modules' own linears."""
     routed = 0
     for module in model.modules():
         kind = type(module).__name__
         if kind in NORMS and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(lambda self, x: rmsnorm(x, self), module)
         elif kind in MLPS and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(
-                lambda self, x: self.down_proj(silu_mul_apart(self.gate_proj(x), self.up_proj(x))), module)
+            module.sled_gate_up = fuse_native([module.gate_proj, module.up_proj])
+            module.forward = types.MethodType(mlp_forward, module)
         elif kind in ATTENTIONS and all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            module.sled_qkv = fuse_native([module.q_proj, module.k_proj, module.v_proj])
             module.forward = types.MethodType(attention_forward, module)
         else:
             continue
         routed += 1
     return routed
+
+
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The Llama family's MLP: down(silu(gate(x)) * up(x)), gate/up one product where ``route_modules`` fused them."""
+    if self.sled_gate_up is not None:
+        return self.down_proj(silu_mul(self.sled_gate_up(x)))
+    return self.down_proj(silu_mul_apart(self.gate_proj(x), self.up_proj(x)))
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -376,3 +376,31 @@ def test_the_native_argmax_is_torchs():
     assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
     coarse = torch.randint(-3, 3, (50, 1000), generator=generator).float()  # many ties in every row
     assert torch.equal(native.argmax_rows(coarse), coarse.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_transformers_runtime_fuses_qkv_and_gate_up_to_the_same_bits(tiny_models, dtype, one_thread):
+    """Where its products are native, the transformers runtime runs a layer's q/k/v and gate/up as one product each
+    (as the compiled runtime does) over one copy of the weights, each module reading its share: the logits are
+    bitwise those of the separate products, and a module called alone gives its share of the fused output."""
+    if dtype == "bfloat16" and native.bf16_products() is None:
+        pytest.skip("no bfloat16 product here")
+    from tests.test_invariance import rounds
+
+    target = load_target(tiny_models.target, "transformers", "cpu", dtype)
+    attentions = [m for m in target.model.modules() if getattr(m, "sled_qkv", None) is not None]
+    mlps = [m for m in target.model.modules() if getattr(m, "sled_gate_up", None) is not None]
+    assert len(attentions) == len(mlps) == target.model.config.num_hidden_layers
+    first = attentions[0]
+    assert first.q_proj.weight.untyped_storage().data_ptr() == first.v_proj.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, target.model.config.hidden_size)
+    fused = first.sled_qkv(x)
+    assert torch.equal(torch.cat([first.q_proj(x), first.k_proj(x), first.v_proj(x)], dim=-1), fused)
+    _, slots, starts, inputs = rounds(target, 2)
+    together = target.forward_rows(slots, starts, inputs)
+    for module in attentions:
+        module.sled_qkv = None
+    for module in mlps:
+        module.sled_gate_up = None
+    _, slots, starts, inputs = rounds(target, 2)
+    assert torch.equal(target.forward_rows(slots, starts, inputs), together)
