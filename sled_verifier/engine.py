@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -27,9 +26,6 @@ from sled_verifier.runtime import TargetRuntime, cpu_clock
 from sled_verifier.sessions import Admission, SessionState, SessionTable
 from sled_verifier.stats import VerifierStats
 from sled_verifier.verify import NO_TOKEN, VerifyResult
-
-if TYPE_CHECKING:
-    from sled_verifier.target import PackedLogits
 
 log = structlog.get_logger("sled_verifier")
 
@@ -265,19 +261,18 @@ class VerifierEngine:
             device_budget[state.device] += size
         return rows, chunks
 
-    def _forward(self, runnable: list[Runnable], chunks: Sequence[Chunk] = ()) -> torch.Tensor | PackedLogits:
-        """Logits ``[B, K+1, V]`` (as ``PackedLogits`` where the target packs rows) of every row's
-        ``[x[n-1], d_1..d_k]`` after its cache; keys and values land in
-        the slot at positions n-1..n-1+k. ``chunks``: prefill chunks riding along as rows without logits (a
-        session's row then starts where its chunk ends); the forward's seconds are split between them by tokens."""
+    def _forward(self, runnable: list[Runnable], chunks: Sequence[Chunk] = ()) -> torch.Tensor:
+        """Logits ``[B, K+1, V]`` (``target.PackedLogits`` where rows pack) of each row's ``[x[n-1], d_1..d_k]``
+        after its cache, its keys and values written at n-1..n-1+k. ``chunks``: prefill chunks riding along as rows
+        without logits (a row then starts where its chunk ends); the forward's seconds are split by tokens."""
         planned = {id(state): len(chunk) for state, chunk in chunks}
         inputs = [[state.committed[-1], *draft.tokens] for draft, state in runnable]
         slots = [s.slot for _, s in runnable] + [s.slot for s, _ in chunks]
         starts = [s.cached + planned.get(id(s), 0) for _, s in runnable] + [s.cached for s, _ in chunks]
         started, cpu_started = time.perf_counter(), cpu_clock()()  # wall seconds count what else the machine runs
-        packed = {"packed_logits": True} if self.target.packs_rows else {}  # no padded copy of ragged rows' logits
-        logits = self.target.forward_rows(slots, starts, inputs + [chunk for _, chunk in chunks],
-                                          **({"logit_rows": len(runnable)} if chunks else {}), **packed)
+        logits = self.target.forward_rows(slots, starts, inputs + [c for _, c in chunks],
+                                          packed_logits=self.target.packs_rows,
+                                          **({"logit_rows": len(runnable)} if chunks else {}))
         if logits.is_cuda:
             torch.cuda.synchronize()  # kernels run asynchronously: time the forward, not its launch
         forward_s, tokens = time.perf_counter() - started, sum(len(x) for x in inputs)
@@ -386,8 +381,7 @@ class VerifierEngine:
             kind=VerdictKind.VERIFIED, verifier_id=self.verifier_id, session_id=draft.session_id, seq=draft.seq,
             accepted=accepted, next_token=next_token if has_next else None,
             next_kind=(NextKind.BONUS if is_bonus else NextKind.RECOVERED) if has_next else None,
-            committed_len=len(state.committed), finish=finish,
-        )
+            committed_len=len(state.committed), finish=finish)
         if state.finished:
             self._release(state)  # keep the bookkeeping for retries of the last round, not the memory
         return state.last_verdict
