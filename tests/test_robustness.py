@@ -212,3 +212,36 @@ def test_every_help_renders():
     [commands] = [action for action in edge._actions if isinstance(action, argparse._SubParsersAction)]
     for command in commands.choices.values():
         assert "--mqtt-url" in command.format_help()
+
+
+def test_a_stop_that_does_not_unwind_ends_after_its_grace(tmp_path):
+    """SIGTERM cancels the service's task; a task that never finishes unwinding (here: one that swallows the
+    cancellation, as a connection torn down mid-read once did) no longer keeps the process alive until systemd's
+    SIGKILL: after the grace it ends with status 0 and says ``stop_timed_out``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import asyncio\nfrom sled_protocol.run import run_until_signal\n"
+        "async def main():\n"
+        "    print('up', flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            await asyncio.sleep(3600)\n"
+        "        except asyncio.CancelledError:\n"
+        "            pass\n"
+        "run_until_signal(main(), grace_s=0.5)\n")
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert process.stdout.readline().strip() == "up"
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)  # closes both pipes
+    process.stdout.close()
+    assert process.returncode == 0 and "stop_timed_out" in err, err
+    assert time.monotonic() - started < 20
