@@ -169,10 +169,9 @@ def server_only(target, pool: list[dict], n: int, out_tokens: int, verifying=Non
             # first row of the first N x 1 step.
             prefill()
             tokens = [p[-1] for p in prompts]
-            packed = {"packed_logits": True} if runtime.packs_rows else {}  # as the verifier's engine reads them
-            for step in range(out_tokens):
+            for step in range(out_tokens):  # logits read as the verifier's engine reads them
                 logits = runtime.forward_rows(slots, [length - 1 + step for length in lens], [[t] for t in tokens],
-                                              **packed)
+                                              packed_logits=runtime.packs_rows)
                 tokens = logits.argmax(dim=-1)[:, 0].tolist()
 
         def prefill() -> None:
@@ -225,7 +224,7 @@ def step_times(plain, verifying, n: int, ks: list[int], context: int) -> dict:
         runtime.forward_rows(slots, [0] * n, prefix, logits=False)
 
     def one_by(runtime, slots) -> None:  # logits as the engine takes them (no padded copy where rows pack)
-        runtime.forward_rows(slots, [context] * n, [[1]] * n, **({"packed_logits": True} if runtime.packs_rows else {}))
+        runtime.forward_rows(slots, [context] * n, [[1]] * n, packed_logits=runtime.packs_rows)
 
     fastest = min(((plain, plain_slots), (verifying, own_slots)),
                   key=lambda pair: timed(lambda: one_by(*pair), repeat=3, clock=cpu_clock, statistic=min))
@@ -234,8 +233,7 @@ def step_times(plain, verifying, n: int, ks: list[int], context: int) -> dict:
         one_by(*fastest)
 
     def wide(k: int) -> None:
-        verifying.forward_rows(wide_slots, [context] * n, [[1] * (k + 1)] * n,
-                               **({"packed_logits": True} if verifying.packs_rows else {}))
+        verifying.forward_rows(wide_slots, [context] * n, [[1] * (k + 1)] * n, packed_logits=verifying.packs_rows)
 
     one()
     for k in ks:  # warm-up

@@ -4,12 +4,13 @@ and the one ``main`` runner both services share: configuration, logging and exit
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+import structlog
 
 from sled_protocol.config import ConfigError
 from sled_protocol.exitcodes import EX_CONFIG, EX_OK, EX_SOFTWARE
@@ -45,7 +46,8 @@ def run_until_signal(main: Coroutine[Any, Any, Any], grace_s: float = STOP_GRACE
 
 
 def give_up(grace_s: float) -> None:
-    print(json.dumps({"event": "stop_timed_out", "level": "warning", "grace_s": grace_s}), file=sys.stderr, flush=True)
+    structlog.get_logger("sled_protocol").warning("stop_timed_out", grace_s=grace_s)
+    sys.stdout.flush(), sys.stderr.flush()
     os._exit(EX_OK)
 
 

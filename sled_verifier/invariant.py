@@ -264,8 +264,7 @@ def fuse_native(linears: list[nn.Linear]):
     bias = torch.cat([m.bias.detach() for m in linears]) if all(biased) else None
     outputs, start = sum(m.out_features for m in linears), 0
     for module, weight in zip(linears, packed):
-        keeps = isinstance(module.weight, nn.Parameter) and module.weight is not None and \
-            module.weight.data_ptr() == weight.data_ptr()
+        keeps = module.weight.data_ptr() == weight.data_ptr()  # it kept the packed copy (no tied sharer)
         route(module, module.sled_rule, fused[start : start + weight.shape[0]], keeps)
         start += weight.shape[0]
 

@@ -201,7 +201,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     x = x.contiguous()
     rows, features = x.shape
     panels = packed.shape[0]
-    if (packed.shape[1] * 2 if bf16 else packed.shape[1]) != (-(-features // BF16_STEP) * BF16_STEP if bf16 else features):
+    taken = packed.shape[1] * 2 if bf16 else packed.shape[1]  # the inputs the packing holds (bfloat16: padded to 32)
+    if taken != (-(-features // BF16_STEP) * BF16_STEP if bf16 else features):
         raise RuntimeError(f"a packed weight of {tuple(packed.shape)} does not take {features} inputs")
     if bias is not None:
         bias = bias.contiguous()

@@ -105,9 +105,6 @@ class PackedLogits:
             raise ValueError("PackedLogits.argmax is over the vocabulary only")
         return native.argmax_rows(self.packed)[self.unpack.to(self.packed.device)]
 
-    def padded(self) -> torch.Tensor:
-        return self.packed[self.unpack]                                                   # [B, M, V]
-
     def __getitem__(self, rows) -> torch.Tensor:
         return self.packed[self.unpack[rows]]                                             # [R, M, V]
 

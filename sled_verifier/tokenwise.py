@@ -82,7 +82,7 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings: tu
                                   past_key_values=past_key_values, cache_position=cache_position, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if getattr(self, "sled_qkv", None) is not None:  # one product (route_modules): views of its output
+    if self.sled_qkv is not None:  # one product (route_modules): views of its output
         q, k, v = self.sled_qkv(hidden_states).split(
             [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
     else:
