@@ -350,6 +350,7 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
         "k0_share": round(sum(s.get("k0_rounds", 0) for s in fleet["sessions"]) / max(1, rounds), 3),
         "best_k": best["best_k"], "ceiling_best_k": round(best["ceiling"], 3),
         "fraction_of_best_k_ceiling": round(ratio / best["ceiling"], 3),
+        "announced_price": fleet.get("announced_price"),
         "ceiling_per_k": {str(kk): round(v, 3) for kk, v in best["per_k"].items()},
         "ceiling_at_batch": round(ceiling_at_batch, 3), "fraction_at_batch": round(ratio / ceiling_at_batch, 3),
         "mean_batch": round(mean_batch, 2),

@@ -73,6 +73,7 @@ class Tally:
         self.errors: dict[str, int] = {}
         self.resyncs = 0
         self.retries = 0
+        self.prices: list[tuple[float, tuple[float, ...]]] = []  # (when, the announced price a round's k was chosen with)
 
 
 def draft_tokens(rng: random.Random, truth: list[int], klass: DeviceClass, k: int, vocab: int, avoid: set[int]) -> list[int]:
@@ -135,6 +136,9 @@ async def run_device(spec: dict, index: int, klass: DeviceClass, pool: list[dict
                     done = len(session.committed) - len(prompt)
                     room = max(0, session.budget - 1)
                     k = min(klass.k, room) if controller is None else controller.choose(room, price[0])
+                    if price[0] is not None:
+                        p = price[0]
+                        tally.prices.append((time.monotonic(), (p.fixed_s, p.per_draft_s, p.per_token_s, p.drafts_per_step)))
                     tokens = draft_tokens(rng, truth[done:], klass, k, vocab, avoid)
                     await asyncio.sleep(k * klass.draft_ms_per_token / 1000.0)
                     sent = time.monotonic()  # a device times its round from publishing to the verdict's arrival
@@ -207,11 +211,24 @@ async def main_async(spec: dict) -> dict:
         "n": spec["n"], "committed": sum(tokens for at, tokens in tally.commits if window[0] <= at < window[1]),
         "committed_all": sum(tokens for _, tokens in tally.commits),
         "rounds_all": len(tally.commits),
+        "announced_price": announced(tally.prices, window),
         "wrong": tally.wrong, "errors": tally.errors, "resyncs": tally.resyncs, "retries": tally.retries,
         "sessions": [{"klass": s.klass, "tokens": s.tokens, "seconds": s.ended_s - s.started_s, "rounds": s.rounds,
                       "accepted": s.accepted, "drafted": s.drafted, "verifier_s": s.verifier_s,
                       "k_mean": round(sum(s.ks) / max(1, len(s.ks)), 2), "k0_rounds": s.ks.count(0)} for s in sessions],
     }
+
+
+def announced(prices: list[tuple[float, tuple[float, ...]]], window: tuple[float, float]) -> dict | None:
+    """The verifier's announced step cost as the window's rounds chose k with: the median of each term (ms, and drafts
+    per step), and what it prices one draft (its share of the fixed part plus per draft) against one scored token."""
+    inside = [p for at, p in prices if window[0] <= at < window[1]]
+    if not inside:
+        return None
+    fixed, per_draft, per_token, per_step = (sorted(column)[len(column) // 2] for column in zip(*inside))
+    return {"fixed_ms": round(1000 * fixed, 3), "per_draft_ms": round(1000 * per_draft, 3),
+            "per_token_ms": round(1000 * per_token, 3), "drafts_per_step": round(per_step, 1),
+            "draft_over_token": round((fixed / max(1.0, per_step) + per_draft) / max(1e-9, per_token), 2)}
 
 
 def main() -> int:
