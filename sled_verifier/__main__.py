@@ -43,6 +43,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     from sled_verifier import native
     from sled_verifier.gguf import model_directory
     from sled_verifier.identity import target_identity
+    from sled_verifier.price import StepTable
     from sled_verifier.service import VerifierService
     from sled_verifier.stats import VerifierStats
     from sled_verifier.runtime import load_target
@@ -85,9 +86,10 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     samples = await asyncio.to_thread(engine.calibrate)
     for drafts, tokens, seconds in samples:
         service.cost.observe(drafts, tokens, seconds)
-        service.price_cost.observe(drafts, tokens, seconds)
+    service.price = table = StepTable.from_samples(samples)
     log.info("step_cost_calibrated", samples=[(d, t, round(1000 * s, 2)) for d, t, s in samples],
-             coef=[round(c, 6) for c in service.cost.coef])
+             coef=[round(c, 6) for c in service.cost.coef],  # a scored token's price (ms) at each load timed, k = 1:
+             token_ms_by_drafts=table and {d: round(1000 * table.price(d, 2)[2], 3) for d in table.drafts})
     await service.run(ready)
 
 

@@ -293,30 +293,28 @@ class VerifierEngine:
     def _debit(self, device: str, seconds: float) -> None:
         self._spent_s[device] = self._spent_s.get(device, 0.0) + seconds
 
-    def calibrate(self, batch_sizes: Sequence[int] = (1, 8, 32), widths: Sequence[int] = (1, 5),
-                  context: int = 32) -> list[tuple[int, int, float]]:
-        """Time verification forwards of a few batch sizes on scratch slots: (drafts, tokens, seconds) for the
-        scheduler's cost model, so it starts from this hardware's figures rather than a guess. Each size at
-        several ``widths`` (tokens a row, k + 1): at one width tokens are a fixed multiple of drafts, and the
-        fit could not tell a draft's cost from a token's, which is what the devices' draft lengths are priced
-        on (at a single width the fit put SmolLM2's cost on drafts, 23 ms each, and devices kept k = 4 where
-        k = 1-2 was cheaper). CPU seconds on a CPU target, as the price's steps are timed (``verify_cost``)."""
+    def calibrate(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), widths: Sequence[int] = (1, 2, 4, 8),
+                  context: int = 32, max_tokens: int = 256) -> list[tuple[int, int, float]]:
+        """Time verification forwards on scratch slots, each batch size (those the free slots hold) at each width
+        (tokens a row, k + 1) up to ``max_tokens`` a step, twice: (drafts, tokens, seconds) for the scheduler's cost model and the devices'
+        price (``price.StepTable``). CPU seconds on a CPU target, as live steps are timed (``verify_cost``)."""
         clock = cpu_clock() if self.target.device.type == "cpu" else time.perf_counter
-        samples = []
-        for size in batch_sizes:
-            if size > len(self.kv.free) + self.kv.max_slots - self.kv.capacity:
-                break
-            slots = [self.kv.acquire() for _ in range(size)]
-            try:
-                self.target.forward_rows(slots, [0] * size, [[1] * context] * size)
-                for _ in range(2):
-                    for width in widths:
+        room = len(self.kv.free) + self.kv.max_slots - self.kv.capacity
+        sizes = [size for size in batch_sizes if size <= room]
+        slots, samples = [self.kv.acquire() for _ in range(max(sizes, default=0))], []
+        try:
+            if slots:
+                self.target.forward_rows(slots, [0] * len(slots), [[1] * context] * len(slots), logits=False)
+            for _ in range(2):
+                for size in sizes:
+                    for width in (w for w in widths if size * w <= max(max_tokens, size * min(widths))):
                         started = clock()
-                        self.target.forward_rows(slots, [context] * size, [[1] * width] * size)
+                        self.target.forward_rows(slots[:size], [context] * size, [[1] * width] * size,
+                                                 packed_logits=self.target.packs_rows)
                         samples.append((size, size * width, clock() - started))
-            finally:
-                for slot in slots:
-                    self.kv.release(slot)
+        finally:
+            for slot in slots:
+                self.kv.release(slot)
         return samples
 
     def close(self, device: str, session_id: str) -> bool:

@@ -29,6 +29,7 @@ from sled_protocol.transport import Link, TransportError, Will, parse_broker_url
 from sled_verifier.config import VerifierConfig
 from sled_verifier.draft_queue import DraftQueue, Offer, Queued
 from sled_verifier.engine import Outcome, OutcomeKind, VerifierEngine, error_verdict
+from sled_verifier.price import StepTable
 from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, batch_size, delay_s
 from sled_verifier.ratelimit import RateLimiter
 
@@ -61,13 +62,11 @@ class VerifierService:
         self.stats = engine.stats
         self.policy = SchedulePolicy.from_config(config)
         self.cost = StepCost()
-        # What devices are told a draft and a token cost (Status.step_cost): verification forwards alone (a
-        # step's prefill, cheap per token, counted as scored tokens drifted the split toward long drafts; chunks
-        # that rode in the verification forward are taken out at the price's own cost per token), forgetting
-        # slowly, so the start-up calibration's split of a draft's cost from a token's (steps of many widths)
-        # outlives a run of steps whose tokens are all about (k + 1) x drafts.
-        self.price_cost = StepCost(decay=0.998)
+        # What devices are told a draft and a token cost (Status.step_cost, ``sled_verifier.price``): the step table
+        # the service calibrates at start, read at the load of its recent verification steps; None: no price.
+        self.price: StepTable | None = None
         self.drafts_per_step = 1.0  # recent mean, announced with the step cost (edges price their k with it)
+        self.tokens_per_draft = 1.0  # recent mean of a verified draft's scored tokens (k + 1): where the price is read
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
@@ -98,7 +97,7 @@ class VerifierService:
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.engine.sessions.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
-            step_cost=self.price_cost.price(self.drafts_per_step),
+            step_cost=None if self.price is None else self.price.price(self.drafts_per_step, self.tokens_per_draft),
             free_sessions=self.engine.free_sessions,
         )
 
@@ -283,11 +282,12 @@ class VerifierService:
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
             if verified and self.engine.verify_cost is not None:  # a step that verified drafts: what devices are priced on
-                verify_s, rode_tokens = self.engine.verify_cost  # prefill chunks that rode in it: theirs at the price
-                verify_s -= rode_tokens * self.price_cost.coef[2]
-                if verify_s > 0:
-                    self.price_cost.observe(len(verified), sum(len(o.draft.tokens) + 1 for o in verified), verify_s)
+                verify_s, rode_tokens = self.engine.verify_cost  # prefill chunks that rode in it count as scored tokens
+                scored = sum(len(o.draft.tokens) + 1 for o in verified)
+                if self.price is not None:
+                    self.price.observe(len(verified), scored + rode_tokens, verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
+                self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
             self.queue.requeue([taken[o.device, o.draft.session_id] for o in outcomes

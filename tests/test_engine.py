@@ -304,12 +304,13 @@ def test_a_mixed_step_answers_each_draft_as_alone(tiny_models, target):
         assert outcome.verdict.kind is VerdictKind.VERIFIED and outcome.verdict == single.verdict
 
 
-def test_calibration_times_each_batch_at_two_widths_so_a_token_is_priced_apart_from_a_draft(tiny_models, target):
-    """At one width (k + 1 = 5 tokens a row) tokens are always 5 x drafts and the step-cost fit cannot tell a
-    draft's cost from a token's, which the devices' draft lengths are priced on: every batch size is timed at
-    one token a row and at five, on scratch slots that go back to the pool."""
+def test_calibration_times_each_batch_at_several_widths_so_a_token_is_priced_apart_from_a_draft(tiny_models, target):
+    """At one width (k + 1 tokens a row) tokens are always (k + 1) x drafts and nothing tells a draft's cost from a
+    token's, which the devices' draft lengths are priced on: every batch size the free slots hold is timed at
+    each width, twice, on scratch slots that go back to the pool."""
     engine = VerifierEngine(target, "v-calibrate", 8, VerifierStats())
     free = len(engine.kv.free)
-    samples = engine.calibrate(batch_sizes=(1, 4))
-    assert {(drafts, tokens) for drafts, tokens, _ in samples} == {(1, 1), (1, 5), (4, 4), (4, 20)}
+    samples = engine.calibrate(batch_sizes=(1, 4, 64), max_tokens=16)  # 64: more than the 8 slots, left out
+    assert sorted((drafts, tokens) for drafts, tokens, _ in samples) == sorted(
+        [(1, 1), (1, 2), (1, 4), (1, 8), (4, 4), (4, 8), (4, 16)] * 2)  # 4 x 8: more than 16 tokens
     assert all(seconds > 0 for _, _, seconds in samples) and len(engine.kv.free) == free

@@ -306,28 +306,3 @@ def test_two_widths_separate_a_drafts_cost_from_a_tokens():
         for drafts in (1, 8, 32):
             one.observe(drafts, drafts * 5, true_s(drafts, drafts * 5))
     assert one.coef[1] > 2 * 0.002  # at one width the fit puts a share of each token's cost on the draft
-
-
-def test_the_price_model_keeps_the_calibrated_split_through_a_run_of_like_steps():
-    """Online, a loaded verifier's steps all have about (k + 1) x drafts tokens: they say nothing about how a
-    step's cost splits between drafts and tokens, and under fast forgetting noise moves the split at random.
-    The model devices are priced with (``VerifierService.price_cost``, decay 0.998) keeps the calibration's."""
-    import random
-
-    def true_s(drafts: int, tokens: int) -> float:
-        return 0.044 + 0.0025 * drafts + 0.0026 * tokens  # SmolLM2, one core, as calibrated at two widths
-
-    fits = {}
-    for decay in (0.98, 0.998):
-        cost, rng = StepCost(decay=decay), random.Random(0)
-        for _ in range(2):
-            for drafts in (1, 8, 32):
-                for width in (1, 5):
-                    cost.observe(drafts, drafts * width, true_s(drafts, drafts * width))
-        for _ in range(300):
-            drafts = rng.randint(34, 40)
-            tokens = round(drafts * 4.4)
-            cost.observe(drafts, tokens, true_s(drafts, tokens) * rng.uniform(0.9, 1.1))
-        fits[decay] = cost.coef
-    assert fits[0.998][1] == pytest.approx(0.0025, rel=0.25) and fits[0.998][2] == pytest.approx(0.0026, rel=0.25)
-    assert abs(fits[0.98][1] - 0.0025) > 0.001  # the scheduler's fast-forgetting model loses it (it predicts steps)
