@@ -12,8 +12,9 @@ one load and too much at the other.
 So the price comes from a table instead: verification steps timed at start on a grid of batch sizes and widths
 (tokens a draft, k + 1, up to 256 tokens a step; ``VerifierEngine.calibrate``), read at the load the service sees (its recent drafts per
 step and tokens per draft). A token's price is the table's slope in width there, per draft (what one more
-scored token adds to the step); the step's remainder, shared by its drafts, is the fixed part; the per-draft
-term is announced as 0 (a draft's own cost is in that share at this load). Live steps scale the table's level
+scored token adds to the step); the step's remainder, shared by its drafts, is the fixed part. The per-draft
+term is the service's own work a round outside the model (receiving, scheduling, bookkeeping, publishing:
+``VerifierService.step_cost``), which a device drafting nothing pays for every token. Live steps scale the table's level
 (a moving ratio of measured to predicted), not its shape: the shape is what the grid measured, and steps at one
 load cannot tell it apart (their tokens are all about (k + 1) x drafts).
 """

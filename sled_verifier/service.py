@@ -67,6 +67,10 @@ class VerifierService:
         self.price: StepTable | None = None
         self.drafts_per_step = 1.0  # recent mean, announced with the step cost (edges price their k with it)
         self.tokens_per_draft = 1.0  # recent mean of a verified draft's scored tokens (k + 1): where the price is read
+        # A round's own cost outside the model (receiving and decoding it, scheduling, verdict bookkeeping, encoding
+        # and publishing the verdict): recent mean a verified draft, announced as the price's per-draft term.
+        self.draft_overhead_s = 0.0
+        self._overhead_seen_s = 0.0
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
@@ -97,9 +101,21 @@ class VerifierService:
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.engine.sessions.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
-            step_cost=None if self.price is None else self.price.price(self.drafts_per_step, self.tokens_per_draft),
+            step_cost=self.step_cost(),
             free_sessions=self.engine.free_sessions,
         )
+
+    def step_cost(self) -> tuple[float, float, float, float] | None:
+        """``Status.step_cost``: the step table's price at the recent load, a draft's overhead outside the model
+        as its per-draft term (at k = 0 a device pays it for every token: the price must say so)."""
+        if self.price is None:
+            return None
+        fixed, _, per_token, drafts = self.price.price(self.drafts_per_step, self.tokens_per_draft)
+        return fixed, self.draft_overhead_s, per_token, drafts
+
+    def _outside_model_s(self) -> float:
+        s = self.stats
+        return s.receive_s + s.publish_s + s.schedule_s + max(0.0, s.step_s - s.forward_s - s.prefill_s)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled, reconnecting to the broker (the next of a cluster's nodes) with backoff."""
@@ -288,6 +304,8 @@ class VerifierService:
                     self.price.observe(len(verified), scored + rode_tokens, verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
                 self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / len(verified)
+                outside_s, self._overhead_seen_s = self._outside_model_s() - self._overhead_seen_s, self._outside_model_s()
+                self.draft_overhead_s = 0.9 * self.draft_overhead_s + 0.1 * outside_s / len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
             self.queue.requeue([taken[o.device, o.draft.session_id] for o in outcomes

@@ -5,6 +5,7 @@ announces it in its Status."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -97,3 +98,49 @@ async def test_a_verifier_announces_its_price_in_its_status(verifier):
     price = StepPrice.from_wire(status.step_cost)
     assert price is not None and price.drafts_per_step >= 1 and price.per_token_s >= 0
     assert 0 < price.round_s(0) < price.round_s(8) or price.per_token_s == 0
+
+
+@pytest.mark.asyncio
+async def test_a_rounds_cost_outside_the_model_is_priced_per_draft(tiny_models):
+    """At k = 0 a device pays a whole round (receive, schedule, bookkeeping, publish) for every token; the forward
+    alone does not show it, so the announced per-draft term is the service's measured time outside the model a
+    verified draft (in-memory transport, the tiny target)."""
+    import uuid
+
+    from sled_protocol import Draft, decode_verdict, encode
+    from sled_protocol.transport import transport_for
+    from sled_protocol.vocab import vocab_hash
+    from sled_verifier.config import VerifierConfig
+    from sled_verifier.engine import VerifierEngine
+    from sled_verifier.runtime import load_target
+    from sled_verifier.service import VerifierService
+    from sled_verifier.stats import VerifierStats
+
+    url = f"memory://price-{uuid.uuid4().hex[:8]}"
+    target = load_target(tiny_models.target, "transformers", device="cpu")
+    engine = VerifierEngine(target, "priced", max_sessions=8, stats=VerifierStats())
+    service = VerifierService(VerifierConfig(target=str(tiny_models.target), mqtt_url=url, verifier_id="priced",
+                                             metrics_port=0), engine, vocab_hash(tiny_models.target))
+    service.price = StepTable.from_samples(engine.calibrate(batch_sizes=(1, 4)))
+    assert service.step_cost()[1] == 0.0  # nothing served yet
+    ready = asyncio.Event()
+    task = asyncio.create_task(service.run(ready))
+    try:
+        await ready.wait()
+        async with transport_for(parse_broker_url(url)).connect("dev") as device:
+            await device.subscribe(topics.verdict_topic("dev"), qos=topics.QOS_VERDICT)
+            for session in range(6):
+                draft = Draft("dev", f"s{session}", 0, base_len=4, tokens=(), max_len=32, vocab=service.vocab,
+                              context=(5, 6, 7, 8))
+                await device.publish(topics.draft_topic("priced", "dev"), encode(draft))
+                async with asyncio.timeout(30):
+                    async for message in device.messages():
+                        assert decode_verdict(bytes(message.payload)).session_id == f"s{session}"
+                        break
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    fixed, per_draft, per_token, drafts = service.step_cost()
+    assert per_draft == service.draft_overhead_s > 0
+    assert (fixed, per_token) == pytest.approx(service.price.price(service.drafts_per_step, service.tokens_per_draft)[::2])
