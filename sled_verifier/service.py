@@ -304,7 +304,8 @@ class VerifierService:
                     self.price.observe(len(verified), scored + rode_tokens, verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
                 self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / len(verified)
-                outside_s, self._overhead_seen_s = self._outside_model_s() - self._overhead_seen_s, self._outside_model_s()
+                seen_s = self._outside_model_s()
+                outside_s, self._overhead_seen_s = seen_s - self._overhead_seen_s, seen_s
                 self.draft_overhead_s = 0.9 * self.draft_overhead_s + 0.1 * outside_s / len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
