@@ -296,8 +296,9 @@ class VerifierEngine:
     def calibrate(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), widths: Sequence[int] = (1, 2, 4, 8),
                   context: int = 32, max_tokens: int = 256) -> list[tuple[int, int, float]]:
         """Time verification forwards on scratch slots, each batch size (those the free slots hold) at each width
-        (tokens a row, k + 1) up to ``max_tokens`` a step, twice: (drafts, tokens, seconds) for the scheduler's cost model and the devices'
-        price (``price.StepTable``). CPU seconds on a CPU target, as live steps are timed (``verify_cost``)."""
+        (tokens a row, k + 1) up to ``max_tokens`` a step, twice: (drafts, tokens, seconds) for the scheduler's
+        cost model and the devices' price (``price.StepTable``). CPU seconds on a CPU target, as live steps are
+        timed (``verify_cost``)."""
         clock = cpu_clock() if self.target.device.type == "cpu" else time.perf_counter
         room = len(self.kv.free) + self.kv.max_slots - self.kv.capacity
         sizes = [size for size in batch_sizes if size <= room]

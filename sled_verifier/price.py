@@ -78,16 +78,18 @@ class StepTable:
         at_width = [_linear(widths, row, width) for widths, row in zip(self.widths, self.seconds)]
         return max(1e-6, self.level * _linear(self.drafts, at_width, drafts))
 
-    def price(self, drafts_per_step: float, tokens_per_draft: float) -> tuple[float, float, float, float]:
-        """``Status.step_cost`` at this load: (fixed, per draft, per scored token, drafts per step). A token's price
-        is the slope in width over the grid's segment that holds this width, at the nearest size timed below."""
+    def price(self, drafts_per_step: float, tokens_per_draft: float,
+              per_draft_s: float = 0.0) -> tuple[float, float, float, float]:
+        """``Status.step_cost`` at this load: (fixed, ``per_draft_s``, per scored token, drafts per step). A token's
+        price is the slope in width over the grid's segment that holds this width, at the nearest size timed below;
+        the per-draft term is the caller's (the table times forwards alone)."""
         drafts, width = max(1.0, drafts_per_step), max(1.0, tokens_per_draft)
         widths = self.widths[_between(self.drafts, drafts)[0]]
         low, high = _between(widths, width)
         narrow, wide = widths[low], widths[high]
         per_token = max(0.0, (self.predict(drafts, wide) - self.predict(drafts, narrow)) / (drafts * (wide - narrow)))
         fixed = max(0.0, self.predict(drafts, width) - drafts * width * per_token)
-        return fixed, 0.0, per_token, drafts
+        return fixed, per_draft_s, per_token, drafts
 
     def observe(self, drafts: int, tokens: int, seconds: float) -> None:
         """A live verification step: move the level towards its measured / predicted (the first few steps count

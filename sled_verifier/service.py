@@ -110,8 +110,7 @@ class VerifierService:
         as its per-draft term (at k = 0 a device pays it for every token: the price must say so)."""
         if self.price is None:
             return None
-        fixed, _, per_token, drafts = self.price.price(self.drafts_per_step, self.tokens_per_draft)
-        return fixed, self.draft_overhead_s, per_token, drafts
+        return self.price.price(self.drafts_per_step, self.tokens_per_draft, self.draft_overhead_s)
 
     def _outside_model_s(self) -> float:
         s = self.stats
@@ -294,18 +293,18 @@ class VerifierService:
             # 3. Teach the cost model what this step cost.
             step_s = time.perf_counter() - busy_from
             verified = [o for o in outcomes if o.kind is OutcomeKind.VERIFIED]
-            tokens = sum(len(o.draft.tokens) + 1 for o in verified) + self.stats.prefill_tokens - prefill_before
+            scored = sum(len(o.draft.tokens) + 1 for o in verified)
+            tokens = scored + self.stats.prefill_tokens - prefill_before
             if tokens:
                 self.cost.observe(len(verified), tokens, step_s)
             if verified and self.engine.verify_cost is not None:  # a step that verified drafts: what devices are priced on
                 verify_s, rode_tokens = self.engine.verify_cost  # prefill chunks that rode in it count as scored tokens
-                scored = sum(len(o.draft.tokens) + 1 for o in verified)
                 if self.price is not None:
                     self.price.observe(len(verified), scored + rode_tokens, verify_s)
                 self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
                 self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / len(verified)
                 seen_s = self._outside_model_s()
-                outside_s, self._overhead_seen_s = seen_s - self._overhead_seen_s, seen_s
+                outside_s, self._overhead_seen_s = max(0.0, seen_s - self._overhead_seen_s), seen_s  # announced: >= 0
                 self.draft_overhead_s = 0.9 * self.draft_overhead_s + 0.1 * outside_s / len(verified)
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}

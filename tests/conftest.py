@@ -173,6 +173,25 @@ def start_verifier(broker: Broker, target: Path, log_dir: Path, verifier_id: str
     return RunningVerifier(verifier_id, broker.url, process, log_path, metrics_url)
 
 
+@contextlib.asynccontextmanager
+async def serving(service):
+    """An in-process ``VerifierService`` serving on its config's broker (a ``memory://`` one is forgotten after)
+    until the block ends, then cancelled."""
+    from sled_protocol.memory import forget_broker
+
+    ready = asyncio.Event()
+    task = asyncio.create_task(service.run(ready))
+    try:
+        await ready.wait()
+        yield service
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if service.config.mqtt_url.startswith("memory://"):
+            forget_broker(service.config.mqtt_url.removeprefix("memory://"))
+
+
 @pytest.fixture(scope="session")
 def verifier(broker, tiny_models, tmp_path_factory) -> RunningVerifier:
     """A real ``sled-verifier`` process serving the tiny Llama target."""

@@ -6,7 +6,6 @@ Status says how many sessions can still open, and a Close during a deferred firs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import uuid
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, serving
 from sled_protocol import Close, Draft, ErrorCode, VerdictKind, encode, topics
-from sled_protocol.memory import forget_broker
 from sled_protocol.transport import parse_broker_url, transport_for
 from sled_protocol.vocab import vocab_hash
 from sled_verifier.engine import KVBudgetError, OutcomeKind, Quotas, VerifierEngine
@@ -106,32 +104,26 @@ async def test_a_close_during_a_deferred_first_round_leaves_no_zombie(tiny_model
     engine = GatedEngine(VerifierEngine(target, "race", max_sessions=4, stats=VerifierStats(), max_context=CONTEXT,
                                         quotas=quotas))
     service = VerifierService(config, engine, vocab_hash(tiny_models.target))
-    ready = asyncio.Event()
-    task = asyncio.create_task(service.run(ready))
-    try:
-        await ready.wait()
-        async with transport_for(parse_broker_url(url)).connect("dev") as device:
-            await device.subscribe(topics.verdict_topic("dev"), qos=topics.QOS_VERDICT)
-            draft = Draft("dev", "s", 0, base_len=300, tokens=(5,), max_len=CONTEXT, vocab=service.vocab,
-                          context=tuple(range(3, 303)))
-            await device.publish(topics.draft_topic("race", "dev"), encode(draft))
-            assert await asyncio.to_thread(engine.entered.wait, 30)  # step 3 holds the deferred first round
-            await device.publish(topics.draft_topic("race", "dev"), encode(Close("dev", "s")))
-            while ("dev", "s") not in service.queue._closed:
-                await asyncio.sleep(0.01)
-            engine.gate.set()
-            for _ in range(200):  # the step ends, the close runs; nothing may reopen the session
-                await asyncio.sleep(0.02)
-                if engine.engine.sessions.get("dev", "s") is None and not len(service.queue):
-                    break
-            steps = engine.steps
-            await asyncio.sleep(0.3)
-            assert engine.steps == steps and len(service.queue) == 0  # no step ran after: nothing requeued
-            assert engine.engine.sessions.get("dev", "s") is None
-            assert len(engine.engine.kv.free) == engine.engine.kv.capacity  # its KV slot is free
-    finally:
-        engine.gate.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        forget_broker(name)
+    async with serving(service):
+        try:
+            async with transport_for(parse_broker_url(url)).connect("dev") as device:
+                await device.subscribe(topics.verdict_topic("dev"), qos=topics.QOS_VERDICT)
+                draft = Draft("dev", "s", 0, base_len=300, tokens=(5,), max_len=CONTEXT, vocab=service.vocab,
+                              context=tuple(range(3, 303)))
+                await device.publish(topics.draft_topic("race", "dev"), encode(draft))
+                assert await asyncio.to_thread(engine.entered.wait, 30)  # step 3 holds the deferred first round
+                await device.publish(topics.draft_topic("race", "dev"), encode(Close("dev", "s")))
+                while ("dev", "s") not in service.queue._closed:
+                    await asyncio.sleep(0.01)
+                engine.gate.set()
+                for _ in range(200):  # the step ends, the close runs; nothing may reopen the session
+                    await asyncio.sleep(0.02)
+                    if engine.engine.sessions.get("dev", "s") is None and not len(service.queue):
+                        break
+                steps = engine.steps
+                await asyncio.sleep(0.3)
+                assert engine.steps == steps and len(service.queue) == 0  # no step ran after: nothing requeued
+                assert engine.engine.sessions.get("dev", "s") is None
+                assert len(engine.engine.kv.free) == engine.engine.kv.capacity  # its KV slot is free
+        finally:
+            engine.gate.set()  # before the service is cancelled: the step thread may still wait on it

@@ -5,10 +5,10 @@ announces it in its Status."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
+from conftest import serving
 from sled_edge.controller import DraftLengthController, StepPrice, expected_tokens
 from sled_protocol import decode_status, topics
 from sled_protocol.mqtt import make_client
@@ -123,10 +123,7 @@ async def test_a_rounds_cost_outside_the_model_is_priced_per_draft(tiny_models):
                                              metrics_port=0), engine, vocab_hash(tiny_models.target))
     service.price = StepTable.from_samples(engine.calibrate(batch_sizes=(1, 4)))
     assert service.step_cost()[1] == 0.0  # nothing served yet
-    ready = asyncio.Event()
-    task = asyncio.create_task(service.run(ready))
-    try:
-        await ready.wait()
+    async with serving(service):
         async with transport_for(parse_broker_url(url)).connect("dev") as device:
             await device.subscribe(topics.verdict_topic("dev"), qos=topics.QOS_VERDICT)
             for session in range(6):
@@ -137,10 +134,6 @@ async def test_a_rounds_cost_outside_the_model_is_priced_per_draft(tiny_models):
                     async for message in device.messages():
                         assert decode_verdict(bytes(message.payload)).session_id == f"s{session}"
                         break
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     fixed, per_draft, per_token, drafts = service.step_cost()
     assert per_draft == service.draft_overhead_s > 0
     assert (fixed, per_token) == pytest.approx(service.price.price(service.drafts_per_step, service.tokens_per_draft)[::2])
