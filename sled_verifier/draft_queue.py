@@ -117,6 +117,8 @@ class DraftQueue:
         """The queued drafts one step may take, in the order it takes them: round robin across devices, each
         device's drafts oldest first, devices in the order of their oldest draft; of each device, the drafts
         within ``device_step_tokens`` (k + 1 each; the first always), only the first of a device over its share."""
+        if len(self._per_device) == len(self._queued) and not self._one_draft:  # one draft a device: queue order
+            return list(self._queued.values())
         by_device: dict[str, list[Queued]] = {}
         tokens: Counter[str] = Counter()
         for queued in self._queued.values():

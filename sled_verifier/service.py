@@ -30,7 +30,7 @@ from sled_verifier.config import VerifierConfig
 from sled_verifier.draft_queue import DraftQueue, Offer, Queued
 from sled_verifier.engine import Outcome, OutcomeKind, VerifierEngine, error_verdict
 from sled_verifier.price import StepTable
-from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, batch_size, delay_s
+from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, WakeGate, batch_size, plan
 from sled_verifier.ratelimit import RateLimiter
 
 log = structlog.get_logger("sled_verifier")
@@ -84,6 +84,7 @@ class VerifierService:
                                 device_step_tokens=config.device_step_tokens)
         self.steps = 0  # steps begun: the unit fairness is measured in (draft_answered's steps_waited)
         self.arrived = asyncio.Event()
+        self.gate = WakeGate()  # which arrivals wake the scheduler's wait
         self._closing: set[asyncio.Future] = set()  # engine.close calls in flight (kept referenced)
         self.rate = RateLimiter(config.max_drafts_per_s, burst=max(1.0, 2 * config.max_drafts_per_s),
                                 max_devices=4 * config.max_sessions)
@@ -215,7 +216,8 @@ class VerifierService:
                            "retry later", draft=draft)
         if offer is Offer.QUEUED:
             self.arrivals.arrived((device, draft.session_id), now_s)
-            self.arrived.set()
+            if self.gate.wakes(len(self.queue), self.arrivals.gap_s((device, draft.session_id)), self.arrivals.waiting):
+                self.arrived.set()
         return None  # Offer.LATE: an older round arrived late; the newer one is already queued.
 
     def _close(self, device: str, close: Close) -> None:
@@ -274,18 +276,19 @@ class VerifierService:
             # Devices over their share of the verifier's time add one draft to the next step (FairShare).
             self.queue.over_share(self.engine.fair.over_share(self.queue.devices(), self._active_devices()))
             expected = self.arrivals.expected_rounds(now_s)  # (when, the session's gap): waits weigh round times
-            delay = delay_s(self.policy, self.queue.state(self.idle_since_s, self.config.max_prefill_tokens,
-                                                          gap_of=self.arrivals.gap_s),
-                            [at for at, _ in expected], self.cost, now_s, slack_s=self.wake_lag_s,
-                            gaps_s=[gap for _, gap in expected])
+            queue = self.queue.state(self.idle_since_s, self.config.max_prefill_tokens, gap_of=self.arrivals.gap_s)
+            decided = plan(self.policy, queue, [at for at, _ in expected], self.cost, now_s, slack_s=self.wake_lag_s,
+                           gaps_s=[gap for _, gap in expected])
+            self.gate.arm(len(self.queue), decided)  # which arrivals wake the wait (not every one: issue 22)
             self.stats.schedule_s += time.perf_counter() - started
-            if delay is None or delay > 0:
-                await self._wait_for_arrivals(delay, now_s)
+            if decided.delay_s is None or decided.delay_s > 0:
+                await self._wait_for_arrivals(decided.delay_s, now_s)
                 continue
             # 2. Take drafts (one per session, round robin across devices) that fit a step; the model thread
             #    owns session state.
             busy_from = time.perf_counter()
             self.steps += 1
+            self.gate.disarm()
             self.arrived.clear()  # set again by any draft arriving during the step
             batch = self.queue.take(batch_size(self.policy, self.queue.scored_tokens()))
             prefill_before = self.stats.prefill_tokens

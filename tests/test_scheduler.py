@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, batch_size, delay_s
+from sled_verifier.scheduler import Arrivals, QueueState, SchedulePolicy, StepCost, WakeGate, batch_size, delay_s, plan
 
 POLICY = SchedulePolicy(max_wait_s=0.020, min_gain=0.05, max_drafts=4, max_tokens=20)
 
@@ -125,6 +125,7 @@ class SimResult:
     added_waits: list[float]
     rounds: list[int]
     verdict_waits: list[list[float]]  # per session: its drafts' arrival to verdict (queue and step)
+    decisions: int = 0
 
     def mean_verdict_wait(self, sessions) -> float:
         waits = [w for session in sessions for w in self.verdict_waits[session]]
@@ -140,10 +141,11 @@ class SimResult:
 
 
 def simulate(policy: SchedulePolicy, gaps: list[float], jitter_s: float, step_s, duration_s: float = 20.0,
-             predict: bool = True, seed: int = 0, weigh_rounds: bool = False) -> SimResult:
+             predict: bool = True, seed: int = 0, weigh_rounds: bool = False, gate: bool = False) -> SimResult:
     """A fleet on a virtual clock: session i sends its next draft ``gaps[i]`` (+-jitter) after its verdict;
     the server runs the policy whenever it is idle, steps take ``step_s(drafts)``. ``weigh_rounds``: the
-    scheduler is told each session's gap, as the service tells it."""
+    scheduler is told each session's gap, as the service tells it. ``gate``: while waiting, only the arrivals
+    a ``WakeGate`` passes (and the wait's end) bring a new decision, as in the service; else every arrival does."""
     rng = random.Random(seed)
     cost, arrivals = StepCost(), Arrivals()
     for drafts in (1, 8, 32):  # as the service calibrates at start
@@ -152,22 +154,35 @@ def simulate(policy: SchedulePolicy, gaps: list[float], jitter_s: float, step_s,
     heapq.heapify(events)
     queue: dict[int, float] = {}
     now, idle_since, steps, drafts, busy = 0.0, 0.0, 0, 0, 0.0
+    wake_gate, wake_at, decisions = WakeGate(), None, 0
     waits, rounds, verdict_waits = [], [0] * len(gaps), [[] for _ in gaps]
     while now < duration_s:
+        woken = wake_at is None or now >= wake_at - 1e-12
         while events and events[0][0] <= now:
             at, session = heapq.heappop(events)
             queue[session] = at
             arrivals.arrived(session, at)
+            woken = woken or wake_gate.wakes(len(queue), arrivals.gap_s(session) if weigh_rounds else 0.0,
+                                             arrivals.waiting)
+        if not woken:
+            now = min(events[0][0] if events else duration_s, wake_at)
+            continue
+        decisions, wake_at = decisions + 1, None
         ordered = sorted(queue.items(), key=lambda item: item[1])
         state = QueueState(len(queue), 5 * len(queue), max(ordered[0][1], idle_since) if ordered else None,
                            gaps_s=sum(arrivals.gap_s(session) for session in queue) if weigh_rounds else 0.0)
         expected = arrivals.expected_rounds(now) if predict else []
-        delay = delay_s(policy, state, [at for at, _ in expected], cost, now,
-                        gaps_s=[gap for _, gap in expected] if weigh_rounds else ())
+        decided = plan(policy, state, [at for at, _ in expected], cost, now,
+                       gaps_s=[gap for _, gap in expected] if weigh_rounds else ())
+        delay = decided.delay_s
         if delay is None or delay > 0:
             next_event = events[0][0] if events else duration_s
+            if gate:
+                wake_gate.arm(state.drafts, decided)
+                wake_at = now + delay if delay is not None else None
             now = min(next_event, now + delay) if delay is not None else next_event
             continue
+        wake_gate.disarm()
         batch = ordered[: batch_size(policy, [5] * len(ordered))]
         seconds = step_s(len(batch))
         cost.observe(len(batch), 5 * len(batch), seconds)
@@ -182,7 +197,7 @@ def simulate(policy: SchedulePolicy, gaps: list[float], jitter_s: float, step_s,
             arrivals.verdict_sent(session, now)
             heapq.heappush(events, (now + max(0.0, gaps[session] + rng.uniform(-jitter_s, jitter_s)), session))
         steps, drafts, busy = steps + 1, drafts + len(batch), busy + seconds
-    return SimResult(steps, drafts, busy, waits, rounds, verdict_waits)
+    return SimResult(steps, drafts, busy, waits, rounds, verdict_waits, decisions)
 
 
 def step_memory_bound(drafts: int) -> float:
@@ -245,6 +260,63 @@ def test_like_rounds_wait_as_before():
     weighed = simulate(policy, gaps, 0.004, step_memory_bound, weigh_rounds=True)
     assert weighed.mean_batch > 0.95 * cost_only.mean_batch
     assert weighed.busy_per_draft < 1.02 * cost_only.busy_per_draft
+
+
+@pytest.mark.parametrize("name, gaps, jitter_s, step, weigh, decisions", [
+    ("convoy of 64", [0.02] * 64, 0.004, step_memory_bound, False, 0.2),
+    ("convoy of 16", [0.02] * 16, 0.004, step_memory_bound, False, 0.3),
+    ("rhythms 5-146 ms", [0.005 + 0.003 * i for i in range(48)], 0.01, step_memory_bound, True, 0.5),
+    ("slow drafters", [FAST_GAP_S] * 11 + [SLOW_GAP_S] * 5, 0.007, lambda drafts: 0.015 + 0.006 * drafts, True, 1.0),
+])
+def test_a_gated_wait_steps_as_every_arrival_would(name, gaps, jitter_s, step, weigh, decisions):
+    """Re-deciding at every arrival costs O(N) a draft. Gated (``WakeGate``), the fleet gets the same batches,
+    server time a draft and verdict waits, the slowest sessions' included, from a fraction of the decisions."""
+    for seed in (0, 1):
+        every = simulate(SchedulePolicy(), gaps, jitter_s, step, seed=seed, weigh_rounds=weigh)
+        gated = simulate(SchedulePolicy(), gaps, jitter_s, step, seed=seed, weigh_rounds=weigh, gate=True)
+        assert gated.mean_batch == pytest.approx(every.mean_batch, rel=0.03)
+        assert gated.busy_per_draft == pytest.approx(every.busy_per_draft, rel=0.02)
+        for group in (range(len(gaps)), [i for i, gap in enumerate(gaps) if gap == max(gaps)]):
+            assert gated.mean_verdict_wait(group) == pytest.approx(every.mean_verdict_wait(group), rel=0.08)
+        assert max(gated.added_waits) <= SchedulePolicy().max_wait_s + 1e-9
+        assert gated.decisions <= decisions * every.decisions, (gated.decisions, every.decisions)
+
+
+def test_the_best_wait_is_found_as_pricing_every_arrival_finds_it():
+    """``plan`` bisects for the cheapest step (a linear cost is monotone a draft); fuzzed against pricing each
+    arrival in turn, the old loop: the same wait, on memory-bound, compute-bound and fitted costs."""
+    rng = random.Random(7)
+    costs = [memory_bound(), linear(), contended(), StepCost(coef=[0.03, 0.002, 0.0004]),
+             StepCost(coef=[-0.002, 0.001, 0.0015])]
+    for _ in range(3000):
+        cost, policy = rng.choice(costs), SchedulePolicy(max_drafts=rng.choice([4, 16, 64, 256]))
+        drafts = rng.randint(1, 40)
+        k1, prefill = rng.randint(1, 9), rng.choice([0, 0, 0, rng.randint(1, 300)])
+        queue = QueueState(drafts, drafts * k1 + prefill, 5.0 - rng.uniform(0, 0.04), prefill_tokens=prefill)
+        expected = sorted(5.0 + rng.uniform(0, 0.06) for _ in range(rng.randint(0, 80)))
+        got = delay_s(policy, queue, expected, cost, 5.0)
+        assert got == pytest.approx(_priced_one_by_one(policy, queue, expected, cost, 5.0), abs=1e-12)
+
+
+def _priced_one_by_one(policy, queue, expected, cost, now_s):
+    """The wait ``delay_s`` chose before bisection (no round weighing), pricing each arrival in turn."""
+    if queue.drafts >= policy.max_drafts or queue.tokens >= policy.max_tokens or not expected:
+        return 0.0
+    deadline = queue.ready_since_s + policy.max_wait_s
+    if deadline - now_s < 0.0002:
+        return 0.0
+    k1 = (queue.tokens - queue.prefill_tokens) / queue.drafts
+    now_cost = cost.predict(queue.drafts, queue.tokens) / queue.drafts
+    best_cost, best_joined = now_cost, 0
+    for joined, at in enumerate(expected, start=1):
+        if at > deadline or queue.drafts + joined > policy.max_drafts:
+            break
+        per_draft = cost.predict(queue.drafts + joined, round(queue.tokens + joined * k1)) / (queue.drafts + joined)
+        if per_draft < best_cost:
+            best_cost, best_joined = per_draft, joined
+    if not best_joined or best_cost > now_cost * (1 - policy.min_gain):
+        return 0.0
+    return min(max(expected[best_joined - 1] - now_s, 0.0002), deadline - now_s)
 
 
 def test_a_compute_bound_server_does_not_wait():
