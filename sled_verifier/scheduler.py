@@ -255,7 +255,7 @@ def plan(policy: SchedulePolicy, queue: QueueState, expected: Sequence[float], c
     # price stays: past q_stop = fixed / (best / (1 - min_gain) - per draft) queued, waiting on stops paying min_gain.
     marginal = best_cost / (1 - policy.min_gain) - cost.coef[1] - cost.coef[2] * tokens_per_draft
     fixed = cost.coef[0] + cost.coef[2] * queue.prefill_tokens
-    stop_at = int(fixed / marginal) + 1 if marginal > 0 else drafts
+    stop_at = int(fixed / marginal) + 1 if marginal > 0 and fixed < marginal * drafts else drafts  # no overflow
     return Plan(min(max(expected[best_joined - 1] - now_s, 0.0002), deadline - now_s),
                 max(1, min(best_joined, stop_at - queue.drafts)), round_s)
 
