@@ -14,8 +14,8 @@ So the price comes from a table instead: verification steps timed at start on a 
 step and tokens per draft). A token's price is the table's slope in width there, per draft (what one more
 scored token adds to the step); the step's remainder, shared by its drafts, is the fixed part. The per-draft
 term is the service's own work a round outside the model (receiving, scheduling, bookkeeping, publishing:
-``VerifierService.step_cost``), which a device drafting nothing pays for every token. Live steps scale the table's level
-(a moving ratio of measured to predicted), not its shape: the shape is what the grid measured, and steps at one
+``VerifierService.step_cost``), which a device drafting nothing pays for every token. Live steps scale the
+table's level (a moving ratio of measured to predicted), not its shape: the shape is what the grid measured, and steps at one
 load cannot tell it apart (their tokens are all about (k + 1) x drafts).
 """
 

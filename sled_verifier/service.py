@@ -216,7 +216,8 @@ class VerifierService:
                            "retry later", draft=draft)
         if offer is Offer.QUEUED:
             self.arrivals.arrived((device, draft.session_id), now_s)
-            if self.gate.wakes(len(self.queue), self.arrivals.gap_s((device, draft.session_id)), self.arrivals.waiting):
+            gap_s = self.arrivals.gap_s((device, draft.session_id))
+            if self.gate.wakes(len(self.queue), gap_s, self.arrivals.waiting):
                 self.arrived.set()
         return None  # Offer.LATE: an older round arrived late; the newer one is already queued.
 
