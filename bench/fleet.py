@@ -336,9 +336,11 @@ def summarise(n: int, fleet: dict, server: dict, steps: dict, at_batch: dict, ac
         "prefill_forward": parts["prefill"],
         "batch_assembly_and_kv": max(0.0, parts["step"] - parts["forward"] - parts["prefill"] - parts["decide"]),
         "verification_and_commit": parts["decide"],
-        "mqtt_and_codec": parts["receive"] + parts["publish"],
-        "scheduling": parts["schedule"],
     }
+    if "sled_verifier_loop_cpu_seconds_total" in m:  # the event loop's own CPU clock: MQTT, codec, scheduling
+        breakdown["event_loop_cpu"] = m["sled_verifier_loop_cpu_seconds_total"]
+    else:  # a verifier without it: the wall time of its receive, publish and schedule work
+        breakdown.update(mqtt_and_codec=parts["receive"] + parts["publish"], scheduling=parts["schedule"])
     breakdown["other_cpu"] = max(0.0, fleet["cpu_s"] - sum(breakdown.values()))
     breakdown["idle"] = max(0.0, window_s - fleet["cpu_s"])
     return {

@@ -57,6 +57,8 @@ class VerifierCollector(Collector):
                                   value=s.receive_s)
         yield CounterMetricFamily("sled_verifier_publish_seconds", "Encoding and publishing verdicts", value=s.publish_s)
         yield CounterMetricFamily("sled_verifier_schedule_seconds", "Scheduler decisions", value=s.schedule_s)
+        yield CounterMetricFamily("sled_verifier_loop_cpu_seconds", "CPU of the event-loop thread: MQTT, codec, "
+                                  "admission, scheduling, publishing (all but the model thread)", value=s.loop_cpu_s())
         yield CounterMetricFamily("sled_verifier_deferred_drafts", "Drafts held over while their prefill completes",
                                   value=s.deferred)
         yield _histogram("sled_verifier_batch_size", "Drafts per forward pass", s.batch_size_hist)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -55,9 +56,7 @@ class Refusal:
 class VerifierService:
     def __init__(self, config: VerifierConfig, engine: VerifierEngine, vocab: str,
                  target_identity: str | None = None) -> None:
-        self.config = config
-        self.engine = engine
-        self.vocab = vocab
+        self.config, self.engine, self.vocab = config, engine, vocab
         self.target_identity = target_identity  # announced in every Status; edges pin sessions to it
         self.stats = engine.stats
         self.policy = SchedulePolicy.from_config(config)
@@ -102,8 +101,7 @@ class VerifierService:
             vocab_size=self.engine.target.vocab_size, load=self.engine.active_sessions,
             capacity=self.engine.sessions.max_sessions, max_draft_tokens=self.config.max_draft_tokens,
             max_context_tokens=self.limits.max_context_tokens, target=self.target_identity,
-            step_cost=self.step_cost(),
-            free_sessions=self.engine.free_sessions,
+            step_cost=self.step_cost(), free_sessions=self.engine.free_sessions,
         )
 
     def step_cost(self) -> tuple[float, float, float, float] | None:
@@ -119,6 +117,7 @@ class VerifierService:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled, reconnecting to the broker (the next of a cluster's nodes) with backoff."""
+        self.stats.loop_thread = threading.get_ident()  # its CPU clock (sled_verifier_loop_cpu_seconds)
         transports = [transport_for(address, ca_file=self.config.ca_file or None, protocol=self.config.mqtt_protocol)
                       for address in parse_broker_urls(self.config.mqtt_url)]
         will = Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),

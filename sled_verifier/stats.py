@@ -7,6 +7,7 @@ verified draft), as on the edge.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -68,6 +69,18 @@ class VerifierStats(AcceptanceCounts):
     forward_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BOUNDS))
     queue_delay_hist: Histogram = field(default_factory=lambda: Histogram(DELAY_BOUNDS))
     added_wait_hist: Histogram = field(default_factory=lambda: Histogram(DELAY_BOUNDS))
+    loop_thread: int | None = None     # the service's event-loop thread (``threading.get_ident``), once it runs
+
+    def loop_cpu_s(self) -> float:
+        """CPU seconds of the service's event-loop thread so far: receiving, decoding, admitting, scheduling and
+        publishing, all its work outside the model thread (CPU, not the wall time its awaits took); 0.0 before
+        it runs or where the platform has no per-thread clock."""
+        if self.loop_thread is None:
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.loop_thread))
+        except (AttributeError, OSError):  # no per-thread clocks here, or the thread has ended
+            return 0.0
 
     def record_batch(self, size: int, forward_s: float, tokens: int = 0) -> None:
         self.batch_size_hist.observe(size)

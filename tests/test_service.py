@@ -155,6 +155,7 @@ def test_both_services_export_prometheus_metrics(edge_service, verifier, client)
     assert server["sled_verifier_mean_acceptance_length"] == pytest.approx(
         1 + server["sled_verifier_accepted_tokens_total"] / server["sled_verifier_drafts_total"], abs=1e-3)
     assert server["sled_verifier_sessions"] >= 1  # this request's session, finished, still held for a retry
+    assert server_delta["sled_verifier_loop_cpu_seconds_total"] > 0  # the event loop's own clock is read
 
 
 def test_the_earliest_stop_sequence_wins():
