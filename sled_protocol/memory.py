@@ -12,7 +12,7 @@ event loop that names the same ``memory://name`` meets on the same ``MemoryBroke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from sled_protocol.transport import BrokerAddress, Message, TransportError, Will, topic_matches
@@ -45,6 +45,10 @@ class MemoryLink:
     async def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
         self._check()
         self.broker.route(Message(topic, bytes(payload)), retain=retain)
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 0) -> None:
+        for topic, payload in messages:
+            await self.publish(topic, payload, qos=qos)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
         self._check()
@@ -139,6 +143,7 @@ class MemoryTransport:
             raise
         finally:
             broker.detach(link, clean=clean)
+            link.lost = link.lost or TransportError(f"memory broker {broker.name!r}: {identifier!r} disconnected")
 
 
 Transport = MemoryTransport  # what sled_protocol.transport.transport_for looks up for memory://

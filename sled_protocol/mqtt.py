@@ -1,5 +1,5 @@
-"""The MQTT transport (aiomqtt, the only module that imports it): TCP_NODELAY at our end, the MQTT version,
-TLS, and ``MqttTransport``/``MqttLink`` behind the Protocol of ``sled_protocol.transport``.
+"""The MQTT transport (aiomqtt and its paho client: the only module that imports them): TCP_NODELAY at our end,
+the MQTT version, TLS, and ``MqttTransport``/``MqttLink`` behind the Protocol of ``sled_protocol.transport``.
 
 TCP_NODELAY matters: without it at both ends (the broker's ``set_tcp_nodelay true`` and the client's
 socket option) Nagle's algorithm holds small draft messages back and a round trip costs ~90 ms
@@ -14,10 +14,11 @@ a client connects to one and moves to the next after each failed or lost connect
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from sled_protocol.transport import MQTT_PROTOCOLS, BrokerAddress, Message, TransportError, Will
 
@@ -42,6 +43,23 @@ def make_client(address: BrokerAddress, identifier: str, *, will: aiomqtt.Will |
     )
 
 
+@contextmanager
+def _corked(sock: socket.socket | None) -> Iterator[None]:
+    """Hold ``sock``'s small writes back until the block ends, then send them together (Linux's TCP_CORK; a
+    no-op elsewhere or without a socket)."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None:
+        yield
+        return
+    with suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
+
+
 class MqttLink:
     """A connected aiomqtt client behind the ``Link`` Protocol; MqttError becomes TransportError here."""
 
@@ -53,6 +71,30 @@ class MqttLink:
             await self.client.publish(topic, payload, qos=qos, retain=retain)
         except aiomqtt.MqttError as exc:
             raise TransportError(str(exc)) from exc
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 0) -> None:
+        """At QoS 0 straight through aiomqtt's paho client: every packet queued, then written at once with the
+        socket corked (TCP_CORK: the lot leaves as one or a few segments, not a segment each, Nagle being off).
+        aiomqtt's own publish waits a loop turn for each message's write (an event and a timeout task each, the
+        socket's write interest added and removed every time): that and a segment per verdict were most of the
+        verifier's MQTT work a round (issue 22). Other QoS: one acknowledged publish at a time."""
+        if qos:
+            for topic, payload in messages:
+                await self.publish(topic, payload, qos=qos)
+            return
+        paho = self.client._client  # noqa: SLF001 - aiomqtt 2.x keeps it there; its QoS 0 publish only queues
+        for topic, payload in messages:
+            info = paho.publish(topic, payload, 0, False)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"could not publish to {topic}: {mqtt.error_string(info.rc)}")
+        sock = paho.socket()
+        with _corked(sock if isinstance(sock, socket.socket) else None):
+            try:
+                rc = paho.loop_write()  # what the socket takes now; the event loop writes any rest when it can
+            except OSError as exc:
+                raise TransportError(f"could not publish: {exc}") from exc
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"could not publish: {mqtt.error_string(rc)}")
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None:
         try:

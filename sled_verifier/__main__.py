@@ -86,7 +86,7 @@ async def serve(config: VerifierConfig, ready: asyncio.Event | None = None) -> N
     samples = await asyncio.to_thread(engine.calibrate)
     for drafts, tokens, seconds in samples:
         service.cost.observe(drafts, tokens, seconds)
-    service.price = table = StepTable.from_samples(samples)
+    service.pricing.table = table = StepTable.from_samples(samples)
     log.info("step_cost_calibrated", samples=[(d, t, round(1000 * s, 2)) for d, t, s in samples],
              coef=[round(c, 6) for c in service.cost.coef],  # a scored token's price (ms) at each load timed, k = 1:
              token_ms_by_drafts=table and {d: round(1000 * table.price(d, 2)[2], 3) for d in table.drafts})

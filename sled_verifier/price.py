@@ -100,3 +100,37 @@ class StepTable:
         ratio = seconds / (self.predict(drafts, tokens / drafts) / self.level)
         weight = max(LEVEL_SMOOTHING, 1.0 / self._steps)
         self.level += weight * (min(max(ratio, LEVEL_CLAMP[0]), LEVEL_CLAMP[1]) - self.level)
+
+
+@dataclass
+class LivePrice:
+    """What a service announces (``Status.step_cost``) and the load it is read at: its step table (None: no price),
+    the recent drafts a verification step and scored tokens a draft (exponential means), and a verified draft's
+    share of the service's own seconds outside the model (the per-draft term; at k = 0 a device pays it for every
+    token, so the price must say so)."""
+
+    table: StepTable | None = None
+    drafts_per_step: float = 1.0
+    tokens_per_draft: float = 1.0  # a verified draft's scored tokens (k + 1)
+    overhead_s: float = 0.0
+    _seen_s: float = field(default=0.0, repr=False)  # the service's outside-model seconds at the last step
+
+    def start(self, outside_model_s: float) -> None:
+        """The per-draft term counts the service's own seconds from here (not its start-up's)."""
+        self._seen_s = outside_model_s
+
+    def observe(self, verified: int, scored: int, rode_tokens: int, verify_s: float, outside_model_s: float) -> None:
+        """A step that verified ``verified`` drafts (``scored`` tokens, ``rode_tokens`` of prefill riding in its
+        forward of ``verify_s`` seconds), the service's outside-model seconds so far being ``outside_model_s``."""
+        if self.table is not None:
+            self.table.observe(verified, scored + rode_tokens, verify_s)
+        self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * verified
+        self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / verified
+        outside_s, self._seen_s = max(0.0, outside_model_s - self._seen_s), outside_model_s  # announced: >= 0
+        self.overhead_s = 0.9 * self.overhead_s + 0.1 * outside_s / verified
+
+    def announce(self) -> tuple[float, float, float, float] | None:
+        """``Status.step_cost`` now: (fixed, per draft, per scored token, drafts per step); None without a table."""
+        if self.table is None:
+            return None
+        return self.table.price(self.drafts_per_step, self.tokens_per_draft, self.overhead_s)

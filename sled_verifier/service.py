@@ -30,7 +30,7 @@ from sled_protocol.transport import Link, TransportError, Will, parse_broker_url
 from sled_verifier.config import VerifierConfig
 from sled_verifier.draft_queue import DraftQueue, Offer, Queued
 from sled_verifier.engine import Outcome, OutcomeKind, VerifierEngine, error_verdict
-from sled_verifier.price import StepTable
+from sled_verifier.price import LivePrice
 from sled_verifier.scheduler import Arrivals, SchedulePolicy, StepCost, WakeGate, batch_size, plan
 from sled_verifier.ratelimit import RateLimiter
 
@@ -62,14 +62,8 @@ class VerifierService:
         self.policy = SchedulePolicy.from_config(config)
         self.cost = StepCost()
         # What devices are told a draft and a token cost (Status.step_cost, ``sled_verifier.price``): the step table
-        # the service calibrates at start, read at the load of its recent verification steps; None: no price.
-        self.price: StepTable | None = None
-        self.drafts_per_step = 1.0  # recent mean, announced with the step cost (edges price their k with it)
-        self.tokens_per_draft = 1.0  # recent mean of a verified draft's scored tokens (k + 1): where the price is read
-        # A round's own cost outside the model (receiving and decoding it, scheduling, verdict bookkeeping, encoding
-        # and publishing the verdict): recent mean a verified draft, announced as the price's per-draft term.
-        self.draft_overhead_s = 0.0
-        self._overhead_seen_s = 0.0
+        # the service calibrates at start, read at the load of its recent verification steps.
+        self.pricing = LivePrice()
         self.arrivals = Arrivals(max_sessions=config.max_sessions, forget_s=EXPECT_FORGET_S,
                                  rhythm_of=lambda key: key[0])  # keys are (device, session): a device's rhythm
         self.idle_since_s = 0.0  # when the last step ended: the scheduler's wait budget counts from here at most
@@ -105,19 +99,13 @@ class VerifierService:
         )
 
     def step_cost(self) -> tuple[float, float, float, float] | None:
-        """``Status.step_cost``: the step table's price at the recent load, a draft's overhead outside the model
-        as its per-draft term (at k = 0 a device pays it for every token: the price must say so)."""
-        if self.price is None:
-            return None
-        return self.price.price(self.drafts_per_step, self.tokens_per_draft, self.draft_overhead_s)
-
-    def _outside_model_s(self) -> float:
-        s = self.stats
-        return s.receive_s + s.publish_s + s.schedule_s + max(0.0, s.step_s - s.forward_s - s.prefill_s)
+        """``Status.step_cost``: the step table's price at the recent load (``LivePrice``); None: no price."""
+        return self.pricing.announce()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled, reconnecting to the broker (the next of a cluster's nodes) with backoff."""
         self.stats.loop_thread = threading.get_ident()  # its CPU clock (sled_verifier_loop_cpu_seconds)
+        self.pricing.start(self.stats.outside_model_s())
         transports = [transport_for(address, ca_file=self.config.ca_file or None, protocol=self.config.mqtt_protocol)
                       for address in parse_broker_urls(self.config.mqtt_url)]
         will = Will(topics.status_topic(self.config.verifier_id), encode(self.status(False)),
@@ -253,16 +241,21 @@ class VerifierService:
         return True
 
     async def _publish_verdict(self, client: Link, device: str, verdict: Verdict) -> None:
+        started = time.perf_counter()
+        if (message := self._verdict_message(device, verdict)) is not None:
+            await client.publish(*message, qos=topics.QOS_VERDICT)
+        self.stats.publish_s += time.perf_counter() - started
+
+    def _verdict_message(self, device: str, verdict: Verdict) -> tuple[str, bytes] | None:
+        """The (topic, payload) that answers ``device``; None where its id cannot be a topic (logged)."""
         try:
             topic = topics.verdict_topic(device)
         except ValueError:
             log.warning("verdict_undeliverable", device_id=device[:80], reason="device id is not a valid topic level")
-            return
+            return None
         if verdict.kind is VerdictKind.VERIFIED and self.target_identity is not None:
             verdict = replace(verdict, target=self.target_identity)  # what the edge checks against its session's pin
-        started = time.perf_counter()
-        await client.publish(topic, encode(verdict), qos=topics.QOS_VERDICT)
-        self.stats.publish_s += time.perf_counter() - started
+        return topic, encode(verdict)
 
     async def _schedule(self, client: Link) -> None:
         while True:
@@ -302,13 +295,7 @@ class VerifierService:
                 self.cost.observe(len(verified), tokens, step_s)
             if verified and self.engine.verify_cost is not None:  # a step that verified drafts: what devices are priced on
                 verify_s, rode_tokens = self.engine.verify_cost  # prefill chunks that rode in it count as scored tokens
-                if self.price is not None:
-                    self.price.observe(len(verified), scored + rode_tokens, verify_s)
-                self.drafts_per_step = 0.9 * self.drafts_per_step + 0.1 * len(verified)
-                self.tokens_per_draft = 0.9 * self.tokens_per_draft + 0.1 * scored / len(verified)
-                seen_s = self._outside_model_s()
-                outside_s, self._overhead_seen_s = max(0.0, seen_s - self._overhead_seen_s), seen_s  # announced: >= 0
-                self.draft_overhead_s = 0.9 * self.draft_overhead_s + 0.1 * outside_s / len(verified)
+                self.pricing.observe(len(verified), scored, rode_tokens, verify_s, self.stats.outside_model_s())
             # 4. Deferred drafts go back to the head of the queue with their arrival time; answer the others.
             taken = {queued.key: queued for queued in batch}
             self.queue.requeue([taken[o.device, o.draft.session_id] for o in outcomes
@@ -345,7 +332,7 @@ class VerifierService:
                       stepped_s: float) -> None:
         """Publish each outcome's verdict; record queue delays (as of ``stepped_s``) and tell the arrival
         predictor which sessions will draft again."""
-        sent_s = time.monotonic()
+        sent_s, messages = time.monotonic(), []
         for outcome in outcomes:
             key = (outcome.device, outcome.draft.session_id)
             if outcome.kind is not OutcomeKind.DEFERRED:
@@ -364,7 +351,11 @@ class VerifierService:
                 self.arrivals.verdict_sent(key, sent_s)
             else:
                 self.arrivals.forget(key)
-            await self._publish_verdict(client, outcome.device, verdict)
+            if (message := self._verdict_message(outcome.device, verdict)) is not None:
+                messages.append(message)
+        started = time.perf_counter()
+        await client.publish_many(messages, qos=topics.QOS_VERDICT)  # one write for the step's verdicts
+        self.stats.publish_s += time.perf_counter() - started
 
     def _active_devices(self) -> frozenset[str]:
         """Devices with work: a draft queued, or a round expected back (the verifier's time is shared among them)."""

@@ -82,6 +82,12 @@ class VerifierStats(AcceptanceCounts):
         except (AttributeError, OSError):  # no per-thread clocks here, or the thread has ended
             return 0.0
 
+    def outside_model_s(self) -> float:
+        """The service's own seconds so far outside the model's forwards: the event loop's CPU (where no thread
+        clock exists, the wall time of its receive, publish and schedule work) and each step's bookkeeping."""
+        loop_s = self.loop_cpu_s() or self.receive_s + self.publish_s + self.schedule_s
+        return loop_s + max(0.0, self.step_s - self.forward_s - self.prefill_s)
+
     def record_batch(self, size: int, forward_s: float, tokens: int = 0) -> None:
         self.batch_size_hist.observe(size)
         self.batch_tokens_hist.observe(tokens)

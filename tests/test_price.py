@@ -121,7 +121,7 @@ async def test_a_rounds_cost_outside_the_model_is_priced_per_draft(tiny_models):
     engine = VerifierEngine(target, "priced", max_sessions=8, stats=VerifierStats())
     service = VerifierService(VerifierConfig(target=str(tiny_models.target), mqtt_url=url, verifier_id="priced",
                                              metrics_port=0), engine, vocab_hash(tiny_models.target))
-    service.price = StepTable.from_samples(engine.calibrate(batch_sizes=(1, 4)))
+    service.pricing.table = StepTable.from_samples(engine.calibrate(batch_sizes=(1, 4)))
     assert service.step_cost()[1] == 0.0  # nothing served yet
     async with serving(service):
         async with transport_for(parse_broker_url(url)).connect("dev") as device:
@@ -135,6 +135,6 @@ async def test_a_rounds_cost_outside_the_model_is_priced_per_draft(tiny_models):
                         assert decode_verdict(bytes(message.payload)).session_id == f"s{session}"
                         break
     fixed, per_draft, per_token, drafts = service.step_cost()
-    assert per_draft == service.draft_overhead_s > 0
-    announced = service.price.price(service.drafts_per_step, service.tokens_per_draft)
+    assert per_draft == service.pricing.overhead_s > 0
+    announced = service.pricing.table.price(service.pricing.drafts_per_step, service.pricing.tokens_per_draft)
     assert (fixed, per_token) == pytest.approx(announced[::2])
