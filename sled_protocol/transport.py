@@ -60,7 +60,7 @@ class Link(Protocol):
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]], *, qos: int = 0) -> None:
         """Publish each (topic, payload), in order, not retained: a verification step's verdicts. At QoS 0 every
-        one is handed to the connection before any is waited on (one socket write for the lot, no wait each)."""
+        one is handed to the connection before any is waited on (written together, no loop turn each)."""
         ...
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0) -> None: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 
 import pytest
@@ -170,7 +171,9 @@ async def test_publish_many_delivers_in_order_and_a_closed_link_raises(kind, bro
         await subscriber.subscribe(topic, qos=0)
         async with transport.connect(f"pub-{uuid.uuid4().hex[:6]}") as publisher:
             await publisher.publish_many(sent, qos=0)
-            received = []
+            received, idle_from = [], time.thread_time()
+            await asyncio.sleep(0.3)  # the loop must be idle now: no socket left watched with nothing to write
+            assert time.thread_time() - idle_from < 0.15
             async with asyncio.timeout(10):
                 async for message in subscriber.messages():
                     received.append((message.topic, message.payload))
