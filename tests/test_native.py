@@ -29,17 +29,18 @@ def one_thread():
 @pytest.mark.parametrize("outputs, features, bias", [(24, 40, True), (130, 576, False), (64, 1536, True), (1, 7, True)])
 def test_the_native_product_is_the_linear_and_row_invariant(outputs, features, bias):
     """Output counts inside, at and past a 64-wide panel; an input length no vector divides; with and without
-    bias. Every row's bits are the same in products of every size from 1 to 40 rows, starting anywhere."""
+    bias. Every row's bits are the same in products of every size from 1 to 40 rows, starting anywhere, and in
+    products past one group of rows (48: the kernel keeps a group's running sums between blocks of inputs)."""
     generator = torch.Generator().manual_seed(outputs)
     weight = torch.randn(outputs, features, generator=generator)
     b = torch.randn(outputs, generator=generator) if bias else None
-    x = torch.randn(48, features, generator=generator)
+    x = torch.randn(100, features, generator=generator)
     packed = native.pack(weight)
     assert packed.shape == (-(-outputs // 64), features, 64)
     whole = native.linear(x, packed, b, outputs)
     assert torch.allclose(whole, torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-4)
-    for rows in range(1, 41):
-        for start in (0, 1, 48 - rows):
+    for rows in [*range(1, 41), 47, 48, 49, 53, 96, 99]:
+        for start in (0, 1, 100 - rows):
             assert torch.equal(native.linear(x[start : start + rows], packed, b, outputs), whole[start : start + rows]), \
                 f"{rows} rows from {start}"
 
@@ -279,15 +280,15 @@ def test_the_bfloat16_product_is_the_rounded_linear_and_row_invariant(outputs, f
     generator = torch.Generator().manual_seed(outputs)
     weight = torch.randn(outputs, features, generator=generator)
     b = torch.randn(outputs, generator=generator) if bias else None
-    x = torch.randn(48, features, generator=generator)
+    x = torch.randn(100, features, generator=generator)
     packed = native.pack(weight, torch.bfloat16)
     assert packed.dtype == torch.bfloat16 and packed.shape == (-(-outputs // 64), -(-features // 32) * 16, 64, 2)
     whole = native.linear(x, packed, b, outputs)
     reference = bf16_linear_reference(x, weight, b)
     assert torch.allclose(whole, reference, atol=2e-5 * features ** 0.5, rtol=1e-5)
     assert not torch.allclose(whole, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=1e-6)  # it is bfloat16
-    for rows in range(1, 41):
-        for start in (0, 1, 48 - rows):
+    for rows in [*range(1, 41), 47, 48, 49, 53, 96, 99]:
+        for start in (0, 1, 100 - rows):
             assert torch.equal(native.linear(x[start : start + rows], packed, b, outputs), whole[start : start + rows]), \
                 f"{rows} rows from {start}"
     with pytest.raises(RuntimeError):
