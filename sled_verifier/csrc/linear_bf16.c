@@ -167,6 +167,73 @@ static void dp_panels(const uint16_t *xb, int64_t K2, const uint16_t *packed, co
     }
 }
 
+/* Up to DGROUP rows in blocks of DKB pair rows (8 KB, held in L1), every tile over a block before the next, each
+   output's running sum kept in `sums` between blocks and each tile prefetching its share of the stream two blocks
+   on: memory streams the weights while all the rows compute, as csrc/linear.c's blocked_panels (a whole panel a
+   tile re-reads it from L2 for every tile while memory waits). A float stored and reloaded is the same float, so
+   the bits are dp_panels'. */
+#define DKB 32
+#define DGROUP 48
+
+static inline __attribute__((always_inline)) void dp_block(const uint16_t *xb, int64_t K2, int64_t r0, int64_t rb,
+                                                           const uint16_t *w, float *sums, const int rows,
+                                                           const int start, const uint16_t *ahead, int lines) {
+    __m512 acc[DROWS][4];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = start ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + i * PANEL + 16 * j);
+    for (int64_t r = 0; r < rb; r++, w += 2 * PANEL) {
+        for (int i = 0; i < lines; i++) __builtin_prefetch(ahead + (r * lines + i) * 32, 0, 2);
+        __m512bh wv[4];
+        for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w + 32 * j);
+        for (int i = 0; i < rows; i++) {
+            int32_t pair;
+            memcpy(&pair, xb + i * K2 + 2 * (r0 + r), sizeof pair);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(sums + i * PANEL + 16 * j, acc[i][j]);
+}
+
+static void dp_blocked_panels(const uint16_t *xb, int64_t K2, const uint16_t *packed, const float *bias, float *y,
+                              int64_t M, int64_t N, int64_t p0, int64_t p1) {
+    float sums[DGROUP * PANEL] __attribute__((aligned(64)));
+    for (int64_t p = p0; p < p1; p++) {
+        const uint16_t *panel = packed + p * K2 * PANEL;
+        int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+        for (int64_t g = 0; g < M; g += DGROUP) {
+            int64_t grows = M - g < DGROUP ? M - g : DGROUP, tiles = (grows + DROWS - 1) / DROWS;
+            int lines = (int)((PANEL / 16 + tiles - 1) / tiles);  /* cache lines a pair row, shared by the tiles */
+            for (int64_t r0 = 0; r0 < K2 / 2; r0 += DKB) {
+                int64_t rb = K2 / 2 - r0 < DKB ? K2 / 2 - r0 : DKB;
+                const uint16_t *w = panel + r0 * 2 * PANEL;
+                for (int64_t m = 0; m < grows; m += DROWS) {
+                    const uint16_t *xm = xb + (g + m) * K2;
+                    float *sm = sums + m * PANEL;
+                    int64_t first = (m / DROWS) * rb * lines;
+                    int n = first < rb * (PANEL / 16) ? lines : 0;
+                    const uint16_t *ahead = w + 2 * rb * 2 * PANEL + first * 32;
+#define DBLOCK(k) (r0 == 0 ? dp_block(xm, K2, r0, rb, w, sm, k, 1, ahead, n) \
+                           : dp_block(xm, K2, r0, rb, w, sm, k, 0, ahead, n))
+                    switch (grows - m < DROWS ? grows - m : DROWS) {  /* the last rows: fewer a tile */
+                        case 6: DBLOCK(6); break;
+                        case 5: DBLOCK(5); break;
+                        case 4: DBLOCK(4); break;
+                        case 3: DBLOCK(3); break;
+                        case 2: DBLOCK(2); break;
+                        default: DBLOCK(1); break;
+                    }
+#undef DBLOCK
+                }
+            }
+            for (int64_t i = 0; i < grows; i++)
+                store_row(sums + i * PANEL, bias ? bias + p * PANEL : 0, y + (g + i) * N + p * PANEL, cols);
+        }
+    }
+}
+
 struct bf16_job {
     const uint16_t *xb, *packed;
     const float *bias;
@@ -185,7 +252,10 @@ static void bf16_chunk(void *context, int64_t chunk, int64_t chunks, int thread)
         return;
     }
 #endif
-    dp_panels(job->xb, job->K2, job->packed, job->bias, job->y, job->M, job->N, p0, p1);
+    if (job->M <= DGROUP)
+        dp_blocked_panels(job->xb, job->K2, job->packed, job->bias, job->y, job->M, job->N, p0, p1);
+    else
+        dp_panels(job->xb, job->K2, job->packed, job->bias, job->y, job->M, job->N, p0, p1);
 }
 #endif
 
