@@ -234,14 +234,14 @@ def test_the_avx2_build_computes_the_same_things(tmp_path, monkeypatch, one_thre
     try:
         generator = torch.Generator().manual_seed(8)
         weight, bias = torch.randn(130, 100, generator=generator), torch.randn(130, generator=generator)
-        x = torch.randn(9, 100, generator=generator)
+        x = torch.randn(60, 100, generator=generator)  # past 48 rows: both of the product's loops
         packed = native.pack(weight)
         whole = native.linear(x, packed, bias, 130)
         assert torch.allclose(whole, torch.nn.functional.linear(x, weight, bias), atol=1e-4)
         for threads in (1, 2):
             torch.set_num_threads(threads)
             assert all(torch.equal(native.linear(x[i : i + n], packed, bias, 130), whole[i : i + n])
-                       for n in (1, 2, 5) for i in (0, 3))
+                       for n in (1, 2, 5, 48, 49) for i in (0, 3))
         gate_up = torch.randn(3, 74, generator=generator) * 6
         assert torch.allclose(tokenwise.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :37]) * gate_up[:, 37:],
                               rtol=1e-5, atol=1e-6)
