@@ -18,7 +18,10 @@
    scores are kept ([keys][lanes], a few hundred KB at most) so the softmax is exact in three passes (scores
    and max, exp and sum, weighted values) with no rescaling; the weighted values of a few queries at a time
    are vectors across d, each value row loaded once for them. Keys past a lane's position get -inf (weight 0)
-   in the first two passes and are skipped in the third. */
+   in the first two passes and are skipped in the third. While a task's keys are scored, the next task's keys
+   and values are prefetched into L2 (a task's are a few tens of KB from memory: its slot's rows of one kv head):
+   SmolLM2's attention of 16 rows x 5 tokens, 30 layers, one core, 15.1 -> 11.2 ms at context 100 and 33.5 ->
+   26.0 at 240, with the same bits. */
 
 #include <stdint.h>
 #include <string.h>
@@ -38,10 +41,16 @@
 /* Scores of keys j .. j + count - 1 for the tile (lanes = queries): s[j][lane], -inf past each lane's position. */
 static inline __attribute__((always_inline)) void score(const float *qt, const float *keys, int64_t kt, int64_t D,
                                                         float scale, vec posv, int64_t pmin, int64_t j, float *s,
-                                                        vec *mx, const int count) {
+                                                        vec *mx, const float *const *next, const int count) {
     vec acc[KEYS];
     for (int i = 0; i < count; i++) acc[i] = VZERO();
     const float *k = keys + j * kt;
+    if (next[0])  /* the next task's keys and values at these positions, into L2 while these are scored */
+        for (int i = 0; i < count; i++)
+            for (int64_t d = 0; d < D; d += 16) {
+                __builtin_prefetch(next[0] + (j + i) * kt + d, 0, 2);
+                __builtin_prefetch(next[1] + (j + i) * kt + d, 0, 2);
+            }
     for (int64_t d = 0; d < D; d++) {
         vec qd = VLOAD(qt + d * LANES);
         for (int i = 0; i < count; i++) acc[i] = VFMA(qd, VBCAST(k[i * kt + d]), acc[i]);
@@ -101,7 +110,7 @@ static void weigh_any(const float *s, int lane0, const int64_t *pos, int nq, con
    position-major), of a row whose queries start at position ``start``. */
 static void tile(const float *q, int64_t qh, int64_t qt_stride, const float *keys, const float *values, int64_t kt,
                  float *out, int64_t H, int64_t D, int64_t start, int64_t first, int used, int64_t group, int64_t kvh,
-                 float scale, float *qt, float *s) {
+                 float scale, float *qt, float *s, const float *const *next) {
     int64_t pos[LANES];
     float *dst[LANES];
     float posf[LANES];
@@ -120,8 +129,8 @@ static void tile(const float *q, int64_t qh, int64_t qt_stride, const float *key
     /* 1. scores and their max per lane */
     vec mx = VBCAST(-__builtin_inff());
     int64_t j = 0;
-    for (; j + KEYS <= n; j += KEYS) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, KEYS);
-    for (; j < n; j++) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, 1);
+    for (; j + KEYS <= n; j += KEYS) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, next, KEYS);
+    for (; j < n; j++) score(qt, keys, kt, D, scale, posv, pmin, j, s, &mx, next, 1);
     /* 2. weights and their sum per lane, in key order */
     vec sum = VZERO();
     for (j = 0; j < n; j++) {
@@ -164,10 +173,18 @@ static void attend_chunk(void *context, int64_t chunk, int64_t chunks, int threa
         const int64_t r = task / j->Hkv, kvh = task % j->Hkv;
         const int64_t slot = j->rows[3 * r], start = j->rows[3 * r + 1], m = j->rows[3 * r + 2];
         const float *k = j->keys + slot * j->ks + kvh * j->kh, *v = j->values + slot * j->ks + kvh * j->kh;
+        /* the task after this one in the chunk: its keys and values are prefetched while this one's are scored */
+        const float *next[2] = {0, 0};
+        if (task + 1 < tasks * (chunk + 1) / chunks) {
+            const int64_t r2 = (task + 1) / j->Hkv, kvh2 = (task + 1) % j->Hkv, slot2 = j->rows[3 * r2];
+            next[0] = j->keys + slot2 * j->ks + kvh2 * j->kh;
+            next[1] = j->values + slot2 * j->ks + kvh2 * j->kh;
+        }
         for (int64_t first = 0; first < m * group; first += LANES) {
             int used = m * group - first < LANES ? (int)(m * group - first) : LANES;
+            const float *const none[2] = {0, 0};
             tile(j->q + r * j->qb, j->qh, j->qt_stride, k, v, j->kt, j->out + r * j->M * j->H * j->D, j->H, j->D,
-                 start, first, used, group, kvh, j->scale, qt, s);
+                 start, first, used, group, kvh, j->scale, qt, s, first == 0 ? next : none);
         }
     }
 }
