@@ -90,7 +90,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
 
 /* Panels [p0, p1) of y = x w^T + b a whole panel a tile (many rows: sled_linear). */
 static void whole_panels(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t K,
-                 int64_t N, int64_t p0, int64_t p1) {
+                         int64_t N, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         const float *panel = packed + p * K * PANEL;
         const float *b = bias ? bias + p * PANEL : 0;
