@@ -276,7 +276,8 @@ def bf16_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def test_the_bfloat16_product_is_the_rounded_linear_and_row_invariant(outputs, features, bias):
     """bfloat16 weights (``--dtype bfloat16`` on a CPU): the product of x and the weight each rounded to bfloat16,
     summed in float32 (to float32 rounding of the float64 sum), and every row's bits the same in products of 1 to
-    40 rows starting anywhere: AMX's 16-row tiles and AVX512-BF16's 6-row ones alike."""
+    40 rows starting anywhere and past 48 (AVX512-BF16's blocks, then whole panels): AMX's 16-row tiles and
+    AVX512-BF16's 6-row ones alike."""
     generator = torch.Generator().manual_seed(outputs)
     weight = torch.randn(outputs, features, generator=generator)
     b = torch.randn(outputs, generator=generator) if bias else None
