@@ -29,6 +29,12 @@
 #define KB 32                    /* panel rows (k) a block: 8 KB */
 #define GROUP 48                 /* rows a group (a multiple of ROWS): their running sums, 12 KB */
 
+#if ROWS == 6
+#define BY_ROWS ROWS_1_TO_6
+#else
+#define BY_ROWS(rows, CALL) CALL(1)
+#endif
+
 
 /* One block of one tile: `rows` rows of x against panel rows [k0, k0 + kb) of one panel, continuing each output's
    chain from `sums` ([rows][64]; from zero when `start`) and leaving it there. Meanwhile it prefetches `lines`
@@ -106,17 +112,7 @@ static void whole_panels(const float *x, const float *packed, const float *bias,
             float *ym = yp + m * N;
 #define TILE(r) (t == 0 ? tile(xm, K, panel, b, ym, N, cols, 0, 0, r, 1) \
                         : tile(xm, K, panel, b, ym, N, cols, share, n, r, 0))
-            switch (M - m < ROWS ? M - m : ROWS) {  /* the last rows: the same arithmetic per output, fewer a tile */
-                case ROWS: TILE(ROWS); break;
-#if ROWS > 5
-                case 5: TILE(5); break;
-                case 4: TILE(4); break;
-                case 3: TILE(3); break;
-                case 2: TILE(2); break;
-                case 1: TILE(1); break;
-#endif
-                default: break;
-            }
+            BY_ROWS(M - m < ROWS ? M - m : ROWS, TILE);  /* the last rows: the same arithmetic, fewer a tile */
 #undef TILE
         }
     }
@@ -153,17 +149,7 @@ static void blocked_panels(const float *x, const float *packed, const float *bia
                     const float *ahead = pk + 2 * kb * PANEL + first * 16;
 #define BLOCK(r) (k0 == 0 ? block(xm, K, k0, kb, pk, sm, r, 1, ahead, n) \
                           : block(xm, K, k0, kb, pk, sm, r, 0, ahead, n))
-                    switch (grows - m < ROWS ? grows - m : ROWS) {  /* the last rows: fewer a tile */
-                        case ROWS: BLOCK(ROWS); break;
-#if ROWS > 5
-                        case 5: BLOCK(5); break;
-                        case 4: BLOCK(4); break;
-                        case 3: BLOCK(3); break;
-                        case 2: BLOCK(2); break;
-                        case 1: BLOCK(1); break;
-#endif
-                        default: break;
-                    }
+                    BY_ROWS(grows - m < ROWS ? grows - m : ROWS, BLOCK);  /* the last rows: fewer a tile */
 #undef BLOCK
                 }
             }

@@ -26,6 +26,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "simd.h"
+
 #define PANEL 64  /* outputs per panel */
 #define KSTEP 32  /* inputs per AMX tile step: 16 pairs */
 #define TROWS 16  /* rows per AMX tile */
@@ -153,14 +155,9 @@ static void dp_panels(const uint16_t *xb, int64_t K2, const uint16_t *packed, co
         int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
         for (int64_t m0 = 0; m0 < M; m0 += DROWS) {
             const uint16_t *xm = xb + m0 * K2;
-            switch (M - m0 < DROWS ? M - m0 : DROWS) {  /* the same arithmetic per output, fewer rows a tile */
-                case 6: dp_tile(xm, K2, panel, out, 6); break;
-                case 5: dp_tile(xm, K2, panel, out, 5); break;
-                case 4: dp_tile(xm, K2, panel, out, 4); break;
-                case 3: dp_tile(xm, K2, panel, out, 3); break;
-                case 2: dp_tile(xm, K2, panel, out, 2); break;
-                default: dp_tile(xm, K2, panel, out, 1); break;
-            }
+#define DTILE(k) dp_tile(xm, K2, panel, out, k)
+            ROWS_1_TO_6(M - m0 < DROWS ? M - m0 : DROWS, DTILE);  /* the same arithmetic, fewer rows a tile */
+#undef DTILE
             for (int64_t i = 0; i < DROWS && m0 + i < M; i++)
                 store_row(out + i * PANEL, bias ? bias + p * PANEL : 0, y + (m0 + i) * N + p * PANEL, cols);
         }
@@ -217,14 +214,7 @@ static void dp_blocked_panels(const uint16_t *xb, int64_t K2, const uint16_t *pa
                     const uint16_t *ahead = w + 2 * rb * 2 * PANEL + first * 32;
 #define DBLOCK(k) (r0 == 0 ? dp_block(xm, K2, r0, rb, w, sm, k, 1, ahead, n) \
                            : dp_block(xm, K2, r0, rb, w, sm, k, 0, ahead, n))
-                    switch (grows - m < DROWS ? grows - m : DROWS) {  /* the last rows: fewer a tile */
-                        case 6: DBLOCK(6); break;
-                        case 5: DBLOCK(5); break;
-                        case 4: DBLOCK(4); break;
-                        case 3: DBLOCK(3); break;
-                        case 2: DBLOCK(2); break;
-                        default: DBLOCK(1); break;
-                    }
+                    ROWS_1_TO_6(grows - m < DROWS ? grows - m : DROWS, DBLOCK);  /* the last rows: fewer a tile */
 #undef DBLOCK
                 }
             }

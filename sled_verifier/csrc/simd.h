@@ -48,6 +48,18 @@ typedef __m256 vec;
 #error "sled kernels need AVX2 with FMA, or AVX-512"
 #endif
 
+/* CALL(r) with the row count `rows` (1 to 6) as a constant, so each tile size of a kernel has its own loop with its
+   accumulators in registers (csrc/linear.c, csrc/linear_bf16.c) */
+#define ROWS_1_TO_6(rows, CALL)          \
+    switch (rows) {                      \
+        case 6: CALL(6); break;          \
+        case 5: CALL(5); break;          \
+        case 4: CALL(4); break;          \
+        case 3: CALL(3); break;          \
+        case 2: CALL(2); break;          \
+        default: CALL(1); break;         \
+    }
+
 /* e^x, the same instructions for every element: exactly 0 below -87 (a masked score's -inf included), at most
    e^88 (finite) above; between, the Cephes expf reduction and polynomial (~1 ulp). */
 static inline __attribute__((always_inline)) vec vexp(vec x) {
